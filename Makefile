@@ -1,0 +1,30 @@
+# The two README commands: `make demo` and `make test`. Both set up what is missing first.
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow'"`
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+setup:
+	@bash scripts/bootstrap.sh
+
+demo: setup
+	$(BIN)/hpcforge prepare -e demo data.overwrite=true
+	$(BIN)/hpcforge train -e demo
+	@echo
+	@echo "Results of the demo:"
+	@echo "  dataset     outputs/demo/data/ising2d.zarr  (Zarr v3; attrs['hpcforge'] holds splits, stats, provenance)"
+	@echo "  checkpoint  outputs/demo/train/checkpoints/final.pt"
+	@echo "  metrics     outputs/demo/train/metrics.jsonl, outputs/demo/train/summary.json"
+	@echo "  W&B run     outputs/demo/train/wandb/latest-run  (offline; upload with: $(BIN)/wandb sync outputs/demo/train/wandb/latest-run)"
+	@echo "  images      outputs/demo/train/wandb/latest-run/files/media/images/"
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/hpcforge bench
+
+clean:
+	rm -rf outputs
