@@ -1,0 +1,315 @@
+"""Configuration: YAML groups composed into typed dataclasses, once, at the entry point.
+
+    configs/experiment/<name>.yaml  picks one file per group under `defaults:` and overrides keys;
+    configs/<group>/<name>.yaml     one group each for data, model, train, cluster;
+    command line                    `group=name` swaps a group file, `a.b=value` sets a key.
+
+Below `load_config` nothing reads dicts of settings. A wrong key, type or missing value raises
+ConfigError naming the key, the expected type and the valid keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+GROUPS = ("data", "model", "train", "cluster")
+
+
+# --------------------------------------------------------------------------- schema
+@dataclass
+class DaskConfig:
+    scheduler: str | None = None   # address of a running scheduler; None starts a LocalCluster
+    n_workers: int = 2
+    threads_per_worker: int = 1
+    memory_limit: str = "4GiB"     # per worker
+    progress: bool = True          # Dask progress bar on the console
+
+
+@dataclass
+class DataConfig:
+    source: str = "ising2d"        # a name in pipeline.data.sources.SOURCES
+    params: Any = None             # the source's Params dataclass (fields depend on `source`)
+    path: str = ""                 # Zarr store; "" means <output_dir>/data/<source>.zarr
+    n_samples: int = 4096
+    chunk_size: int = 256          # samples generated per Dask task
+    shard_size: int = 1024         # samples per output shard (one write task, one checksum)
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    seed: int = 0                  # generation, split and shuffle are pure functions of it
+    overwrite: bool = False        # replace an existing store (never silently)
+    inputs: dict[str, str] = field(default_factory=lambda: {"x": "spins"})  # batch key -> variable
+    normalize: Literal["minmax", "standard", "none"] = "minmax"  # from the stored statistics
+    dask: DaskConfig = field(default_factory=DaskConfig)
+
+
+@dataclass
+class ModelSection:
+    name: str = "vae"              # a name in models.MODELS
+    params: Any = None             # the family's config dataclass
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["horovod", "none"] = "horovod"
+    nproc: int = 1                 # ranks `hpcforge train` launches on this machine
+    launcher: Literal["mpirun", "horovodrun"] = "mpirun"
+
+
+@dataclass
+class LoggerConfig:
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "hpcforge"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_every: int = 10            # steps between scalar logs
+    images_every: int = 100        # steps between sample images (and at the end)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    max_steps: int = 0             # stop after this many steps (0: run all epochs)
+    batch_size: int = 64           # per rank; the global batch is batch_size * ranks
+    lr: float = 1e-3
+    seed: int = 0
+    threads: int = 0               # torch threads per rank; 0: cores / ranks on this node
+    prefetch: int = 2              # batches read ahead by the loader's thread
+    dist: DistConfig = field(default_factory=DistConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class ClusterConfig:
+    executor: Literal["auto", "slurm", "local", "debug"] = "auto"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: int = 0
+    timeout_min: int = 60
+    constraint: str | None = None
+    setup: list[str] = field(default_factory=list)
+    sbatch_extra: dict[str, str] = field(default_factory=dict)
+    container: str | None = None
+
+
+@dataclass
+class Config:
+    experiment: str = "demo"
+    output_dir: str = ""           # "" means outputs/<experiment>
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (stored with every output)."""
+        return _plain(self)
+
+
+# --------------------------------------------------------------------------- composition
+def available(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def _read_yaml(group: str, name: str) -> dict[str, Any]:
+    path = CONFIG_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{group}={name}: no file {path.relative_to(CONFIG_DIR.parent)}; "
+                          f"available: {', '.join(available(group)) or '(none)'}")
+    try:
+        body = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__}: {e})") from None
+    if not isinstance(body, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top, got {type(body).__name__}")
+    return body
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: '{p}' is a value, not a section")
+    node[leaf] = value
+
+
+def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[tuple[str, Any]]]:
+    """Split `group=name` choices from `a.b=value` overrides; values are parsed as YAML."""
+    groups: dict[str, str] = {}
+    keys: list[tuple[str, Any]] = []
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"override {arg!r}: expected key=value (e.g. train.epochs=3) "
+                              f"or group=name (groups: experiment, {', '.join(GROUPS)})")
+        key, text = arg.split("=", 1)
+        if key in GROUPS + ("experiment",) and "." not in key:
+            groups[key] = text
+        else:
+            keys.append((key, yaml.safe_load(text) if text else ""))
+    return groups, keys
+
+
+def compose(experiment: str = "demo", overrides: list[str] | None = None) -> dict[str, Any]:
+    """The raw merged dict: group files, then the experiment's own keys, then overrides."""
+    groups, keys = parse_overrides(overrides or [])
+    experiment = groups.pop("experiment", experiment)
+    exp = _read_yaml("experiment", experiment)
+    defaults = exp.pop("defaults", {}) or {}
+    unknown = set(defaults) - set(GROUPS)
+    if unknown:
+        raise ConfigError(f"experiment {experiment}: unknown group(s) {sorted(unknown)} under "
+                          f"defaults; valid groups: {', '.join(GROUPS)}")
+    raw: dict[str, Any] = {"experiment": experiment}
+    for group in GROUPS:
+        name = groups.get(group, defaults.get(group))
+        if name is not None:
+            raw[group] = _read_yaml(group, str(name))
+    raw = _merge(raw, exp)
+    for key, value in keys:
+        _set_dotted(raw, key, value)
+    return raw
+
+
+def load_config(experiment: str = "demo", overrides: list[str] | None = None) -> Config:
+    """Compose and type the config; the only entry from YAML into the code."""
+    cfg = build(Config, compose(experiment, overrides), "")
+    if not cfg.output_dir:
+        cfg.output_dir = f"outputs/{cfg.experiment}"
+    if not cfg.data.path:
+        cfg.data.path = f"{cfg.output_dir}/data/{cfg.data.source}.zarr"
+    return cfg
+
+
+# --------------------------------------------------------------------------- typing
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _variant_class(key: str, section: str, raw: dict[str, Any]) -> type:
+    """The dataclass that types `data.params` (by data.source) or `model.params` (by model.name)."""
+    if section == "data":
+        from pipeline.data.sources import SOURCES
+        name = raw.get("source", DataConfig.source)
+        if name not in SOURCES:
+            raise ConfigError(f"{key}.source: unknown source {name!r}; "
+                              f"valid: {', '.join(sorted(SOURCES))}")
+        return SOURCES[name].Params
+    from models import MODELS
+    name = raw.get("name", ModelSection.name)
+    if name not in MODELS:
+        raise ConfigError(f"{key}.name: unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")
+    return MODELS[name][0]
+
+
+def build(cls: type, raw: Any, key: str) -> Any:
+    """Build dataclass `cls` from `raw`, checking every key and type on the way."""
+    where = key or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if cls is ModelSection:  # model files hold `name` plus the family's fields, flat
+        raw = {"name": raw.get("name", ModelSection.name),
+               "params": {k: v for k, v in raw.items() if k != "name"}}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        bad = ", ".join(f"{key + '.' if key else ''}{u}" for u in unknown)
+        raise ConfigError(f"unknown key {bad}; valid keys{' under ' + key if key else ''}: "
+                          f"{', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{key}.{name}" if key else name
+        if name not in raw:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ConfigError(f"missing required value {sub} ({_type_name(hints[name])})")
+            continue
+        if name == "params" and cls in (DataConfig, ModelSection):
+            # model fields are flat in YAML (model.latent_dim), data's are nested (data.params.L)
+            where_params = key if cls is ModelSection else sub
+            kwargs[name] = build(_variant_class(key, key, raw), raw[name] or {}, where_params)
+        else:
+            kwargs[name] = _coerce(raw[name], hints[name], sub)
+    if cls in (DataConfig, ModelSection) and "params" not in kwargs:
+        kwargs["params"] = build(_variant_class(key, key, raw), {}, f"{key}.params")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise _type_error(key, tp, value)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise _type_error(key, tp, value)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, tp, value)
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(key, tp, value)
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise _type_error(key, tp, value)
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise _type_error(key, tp, value)
+
+
+def _type_error(key: str, tp: Any, value: Any) -> ConfigError:
+    return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} "
+                       f"({type(value).__name__}); fix the YAML or pass {key}=<value>")
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        if isinstance(obj, ModelSection):
+            return {"name": obj.name, **_plain(obj.params)}
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
