@@ -1,0 +1,150 @@
+"""Per-rank reader of a prepared store: contiguous block reads, a shuffle buffer, prefetch.
+
+Every epoch the store's blocks (its inner chunks: the efficient read unit, DESIGN.md) are put in an
+order that is a pure function of (seed, epoch); the resulting sample sequence is cut into `world`
+equal parts and rank r reads part r, so each sample is seen once per epoch across ranks (the tail
+that does not divide evenly is dropped, like DistributedSampler with drop_last). Within its part a
+rank shuffles a buffer of `buffer_blocks` blocks at a time with a stream from (seed, epoch, rank).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.data.store import Store
+
+_DONE = object()
+
+
+class ShardedLoader:
+    def __init__(self, store: Store, split: str, inputs: dict[str, str], batch_size: int,
+                 rank: int = 0, world: int = 1, seed: int = 0, normalize: str = "none",
+                 prefetch: int = 2, buffer_blocks: int = 4):
+        self.arrays = {key: store.variable(split, var) for key, var in inputs.items()}
+        self.n = next(iter(self.arrays.values())).shape[0]
+        self.block = max(a.chunks[0] for a in self.arrays.values())
+        self.transforms = {key: _normalizer(store.stats("train", var), normalize)
+                           for key, var in inputs.items() if len(store.variable(split, var).shape) > 1}
+        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
+        self.prefetch, self.buffer_blocks = max(1, prefetch), buffer_blocks
+        self.epoch, self.start_batch = 0, 0
+        self.wait_s = 0.0  # time the consumer waited for data, for the data-wait fraction
+        if len(self) == 0:
+            raise ValueError(f"{split}: {self.n} samples over {world} ranks give no full batch "
+                             f"of {batch_size}; lower train.batch_size or prepare more samples")
+
+    def __len__(self) -> int:
+        return (self.n // self.world) // self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.start_batch = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.start_batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.start_batch = int(state["epoch"]), int(state["batch"])
+
+    def segments(self, epoch: int) -> list[tuple[int, int]]:
+        """This rank's contiguous (start, stop) sample ranges for `epoch`, in reading order."""
+        n_blocks = -(-self.n // self.block)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n_blocks)
+        per_rank = (self.n // self.world)
+        lo, hi = self.rank * per_rank, (self.rank + 1) * per_rank
+        out, cursor = [], 0
+        for b in order:
+            a, z = b * self.block, min((b + 1) * self.block, self.n)
+            s, e = max(a, a + lo - cursor), min(z, a + hi - cursor)
+            if s < e:
+                out.append((int(s), int(e)))
+            cursor += z - a
+            if cursor >= hi:
+                break
+        return out
+
+    def _batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        segs = self.segments(epoch)
+        carry: dict[str, np.ndarray] | None = None
+        for i in range(0, len(segs), self.buffer_blocks):
+            group = segs[i:i + self.buffer_blocks]
+            buf = {k: np.concatenate([a[s:e] for s, e in group]) for k, a in self.arrays.items()}
+            perm = rng.permutation(len(next(iter(buf.values()))))
+            buf = {k: v[perm] for k, v in buf.items()}
+            if carry is not None:
+                buf = {k: np.concatenate([carry[k], v]) for k, v in buf.items()}
+            n = len(next(iter(buf.values())))
+            full = n - n % self.batch_size
+            for j in range(0, full, self.batch_size):
+                yield {k: v[j:j + self.batch_size] for k, v in buf.items()}
+            carry = {k: v[full:] for k, v in buf.items()}
+
+    def _to_torch(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, v in batch.items():
+            t = torch.from_numpy(np.ascontiguousarray(v))
+            out[k] = self.transforms[k](t) if k in self.transforms else t
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of this rank for the current epoch, read ahead by a background thread."""
+        q: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
+        epoch, skip = self.epoch, self.start_batch
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for i, batch in enumerate(self._batches(epoch)):
+                    if i >= len(self) or stop.is_set():
+                        break
+                    if i >= skip:
+                        q.put(self._to_torch(batch))
+                q.put(_DONE)
+            except BaseException as e:  # surfaced in the consumer, not lost in the thread
+                q.put(e)
+
+        thread = threading.Thread(target=produce, daemon=True, name="hpcforge-loader")
+        thread.start()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                item = q.get()
+                self.wait_s += time.perf_counter() - t0
+                if item is _DONE:  # epoch finished: the state now points at the next one
+                    self.epoch, self.start_batch = epoch + 1, 0
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                self.start_batch += 1
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(0.01)
+
+
+def _normalizer(stats: dict[str, Any], how: str):
+    """Per-channel affine map from the stored train statistics: minmax to [0, 1], or standard."""
+    if how == "none":
+        return lambda t: t.float()
+    if how == "minmax":
+        lo, hi = np.array(stats["min"]), np.array(stats["max"])
+        shift, scale = lo, np.where(hi > lo, hi - lo, 1.0)
+    else:
+        shift, scale = np.array(stats["mean"]), np.where(np.array(stats["std"]) > 0, stats["std"], 1.0)
+    shift_t = torch.tensor(shift, dtype=torch.float32)
+    scale_t = torch.tensor(scale, dtype=torch.float32)
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        view = (1, -1) + (1,) * (t.ndim - 2)
+        return (t.float() - shift_t.view(view)) / scale_t.view(view)
+    return apply

@@ -1,0 +1,85 @@
+"""The Zarr v3 store layout hpcforge writes, and the only way it is opened for reading.
+
+    <store>.zarr/            root group; attrs["hpcforge"] holds provenance, splits, statistics,
+      train/<variable>       per-shard checksums and, written last, "complete": true
+      val/<variable>         one array per variable, all sharing the sample axis
+      test/<variable>
+
+A store is written under `<store>.zarr.partial` and renamed into place once complete, so a store
+at the final path is always whole; readers still check the marker, and refuse stores that lack it.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline.errors import UserError
+
+FORMAT = "hpcforge-zarr"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Store:
+    path: Path
+    root: zarr.Group
+    meta: dict[str, Any]
+
+    def split(self, name: str) -> dict[str, zarr.Array]:
+        if self.meta["splits"].get(name, 0) == 0:
+            have = [s for s, n in self.meta["splits"].items() if n]
+            raise UserError(f"{self.path}: split {name!r} is empty or absent; it has {have}. "
+                            f"Set data.val_fraction / data.test_fraction and prepare again")
+        group = self.root[name]
+        return {k: group[k] for k in sorted(group.array_keys())}
+
+    def variable(self, split: str, name: str) -> zarr.Array:
+        arrays = self.split(split)
+        if name not in arrays:
+            raise UserError(f"{self.path}: no variable {name!r} in {split}; it has "
+                            f"{', '.join(arrays)}. Fix data.inputs in the config")
+        return arrays[name]
+
+    def stats(self, split: str, name: str) -> dict[str, Any]:
+        return self.meta["stats"][split][name]
+
+
+def open_store(path: str | Path) -> Store:
+    """Open a complete hpcforge store, or raise a UserError that says how to get one."""
+    path = Path(path)
+    if not path.exists():
+        partial = path.with_name(path.name + ".partial")
+        hint = (f" (an interrupted prepare left {partial}; run `hpcforge prepare` again to finish it)"
+                if partial.exists() else "; run `hpcforge prepare` with the same config first")
+        raise UserError(f"no dataset at {path}{hint}")
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except Exception as e:  # not a Zarr group at all
+        raise UserError(f"{path} is not a Zarr v3 group ({type(e).__name__}: {e}); "
+                        f"point data.path at a store written by `hpcforge prepare`") from None
+    meta = dict(root.attrs).get("hpcforge")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{path} was not written by hpcforge (no attrs['hpcforge'] with format "
+                        f"{FORMAT!r}); import it with `hpcforge prepare` first")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path} has store format version {meta.get('format_version')}, this "
+                        f"hpcforge reads {FORMAT_VERSION}; prepare it again with this version")
+    if not meta.get("complete"):
+        raise UserError(f"{path} is incomplete (its prepare did not finish); run `hpcforge "
+                        f"prepare` again with data.overwrite=true to redo it")
+    return Store(path, root, meta)
+
+
+def shard_checksum(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over each variable's bytes, in name order: equal stores give equal checksums."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return h.hexdigest()
