@@ -1,0 +1,88 @@
+"""Rank 0's record of a run: a W&B run (offline by default) and the trainer's own metrics.jsonl.
+
+Other ranks get a Tracker whose methods do nothing, so callers never test the rank themselves.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import LoggerConfig
+
+SECRET_MARKERS = ("key", "token", "password", "secret")
+
+
+def redact(obj: Any) -> Any:
+    """The config with values of secret-looking keys (api_key, token, ...) replaced."""
+    if isinstance(obj, dict):
+        return {k: "***" if any(m in k.lower() for m in SECRET_MARKERS) and v else redact(v)
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def image_grid(images: torch.Tensor, ncol: int = 8, pad: int = 1, zoom: int = 4) -> np.ndarray:
+    """Tile (N, C, H, W) images in [0, 1] into one uint8 (H', W') or (H', W', 3) picture."""
+    x = images.detach().float().cpu().clamp(0, 1)
+    n, c, h, w = x.shape
+    ncol = min(ncol, n)
+    nrow = -(-n // ncol)
+    grid = torch.ones(c, nrow * (h + pad) + pad, ncol * (w + pad) + pad)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
+    grid = grid.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2)  # small fields: enlarge
+    arr = (grid.numpy() * 255).round().astype(np.uint8)
+    return arr[0] if c == 1 else arr[:3].transpose(1, 2, 0)
+
+
+class Tracker:
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], active: bool,
+                 run_id: str | None = None):
+        self.active = active
+        self.run = None
+        self.metrics_path = run_dir / "metrics.jsonl"
+        if not active:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.mode != "disabled":
+            import wandb
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.run = wandb.init(mode=cfg.mode, dir=str(run_dir), project=cfg.project,
+                                  entity=cfg.entity, group=cfg.group, tags=cfg.tags,
+                                  config=redact(config), id=run_id, resume="allow",
+                                  settings=wandb.Settings(console="off"))
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    @property
+    def run_path(self) -> str | None:
+        return str(Path(self.run.dir).parent) if self.run is not None else None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def images(self, images: dict[str, torch.Tensor], step: int) -> None:
+        if not (self.active and self.run is not None and images):
+            return
+        import wandb
+        self.run.log({f"images/{k}": wandb.Image(image_grid(v), caption=f"{k} @ step {step}")
+                      for k, v in images.items()}, step=step)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.summary.update(summary)
+            self.run.finish()

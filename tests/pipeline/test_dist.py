@@ -1,0 +1,30 @@
+"""Rank discovery from each launcher's environment (pure: the variables the launchers set)."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.dist import detect_launcher
+from pipeline.launch import mpirun_command
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, ("single process", 0, 1, 0, 1)),
+    ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, ("mpirun (OpenMPI)", 3, 4, 1, 2)),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+      "SLURM_NTASKS_PER_NODE": "4(x2)"}, ("srun (Slurm)", 5, 8, 1, 4)),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, ("single process", 0, 1, 0, 1)),  # batch script
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"},
+     ("torchrun", 1, 2, 1, 2)),
+    ({"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "0",
+      "HOROVOD_LOCAL_SIZE": "2"}, ("horovodrun", 0, 2, 0, 2)),
+])
+def test_launcher_detection(env, expected):
+    p = detect_launcher(env)
+    assert (p.launcher, p.rank, p.size, p.local_rank, p.local_size) == expected
+
+
+def test_mpirun_line_needs_no_user_flags():
+    cmd = mpirun_command(2, ["train", "-e", "demo"])
+    assert cmd[1:5] == ["-np", "2", "--oversubscribe", "--bind-to"]
+    assert cmd[-5:] == ["-m", "pipeline", "train", "-e", "demo"]
