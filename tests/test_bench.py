@@ -1,0 +1,25 @@
+"""`hpcforge bench` runs a real 2-rank allreduce comparison and writes one JSON table."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import hpcforge
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_bench_quick_writes_ratio_table(tmp_path):
+    out = tmp_path / "bench.json"
+    r = hpcforge("bench", "--quick", "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = json.loads(out.read_text())
+    rows = table["results"]
+    assert [row["case"] for row in rows] == ["1 MB x 2 ranks", "16 MB x 2 ranks", "64 MB x 2 ranks"]
+    for row in rows:
+        assert row["value"] > 0 and row["baseline"] > 0
+        assert row["ratio"] == pytest.approx(row["value"] / row["baseline"], rel=0.01)
+    assert table["environment"]["cores"] >= 1
+    assert table["environment"]["versions"]["horovod"] == "0.28.1"
+    assert "ratio" in r.stdout and "cores=" in r.stdout
