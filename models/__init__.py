@@ -1,0 +1,24 @@
+"""Model families. `MODELS` maps a config name to (config class, build function)."""
+from __future__ import annotations
+
+from models import (aae, autoencoder, cgan, cnn, cnn1d, cyclegan, dcgan, dilated, gan, mlp, resnet,
+                    rnn, transformer, unet, vae, wgan_gp)
+
+MODELS = {
+    "mlp": (mlp.MLPConfig, mlp.build),
+    "cnn": (cnn.CNNConfig, cnn.build),
+    "resnet": (resnet.ResNetConfig, resnet.build),
+    "dilated_cnn": (dilated.DilatedConfig, dilated.build),
+    "cnn1d": (cnn1d.CNN1DConfig, cnn1d.build),
+    "unet": (unet.UNetConfig, unet.build),
+    "rnn": (rnn.RNNConfig, rnn.build),
+    "transformer": (transformer.TransformerConfig, transformer.build),
+    "autoencoder": (autoencoder.AutoencoderConfig, autoencoder.build),
+    "vae": (vae.VAEConfig, vae.build),
+    "gan": (gan.GANConfig, gan.build),
+    "dcgan": (dcgan.DCGANConfig, dcgan.build),
+    "wgan_gp": (wgan_gp.WGANGPConfig, wgan_gp.build),
+    "cgan": (cgan.CGANConfig, cgan.build),
+    "cyclegan": (cyclegan.CycleGANConfig, cyclegan.build),
+    "aae": (aae.AAEConfig, aae.build),
+}
