@@ -1,18 +1,26 @@
-"""The one module that knows Horovod (and, later, torch.distributed).
+"""The one module that knows Horovod and torch.distributed.
 
     dist = init_distributed(cfg.train.dist)
     opt = dist.optimizer(torch.optim.Adam(net.parameters()), net, prefix="model")
     dist.broadcast(net, opt)
+    ... loss.backward(); dist.synchronize(opt); clip; dist.step(opt)
     means = dist.mean({"loss": 0.3})
 
+Backends: `horovod` (hvd.DistributedOptimizer per optimizer over its prefixed parameters, gradients
+allreduced while backward runs), `ddp` (a torch.distributed process group, gloo on CPU and nccl on
+GPU; gradients all-reduced in coalesced buckets per optimizer after backward), `none` (one process).
 Rank, size and local rank come from the launcher's environment (OpenMPI's mpirun, MPICH-style PMI,
-Slurm's srun, horovodrun, torchrun); `launcher` says which one was found.
+Slurm's srun, horovodrun, torchrun); `place.launcher` says which one was found.
 """
 from __future__ import annotations
 
+import datetime
 import os
-from collections.abc import Mapping
+import socket
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -53,86 +61,280 @@ def detect_launcher(env: Mapping[str, str] | None = None) -> Placement:
 
 
 class Dist:
-    """Rank bookkeeping and collectives for one backend. Rank 0 owns every side effect."""
+    """One process, no communication. Subclasses average over ranks. Rank 0 owns side effects."""
+    backend = "none"
 
-    def __init__(self, backend: str, place: Placement, device: torch.device):
-        self.backend, self.place, self.device = backend, place, device
+    def __init__(self, place: Placement, device: torch.device, cfg: DistConfig):
+        self.place, self.device, self.cfg = place, device, cfg
         self.rank, self.size = place.rank, place.size
         self.local_rank, self.local_size = place.local_rank, place.local_size
         self.is_main = self.rank == 0
-        if backend == "horovod":
-            import horovod.torch as hvd
-            self._hvd = hvd
 
-    def optimizer(self, opt: torch.optim.Optimizer, module: torch.nn.Module,
-                  prefix: str) -> torch.optim.Optimizer:
-        """Wrap `opt` so gradients are averaged over ranks before each step."""
-        if self.backend != "horovod":
-            return opt
-        named = [(f"{prefix}.{n}", p) for n, p in module.named_parameters()]
-        return self._hvd.DistributedOptimizer(opt, named_parameters=named, op=self._hvd.Average)
+    # -- optimisers
+    def optimizer(self, opt: torch.optim.Optimizer, module: torch.nn.Module, prefix: str,
+                  accumulate: int = 1) -> torch.optim.Optimizer:
+        """Wrap `opt` so its gradients are averaged over ranks (a no-op on one process)."""
+        return opt
+
+    def synchronize(self, opt: torch.optim.Optimizer) -> None:
+        """Wait until `opt`'s gradients are averaged over ranks (before clipping or checks)."""
+
+    def step(self, opt: torch.optim.Optimizer, scaler: Any = None) -> None:
+        """Step `opt` after `synchronize` (through the AMP scaler when there is one)."""
+        if scaler is not None:
+            scaler.step(opt)
+        else:
+            opt.step()
 
     def broadcast(self, module: torch.nn.Module, *optimizers: torch.optim.Optimizer) -> None:
         """Make every rank start from rank 0's parameters, buffers and optimizer state."""
-        if self.backend != "horovod":
-            return
-        self._hvd.broadcast_parameters(module.state_dict(), root_rank=0)
-        for opt in optimizers:
-            self._hvd.broadcast_optimizer_state(opt, root_rank=0)
 
-    def average_buffers(self, module: torch.nn.Module) -> None:
-        """Average floating-point buffers (batch-norm running statistics) over ranks.
-
-        Horovod averages gradients, not buffers, so each rank's running statistics drift with its
-        own data; averaging them before validation and checkpoints makes every rank hold the same
-        model (the "reduce" policy of timm's distribute_bn).
-        """
-        if self.backend != "horovod":
-            return
-        for name, buf in module.named_buffers():
-            if buf.is_floating_point():
-                buf.copy_(self._hvd.allreduce(buf, op=self._hvd.Average, name=f"buffer.{name}"))
+    # -- collectives on small values
+    def end_step(self, module: torch.nn.Module, flag: bool) -> bool:
+        """At a step boundary, in one collective: average the floating-point buffers (batch-norm
+        running statistics; gradients are averaged, buffers are not, so each rank's would drift
+        with its own data) and return whether `flag` is set on any rank (to agree on stopping)."""
+        return bool(flag)
 
     def mean(self, values: Mapping[str, float]) -> dict[str, float]:
-        """Average scalars over ranks (one allreduce for all of them)."""
-        keys = sorted(values)
-        if self.backend != "horovod" or not keys:
-            return {k: float(values[k]) for k in keys}
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-        t = self._hvd.allreduce(t, op=self._hvd.Average, name="hpcforge.mean")
-        return dict(zip(keys, t.tolist()))
+        """Average scalars over ranks (one collective for all of them)."""
+        return {k: float(values[k]) for k in sorted(values)}
 
-    def gather_object(self, obj):
-        """Every rank's `obj`, in rank order (for checks such as equal weights)."""
-        if self.backend != "horovod":
-            return [obj]
-        return self._hvd.allgather_object(obj)
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank (used to agree on stopping)."""
+        return bool(flag)
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order."""
+        return [obj]
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        return obj
 
     def barrier(self) -> None:
-        if self.backend == "horovod":
-            self._hvd.allreduce(torch.zeros(1), name="hpcforge.barrier")
+        pass
+
+    def shutdown(self) -> None:
+        pass
 
     def describe(self) -> str:
         return (f"backend={self.backend} launcher={self.place.launcher} ranks={self.size} "
                 f"local_ranks={self.local_size} device={self.device}")
 
 
+class HorovodDist(Dist):
+    backend = "horovod"
+
+    def __init__(self, place: Placement, device: torch.device, cfg: DistConfig):
+        import horovod.torch as hvd
+        self.hvd = hvd
+        super().__init__(place, device, cfg)
+
+    def optimizer(self, opt, module, prefix, accumulate=1):
+        named = [(f"{prefix}.{n}", p) for n, p in module.named_parameters()]
+        compression = self.hvd.Compression.fp16 if self.cfg.fp16_allreduce else self.hvd.Compression.none
+        return self.hvd.DistributedOptimizer(opt, named_parameters=named, op=self.hvd.Average,
+                                             compression=compression,
+                                             backward_passes_per_step=accumulate)
+
+    def synchronize(self, opt):
+        opt.synchronize()
+
+    def step(self, opt, scaler=None):
+        with opt.skip_synchronize():  # already synchronised (Horovod's clipping recipe)
+            super().step(opt, scaler)
+
+    def broadcast(self, module, *optimizers):
+        self.hvd.broadcast_parameters(module.state_dict(), root_rank=0)
+        for opt in optimizers:
+            # A fresh optimizer is the same on every rank. Horovod would initialise its empty state
+            # with a zero-gradient step, which moves Adam's step count (bias correction) by one.
+            if opt.state_dict()["state"]:
+                self.hvd.broadcast_optimizer_state(opt, root_rank=0)
+
+    def end_step(self, module, flag):
+        if self.size == 1:
+            return bool(flag)
+        bufs = [b for b in module.buffers() if b.is_floating_point()]
+        # The flag rides along: its average is > 0 exactly when some rank set it.
+        out = self.hvd.grouped_allreduce([*bufs, torch.tensor([float(flag)])],
+                                         op=self.hvd.Average, name="hpcforge.end_step")
+        for b, avg in zip(bufs, out):
+            b.copy_(avg)
+        return bool(out[-1].item() > 0)
+
+    def mean(self, values):
+        keys = sorted(values)
+        if not keys:
+            return {}
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        t = self.hvd.allreduce(t, op=self.hvd.Average, name="hpcforge.mean")
+        return dict(zip(keys, t.tolist()))
+
+    def any(self, flag):
+        if self.size == 1:
+            return bool(flag)
+        t = self.hvd.allreduce(torch.tensor([float(flag)]), op=self.hvd.Max, name="hpcforge.any")
+        return bool(t.item() > 0)
+
+    # Horovod names object collectives after the object's type unless told: rank 0's str and
+    # another rank's None would then never meet. Fixed names keep the ranks matched.
+    def gather_object(self, obj):
+        return self.hvd.allgather_object(obj, name="hpcforge.gather_object")
+
+    def broadcast_object(self, obj):
+        return self.hvd.broadcast_object(obj, root_rank=0, name="hpcforge.broadcast_object")
+
+    def barrier(self):
+        self.hvd.allreduce(torch.zeros(1), name="hpcforge.barrier")
+
+    def shutdown(self):
+        self.hvd.shutdown()
+
+
+class TorchDist(Dist):
+    """torch.distributed: gloo on CPU, nccl on GPU. Gradients all-reduced per optimizer after
+    backward in coalesced buckets (what DDP does at the end of backward); the loop calls models
+    through `losses()`, not `forward()`, so a DDP module wrapper would see no forward to hook."""
+    backend = "ddp"
+
+    def __init__(self, place: Placement, device: torch.device, cfg: DistConfig):
+        import torch.distributed as td
+        self.td = td
+        super().__init__(place, device, cfg)
+        self._params: dict[int, list[torch.nn.Parameter]] = {}
+
+    def optimizer(self, opt, module, prefix, accumulate=1):
+        self._params[id(opt)] = [p for p in module.parameters()]
+        return opt
+
+    def synchronize(self, opt):
+        grads = [p.grad for p in self._params[id(opt)] if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads]) / self.size
+            self.td.all_reduce(flat)
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+
+    def broadcast(self, module, *optimizers):
+        for t in module.state_dict().values():
+            self.td.broadcast(t, src=0)
+        for opt in optimizers:  # optimizer state is empty before the first step; kept for resume
+            state = self.broadcast_object(opt.state_dict())
+            opt.load_state_dict(state)
+
+    def end_step(self, module, flag):
+        bufs = [b for b in module.buffers() if b.is_floating_point()]
+        flat = torch.cat([*(b.reshape(-1).float().to(self._dev) for b in bufs),
+                          torch.tensor([float(flag)], device=self._dev)])
+        self.td.all_reduce(flat)
+        flat = flat / self.size
+        for b, part in zip(bufs, flat[:-1].split([b.numel() for b in bufs])):
+            b.copy_(part.view_as(b))
+        return bool(flat[-1].item() > 0)
+
+    def mean(self, values):
+        keys = sorted(values)
+        if not keys:
+            return {}
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self._dev)
+        self.td.all_reduce(t)
+        return dict(zip(keys, (t / self.size).tolist()))
+
+    def any(self, flag):
+        t = torch.tensor([float(flag)], device=self._dev)
+        self.td.all_reduce(t, op=self.td.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def gather_object(self, obj):
+        out: list[Any] = [None] * self.size
+        self.td.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        box = [obj]
+        self.td.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self):
+        self.td.barrier()
+
+    def shutdown(self):
+        self.td.destroy_process_group()
+
+    @property
+    def _dev(self) -> torch.device:  # nccl collectives need CUDA tensors
+        return self.device if self.td.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _rendezvous(place: Placement) -> tuple[str, str]:
+    """MASTER_ADDR/PORT for torch.distributed: from the environment (torchrun sets them), else
+    Slurm's first node and a port derived from the job id, else rank 0's free port shared over MPI."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr and port:
+        return addr, port
+    if "SLURM_JOB_ID" in os.environ and place.launcher.startswith("srun"):
+        import subprocess
+        nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                               capture_output=True, text=True, check=True).stdout.split()
+        return addr or nodes[0], port or str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000)
+    if place.launcher.startswith("mpirun"):
+        from mpi4py import MPI
+        free = None
+        if place.rank == 0:
+            with socket.socket() as s:
+                s.bind(("", 0))
+                free = s.getsockname()[1]
+        host = socket.gethostname() if place.rank == 0 else None
+        host, free = MPI.COMM_WORLD.bcast((host, free), root=0)
+        return addr or (host if place.local_size < place.size else "127.0.0.1"), port or str(free)
+    raise UserError(f"train.dist.backend=ddp under {place.launcher}: set MASTER_ADDR and "
+                    f"MASTER_PORT, or start the ranks with mpirun, srun or torchrun")
+
+
 def init_distributed(cfg: DistConfig) -> Dist:
-    """Start the backend and check that it agrees with the launcher about the world."""
+    """Start the backend, pin this rank's GPU, and check the launcher agrees about the world."""
     place = detect_launcher()
-    device = torch.device("cuda", place.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", place.local_rank) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)  # one GPU per rank, pinned by local rank
     if cfg.backend == "none":
         if place.size > 1:
             raise UserError(f"train.dist.backend=none but the launcher ({place.launcher}) started "
-                            f"{place.size} ranks; use train.dist.backend=horovod or one rank")
-        return Dist("none", place, device)
+                            f"{place.size} ranks; use train.dist.backend=horovod or ddp")
+        return Dist(place, device, cfg)
+    if cfg.backend == "ddp":
+        import torch.distributed as td
+        addr, port = _rendezvous(place)
+        td.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{addr}:{port}",
+                              rank=place.rank, world_size=place.size,
+                              timeout=datetime.timedelta(seconds=cfg.timeout_s))
+        return TorchDist(place, device, cfg)
     try:
         import horovod.torch as hvd
     except ImportError as e:
         raise UserError(f"train.dist.backend=horovod but Horovod does not import ({e}); run "
-                        f"`make setup` to build it, or set train.dist.backend=none") from None
-    hvd.init()  # Horovod's own view of the world is the one collectives use
+                        f"`make setup` to build it, or set train.dist.backend=ddp") from None
+    # A rank that stops answering ends the job after timeout_s instead of hanging for ever.
+    os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(5, cfg.timeout_s // 4)))
+    os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(cfg.timeout_s))
+    hvd.init()
     place = Placement(place.launcher, hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
-    return Dist("horovod", place, device)
+    return HorovodDist(place, device, cfg)
+
+
+@contextmanager
+def only_grads_of(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]):
+    """Let autograd make gradients for `params` only: the other networks of a multi-network
+    model are frozen, so one optimizer's phase never fires another's Horovod hooks (horovod#2559)."""
+    keep = {id(p) for p in params}
+    before = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in before:
+        p.requires_grad_(id(p) in keep)
+    try:
+        yield
+    finally:
+        for p, flag in before:
+            p.requires_grad_(flag)

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
 from pipeline.dist import detect_launcher
 from pipeline.errors import UserError
+
+REQUEUE_EXIT_CODE = 75  # the trainer's "checkpointed after a preemption signal" status
 
 
 def mpirun_command(nproc: int, argv: list[str], launcher: str = "mpirun",
@@ -39,10 +42,27 @@ def needs_launch(nproc: int) -> bool:
 
 
 def relaunch(nproc: int, argv: list[str], launcher: str = "mpirun") -> int:
-    """Run this command again on `nproc` ranks; return their exit status."""
+    """Run this command again on `nproc` ranks; return their exit status.
+
+    Preemption signals reaching this process are passed on as SIGUSR1, which mpirun forwards to
+    every rank (a SIGTERM to mpirun itself would kill the ranks before they can checkpoint).
+    """
     env = dict(os.environ)
     # Single-copy shared memory needs ptrace rights containers often lack; plain copies work anywhere.
     env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
     cmd = mpirun_command(nproc, argv, launcher)
     print(f"[hpcforge] launching {nproc} ranks: {' '.join(cmd)}", flush=True)
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env)
+    forward = lambda signum, frame: proc.send_signal(signal.SIGUSR1)  # noqa: E731
+    previous = {sig: signal.signal(sig, forward)
+                for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code not in (0, 2, REQUEUE_EXIT_CODE):  # 2: a config error, already printed by the ranks
+        print(f"hpcforge: error: the {nproc} ranks ended with status {code}: a rank failed or was "
+              f"killed ({launcher}'s report above names it); the last good checkpoint, if any, is "
+              f"in the run's train/checkpoints/", file=sys.stderr, flush=True)
+    return code

@@ -42,30 +42,44 @@ def image_grid(images: torch.Tensor, ncol: int = 8, pad: int = 1, zoom: int = 4)
     return arr[0] if c == 1 else arr[:3].transpose(1, 2, 0)
 
 
+def _picture(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A batch of images (N, C, H, W) in [0, 1] becomes a grid; a ready picture passes as is."""
+    return image if isinstance(image, np.ndarray) else image_grid(image)
+
+
+def resolve_mode(mode: str) -> str:
+    """`auto`: online when a W&B API key is in the environment, else offline (no account needed)."""
+    if mode != "auto":
+        return mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
 class Tracker:
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], active: bool,
                  run_id: str | None = None):
         self.active = active
         self.run = None
+        self.run_id: str | None = None
+        self.run_path: str | None = None
         self.metrics_path = run_dir / "metrics.jsonl"
         if not active:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.mode != "disabled":
+        mode = resolve_mode(cfg.mode)
+        if mode != "disabled":
             import wandb
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.run = wandb.init(mode=cfg.mode, dir=str(run_dir), project=cfg.project,
+            self.run = wandb.init(mode=mode, dir=str(run_dir), project=cfg.project,
                                   entity=cfg.entity, group=cfg.group, tags=cfg.tags,
+                                  job_type=cfg.job_type,
                                   config=redact(config), id=run_id, resume="allow",
                                   settings=wandb.Settings(console="off"))
+            self.run_id, self.run_path = self.run.id, str(Path(self.run.dir).parent)
 
     @property
-    def run_id(self) -> str | None:
-        return self.run.id if self.run is not None else None
-
-    @property
-    def run_path(self) -> str | None:
-        return str(Path(self.run.dir).parent) if self.run is not None else None
+    def records_images(self) -> bool:
+        """Whether images logged now are kept (a W&B run is open): else don't draw them."""
+        return self.active and self.run is not None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:
@@ -79,10 +93,11 @@ class Tracker:
         if not (self.active and self.run is not None and images):
             return
         import wandb
-        self.run.log({f"images/{k}": wandb.Image(image_grid(v), caption=f"{k} @ step {step}")
+        self.run.log({f"images/{k}": wandb.Image(_picture(v), caption=f"{k} @ step {step}")
                       for k, v in images.items()}, step=step)
 
-    def finish(self, summary: dict[str, Any]) -> None:
+    def finish(self, summary: dict[str, Any], exit_code: int = 0) -> None:
         if self.run is not None:
             self.run.summary.update(summary)
-            self.run.finish()
+            self.run.finish(exit_code=exit_code)
+            self.run = None

@@ -1,18 +1,24 @@
 """`hpcforge train`: the data-parallel training loop, the same for every model family.
 
-Per step, for each optimizer the model declares (in order, `schedule` times), the loop freezes the
-other networks, asks the model for that phase's named losses, backpropagates "loss" and steps; the
-DistributedOptimizer averages gradients over ranks. Rank 0 logs rank-averaged metrics, images and
-the checkpoint; every rank computes, no rank but 0 writes.
+Per step, for each optimizer the model declares (in order, `schedule` times), the loop lets only that
+network make gradients, sums `accumulate` batches of the phase's "loss", waits for the gradients to
+be averaged over ranks, clips them, skips the step if they are not finite, and steps. Rank 0 logs
+rank-averaged metrics and images and writes checkpoints; every rank computes, no other rank writes.
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import math
 import os
 import platform
+import signal
+import socket
+import subprocess
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +28,29 @@ from tqdm import tqdm
 
 from models import MODELS
 from models.base import Trainable
-from pipeline.checkpoint import save_atomic
+from pipeline.checkpoint import Checkpoints, check_compatible, link_atomic, load
 from pipeline.config import Config
 from pipeline.data.loader import ShardedLoader
 from pipeline.data.store import open_store
-from pipeline.dist import Dist, init_distributed
+from pipeline.dist import Dist, init_distributed, only_grads_of
+from pipeline.errors import UserError
+from pipeline.launch import REQUEUE_EXIT_CODE  # 75 (EX_TEMPFAIL): "checkpointed, run me again"
+from pipeline.optim import build_optimizer, build_scheduler, rank_scale
 from pipeline.tracking import Tracker
+
+
+
+class Preempted(Exception):
+    """Raised on every rank after a preemption signal, once rank 0's checkpoint is on disk."""
+
+    def __init__(self, signum: int, checkpoint: str | None):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint {checkpoint}; "
+                         f"rerun with train.resume=auto to continue")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps (or one, with train.nonfinite=fail)."""
 
 
 def seed_for(seed: int, rank: int, epoch: int = 0) -> int:
@@ -49,143 +72,6 @@ def build_model(cfg: Config) -> Trainable:
     return build(cfg.model.params)
 
 
-class Trainer:
-    def __init__(self, cfg: Config, dist: Dist):
-        self.cfg, self.dist = cfg, dist
-        t = cfg.train
-        torch.manual_seed(seed_for(t.seed, dist.rank))
-        torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // dist.local_size))
-        store = open_store(cfg.data.path)
-        loader_args = dict(inputs=cfg.data.inputs, batch_size=t.batch_size, rank=dist.rank,
-                           world=dist.size, seed=t.seed, normalize=cfg.data.normalize,
-                           prefetch=t.prefetch)
-        self.loader = ShardedLoader(store, "train", **loader_args)
-        self.val_loader = (ShardedLoader(store, "val", **loader_args)
-                           if store.meta["splits"]["val"] >= dist.size * t.batch_size else None)
-        self.store_meta = {k: store.meta[k] for k in ("source", "splits", "checksums", "shuffle")}
-        self.model = build_model(cfg).to(dist.device)
-        self.specs = self.model.optimizers()
-        self.optimizers = {
-            s.name: dist.optimizer(torch.optim.Adam(s.module.parameters(), lr=t.lr * s.lr_scale,
-                                                    betas=s.betas), s.module, prefix=s.name)
-            for s in self.specs}
-        dist.broadcast(self.model, *self.optimizers.values())
-        self.run_dir = Path(cfg.output_dir) / "train"
-        self.tracker = Tracker(t.logger, self.run_dir, cfg.to_dict(), active=dist.is_main)
-        self.step = 0
-
-    def _phase(self, name: str, module: torch.nn.Module, batch: dict[str, torch.Tensor]):
-        """One optimizer's update; other networks are frozen so only its gradients are made."""
-        trainable = {id(p) for p in module.parameters()}
-        for p in self.model.parameters():
-            p.requires_grad_(id(p) in trainable)
-        opt = self.optimizers[name]
-        opt.zero_grad()  # Horovod's wrapper takes no set_to_none
-        losses = self.model.losses(batch, name)
-        losses["loss"].backward()
-        opt.step()
-        return {f"{name}/{k}": v.item() for k, v in losses.items()}
-
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        self.model.train()
-        out: dict[str, float] = {}
-        for spec in self.specs:
-            for _ in range(self.model.schedule[spec.name]):
-                out.update(self._phase(spec.name, spec.module, batch))
-        return out
-
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        if self.val_loader is None:
-            return {}
-        self.model.eval()
-        sums: dict[str, float] = defaultdict(float)
-        phase = self.specs[0].name
-        for n, batch in enumerate(self.val_loader, 1):
-            batch = {k: v.to(self.dist.device) for k, v in batch.items()}
-            for k, v in self.model.losses(batch, phase).items():
-                sums[k] += v.item()
-        return self.dist.mean({f"val/{k}": v / n for k, v in sums.items()})
-
-    def fit(self) -> dict[str, Any]:
-        t, dist = self.cfg.train, self.dist
-        history: list[dict[str, float]] = []
-        window: dict[str, list[float]] = defaultdict(list)
-        t_log, samples_since, wait_since = time.perf_counter(), 0, self.loader.wait_s
-        done = False
-        last_batch = None
-        for epoch in range(t.epochs):
-            self.loader.set_epoch(epoch)
-            bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not dist.is_main,
-                       leave=True, dynamic_ncols=True)
-            epoch_losses: dict[str, list[float]] = defaultdict(list)
-            for batch in bar:
-                batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
-                last_batch = batch
-                losses = self.train_step(batch)
-                self.step += 1
-                samples_since += t.batch_size * dist.size
-                for k, v in losses.items():
-                    window[k].append(v)
-                    epoch_losses[k].append(v)
-                if self.step % t.logger.log_every == 0:
-                    elapsed = time.perf_counter() - t_log
-                    metrics = dist.mean({f"train/{k}": float(np.mean(v)) for k, v in window.items()})
-                    metrics.update({"perf/samples_per_s": samples_since / elapsed,
-                                    "perf/step_time_s": elapsed / t.logger.log_every,
-                                    "perf/data_wait_fraction": (self.loader.wait_s - wait_since) / elapsed,
-                                    "epoch": epoch, "ranks": dist.size})
-                    self.tracker.log(metrics, self.step)
-                    bar.set_postfix(loss=f"{metrics[f'train/{self.specs[0].name}/loss']:.3f}")
-                    window.clear()
-                    t_log, samples_since, wait_since = time.perf_counter(), 0, self.loader.wait_s
-                if t.logger.images_every and self.step % t.logger.images_every == 0:
-                    self._log_images(batch)
-                if t.max_steps and self.step >= t.max_steps:
-                    done = True
-                    break
-            self.dist.average_buffers(self.model)
-            record = {"epoch": epoch, **dist.mean({f"train/{k}": float(np.mean(v))
-                                                   for k, v in epoch_losses.items()}),
-                      **self.validate()}
-            history.append(record)
-            self.tracker.log(record, self.step)
-            if done:
-                break
-        every = self.cfg.train.logger.images_every
-        if last_batch is not None and not (every and self.step % every == 0):
-            self._log_images(last_batch)  # the final state, unless just logged
-        return self._finish(history)
-
-    def _log_images(self, batch: dict[str, torch.Tensor]) -> None:
-        if self.dist.is_main:
-            self.model.eval()
-            self.tracker.images(self.model.figures(batch), self.step)
-
-    def _finish(self, history: list[dict[str, float]]) -> dict[str, Any]:
-        digests = self.dist.gather_object(weights_digest(self.model))
-        summary: dict[str, Any] = {"steps": self.step, "ranks": self.dist.size,
-                                   "launcher": self.dist.place.launcher,
-                                   "weights_sha256_per_rank": digests, "history": history}
-        if self.dist.is_main:
-            ckpt = save_atomic(self._state(), self.run_dir / "checkpoints" / "final.pt")
-            summary.update(checkpoint=str(ckpt), metrics=str(self.tracker.metrics_path),
-                           wandb_run=self.tracker.run_path)
-            self.tracker.finish({k: v for k, v in history[-1].items()} if history else {})
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self.dist.barrier()
-        return summary
-
-    def _state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(),
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "step": self.step, "model_name": self.cfg.model.name,
-                "config": self.cfg.to_dict(), "dataset": self.store_meta,
-                "loader": self.loader.state_dict(), "wandb_run_id": self.tracker.run_id,
-                "torch_rng": torch.get_rng_state(),
-                "versions": versions()}
-
-
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
     out = {"python": platform.python_version()}
@@ -197,8 +83,440 @@ def versions() -> dict[str, str]:
     return out
 
 
+def code_version() -> str:
+    """The git revision of the code that ran (with '+dirty' for uncommitted changes), or 'unknown'."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (rev + ("+dirty" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class PreemptionFlag:
+    """SIGUSR1/SIGUSR2/SIGTERM set a flag; the loop acts on it at the next step boundary."""
+    SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> PreemptionFlag:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._set)
+        return self
+
+    def _set(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dist: Dist):
+        self.cfg, self.dist = cfg, dist
+        t = cfg.train
+        if t.precision == "fp16" and dist.device.type != "cuda":
+            raise UserError("train.precision=fp16 needs a GPU (it trains with a gradient scaler); "
+                            "use train.precision=bf16 on CPU")
+        if t.accumulate < 1:
+            raise UserError(f"train.accumulate={t.accumulate}: expected an integer >= 1")
+        torch.manual_seed(seed_for(t.seed, dist.rank))
+        torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // dist.local_size))
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+        store = open_store(cfg.data.path)
+        loader_args = dict(inputs=cfg.data.inputs, batch_size=t.batch_size, rank=dist.rank,
+                           world=dist.size, seed=t.seed, normalize=cfg.data.normalize,
+                           prefetch=t.prefetch)
+        self.loader = ShardedLoader(store, "train", **loader_args)
+        self.val_loader = (ShardedLoader(store, "val", **loader_args)
+                           if store.meta["splits"]["val"] >= dist.size * t.batch_size else None)
+        self.store_meta = {k: store.meta[k] for k in ("source", "splits", "checksums", "shuffle")}
+        x_var = cfg.data.inputs.get("x")
+        self.store_stats = store.stats("train", x_var) if x_var in store.meta["stats"]["train"] else None
+        self.model = build_model(cfg).to(dist.device)
+        self.specs = self.model.optimizers()
+        self._check_disjoint()
+        scale = rank_scale(t.lr_scaling, dist.size)
+        self.steps_per_epoch = len(self.loader) // t.accumulate
+        total = t.max_steps or t.epochs * self.steps_per_epoch
+        self.optimizers = {s.name: dist.optimizer(build_optimizer(s, t.optim, t.lr * scale),
+                                                  s.module, prefix=s.name, accumulate=t.accumulate)
+                           for s in self.specs}
+        self.schedulers = {n: build_scheduler(o, t.schedule, total, scale)
+                           for n, o in self.optimizers.items()}
+        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+        self.run_dir = Path(cfg.output_dir) / "train"
+        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", t.checkpoint.keep,
+                                       t.checkpoint.best_metric, t.checkpoint.best_mode)
+        self.step, self.epoch, self.nonfinite_total, self.nonfinite_run = 0, 0, 0, 0
+        self.history: list[dict[str, float]] = []
+        self.stop_best: float | None = None
+        self.stop_bad = 0
+        resumed = self._resume()
+        if resumed is None:
+            dist.broadcast(self.model, *self.optimizers.values())
+        self.tracker = Tracker(t.logger, self.run_dir, {**cfg.to_dict(), "dataset": self.store_meta,
+                                                         "versions": versions()},
+                               active=dist.is_main, run_id=resumed)
+        self._announce()
+
+    # ------------------------------------------------------------------ setup
+    def _check_disjoint(self) -> None:
+        seen: dict[int, str] = {}
+        for spec in self.specs:
+            for p in spec.module.parameters():
+                if id(p) in seen:
+                    raise UserError(f"model {self.cfg.model.name}: optimizers {seen[id(p)]!r} and "
+                                    f"{spec.name!r} share parameters; each network must belong to "
+                                    f"one optimizer for data-parallel training")
+                seen[id(p)] = spec.name
+
+    def _announce(self) -> None:
+        """Rank/host/device map, printed once by rank 0 and kept in ranks.json."""
+        me = {"rank": self.dist.rank, "local_rank": self.dist.local_rank, "pid": os.getpid(),
+              "host": socket.gethostname(), "device": str(self.dist.device)}
+        ranks = self.dist.gather_object(me)
+        if self.dist.is_main:
+            print(f"[hpcforge] {self.dist.describe()}", flush=True)
+            for r in ranks:
+                print(f"[hpcforge]   rank {r['rank']} on {r['host']} (local {r['local_rank']}, "
+                      f"pid {r['pid']}, {r['device']})", flush=True)
+            (self.run_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))
+
+    def _resume(self) -> str | None:
+        """Load the checkpoint `train.resume` asks for on every rank; return its W&B run id."""
+        how = self.cfg.train.resume
+        if how == "never":
+            return None
+        if how == "auto":
+            found = self.checkpoints.latest_valid(log=self._print)
+            if found is None:
+                self._print(f"[hpcforge] resume=auto: no checkpoint in {self.checkpoints.folder}, "
+                            f"starting fresh")
+                return None
+            path, ckpt = found
+        else:
+            path = Path(how)
+            if not path.is_file():
+                raise UserError(f"train.resume={how}: no such checkpoint file; use auto, never, "
+                                f"or a path to a .pt file")
+            ckpt = load(path)
+        check_compatible(ckpt, self.cfg.to_dict(), path)
+        self.model.load_state_dict(ckpt["model"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][name])
+            self.schedulers[name].load_state_dict(ckpt["schedulers"][name])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.history = ckpt["step"], ckpt["history"]
+        self.nonfinite_total, self.nonfinite_run = ckpt["nonfinite"]
+        self.stop_best, self.stop_bad = ckpt["early_stop"]
+        self.checkpoints.best_value = ckpt.get("best_value")
+        if ckpt["ranks"] == self.dist.size:
+            self.loader.load_state_dict(ckpt["loader"])
+            torch.set_rng_state(ckpt["rng"][self.dist.rank])
+        else:  # another world size: the per-rank split of the epoch differs, restart that epoch
+            self.loader.load_state_dict({"epoch": ckpt["loader"]["epoch"], "batch": 0})
+            self._print(f"[hpcforge] checkpoint has {ckpt['ranks']} ranks, this run "
+                        f"{self.dist.size}: restarting epoch {ckpt['loader']['epoch']}")
+        self.epoch = self.loader.epoch
+        self._print(f"[hpcforge] resumed from {path} at step {self.step}")
+        return ckpt.get("wandb_run_id")
+
+    def _print(self, msg: str) -> None:
+        if self.dist.is_main:
+            print(msg, flush=True)
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        p = self.cfg.train.precision
+        if p == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if p == "bf16" else torch.float16
+        return torch.autocast(self.dist.device.type, dtype=dtype)
+
+    def _phase(self, name: str, module: torch.nn.Module, batches: list[dict]) -> dict[str, float]:
+        """One optimizer's update over `accumulate` batches; returns its named losses."""
+        opt, params = self.optimizers[name], list(module.parameters())
+        sums: dict[str, float] = defaultdict(float)
+        opt.zero_grad()
+        with only_grads_of(self.model, params):
+            for batch in batches:
+                with self._autocast():
+                    losses = self.model.losses(batch, name)
+                loss = losses["loss"].float() / len(batches)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                for k, v in losses.items():
+                    sums[k] += v.item() / len(batches)
+        self.dist.synchronize(opt)  # gradients now averaged over ranks: the same on every rank
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                     ) if grads else 0.0
+        if self.cfg.train.grad_clip and math.isfinite(norm):
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+        out = {f"{name}/{k}": v for k, v in sums.items()}
+        out[f"opt/{name}/grad_norm"] = norm
+        out[f"opt/{name}/lr"] = opt.param_groups[0]["lr"]
+        if not math.isfinite(norm):  # averaged gradients: every rank decides the same
+            out["nonfinite"] = 1.0
+            opt.zero_grad()
+            return out
+        self.dist.step(opt, self.scaler)
+        self.schedulers[name].step()
+        return out
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        self.model.train()
+        # A non-finite batch also poisons batch-norm running statistics: keep a copy to restore.
+        buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        saved = [b.detach().clone() for b in buffers]
+        out: dict[str, float] = {}
+        for spec in self.specs:
+            for _ in range(self.model.schedule[spec.name]):
+                out.update(self._phase(spec.name, spec.module, batches))
+        if self.scaler is not None:
+            self.scaler.update()
+        bad = out.pop("nonfinite", 0.0) > 0
+        if bad:
+            for b, old in zip(buffers, saved):
+                b.copy_(old)
+        self.nonfinite_total += bad
+        self.nonfinite_run = self.nonfinite_run + 1 if bad else 0
+        t = self.cfg.train
+        if bad and (t.nonfinite == "fail" or self.nonfinite_run >= t.max_nonfinite):
+            raise NonFiniteError(f"{self.nonfinite_run} non-finite step(s) in a row at step "
+                                 f"{self.step + 1} (train.nonfinite={t.nonfinite}, "
+                                 f"train.max_nonfinite={t.max_nonfinite}); the last good checkpoint "
+                                 f"is in {self.checkpoints.folder}. Lower train.lr or set "
+                                 f"train.grad_clip")
+        return out
+
+    def _inject(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Fault injection (train.inject_nan_at): rank 0's first float input becomes NaN."""
+        if self.step + 1 in self.cfg.train.inject_nan_at and self.dist.is_main:
+            for k, v in batches[0].items():
+                if v.is_floating_point():
+                    batches[0][k] = torch.full_like(v, float("nan"))
+                    break
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> dict[str, float]:
+        if self.val_loader is None:
+            return {}
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # keep training's RNG untouched
+            return self._validate()
+
+    def _validate(self) -> dict[str, float]:
+        self.model.eval()
+        sums: dict[str, float] = defaultdict(float)
+        phase = self.specs[0].name
+        self.val_loader.set_epoch(0)
+        n = 0
+        for n, batch in enumerate(self.val_loader, 1):
+            batch = {k: v.to(self.dist.device) for k, v in batch.items()}
+            with self._autocast():
+                for k, v in self.model.losses(batch, phase).items():
+                    sums[k] += v.item()
+        return self.dist.mean({f"val/{k}": v / max(n, 1) for k, v in sums.items()})
+
+    def _early_stop(self, metrics: dict[str, float]) -> bool:
+        es = self.cfg.train.early_stopping
+        if not es.metric or es.metric not in metrics:
+            return False
+        value = metrics[es.metric]
+        better = (self.stop_best is None or
+                  (value < self.stop_best - es.min_delta if es.mode == "min"
+                   else value > self.stop_best + es.min_delta))
+        self.stop_best, self.stop_bad = (value, 0) if better else (self.stop_best, self.stop_bad + 1)
+        return self.stop_bad >= es.patience
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, flag: PreemptionFlag | None = None) -> dict[str, Any]:
+        if flag is not None:
+            return self._fit(flag)
+        with PreemptionFlag() as flag:
+            return self._fit(flag)
+
+    def _fit(self, flag: PreemptionFlag) -> dict[str, Any]:
+        t, dist = self.cfg.train, self.dist
+        window: dict[str, list[float]] = defaultdict(list)
+        t_log, samples, wait0 = time.perf_counter(), 0, self.loader.wait_s
+        stop, last = False, None
+        while self.epoch < t.epochs and not stop:
+            epoch = self.epoch
+            if self.loader.epoch != epoch:
+                self.loader.set_epoch(epoch)
+            bar = tqdm(total=self.steps_per_epoch, initial=self.loader.start_batch // t.accumulate,
+                       desc=f"epoch {epoch + 1}/{t.epochs}", disable=not dist.is_main,
+                       dynamic_ncols=True)
+            self.model.reset_state()  # stateful RNNs start each epoch from a zero state
+            group: list[dict[str, torch.Tensor]] = []
+            epoch_losses: dict[str, list[float]] = defaultdict(list)
+            for batch in self.loader:
+                group.append({k: v.to(dist.device, non_blocking=True) for k, v in batch.items()})
+                if len(group) < t.accumulate:
+                    continue
+                self._inject(group)
+                last, losses = group, self.train_step(group)
+                group = []
+                self.step += 1
+                bar.update(1)
+                samples += t.batch_size * t.accumulate * dist.size
+                for k, v in losses.items():
+                    window[k].append(v)
+                    epoch_losses[k].append(v)
+                if self.step % t.logger.log_every == 0:
+                    self._log_window(window, time.perf_counter() - t_log, samples,
+                                     self.loader.wait_s - wait0, bar)
+                    t_log, samples, wait0 = time.perf_counter(), 0, self.loader.wait_s
+                if t.logger.images_every and self.step % t.logger.images_every == 0:
+                    self._log_images(last)
+                if t.val_every and self.step % t.val_every == 0:
+                    stop |= self._after_validation(self.validate())
+                if t.checkpoint.every_steps and self.step % t.checkpoint.every_steps == 0:
+                    self.save()
+                if dist.end_step(self.model, flag.signum is not None):  # + buffers averaged
+                    self._preempted(flag)
+                if stop or (t.max_steps and self.step >= t.max_steps):
+                    stop = True
+                    break
+            bar.close()
+            if not stop:
+                self.epoch = epoch + 1
+                means = dist.mean({f"train/{k}": float(np.mean(v)) for k, v in epoch_losses.items()
+                                   if not k.startswith("opt/")})
+                val = self.validate() if not t.val_every else {}
+                stop |= self._after_validation({"epoch": float(epoch), **means, **val})
+                self.save()
+        every = t.logger.images_every
+        if last is not None and not (every and self.step % every == 0):
+            self._log_images(last)  # the final state, unless just logged
+        return self._finish()
+
+    def _after_validation(self, metrics: dict[str, float]) -> bool:
+        metrics = {**metrics, "step": float(self.step)}
+        self.history.append(metrics)
+        self.tracker.log(metrics, self.step)
+        return self._early_stop(metrics)
+
+    def _log_window(self, window, elapsed: float, samples: int, wait: float, bar) -> None:
+        t, dist = self.cfg.train, self.dist
+        metrics = dist.mean({f"train/{k}" if "/" in k and not k.startswith("opt/") else k:
+                             float(np.mean(v)) for k, v in window.items()})
+        metrics.update({"perf/samples_per_s": samples / elapsed,
+                        "perf/step_time_s": elapsed / t.logger.log_every,
+                        "perf/data_wait_fraction": wait / elapsed,
+                        "train/nonfinite_steps": float(self.nonfinite_total),
+                        "dist/ranks": float(dist.size),
+                        "dist/nodes": float(max(1, dist.size // dist.local_size)),
+                        "epoch": float(self.epoch)})
+        if dist.device.type == "cuda":
+            metrics["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2 ** 30
+        self.tracker.log(metrics, self.step)
+        key = f"train/{self.specs[0].name}/loss"
+        if key in metrics:
+            bar.set_postfix(loss=f"{metrics[key]:.4g}")
+        window.clear()
+
+    def _log_images(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Rank 0: the model's figures, and for generative models physics plots of generated vs
+        real samples with the 1-Wasserstein distance of each observable."""
+        if not (self.dist.is_main and self.tracker.records_images):
+            return
+        self.model.eval()
+        with torch.random.fork_rng(devices=[]):  # figures must not shift training's RNG
+            images: dict[str, Any] = dict(self.model.figures(batches[0]))
+            physics_images, distances = self._physics(batches[0])
+        self.tracker.images({**images, **physics_images}, self.step)
+        if distances:
+            self.tracker.log({f"physics/{k}": v for k, v in distances.items()}, self.step)
+
+    def _physics(self, batch: dict[str, torch.Tensor]) -> tuple[dict, dict[str, float]]:
+        from pipeline import figures, physics
+        sample = getattr(self.model, "sample", None)
+        source = self.cfg.data.source
+        if sample is None or source not in physics.OBSERVABLES or "x" not in batch:
+            return {}, {}
+        n = batch["x"].shape[0]
+        takes_batch = "batch" in inspect.signature(sample).parameters  # conditional models
+        generated = (sample(n, batch) if takes_batch else sample(n)).float().cpu().numpy()
+        stats = self.store_stats
+        affine = physics.affine_from_stats(stats, self.cfg.data.normalize) if stats else None
+        return figures.physics_figures(source, {"x": batch["x"].float().cpu().numpy()}, generated,
+                                       affine)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(),
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "step": self.step, "epoch": self.epoch, "ranks": self.dist.size,
+                "loader": self.loader.state_dict(), "history": self.history,
+                "nonfinite": [self.nonfinite_total, self.nonfinite_run],
+                "early_stop": [self.stop_best, self.stop_bad],
+                "best_value": self.checkpoints.best_value,
+                "model_name": self.cfg.model.name, "config": self.cfg.to_dict(),
+                "dataset": self.store_meta, "wandb_run_id": self.tracker.run_id,
+                "code_version": code_version(), "versions": versions()}
+
+    def save(self) -> str | None:
+        """Checkpoint on rank 0 (RNG states of every rank included); never non-finite weights."""
+        rng = self.dist.gather_object(torch.get_rng_state())
+        path = None
+        if self.dist.is_main:
+            if not _finite(self.model.state_dict().values()):
+                self._print(f"[hpcforge] step {self.step}: weights are not finite, checkpoint "
+                            f"skipped; the last good one stays in {self.checkpoints.folder}")
+            else:
+                state = {**self._state(), "rng": rng}
+                metrics = self.history[-1] if self.history else {}
+                path = str(self.checkpoints.save(state, self.step, metrics))
+        return self.dist.broadcast_object(path)
+
+    def _preempted(self, flag: PreemptionFlag) -> None:
+        path = self.save()
+        signum = flag.signum or signal.SIGUSR1
+        self._print(f"[hpcforge] {signal.Signals(signum).name}: checkpointed step {self.step} to "
+                    f"{path}; exit {REQUEUE_EXIT_CODE} (requeue me)")
+        self.tracker.finish({"preempted_at_step": self.step}, exit_code=REQUEUE_EXIT_CODE)
+        self.dist.barrier()  # rank 0's files are complete before any rank exits
+        raise Preempted(signum, path)
+
+    def _finish(self) -> dict[str, Any]:
+        digests = self.dist.gather_object(weights_digest(self.model))
+        summary: dict[str, Any] = {"steps": self.step, "ranks": self.dist.size,
+                                   "launcher": self.dist.place.launcher,
+                                   "nonfinite_steps": self.nonfinite_total,
+                                   "weights_sha256_per_rank": digests, "history": self.history}
+        final = self.save()
+        if self.dist.is_main:
+            ckpt = self.checkpoints.folder / "final.pt"
+            if final:
+                link_atomic(Path(final), ckpt)
+            summary.update(checkpoint=str(ckpt), metrics=str(self.tracker.metrics_path),
+                           wandb_run=self.tracker.run_path)
+            self.tracker.finish(dict(self.history[-1]) if self.history else {})
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.dist.barrier()
+        return summary
+
+
 def train(cfg: Config) -> dict[str, Any]:
-    dist = init_distributed(cfg.train.dist)
-    if dist.is_main:
-        print(f"[hpcforge] {dist.describe()}", flush=True)
-    return Trainer(cfg, dist).fit()
+    """Train on every rank the launcher started; the summary's paths are filled on rank 0."""
+    with PreemptionFlag() as flag:  # from the start: a signal during set-up is not lost either
+        dist = init_distributed(cfg.train.dist)
+        return Trainer(cfg, dist).fit(flag)

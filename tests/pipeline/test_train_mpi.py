@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import hpcforge
+from helpers import hpcforge
 from pipeline.checkpoint import load
 from pipeline.wandb_files import history, run_config
 
