@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +16,20 @@ import torch
 from pipeline.config import LoggerConfig
 
 SECRET_MARKERS = ("key", "token", "password", "secret")
+# `export WANDB_API_KEY=...` in cluster.setup lines, `--token abc`, `password: x`
+SECRET_IN_TEXT = re.compile(r"(?i)([\w.-]*(?:api[_-]?key|token|password|secret)[\w.-]*\s*[=:\s]\s*)(\S+)")
 
 
 def redact(obj: Any) -> Any:
-    """The config with values of secret-looking keys (api_key, token, ...) replaced."""
+    """The config with secrets replaced: values of secret-looking keys (api_key, token, ...) and
+    secret-looking assignments inside strings (setup lines such as `export WANDB_API_KEY=...`)."""
     if isinstance(obj, dict):
         return {k: "***" if any(m in k.lower() for m in SECRET_MARKERS) and v else redact(v)
                 for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return SECRET_IN_TEXT.sub(lambda m: m.group(1) + "***", obj)
     return obj
 
 
@@ -73,7 +79,9 @@ class Tracker:
                                   entity=cfg.entity, group=cfg.group, tags=cfg.tags,
                                   job_type=cfg.job_type,
                                   config=redact(config), id=run_id, resume="allow",
-                                  settings=wandb.Settings(console="off"))
+                                  # W&B's own metadata includes the command line, where a
+                                  # secret may sit; what matters is in the (redacted) config.
+                                  settings=wandb.Settings(console="off", x_disable_meta=True))
             self.run_id, self.run_path = self.run.id, str(Path(self.run.dir).parent)
 
     @property

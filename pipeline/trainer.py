@@ -167,7 +167,8 @@ class Trainer:
         if resumed is None:
             dist.broadcast(self.model, *self.optimizers.values())
         self.tracker = Tracker(t.logger, self.run_dir, {**cfg.to_dict(), "dataset": self.store_meta,
-                                                         "versions": versions()},
+                                                         "versions": versions(),
+                                                         "code_version": code_version()},
                                active=dist.is_main, run_id=resumed)
         self._announce()
 

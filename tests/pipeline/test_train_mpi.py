@@ -18,7 +18,7 @@ def run(small_store):
     path, overrides = small_store
     r = hpcforge("train", "--nproc", "2", *overrides, "train.epochs=3", "train.batch_size=32",
                  "train.logger.log_every=4", "train.logger.images_every=8",
-                 "train.lr=0.002", timeout=400)
+                 "train.lr=0.002", "cluster.setup=[export WANDB_API_KEY=s3cr3t-value]", timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = Path(overrides[0].split("=", 1)[1]) / "train"
     return r, out, json.loads((out / "summary.json").read_text())
@@ -62,14 +62,22 @@ def test_offline_wandb_run_holds_metrics_images_and_config(run):
     (run_file,) = run_dir.glob("run-*.wandb")
     rows = history(run_file)
     keys = set().union(*rows)
-    for key in ("train/model/loss", "train/model/recon", "train/model/kl", "perf/samples_per_s",
-                "perf/data_wait_fraction", "val/loss", "images/reconstructions/path"):
+    scalars = ("train/model/loss", "train/model/recon", "train/model/kl", "opt/model/lr",
+               "opt/model/grad_norm", "perf/samples_per_s", "perf/step_time_s",
+               "perf/data_wait_fraction", "train/nonfinite_steps", "dist/ranks", "dist/nodes")
+    for key in (*scalars, "val/loss", "images/reconstructions/path", "images/samples/path",
+                "images/observables/path", "physics/w1/magnetization", "physics/w1/energy"):
         assert key in keys, key
-    steps = [row["_step"] for row in rows if "train/model/loss" in row]
-    assert steps == sorted(set(steps))                 # once per logging step, not once per rank
+    logged = [row for row in rows if "perf/samples_per_s" in row]
+    assert [row["_step"] for row in logged] == [4, 8, 12, 16, 20, 24]   # once per logging step
+    assert all(set(scalars) <= set(row) for row in logged)               # every scalar each time
+    assert logged[0]["dist/ranks"] == 2
     images = list((run_dir / "files" / "media" / "images").rglob("*.png"))
     assert any("samples" in p.name for p in images) and any("reconstr" in p.name for p in images)
     cfg = run_config(run_file)
     assert cfg["train"]["epochs"] == 3 and cfg["model"]["name"] == "vae"
+    assert cfg["cluster"]["setup"] == ["export WANDB_API_KEY=***"]       # secrets redacted
+    assert "s3cr3t-value" not in run_file.read_bytes().decode("latin-1")
+    assert cfg["dataset"]["source"] == "ising2d" and cfg["versions"]["horovod"] == "0.28.1"
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["step"] == 4
