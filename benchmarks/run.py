@@ -35,7 +35,68 @@ def bench_allreduce(quick: bool) -> list[dict]:
         return json.loads(out.read_text())
 
 
-BENCHMARKS = {"allreduce": bench_allreduce}
+def _mpi_json(nproc: int, args: list[str], module: str) -> dict:
+    """Run `python -m module OUT args...` on nproc ranks; return what rank 0 wrote to OUT."""
+    from pipeline.launch import mpirun_command
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        env = {**os.environ, "OMPI_MCA_btl_vader_single_copy_mechanism": "none"}
+        subprocess.run(mpirun_command(nproc, [args[0], str(out), *args[1:]], module=module),
+                       check=True, env=env, cwd=Path(__file__).resolve().parent.parent,
+                       stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())
+
+
+def _small_store(tmp: str) -> str:
+    from pipeline.config import load_config
+    from pipeline.data.prepare import prepare
+    cfg = load_config("demo", [f"output_dir={tmp}", "data.params.lattice=16", "data.params.burn_in=20",
+                               "data.n_samples=4096", "data.chunk_size=512", "data.shard_size=1024",
+                               "data.dask.progress=false", "data.val_fraction=0.0"])
+    return str(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None))
+
+
+def bench_trainer(quick: bool) -> list[dict]:
+    """Trainer overhead vs a hand-written Horovod loop, weak scaling, DDP vs Horovod."""
+    steps = "20" if quick else "60"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = _small_store(tmp)
+        for n in (1, 2):
+            ours = _mpi_json(n, ["trainer", store, "horovod", steps], "benchmarks.trainer")
+            base = _mpi_json(n, ["loop", "vae", "horovod", steps], "benchmarks.trainer")
+            rows.append(_row("trainer", f"VAE 16x16, {n} rank(s)", ours["steps_per_s"],
+                             base["steps_per_s"], "step/s", ">= 0.95",
+                             "hpcforge Trainer steps/s / minimal Horovod loop (data in memory)"))
+        one = _mpi_json(1, ["loop", "resnet", "horovod", steps], "benchmarks.trainer")
+        two = _mpi_json(2, ["loop", "resnet", "horovod", steps], "benchmarks.trainer")
+        rows.append(_row("weak-scaling", "ResNet 32x32, 2x1 / 1x1 thread", two["samples_per_s"],
+                         one["samples_per_s"], "img/s", ">= 1.8",
+                         "global samples/s, 2 ranks x 1 thread / 1 rank x 1 thread"))
+        ddp = _mpi_json(2, ["trainer", store, "ddp", steps], "benchmarks.trainer")
+        hvd = _mpi_json(2, ["trainer", store, "horovod", steps], "benchmarks.trainer")
+        rows.append(_row("ddp-vs-hvd", "VAE 16x16, 2 ranks", ddp["steps_per_s"], hvd["steps_per_s"],
+                         "step/s", "report", "Trainer steps/s with DDP (gloo) / with Horovod (MPI)"))
+    return rows
+
+
+def _row(name, case, value, baseline, unit, target, what) -> dict:
+    return {"benchmark": name, "case": case, "value": round(value, 2), "baseline": round(baseline, 2),
+            "unit": unit, "ratio": round(value / baseline, 3), "target": target, "what": what}
+
+
+def bench_data_prepare(quick: bool) -> list[dict]:
+    from benchmarks.data_prepare import bench_data_prepare as run
+    return run(quick)
+
+
+def bench_data_loader(quick: bool) -> list[dict]:
+    from benchmarks.data_loader import bench_data_loader as run
+    return run(quick)
+
+
+BENCHMARKS = {"allreduce": bench_allreduce, "trainer": bench_trainer,
+              "data_prepare": bench_data_prepare, "data_loader": bench_data_loader}
 
 
 def table(rows: list[dict]) -> str:
@@ -47,9 +108,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(quick: bool = False, out: str = "outputs/bench/results.json") -> int:
+def main(quick: bool = False, out: str = "outputs/bench/results.json",
+         only: list[str] | None = None) -> int:
+    unknown = sorted(set(only or []) - set(BENCHMARKS))
+    if unknown:
+        from pipeline.errors import UserError
+        raise UserError(f"bench --only {','.join(unknown)}: no such benchmark; "
+                        f"choose from {', '.join(BENCHMARKS)}")
     rows = []
     for name, fn in BENCHMARKS.items():
+        if only and name not in only:
+            continue
         print(f"[bench] {name} ...", flush=True)
         rows += fn(quick)
     env = {"cores": os.cpu_count(), "machine": platform.machine(), "quick": quick,

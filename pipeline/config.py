@@ -26,12 +26,33 @@ GROUPS = ("data", "model", "train", "cluster")
 
 # --------------------------------------------------------------------------- schema
 @dataclass
+class SlurmDaskConfig:
+    """dask-jobqueue SLURMCluster settings (`data.dask.cluster=slurm`): one Slurm job per `jobs`."""
+    jobs: int = 1                  # Slurm jobs started; each runs `processes` Dask workers
+    queue: str | None = None       # Slurm partition (-p)
+    account: str | None = None     # -A
+    walltime: str = "01:00:00"     # -t
+    cores: int = 4                 # CPUs per job, shared by its worker processes
+    memory: str = "16GiB"          # per job
+    processes: int = 1             # Dask worker processes per job
+    interface: str | None = None   # network interface the workers talk on (e.g. ib0)
+    local_directory: str | None = None   # worker spill directory on the node (e.g. $TMPDIR)
+    log_directory: str | None = None     # where the Slurm jobs' stdout/stderr go
+    job_extra_directives: list[str] = field(default_factory=list)  # extra #SBATCH lines
+    job_script_prologue: list[str] = field(default_factory=list)   # e.g. module load, venv
+    wait_s: float = 300.0          # how long to wait for the first worker before giving up
+
+
+@dataclass
 class DaskConfig:
-    scheduler: str | None = None   # address of a running scheduler; None starts a LocalCluster
+    cluster: Literal["local", "slurm", "address"] = "local"
+    scheduler: str | None = None   # address of a running scheduler (cluster=address; also implied)
     n_workers: int = 2
     threads_per_worker: int = 1
     memory_limit: str = "4GiB"     # per worker
+    processes: bool = True         # LocalCluster workers as processes (False: threads, one process)
     progress: bool = True          # Dask progress bar on the console
+    slurm: SlurmDaskConfig = field(default_factory=SlurmDaskConfig)
 
 
 @dataclass
@@ -39,13 +60,16 @@ class DataConfig:
     source: str = "ising2d"        # a name in pipeline.data.sources.SOURCES
     params: Any = None             # the source's Params dataclass (fields depend on `source`)
     path: str = ""                 # Zarr store; "" means <output_dir>/data/<source>.zarr
-    n_samples: int = 4096
-    chunk_size: int = 256          # samples generated per Dask task
-    shard_size: int = 1024         # samples per output shard (one write task, one checksum)
+    n_samples: int = 4096          # importers: 0 takes every sample the files hold
+    chunk_size: int = 256          # samples generated (or read) per Dask task
+    shard_size: int = 0            # samples per output shard (one write task, one checksum); 0: from the budget
+    memory_budget: str = "2GiB"    # peak memory of all Dask workers together; sizes shards
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     seed: int = 0                  # generation, split and shuffle are pure functions of it
     overwrite: bool = False        # replace an existing store (never silently)
+    invalid: Literal["fail", "drop", "fill"] = "fail"   # samples holding NaN/Inf
+    fill_value: float = 0.0        # what NaN/Inf become with invalid=fill
     inputs: dict[str, str] = field(default_factory=lambda: {"x": "spins"})  # batch key -> variable
     normalize: Literal["minmax", "standard", "none"] = "minmax"  # from the stored statistics
     dask: DaskConfig = field(default_factory=DaskConfig)
@@ -59,50 +83,107 @@ class ModelSection:
 
 @dataclass
 class DistConfig:
-    backend: Literal["horovod", "none"] = "horovod"
+    backend: Literal["horovod", "ddp", "none"] = "horovod"
     nproc: int = 1                 # ranks `hpcforge train` launches on this machine
     launcher: Literal["mpirun", "horovodrun"] = "mpirun"
+    fp16_allreduce: bool = False   # Horovod: compress gradients to fp16 on the wire
+    timeout_s: int = 300           # a silent rank ends the job after this long, not never
 
 
 @dataclass
 class LoggerConfig:
-    mode: Literal["offline", "online", "disabled"] = "offline"
+    mode: Literal["auto", "offline", "online", "disabled"] = "auto"  # auto: online iff WANDB_API_KEY
     project: str = "hpcforge"
     entity: str | None = None
-    group: str | None = None
+    group: str | None = None       # runs of one sweep or chain share a group
     tags: list[str] = field(default_factory=list)
+    job_type: str = "train"
     log_every: int = 10            # steps between scalar logs
     images_every: int = 100        # steps between sample images (and at the end)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = 0.0
+    momentum: float = 0.9          # sgd only; adam-style betas come from the model's spec
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["constant", "cosine", "step"] = "constant"
+    warmup_steps: int = 0          # linear warm-up from lr / ranks (Goyal et al. 2017)
+    step_size: int = 1000          # "step": optimizer steps between decays
+    gamma: float = 0.1             # "step": decay factor
+    min_lr_ratio: float = 0.0      # "cosine": final lr as a fraction of the peak
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0           # also checkpoint every N steps (0: at epoch ends only)
+    keep: int = 3                  # newest step checkpoints kept (plus best.pt and last.pt)
+    best_metric: str = "val/loss"  # picks best.pt; "" keeps no best
+    best_mode: Literal["min", "max"] = "min"
+
+
+@dataclass
+class EarlyStopConfig:
+    metric: str = ""               # e.g. "val/loss"; "" turns early stopping off
+    patience: int = 3              # validations without improvement before stopping
+    mode: Literal["min", "max"] = "min"
+    min_delta: float = 0.0
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 5
     max_steps: int = 0             # stop after this many steps (0: run all epochs)
-    batch_size: int = 64           # per rank; the global batch is batch_size * ranks
+    batch_size: int = 64           # per rank; the global batch is batch_size * ranks * accumulate
     lr: float = 1e-3
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # multiply lr by ranks (or sqrt)
+    accumulate: int = 1            # batches whose gradients are summed before each step
+    grad_clip: float = 0.0         # max global gradient norm (0: no clipping)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16 needs a GPU (gradient scaler)
     seed: int = 0
+    deterministic: bool = False    # torch deterministic algorithms (slower)
     threads: int = 0               # torch threads per rank; 0: cores / ranks on this node
     prefetch: int = 2              # batches read ahead by the loader's thread
+    val_every: int = 0             # validate every N steps (0: at each epoch end)
+    resume: str = "never"          # "auto": newest valid checkpoint in the run dir; or a path
+    nonfinite: Literal["skip", "fail"] = "skip"  # a step with a NaN/Inf loss or gradient
+    max_nonfinite: int = 5         # stop after this many non-finite steps in a row
+    inject_nan_at: list[int] = field(default_factory=list)  # fault injection: NaN batch at steps
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    early_stopping: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 @dataclass
 class ClusterConfig:
-    executor: Literal["auto", "slurm", "local", "debug"] = "auto"
-    partition: str | None = None
+    """Where and how `hpcforge submit`/`sweep` run a job (read only by jobs/)."""
+    executor: Literal["auto", "slurm", "local", "debug"] = "auto"  # auto: slurm if sbatch is on PATH
+    partition: str | None = None   # None: the cluster's default partition
     account: str | None = None
     qos: str | None = None
     nodes: int = 1
     gpus_per_node: int = 0
+    tasks_per_node: int = 0        # ranks per node; 0: one per GPU (one on CPU-only nodes)
     cpus_per_task: int = 1
-    mem_gb: int = 0
-    timeout_min: int = 60
+    mem_gb: int = 0                # per node; 0: the partition's default
+    timeout_min: int = 60          # the job's time limit
+    signal_delay_s: int = 120      # the checkpoint signal comes this long before the time limit
+    max_requeues: int = 3          # preemptions/timeouts survived by requeueing, then the job fails
     constraint: str | None = None
-    setup: list[str] = field(default_factory=list)
-    sbatch_extra: dict[str, str] = field(default_factory=dict)
-    container: str | None = None
+    mpi: str | None = "pmix"       # srun --mpi=<this> (pmix, pmi2, ...); None: the site's MpiDefault
+    setup: list[str] = field(default_factory=list)         # shell lines before srun (module load ...)
+    sbatch_extra: dict[str, str] = field(default_factory=dict)  # more #SBATCH --key=value options
+    container: str | None = None   # Apptainer image: ranks run in `apptainer exec --nv <image>`
+    binds: list[str] = field(default_factory=list)         # more container binds (data/outputs automatic)
+    array_parallelism: int = 4     # sweep tasks running at once
+    jobs_dir: str = "outputs/jobs" # per-job records and logs: <jobs_dir>/<job id>/
 
 
 @dataclass
@@ -291,6 +372,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise _type_error(key, tp, value) from None
     if tp in (int, float) and isinstance(value, bool):
         raise _type_error(key, tp, value)
     if isinstance(tp, type) and isinstance(value, tp):

@@ -5,14 +5,14 @@ import json
 
 import pytest
 
-from conftest import hpcforge
+from helpers import hpcforge
 
 
 @pytest.mark.mpi
 @pytest.mark.slow
 def test_bench_quick_writes_ratio_table(tmp_path):
     out = tmp_path / "bench.json"
-    r = hpcforge("bench", "--quick", "--out", str(out), timeout=300)
+    r = hpcforge("bench", "--quick", "--only", "allreduce", "--out", str(out), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     table = json.loads(out.read_text())
     rows = table["results"]
@@ -23,3 +23,9 @@ def test_bench_quick_writes_ratio_table(tmp_path):
     assert table["environment"]["cores"] >= 1
     assert table["environment"]["versions"]["horovod"] == "0.28.1"
     assert "ratio" in r.stdout and "cores=" in r.stdout
+
+
+def test_bench_refuses_an_unknown_benchmark_name():
+    r = hpcforge("bench", "--only", "allreduce,nope")
+    assert r.returncode == 2
+    assert "bench --only nope: no such benchmark; choose from allreduce, trainer" in r.stderr

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, hpcforge
+from helpers import ROOT, hpcforge
 from pipeline.cli import PLANNED
 
 COMMANDS = ["prepare", "train", "config", "bench", *PLANNED]

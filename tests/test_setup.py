@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import subprocess
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 def _setup() -> subprocess.CompletedProcess:

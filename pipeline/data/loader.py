@@ -5,6 +5,10 @@ order that is a pure function of (seed, epoch); the resulting sample sequence is
 equal parts and rank r reads part r, so each sample is seen once per epoch across ranks (the tail
 that does not divide evenly is dropped, like DistributedSampler with drop_last). Within its part a
 rank shuffles a buffer of `buffer_blocks` blocks at a time with a stream from (seed, epoch, rank).
+
+When CUDA is present the prefetch thread pins each batch's memory, so `to_device` can copy it with
+non_blocking=True and the copy overlaps the step (pinned pages are what make async H2D copies
+possible). `data_wait_fraction()` is the share of the consumer's time spent waiting for batches.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ _DONE = object()
 class ShardedLoader:
     def __init__(self, store: Store, split: str, inputs: dict[str, str], batch_size: int,
                  rank: int = 0, world: int = 1, seed: int = 0, normalize: str = "none",
-                 prefetch: int = 2, buffer_blocks: int = 4):
+                 prefetch: int = 2, buffer_blocks: int = 4, pin_memory: bool | None = None):
         self.arrays = {key: store.variable(split, var) for key, var in inputs.items()}
         self.n = next(iter(self.arrays.values())).shape[0]
         self.block = max(a.chunks[0] for a in self.arrays.values())
@@ -35,12 +39,27 @@ class ShardedLoader:
         self.prefetch, self.buffer_blocks = max(1, prefetch), buffer_blocks
         self.epoch, self.start_batch = 0, 0
         self.wait_s = 0.0  # time the consumer waited for data, for the data-wait fraction
+        self.busy_s = 0.0  # time the consumer spent between batches (its step)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         if len(self) == 0:
             raise ValueError(f"{split}: {self.n} samples over {world} ranks give no full batch "
                              f"of {batch_size}; lower train.batch_size or prepare more samples")
 
     def __len__(self) -> int:
         return (self.n // self.world) // self.batch_size
+
+    def data_wait_fraction(self) -> float:
+        """Time waited for data / (waited + time spent on each batch), since the last reset."""
+        total = self.wait_s + self.busy_s
+        return self.wait_s / total if total > 0 else 0.0
+
+    def reset_timing(self) -> None:
+        self.wait_s = self.busy_s = 0.0
+
+    def to_device(self, batch: dict[str, torch.Tensor], device: torch.device | str
+                  ) -> dict[str, torch.Tensor]:
+        """The batch on `device`; asynchronous when its memory is pinned."""
+        return {k: v.to(device, non_blocking=self.pin_memory) for k, v in batch.items()}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.start_batch = epoch, 0
@@ -88,8 +107,11 @@ class ShardedLoader:
     def _to_torch(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         out = {}
         for k, v in batch.items():
+            if v.dtype.kind in "iu" and v.ndim == 1:  # class labels: torch losses expect int64
+                v = v.astype(np.int64)
             t = torch.from_numpy(np.ascontiguousarray(v))
-            out[k] = self.transforms[k](t) if k in self.transforms else t
+            t = self.transforms[k](t) if k in self.transforms else t
+            out[k] = t.pin_memory() if self.pin_memory else t
         return out
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -111,11 +133,15 @@ class ShardedLoader:
 
         thread = threading.Thread(target=produce, daemon=True, name="hpcforge-loader")
         thread.start()
+        handed = None  # when the last batch went to the consumer
         try:
             while True:
                 t0 = time.perf_counter()
+                if handed is not None:
+                    self.busy_s += t0 - handed
                 item = q.get()
-                self.wait_s += time.perf_counter() - t0
+                handed = time.perf_counter()
+                self.wait_s += handed - t0
                 if item is _DONE:  # epoch finished: the state now points at the next one
                     self.epoch, self.start_batch = epoch + 1, 0
                     return

@@ -2,21 +2,29 @@
 
 The shuffle is two passes whose task count grows linearly with the data (n_in + n_out tasks; a
 Dask `x[perm]` builds ~2 n^2 tasks for n chunks, see DESIGN.md):
-  pass 1, one task per input chunk: generate it, validate it, compute partial statistics, and
-          scatter its samples to a scratch folder per destination shard;
+  pass 1, one task per input chunk: generate (or read) it, validate it, compute partial
+          statistics, and scatter its samples to a scratch folder per destination shard;
   pass 2, one task per output shard: gather that shard's pieces, order them, write the shard once
           and return its checksum.
-Peak memory per task is one input chunk or one output shard. The store is written under
-`<path>.partial` and renamed into place only after the completion marker is set.
+Destinations come from a seeded Feistel bijection (`Permutation`), computed inside each task for
+its own samples, so no process ever holds the whole permutation. Peak memory per task is one input
+chunk or one output shard, and shards are sized from `data.memory_budget`.
+
+Resumable: the store is written under `<path>.partial`, next to a scratch folder `<path>.scratch`
+that records each finished chunk (its statistics) and each written shard (its checksum). After a
+kill, the same command finds both, checks that the recorded config matches, and redoes only what
+is not recorded. Only a complete store (marker written last) is renamed into place.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import pickle
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +32,76 @@ import numpy as np
 
 from pipeline.config import DataConfig
 from pipeline.data.sources import SOURCES
+from pipeline.data.sources.base import Variable
 from pipeline.data.store import FORMAT, FORMAT_VERSION, SPLITS, open_store, shard_checksum
 from pipeline.errors import UserError
 
 INNER_CHUNK_BYTES = 1 << 20  # ~1 MiB inner chunks read best (DESIGN.md, zarr reads)
+# Memory model of the budget (checked by benchmarks/data_prepare.py, "peak RSS"):
+WORKER_BASE = 200 << 20      # an idle Dask worker + its nanny with numpy/zarr loaded, ~200 MiB RSS
+PASS1_COPIES = 3             # a chunk as generated, the pieces cut from it, stats sub-blocks
+PASS2_COPIES = 3             # the shard being assembled, one piece, zarr's encoded shard
+STATS_BLOCK = 8 << 20        # float64 bytes per statistics sub-block, so stats add little memory
+# Fields of DataConfig that do not change the stored bytes: a resume may change them.
+NOT_CONTENT = ("dask", "overwrite", "path", "memory_budget", "inputs", "normalize")
 
 
+# --------------------------------------------------------------------------- permutation
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (Steele, Lea & Flood 2014): every output bit depends on every input bit."""
+    x = (x ^ (x >> np.uint64(30))) * _MIX1
+    x = (x ^ (x >> np.uint64(27))) * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+class Permutation:
+    """A seeded bijection of [0, n), evaluated for any index range in O(range) memory.
+
+    A balanced Feistel network on 2h-bit words (the smallest even width holding n) is a
+    bijection of [0, 4^h) whatever its round function; "cycle walking" (re-applying it to values
+    >= n) restricts it to a bijection of [0, n) (Black & Rogaway 2002). 4^h < 4n, so a value
+    walks fewer than 4 steps on average. Pure function of (seed, n).
+    """
+    ROUNDS = 6
+
+    def __init__(self, seed: int, n: int):
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        self.half = np.uint64((bits + 1) // 2)
+        self.mask = np.uint64((1 << int(self.half)) - 1)
+        self.keys = np.random.SeedSequence([seed, 0x5EED]).generate_state(self.ROUNDS, np.uint64)
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self.half, x & self.mask
+        for k in self.keys:
+            left, right = right, left ^ (_mix(right ^ k) & self.mask)
+        return (left << self.half) | right
+
+    def __call__(self, index: np.ndarray) -> np.ndarray:
+        x = self._feistel(np.asarray(index, dtype=np.uint64))
+        out = x >= self.n
+        while out.any():
+            x[out] = self._feistel(x[out])
+            out = x >= self.n
+        return x.astype(np.int64)
+
+
+def destinations(seed: int, n: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Output positions of generated samples [start, stop): one seeded permutation of [0, n).
+
+    Positions [0, n_train) are the train split, then val, then test, so the split and the shuffle
+    are one random permutation.
+    """
+    return Permutation(seed, n)(np.arange(start, n if stop is None else stop))
+
+
+# --------------------------------------------------------------------------- layout and budget
 @dataclass(frozen=True)
 class Layout:
-    """Where each generated sample goes: split sizes, output shards and inner chunks."""
+    """Where each sample goes: split sizes, output shards and input chunks."""
     n_samples: int
     chunk_size: int
     shard_size: int
@@ -41,6 +110,9 @@ class Layout:
     @property
     def n_chunks(self) -> int:
         return math.ceil(self.n_samples / self.chunk_size)
+
+    def chunk(self, i: int) -> tuple[int, int]:
+        return i * self.chunk_size, min((i + 1) * self.chunk_size, self.n_samples)
 
     def split_start(self, split: str) -> int:
         return sum(self.splits[s] for s in SPLITS[:SPLITS.index(split)])
@@ -55,104 +127,250 @@ class Layout:
         return out
 
 
-def make_layout(cfg: DataConfig) -> Layout:
-    for name in ("n_samples", "chunk_size", "shard_size"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"data.{name} = {getattr(cfg, name)}: expected a positive integer")
+def parse_budget(text: str) -> int:
+    from dask.utils import parse_bytes
+    try:
+        return int(parse_bytes(text))
+    except (ValueError, TypeError):
+        raise UserError(f"data.memory_budget={text!r}: expected a size like 2GiB or 512MiB") from None
+
+
+def sample_bytes(variables: dict[str, Variable]) -> int:
+    return sum(np.dtype(v.dtype).itemsize * math.prod(v.shape) for v in variables.values())
+
+
+def task_memory(cfg: DataConfig, workers: int, slots: int) -> int:
+    """Bytes one running task may hold: the budget, less idle workers, shared by the slots."""
+    budget = parse_budget(cfg.memory_budget)
+    free = budget - workers * WORKER_BASE
+    if free <= 0:
+        need = (workers * WORKER_BASE + (64 << 20)) >> 20
+        raise UserError(f"data.memory_budget={cfg.memory_budget}: {workers} Dask workers take "
+                        f"~{workers * WORKER_BASE >> 20} MiB idle, leaving nothing for data; "
+                        f"expected at least {need} MiB; raise it or lower data.dask.n_workers")
+    return free // slots
+
+
+def _inner_chunk(var: Variable, shard: int) -> int:
+    """Samples per ~1 MiB inner chunk of `var`, a divisor of the shard (shards hold whole chunks)."""
+    each = np.dtype(var.dtype).itemsize * max(1, math.prod(var.shape))
+    chunk = max(1, min(shard, INNER_CHUNK_BYTES // each))
+    while shard % chunk:
+        chunk -= 1
+    return chunk
+
+
+def size_shards(cfg: DataConfig, variables: dict[str, Variable], n: int, per_task: int) -> int:
+    """Samples per shard: cfg.shard_size checked against the budget, or (0) derived from it."""
+    each = sample_bytes(variables)
+    fit = per_task // (PASS2_COPIES * each)
+    if cfg.shard_size > 0:
+        if cfg.shard_size > fit:
+            raise UserError(f"data.shard_size={cfg.shard_size}: a shard of "
+                            f"{cfg.shard_size * each >> 20} MiB does not fit data.memory_budget="
+                            f"{cfg.memory_budget} per task; expected <= {fit}; lower it, set 0 "
+                            f"(sized from the budget), or raise the budget")
+        return cfg.shard_size
+    biggest = max(np.dtype(v.dtype).itemsize * math.prod(v.shape) for v in variables.values())
+    unit = max(1, INNER_CHUNK_BYTES // biggest)        # whole inner chunks of the biggest variable
+    if fit < unit and fit < n:
+        raise UserError(f"data.memory_budget={cfg.memory_budget}: leaves {per_task >> 20} MiB per "
+                        f"task, less than one ~1 MiB inner chunk x {PASS2_COPIES}; raise the budget")
+    shard = min(fit, n) if fit < unit else (fit // unit) * unit
+    return max(1, min(shard, math.ceil(n / unit) * unit))
+
+
+def check_chunks(cfg: DataConfig, variables: dict[str, Variable], per_task: int) -> None:
+    each = sample_bytes(variables)
+    fit = per_task // (PASS1_COPIES * each)
+    if cfg.chunk_size > fit:
+        raise UserError(f"data.chunk_size={cfg.chunk_size}: a chunk of "
+                        f"{cfg.chunk_size * each >> 20} MiB does not fit data.memory_budget="
+                        f"{cfg.memory_budget} per task; expected <= {max(fit, 1)}; lower it or "
+                        f"raise the budget")
+
+
+def make_layout(cfg: DataConfig, n_samples: int | None = None, shard_size: int | None = None
+                ) -> Layout:
+    """Split sizes (seeded fractions) and chunking; `shard_size` defaults to cfg.shard_size."""
+    n = cfg.n_samples if n_samples is None else n_samples
+    for name, value in (("n_samples", n), ("chunk_size", cfg.chunk_size)):
+        if value < 1:
+            raise UserError(f"data.{name} = {value}: expected a positive integer")
     fractions = cfg.val_fraction + cfg.test_fraction
     if not (0 <= cfg.val_fraction < 1 and 0 <= cfg.test_fraction < 1 and fractions < 1):
         raise UserError(f"data.val_fraction + data.test_fraction = {fractions}: expected each in "
                         f"[0, 1) and a sum below 1, leaving samples for training")
-    n_val = round(cfg.n_samples * cfg.val_fraction)
-    n_test = round(cfg.n_samples * cfg.test_fraction)
-    return Layout(cfg.n_samples, cfg.chunk_size, cfg.shard_size,
-                  {"train": cfg.n_samples - n_val - n_test, "val": n_val, "test": n_test})
+    n_val, n_test = round(n * cfg.val_fraction), round(n * cfg.test_fraction)
+    shard = cfg.shard_size if shard_size is None else shard_size
+    if shard < 0:
+        raise UserError(f"data.shard_size = {shard}: expected a positive integer, or 0 (from "
+                        f"data.memory_budget)")
+    return Layout(n, cfg.chunk_size, shard or n,
+                  {"train": n - n_val - n_test, "val": n_val, "test": n_test})
 
 
-def destinations(seed: int, n: int) -> np.ndarray:
-    """Output position of every generated sample: a seeded permutation, recorded by its seed.
+def count_samples(cfg: DataConfig) -> int:
+    """data.n_samples; for importers 0 means every sample the files hold."""
+    source = SOURCES[cfg.source]
+    if not hasattr(source, "n_available"):
+        return cfg.n_samples
+    have = source.n_available(cfg.params)
+    if cfg.n_samples > have:
+        raise UserError(f"data.n_samples={cfg.n_samples}: the {cfg.source} input holds {have} "
+                        f"samples; expected <= {have}; set data.n_samples=0 to take all")
+    return cfg.n_samples or have
 
-    Positions [0, n_train) are the train split, then val, then test, so the split and the shuffle
-    are one random permutation.
-    """
-    return np.random.default_rng(np.random.SeedSequence([seed, 0x5EED])).permutation(n)
+
+# --------------------------------------------------------------------------- validation
+def _bad_values(name: str, a: np.ndarray, start: int) -> dict[str, Any] | None:
+    """NaN/Inf counts of one variable in one chunk, and the first location (global sample)."""
+    if a.dtype.kind != "f":
+        return None
+    bad = ~np.isfinite(a)
+    if not bad.any():
+        return None
+    first = np.argwhere(bad)[0].tolist()
+    per_sample = bad.reshape(len(a), -1).any(axis=1)
+    return {"values": int(bad.sum()), "samples": int(per_sample.sum()),
+            "first": [start + first[0], *first[1:]], "mask": per_sample}
+
+
+def validate(arrays: dict[str, np.ndarray], variables: dict[str, Variable], start: int,
+             policy: str, fill: float) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+    """Check dtype and shape; apply the NaN/Inf policy. Returns (arrays, keep mask, report)."""
+    n = len(next(iter(arrays.values())))
+    keep, report = np.ones(n, bool), {}
+    for name, spec in variables.items():
+        a = arrays[name]
+        if a.dtype != np.dtype(spec.dtype) or a.shape[1:] != tuple(spec.shape) or len(a) != n:
+            raise UserError(f"samples [{start}, {start + n}): variable {name!r} has "
+                            f"{a.dtype}{a.shape}, expected {spec.dtype}{(n, *spec.shape)}; the "
+                            f"input changed since it was scanned, or the source is broken")
+        found = _bad_values(name, a, start)
+        if found is None:
+            continue
+        if policy == "fail":
+            raise UserError(f"variable {name!r} has {found['values']} NaN/Inf values in "
+                            f"{found['samples']} of samples [{start}, {start + n}), first at "
+                            f"sample {found['first'][0]} index {found['first'][1:]}; fix the "
+                            f"input, or set data.invalid=drop (drop those samples) or "
+                            f"data.invalid=fill (replace them by data.fill_value)")
+        mask = found.pop("mask")
+        if policy == "fill":
+            arrays[name] = np.where(np.isfinite(a), a, np.asarray(fill, a.dtype))
+        else:  # drop: every variable of a sample goes with it
+            keep &= ~mask
+        report[name] = found
+    return arrays, keep, report
 
 
 # --------------------------------------------------------------------------- pass 1
-def _partial_stats(values: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-channel sums for one array (n, C, ...) or (n,): combined exactly across chunks."""
-    v = values.astype(np.float64)
-    axes = (0,) + tuple(range(2, v.ndim)) if v.ndim > 1 else (0,)
-    out = {"count": np.array(v.size / (v.shape[1] if v.ndim > 1 else 1)),
-           "sum": v.sum(axis=axes), "sumsq": (v * v).sum(axis=axes),
-           "min": v.min(axis=axes), "max": v.max(axis=axes)}
-    if values.ndim == 1 and values.dtype.kind in "iu":  # a class label: count each class
+def _partial_stats(values: np.ndarray) -> dict[str, Any]:
+    """Per-channel sums for one array (n, C, ...) or (n,), in float64 sub-blocks of bounded size."""
+    axes = (0,) + tuple(range(2, values.ndim)) if values.ndim > 1 else (0,)
+    step = max(1, STATS_BLOCK // (8 * max(1, math.prod(values.shape[1:]))))
+    out: dict[str, Any] = {"count": np.array(values.size / (values.shape[1] if values.ndim > 1 else 1))}
+    for i in range(0, len(values), step):
+        v = values[i:i + step].astype(np.float64)
+        part = {"sum": v.sum(axis=axes), "sumsq": (v * v).sum(axis=axes),
+                "min": v.min(axis=axes), "max": v.max(axis=axes)}
+        for k, x in part.items():
+            op = {"min": np.minimum, "max": np.maximum}.get(k, np.add)
+            out[k] = x if k not in out else op(out[k], x)
+    if values.ndim == 1 and values.dtype.kind in "iub":  # a class label: count each class
         classes, counts = np.unique(values, return_counts=True)
         out["classes"] = dict(zip(classes.tolist(), counts.tolist()))
     return out
 
 
-def _validate(arrays: dict[str, np.ndarray], chunk_index: int, variables: dict) -> None:
-    for name, spec in variables.items():
-        a = arrays[name]
-        if a.dtype != np.dtype(spec.dtype) or a.shape[1:] != tuple(spec.shape):
-            raise UserError(f"chunk {chunk_index}: variable {name!r} has {a.dtype}{a.shape[1:]}, "
-                            f"expected {spec.dtype}{tuple(spec.shape)}")
-        if a.dtype.kind == "f":
-            bad = ~np.isfinite(a)
-            if bad.any():
-                first = np.argwhere(bad)[0].tolist()
-                raise UserError(f"chunk {chunk_index}: variable {name!r} has {int(bad.sum())} "
-                                f"NaN/Inf values, first at {first}")
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temp file and rename, so a kill never leaves a half file under `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
 
 
-def scatter_chunk(cfg: DataConfig, layout: Layout, chunk_index: int, positions: np.ndarray,
-                  scratch: str) -> dict[str, Any]:
-    """Pass 1: generate one chunk and write its pieces to scratch/<split>/<shard>/<chunk>.npz."""
-    source = SOURCES[cfg.source]
-    arrays = source.generate(cfg.params, cfg.seed, chunk_index, len(positions))
-    _validate(arrays, chunk_index, source.variables(cfg.params))
-    stats: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+def scatter_chunk(cfg: DataConfig, layout: Layout, chunk_index: int,
+                  variables: dict[str, Variable], scratch: str) -> dict[str, Any]:
+    """Pass 1: make one chunk, validate it, write its pieces to scratch/buckets/<split>/<shard>/."""
+    start, stop = layout.chunk(chunk_index)
+    arrays = SOURCES[cfg.source].generate(cfg.params, cfg.seed, chunk_index, start, stop - start)
+    arrays, keep, invalid = validate(arrays, variables, start, cfg.invalid, cfg.fill_value)
+    positions = destinations(cfg.seed, layout.n_samples, start, stop)
+    result: dict[str, Any] = {"stats": {}, "dropped": {}, "invalid": invalid}
     for split in SPLITS:
-        start, n = layout.split_start(split), layout.splits[split]
-        sel = np.flatnonzero((positions >= start) & (positions < start + n))
-        if not len(sel):
-            continue
-        local = positions[sel] - start
-        stats[split] = {k: _partial_stats(v[sel]) for k, v in arrays.items()}
-        shard_of = local // layout.shard_size
-        for shard in np.unique(shard_of):
-            take = sel[shard_of == shard]
-            folder = Path(scratch) / split / f"{shard:06d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{chunk_index:08d}.npz"
-            with open(tmp, "wb") as f:
-                np.savez(f, __pos__=positions[take] - start, **{k: v[take] for k, v in arrays.items()})
-            os.replace(tmp, folder / f"{chunk_index:08d}.npz")
-    return stats
+        lo, n = layout.split_start(split), layout.splits[split]
+        inside = (positions >= lo) & (positions < lo + n)
+        result["dropped"][split] = positions[inside & ~keep] - lo
+        sel = np.flatnonzero(inside & keep)
+        if len(sel):
+            result["stats"][split] = {k: _partial_stats(v[sel]) for k, v in arrays.items()}
+            _scatter(arrays, sel, positions[sel] - lo, split, chunk_index, layout.shard_size, scratch)
+    _atomic_write(Path(scratch) / "chunks" / f"{chunk_index:08d}.pkl",
+                  lambda f: pickle.dump(result, f))
+    return result
+
+
+def _scatter(arrays: dict[str, np.ndarray], sel: np.ndarray, local: np.ndarray, split: str,
+             chunk_index: int, shard_size: int, scratch: str) -> None:
+    shard_of = local // shard_size
+    for shard in np.unique(shard_of):
+        mine = shard_of == shard
+        take = sel[mine]
+        path = Path(scratch) / "buckets" / split / f"{shard:06d}" / f"{chunk_index:08d}.npz"
+        _atomic_write(path, lambda f: np.savez(f, __pos__=local[mine],
+                                               **{k: v[take] for k, v in arrays.items()}))
 
 
 # --------------------------------------------------------------------------- pass 2
+def _kept(n_split: int, dropped: np.ndarray, lo: int, hi: int) -> np.ndarray | None:
+    """Pre-drop positions of post-drop positions [lo, hi) (None: nothing dropped, they agree)."""
+    if not len(dropped):
+        return None
+    return np.delete(np.arange(n_split), dropped)[lo:hi]
+
+
 def write_shard(store_path: str, scratch: str, split: str, shard: int, start: int, stop: int,
-                *_after_pass1: Any) -> tuple[str, str]:
-    """Pass 2: gather one shard's pieces, order them by position, write it, return its checksum."""
+                wanted: np.ndarray | None, shard_size: int,
+                variables: dict[str, Variable]) -> tuple[str, str]:
+    """Pass 2: gather one shard's pieces into place, write it once, record its checksum.
+
+    `wanted` are the pre-drop positions of this shard's samples (None: positions start..stop).
+    Dropping only moves samples down, so they sit in one or a few consecutive buckets.
+    """
+    wanted = np.arange(start, stop) if wanted is None else wanted
+    out = {k: np.empty((stop - start, *v.shape), v.dtype) for k, v in variables.items()}
+    filled = 0
+    for bucket in range(int(wanted[0]) // shard_size, int(wanted[-1]) // shard_size + 1):
+        folder = Path(scratch) / "buckets" / split / f"{bucket:06d}"
+        for piece in sorted(folder.glob("*.npz")):
+            with np.load(piece) as z:
+                pos = z["__pos__"]
+                at = np.searchsorted(wanted, pos)
+                ok = (at < len(wanted)) & (wanted[np.minimum(at, len(wanted) - 1)] == pos)
+                for k in out:
+                    out[k][at[ok]] = z[k][ok]
+                filled += int(ok.sum())
+    assert filled == stop - start, f"{split}/{shard}: {filled} of {stop - start} samples found"
+    write_region(store_path, split, start, stop, out)
+    checksum = shard_checksum(out)
+    _atomic_write(Path(scratch) / "shards" / f"{split}-{shard:06d}.json",
+                  lambda f: f.write(json.dumps(checksum).encode()))
+    return f"{split}/{shard}", checksum
+
+
+def write_region(store_path: str, split: str, start: int, stop: int,
+                 arrays: dict[str, np.ndarray]) -> None:
+    """Write samples [start, stop) of every variable of one split (whole shards: no races)."""
     import zarr
-
-    folder = Path(scratch) / split / f"{shard:06d}"
-    pieces = [np.load(p) for p in sorted(folder.glob("*.npz"))]
-    pos = np.concatenate([p["__pos__"] for p in pieces])
-    order = np.argsort(pos)
-    assert np.array_equal(pos[order], np.arange(start, stop)), f"{split}/{shard}: lost samples"
-    names = [k for k in pieces[0].files if k != "__pos__"]
-    arrays = {k: np.concatenate([p[k] for p in pieces])[order] for k in names}
-    group = zarr.open_group(store_path, mode="r+")[split]
     for k, v in arrays.items():
-        group[k][start:stop] = v
-    shutil.rmtree(folder)
-    return f"{split}/{shard}", shard_checksum(arrays)
+        zarr.open_array(f"{store_path}/{split}/{k}", mode="r+")[start:stop] = v
 
 
-# --------------------------------------------------------------------------- driver
+# --------------------------------------------------------------------------- combining
 def _combine(partials: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
     """Reduce per-chunk sums to per-split, per-variable, per-channel mean/std/min/max."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
@@ -160,58 +378,57 @@ def _combine(partials: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
         parts = [p[split] for p in partials if split in p]
         if not parts:
             continue
-        out[split] = {}
-        for var in parts[0]:
-            count = sum(float(p[var]["count"]) for p in parts)
-            s = sum(p[var]["sum"] for p in parts)
-            sq = sum(p[var]["sumsq"] for p in parts)
-            mean = s / count
-            out[split][var] = {
-                "count": int(count), "mean": np.atleast_1d(mean).tolist(),
-                "std": np.atleast_1d(np.sqrt(np.maximum(sq / count - mean ** 2, 0))).tolist(),
-                "min": np.atleast_1d(np.min([p[var]["min"] for p in parts], axis=0)).tolist(),
-                "max": np.atleast_1d(np.max([p[var]["max"] for p in parts], axis=0)).tolist()}
-            if "classes" in parts[0][var]:
-                counts: dict[str, int] = {}
-                for p in parts:
-                    for c, k in p[var]["classes"].items():
-                        counts[str(c)] = counts.get(str(c), 0) + k
-                out[split][var]["class_counts"] = dict(sorted(counts.items()))
+        out[split] = {var: _combine_var([p[var] for p in parts]) for var in parts[0]}
     return out
 
 
-def _create_arrays(path: Path, cfg: DataConfig, layout: Layout) -> None:
+def _combine_var(parts: list[dict]) -> dict[str, Any]:
+    count = sum(float(p["count"]) for p in parts)
+    s, sq = sum(p["sum"] for p in parts), sum(p["sumsq"] for p in parts)
+    mean = s / count
+    out = {"count": int(count), "mean": np.atleast_1d(mean).tolist(),
+           "std": np.atleast_1d(np.sqrt(np.maximum(sq / count - mean ** 2, 0))).tolist(),
+           "min": np.atleast_1d(np.min([p["min"] for p in parts], axis=0)).tolist(),
+           "max": np.atleast_1d(np.max([p["max"] for p in parts], axis=0)).tolist()}
+    if "classes" in parts[0]:
+        counts: dict[str, int] = {}
+        for p in parts:
+            for c, k in p["classes"].items():
+                counts[str(c)] = counts.get(str(c), 0) + k
+        out["class_counts"] = dict(sorted(counts.items(), key=lambda kv: float(kv[0])))
+    return out
+
+
+def _combine_invalid(results: list[dict], policy: str) -> dict[str, Any]:
+    """Per variable: NaN/Inf values and samples over the dataset, and the first location."""
+    out: dict[str, Any] = {}
+    for r in results:
+        for name, found in r["invalid"].items():
+            have = out.setdefault(name, {"values": 0, "samples": 0, "first": found["first"]})
+            have["values"] += found["values"]
+            have["samples"] += found["samples"]
+            have["first"] = min(have["first"], found["first"])
+    return {"policy": policy, "variables": out}
+
+
+# --------------------------------------------------------------------------- store creation
+def _create_arrays(path: Path, variables: dict[str, Variable], splits: dict[str, int],
+                   shard_size: int) -> None:
     import zarr
     from zarr.codecs import BloscCodec
 
-    variables = SOURCES[cfg.source].variables(cfg.params)
-    root = zarr.open_group(str(path), mode="w")
+    root = zarr.open_group(str(path), mode="r+")
     compressor = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
     for split in SPLITS:
-        n = layout.splits[split]
-        group = root.create_group(split)
+        n = splits[split]
+        group = root.require_group(split)
         for name, spec in variables.items():
-            sample_bytes = np.dtype(spec.dtype).itemsize * max(1, math.prod(spec.shape))
-            chunk = max(1, min(layout.shard_size, INNER_CHUNK_BYTES // sample_bytes))
-            while layout.shard_size % chunk:  # shards must hold whole inner chunks
-                chunk -= 1
             group.create_array(name, shape=(n, *spec.shape), dtype=spec.dtype,
-                               chunks=(chunk, *spec.shape),
-                               shards=(layout.shard_size, *spec.shape) if n else None,
-                               compressors=compressor,
+                               chunks=(_inner_chunk(spec, shard_size), *spec.shape),
+                               shards=(shard_size, *spec.shape) if n else None,
+                               compressors=compressor, overwrite=True,
                                config={"write_empty_chunks": True},
                                attributes={"description": spec.description})
-
-
-def _start_client(cfg: DataConfig):
-    from distributed import Client, LocalCluster
-
-    if cfg.dask.scheduler:
-        return Client(cfg.dask.scheduler), None
-    cluster = LocalCluster(n_workers=cfg.dask.n_workers, threads_per_worker=cfg.dask.threads_per_worker,
-                           memory_limit=cfg.dask.memory_limit, processes=True,
-                           dashboard_address=":0")
-    return Client(cluster), cluster
 
 
 def _versions() -> dict[str, str]:
@@ -221,64 +438,228 @@ def _versions() -> dict[str, str]:
             "dask": dask.__version__}
 
 
-def prepare(cfg: DataConfig, resolved: dict[str, Any], log=print) -> Path:
-    """Write the dataset described by `cfg` to `cfg.path`; return the store's path."""
-    import zarr
+def content_config(cfg: DataConfig) -> dict[str, Any]:
+    """The settings that decide the stored bytes; a resumed prepare must match them."""
+    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in NOT_CONTENT}))
 
-    path = Path(cfg.path)
-    partial = path.with_name(path.name + ".partial")
-    if path.exists() and not cfg.overwrite:
-        raise UserError(f"data.path {path} already exists; pass data.overwrite=true to replace "
-                        f"it (the old store is kept until the new one is complete)")
-    layout = make_layout(cfg)
-    if partial.exists():
-        shutil.rmtree(partial)
-    scratch = path.with_name(path.name + ".scratch")
-    shutil.rmtree(scratch, ignore_errors=True)
-    _create_arrays(partial, cfg, layout)
-    dest = destinations(cfg.seed, cfg.n_samples)
-    t0 = time.time()
-    client, cluster = _start_client(cfg)
+
+# --------------------------------------------------------------------------- driver
+@dataclass(frozen=True)
+class Paths:
+    final: Path      # the store, once complete
+    partial: Path    # the store while it is written
+    scratch: Path    # pass-1 buckets, and the records of finished chunks and shards
+
+    @classmethod
+    def of(cls, path: str) -> "Paths":
+        p = Path(path)
+        return cls(p, p.with_name(p.name + ".partial"), p.with_name(p.name + ".scratch"))
+
+
+def _hpcforge_meta(path: Path) -> dict | None:
+    """attrs["hpcforge"] of a store written by this hpcforge, else None."""
+    import zarr
     try:
-        log(f"dask: {len(client.scheduler_info()['workers'])} workers, dashboard "
-            f"{client.dashboard_link}")
-        pass1 = [client.submit(scatter_chunk, cfg, layout, i,
-                               dest[i * cfg.chunk_size:(i + 1) * cfg.chunk_size], str(scratch),
-                               key=f"scatter-{i}", pure=False)
-                 for i in range(layout.n_chunks)]
-        pass2 = [client.submit(write_shard, str(partial), str(scratch), split, j, a, b, *pass1,
-                               key=f"write-{split}-{j}", pure=False)
-                 for split, j, a, b in layout.shards()]
-        if cfg.dask.progress:
-            from distributed import progress
-            progress(pass1 + pass2)
-            print(flush=True)
-        partials = client.gather(pass1)
-        checksums = dict(client.gather(pass2))
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-    shutil.rmtree(scratch, ignore_errors=True)
+        meta = dict(zarr.open_group(str(path), mode="r").attrs).get("hpcforge")
+    except Exception:  # not a Zarr group at all
+        return None
+    ok = isinstance(meta, dict) and meta.get("format") == FORMAT
+    return meta if ok and meta.get("format_version") == FORMAT_VERSION else None
+
+
+def _check_target(paths: Paths, cfg: DataConfig) -> None:
+    if not paths.final.exists():
+        return
+    if not cfg.overwrite:
+        raise UserError(f"data.path {paths.final} already exists; pass data.overwrite=true to "
+                        f"replace it (the old store is kept until the new one is complete)")
+    if _hpcforge_meta(paths.final) is None:
+        raise UserError(f"data.path {paths.final} exists and is not an hpcforge store of format "
+                        f"version {FORMAT_VERSION}; refusing to replace it even with "
+                        f"data.overwrite=true; remove it yourself or choose another data.path")
+
+
+def _differences(old: dict, new: dict, prefix: str = "data") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}.{k}")
+        elif a != b:
+            out.append(f"{prefix}.{k}: {a!r} there, {b!r} now")
+    return out
+
+
+def _resume_state(paths: Paths, cfg: DataConfig, content: dict, log) -> dict | None:
+    """The recorded state of an interrupted prepare of this same config, or None (start afresh)."""
+    if paths.partial.exists():
+        meta = _hpcforge_meta(paths.partial)
+        if meta is None:
+            raise UserError(f"{paths.partial} exists but was not written by this hpcforge (format "
+                            f"{FORMAT!r} version {FORMAT_VERSION}); remove it, or choose another "
+                            f"data.path")
+        if meta.get("content") == content:
+            log(f"resuming the interrupted prepare in {paths.partial}")
+            return meta
+        diff = "; ".join(_differences(meta.get("content", {}), content)[:5])
+        if not cfg.overwrite:
+            raise UserError(f"{paths.partial} is an interrupted prepare of a different config "
+                            f"({diff}); rerun with that config to finish it, or pass "
+                            f"data.overwrite=true to discard it")
+        log(f"discarding {paths.partial} (a different config: {diff})")
+    shutil.rmtree(paths.partial, ignore_errors=True)
+    shutil.rmtree(paths.scratch, ignore_errors=True)
+    return None
+
+
+def _start_partial(paths: Paths, content: dict, shard_size: int) -> dict:
+    import zarr
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
+            "content": content, "shard_size": shard_size, "arrays": False}
+    zarr.open_group(str(paths.partial), mode="w").attrs["hpcforge"] = meta
+    paths.scratch.mkdir(parents=True, exist_ok=True)
+    return meta
+
+
+def _progress(cfg: DataConfig, futures: list) -> None:
+    if cfg.dask.progress and futures:
+        from distributed import progress
+        progress(futures)
+        print(flush=True)
+
+
+def _pass1(client, cfg: DataConfig, layout: Layout, variables: dict, paths: Paths, token: str
+           ) -> tuple[list[dict], int]:
+    """Run the chunks not yet recorded; return every chunk's result, in chunk order."""
+    done = {int(p.stem): pickle.loads(p.read_bytes())
+            for p in (paths.scratch / "chunks").glob("*.pkl")}
+    todo = [i for i in range(layout.n_chunks) if i not in done]
+    futures = [client.submit(scatter_chunk, cfg, layout, i, variables, str(paths.scratch),
+                             key=f"scatter-{i}-{token}", pure=False) for i in todo]
+    _progress(cfg, futures)
+    done.update(zip(todo, client.gather(futures)))
+    return [done[i] for i in range(layout.n_chunks)], len(todo)
+
+
+def _final_splits(layout: Layout, results: list[dict]) -> tuple[dict[str, int], dict]:
+    """Split sizes after dropping invalid samples, and the dropped (pre-drop) positions."""
+    dropped = {s: np.sort(np.concatenate([r["dropped"][s] for r in results] or [np.zeros(0, int)]))
+               for s in SPLITS}
+    final = {s: layout.splits[s] - len(dropped[s]) for s in SPLITS}
+    if final["train"] < 1:
+        raise UserError(f"every training sample held NaN/Inf and data.invalid=drop dropped them "
+                        f"all; fix the input or use data.invalid=fill")
+    return final, dropped
+
+
+def _ensure_arrays(paths: Paths, variables: dict, splits: dict, shard_size: int) -> None:
+    import zarr
+    root = zarr.open_group(str(paths.partial), mode="r+")
+    meta = dict(root.attrs["hpcforge"])
+    if not meta.get("arrays"):
+        _create_arrays(paths.partial, variables, splits, shard_size)
+        root.attrs["hpcforge"] = {**meta, "arrays": True}
+
+
+def _pass2(client, cfg: DataConfig, layout: Layout, final: dict, dropped: dict, variables: dict,
+           paths: Paths, token: str) -> tuple[dict[str, str], int]:
+    """Write the shards without a recorded checksum; return every shard's checksum."""
+    done = {}
+    for p in (paths.scratch / "shards").glob("*.json"):
+        split, j = p.stem.rsplit("-", 1)
+        done[f"{split}/{int(j)}"] = json.loads(p.read_text())
+    kept = {s: np.delete(np.arange(layout.splits[s]), dropped[s]) if len(dropped[s]) else None
+            for s in SPLITS}
+    out = Layout(sum(final.values()), layout.chunk_size, layout.shard_size, final)
+    todo = [s for s in out.shards() if f"{s[0]}/{s[1]}" not in done]
+    futures = [client.submit(write_shard, str(paths.partial), str(paths.scratch), split, j, a, b,
+                             None if kept[split] is None else kept[split][a:b],
+                             layout.shard_size, variables,
+                             key=f"write-{split}-{j}-{token}", pure=False)
+               for split, j, a, b in todo]
+    _progress(cfg, futures)
+    done.update(dict(client.gather(futures)))
+    return done, len(todo)
+
+
+DISK_ERRORS = {errno.ENOSPC: ("no space left on the device", "free space or point data.path at "
+                              "a larger file system"),
+               errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
+               errno.EACCES: ("permission denied", "choose a data.path you can write"),
+               errno.EPERM: ("operation not permitted", "choose a data.path you can write"),
+               errno.EROFS: ("read-only file system", "choose a data.path on a writable disk")}
+
+
+def _disk_error(e: OSError, paths: Paths) -> Exception:
+    """A one-line UserError for a full or unwritable disk; other OSErrors stay as they are."""
+    if e.errno not in DISK_ERRORS:
+        return e
+    what, fix = DISK_ERRORS[e.errno]
+    where = e.filename or paths.partial
+    state = (f"the store stays incomplete in {paths.partial}: rerun the same command to resume"
+             if paths.partial.exists() else "nothing was written")
+    return UserError(f"writing {where}: {what} (errno {e.errno}); {fix}; {state}")
+
+
+def prepare(cfg: DataConfig, resolved: dict[str, Any], log=print) -> Path:
+    """Write the dataset described by `cfg` to `cfg.path` (resuming an interrupted run); return it."""
+    paths = Paths.of(cfg.path)
+    _check_target(paths, cfg)
+    n = count_samples(cfg)
+    make_layout(cfg, n, 1)  # bad sizes and fractions fail here, before any work
+    variables = SOURCES[cfg.source].variables(cfg.params)
+    try:
+        return _run(cfg, resolved, paths, n, variables, log)
+    except OSError as e:
+        raise _disk_error(e, paths) from None
+
+
+def _run(cfg: DataConfig, resolved: dict, paths: Paths, n: int, variables: dict, log) -> Path:
+    from pipeline.data.cluster import dask_client, shape
+
+    content, t0, token = content_config(cfg), time.time(), os.urandom(4).hex()
+    state = _resume_state(paths, cfg, content, log)
+    with dask_client(cfg.dask, log) as client:
+        if state is None:
+            per_task = task_memory(cfg, *shape(cfg.dask, client))
+            check_chunks(cfg, variables, per_task)
+            state = _start_partial(paths, content, size_shards(cfg, variables, n, per_task))
+        layout = make_layout(cfg, n, state["shard_size"])
+        results, ran1 = _pass1(client, cfg, layout, variables, paths, token)
+        final, dropped = _final_splits(layout, results)
+        _ensure_arrays(paths, variables, final, layout.shard_size)
+        checksums, ran2 = _pass2(client, cfg, layout, final, dropped, variables, paths, token)
+    total = layout.n_chunks + len(checksums)
+    if ran1 + ran2 < total:
+        log(f"resumed: kept {layout.n_chunks - ran1} of {layout.n_chunks} chunks and "
+            f"{len(checksums) - ran2} of {len(checksums)} shards; redid the rest")
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
-        "source": cfg.source, "splits": layout.splits, "n_samples": cfg.n_samples,
-        "shard_size": cfg.shard_size, "chunk_size": cfg.chunk_size,
+        "source": cfg.source, "splits": final, "n_samples": sum(final.values()),
+        "n_read": n, "shard_size": layout.shard_size, "chunk_size": cfg.chunk_size,
         "shuffle": {"algorithm": "two-pass bucket (scatter by destination shard, gather)",
-                    "seed": cfg.seed, "tasks": len(pass1) + len(pass2)},
-        "stats": _combine(partials), "checksums": checksums, "versions": _versions(),
-        "config": resolved, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "seconds": round(time.time() - t0, 2)}
-    root = zarr.open_group(str(partial), mode="r+")
+                    "permutation": f"Feistel, {Permutation.ROUNDS} rounds, cycle walking",
+                    "seed": cfg.seed, "tasks": total, "tasks_run": ran1 + ran2},
+        "invalid": _combine_invalid(results, cfg.invalid), "content": content, "arrays": True,
+        "stats": _combine([r["stats"] for r in results]), "checksums": dict(sorted(checksums.items())),
+        "memory_budget": cfg.memory_budget, "versions": _versions(), "config": resolved,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.time() - t0, 2)}
+    return _finish(paths, meta)
+
+
+def _finish(paths: Paths, meta: dict) -> Path:
+    """Write the metadata, then the completion marker last, then move the store into place."""
+    import zarr
+    root = zarr.open_group(str(paths.partial), mode="r+")
     root.attrs["hpcforge"] = json.loads(json.dumps(meta))
-    # The completion marker goes last; only then does the store take its final name.
-    root.attrs["hpcforge"] = {**meta, "complete": True}
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        os.replace(path, old)
-        os.replace(partial, path)
+    root.attrs["hpcforge"] = {**root.attrs["hpcforge"], "complete": True}
+    if paths.final.exists():
+        old = paths.final.with_name(paths.final.name + ".old")
+        os.replace(paths.final, old)
+        os.replace(paths.partial, paths.final)
         shutil.rmtree(old)
     else:
-        os.replace(partial, path)
-    open_store(path)  # the store we just wrote must read back as complete
-    return path
+        os.replace(paths.partial, paths.final)
+    shutil.rmtree(paths.scratch, ignore_errors=True)
+    open_store(paths.final)  # the store we just wrote must read back as complete
+    return paths.final

@@ -24,7 +24,7 @@ IDS = [name + "".join(f"-{v}" for v in over.values()) for name, over in CASES]
 def _run(name: str, over: dict, seed: int = 3, chunk: int = 1, n: int = 6):
     src = SOURCES[name]
     p = src.Params(**over)
-    return src, p, src.generate(p, seed, chunk, n)
+    return src, p, src.generate(p, seed, chunk, chunk * n, n)
 
 
 # --------------------------------------------------------------------------- contract
@@ -62,7 +62,7 @@ def poisson_centre_value(terms: int = 400) -> float:
 
 
 def test_darcy_pressure_solves_the_discrete_system():
-    out = darcy2d.generate(darcy2d.Params(), seed=0, chunk_index=0, n=4)
+    out = darcy2d.generate(darcy2d.Params(), seed=0, chunk_index=0, start=0, n=4)
     for a32, u32 in zip(out["permeability"][:, 0], out["pressure"][:, 0]):
         a = a32.astype(np.float64)
         A, b = darcy2d.assemble(a)
@@ -93,7 +93,7 @@ def test_darcy_constant_permeability_gives_the_poisson_solution():
 
 
 def test_darcy_permeability_is_the_thresholded_field():
-    out = darcy2d.generate(darcy2d.Params(), seed=0, chunk_index=0, n=64)
+    out = darcy2d.generate(darcy2d.Params(), seed=0, chunk_index=0, start=0, n=64)
     a = out["permeability"][:, 0]
     assert set(np.unique(a)) == {3.0, 12.0}
     both = [(ai == 3).any() and (ai == 12).any() for ai in a]
@@ -105,7 +105,7 @@ def test_darcy_permeability_is_the_thresholded_field():
 # --------------------------------------------------------------------------- calo
 @pytest.fixture(scope="module")
 def showers():
-    out = calo.generate(calo.Params(), seed=0, chunk_index=0, n=1500)
+    out = calo.generate(calo.Params(), seed=0, chunk_index=0, start=0, n=1500)
     return out["energy_deposits"].astype(np.float64), out["incident_energy"].astype(np.float64)
 
 
@@ -143,12 +143,12 @@ def test_calo_mean_depth_grows_with_log_energy(showers):
 
 def test_calo_refuses_energies_outside_the_fit():
     with pytest.raises(ConfigError, match="e_min"):
-        calo.generate(calo.Params(e_min=0.01), seed=0, chunk_index=0, n=2)
+        calo.generate(calo.Params(e_min=0.01), seed=0, chunk_index=0, start=0, n=2)
 
 
 # --------------------------------------------------------------------------- lorenz96
 def _on_attractor() -> np.ndarray:
-    return lorenz96.generate(lorenz96.Params(), seed=0, chunk_index=0, n=1)["inputs"][0, -1] \
+    return lorenz96.generate(lorenz96.Params(), seed=0, chunk_index=0, start=0, n=1)["inputs"][0, -1] \
         .astype(np.float64)
 
 
@@ -179,7 +179,7 @@ def test_lorenz96_is_bounded_and_chaotic():
 
 def test_lorenz96_targets_continue_the_inputs():
     p = lorenz96.Params()
-    out = lorenz96.generate(p, seed=0, chunk_index=0, n=4)
+    out = lorenz96.generate(p, seed=0, chunk_index=0, start=0, n=4)
     last = out["inputs"][:, -1].astype(np.float64)
     first_target = lorenz96.integrate(last, p.frame_every, p.dt, p.forcing)
     last_target = lorenz96.integrate(last, p.frame_every * p.window_out, p.dt, p.forcing)
@@ -192,7 +192,7 @@ def test_lorenz96_targets_continue_the_inputs():
 
 def test_lorenz96_trajectory_targets_are_the_next_frames():
     p = lorenz96.Params(mode="trajectory", trajectory_length=50)
-    out = lorenz96.generate(p, seed=0, chunk_index=0, n=3)
+    out = lorenz96.generate(p, seed=0, chunk_index=0, start=0, n=3)
     assert np.array_equal(out["targets"][:, :-1], out["inputs"][:, 1:])
     nxt = lorenz96.integrate(out["inputs"][:, -1].astype(np.float64), p.frame_every, p.dt,
                              p.forcing)
@@ -204,7 +204,7 @@ def test_digits_are_sklearns_images_in_the_seeded_order():
     from sklearn.datasets import load_digits
     ref = load_digits()
     p = digits.Params()
-    out = digits.generate(p, seed=5, chunk_index=2, n=256)
+    out = digits.generate(p, seed=5, chunk_index=2, start=512, n=256)
     idx = digits.order(5)[2 * 256: 3 * 256]
     assert np.array_equal(out["image"][:, 0], (ref.images[idx] / 16).astype(np.float32))
     assert np.array_equal(out["label"], ref.target[idx])
@@ -215,25 +215,32 @@ def test_digits_are_sklearns_images_in_the_seeded_order():
 def test_digits_chunks_cover_every_image_once_then_repeat():
     p = digits.Params()
     sizes = [256] * 7 + [1797 - 7 * 256]                          # the last chunk is short
-    chunks = [digits.generate(p, 0, k, n) for k, n in enumerate(sizes)]
+    chunks = [digits.generate(p, 0, k, 256 * k, n) for k, n in enumerate(sizes)]
     labels = np.concatenate([c["label"] for c in chunks])
     images = np.concatenate([c["image"] for c in chunks])[:, 0]
     ref_images, ref_labels = digits.load()
     assert np.array_equal(np.bincount(labels), np.bincount(ref_labels))
     as_rows = lambda x: sorted(map(bytes, x.reshape(len(x), -1)))  # noqa: E731
     assert as_rows(images) == as_rows(ref_images)                  # same multiset of images
-    wrapped = digits.generate(p, 0, 7, 256)                        # positions 1792..2047
+    wrapped = digits.generate(p, 0, 7, 1792, 256)                  # positions 1792..2047
     assert np.array_equal(wrapped["image"][5:], chunks[0]["image"][:251])
-    with pytest.raises(ConfigError, match="chunk_size"):
-        digits.generate(p, 0, 0, 257)
+
+
+def test_digits_positions_do_not_depend_on_the_chunk_size():
+    """The start offset, not chunk_index * chunk_size, places a chunk: any chunking agrees."""
+    p = digits.Params()
+    by_100 = np.concatenate([digits.generate(p, 2, k, 100 * k, 100)["label"] for k in range(5)])
+    by_256 = np.concatenate([digits.generate(p, 2, k, 256 * k, 256)["label"] for k in range(2)])
+    assert np.array_equal(by_100, by_256[:500])
+    assert np.array_equal(digits.generate(p, 2, 9, 300, 40)["label"], by_100[300:340])
 
 
 def test_digits_upscaling():
     import torch
-    native = digits.generate(digits.Params(), 1, 0, 16)["image"]
-    nearest = digits.generate(digits.Params(size=16), 1, 0, 16)["image"]
+    native = digits.generate(digits.Params(), 1, 0, 0, 16)["image"]
+    nearest = digits.generate(digits.Params(size=16), 1, 0, 0, 16)["image"]
     assert np.array_equal(nearest, np.kron(native, np.ones((1, 1, 2, 2), np.float32)))
-    bilinear = digits.generate(digits.Params(size=32, interpolation="bilinear"), 1, 0, 16)["image"]
+    bilinear = digits.generate(digits.Params(size=32, interpolation="bilinear"), 1, 0, 0, 16)["image"]
     ref = torch.nn.functional.interpolate(torch.from_numpy(native).double(), size=32,
                                           mode="bilinear", align_corners=False).float().numpy()
     np.testing.assert_allclose(bilinear, ref, atol=1e-6)

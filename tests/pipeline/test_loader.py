@@ -67,3 +67,36 @@ def test_too_few_samples_for_a_batch_is_a_clear_error(small_store):
     store = open_store(small_store[0])
     with pytest.raises(ValueError, match="give no full batch of 4096; lower train.batch_size"):
         _loader(store, batch_size=4096)
+
+
+def test_data_wait_fraction_is_wait_over_wait_plus_step_time(small_store):
+    import time
+    store = open_store(small_store[0])
+    loader = _loader(store, prefetch=1)
+    assert loader.data_wait_fraction() == 0.0
+    for _ in loader:
+        time.sleep(0.01)                                  # a 10 ms "step": reading keeps ahead
+    frac = loader.data_wait_fraction()
+    assert 0.0 < frac < 0.5
+    assert frac == pytest.approx(loader.wait_s / (loader.wait_s + loader.busy_s))
+    assert loader.busy_s >= 0.01 * (len(loader) - 1)
+    loader.reset_timing()
+    assert loader.wait_s == loader.busy_s == 0.0
+
+
+def test_pinned_memory_and_non_blocking_copies_gpu_mocked(small_store, monkeypatch):
+    """No GPU here: torch.cuda.is_available and Tensor.pin_memory / Tensor.to are mocked."""
+    pinned, copies = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t.shape) or t)
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, device, non_blocking=False:
+                        copies.append((str(device), non_blocking)) or real_to(t, "cpu"))
+    store = open_store(small_store[0])
+    loader = _loader(store)
+    assert loader.pin_memory is True                      # auto: on when CUDA is present
+    batch = loader.to_device(next(iter(loader)), "cuda:0")
+    assert (32, 1, 16, 16) in pinned and len(pinned) >= 2  # each tensor of a batch, in the thread
+    assert copies[:2] == [("cuda:0", True), ("cuda:0", True)]
+    assert set(batch) == {"x", "e"}
+    assert _loader(store, pin_memory=False).pin_memory is False

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import small
+from helpers import small
 from pipeline.config import load_config
 from pipeline.data.prepare import make_layout, prepare
 from pipeline.data.sources import ising2d
@@ -45,7 +45,7 @@ def test_shuffle_is_a_permutation_of_the_generated_samples(small_store):
     path, overrides = small_store
     cfg = load_config("demo", overrides)
     layout = make_layout(cfg.data)
-    direct = [ising2d.generate(cfg.data.params, cfg.data.seed, i, min(64, 640 - 64 * i))
+    direct = [ising2d.generate(cfg.data.params, cfg.data.seed, i, 64 * i, min(64, 640 - 64 * i))
               for i in range(layout.n_chunks)]
     generated = {k: np.concatenate([d[k] for d in direct]) for k in direct[0]}
     store = open_store(path)

@@ -86,7 +86,8 @@ def shower_shapes(energy: np.ndarray, p: Params, rng: np.random.Generator
     return np.maximum(np.exp(ln_a), 1.05), np.exp(ln_t)
 
 
-def generate(p: Params, seed: int, chunk_index: int, n: int) -> dict[str, np.ndarray]:
+def generate(p: Params, seed: int, chunk_index: int, start: int, n: int
+             ) -> dict[str, np.ndarray]:
     """`n` independent showers."""
     _check(p)
     rng = chunk_rng(seed, chunk_index)

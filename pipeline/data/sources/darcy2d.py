@@ -100,7 +100,8 @@ def solve(a: np.ndarray, forcing: float = 1.0) -> np.ndarray:
     return u
 
 
-def generate(p: Params, seed: int, chunk_index: int, n: int) -> dict[str, np.ndarray]:
+def generate(p: Params, seed: int, chunk_index: int, start: int, n: int
+             ) -> dict[str, np.ndarray]:
     """`n` independent (permeability, pressure) pairs."""
     if p.resolution < 3:
         raise ConfigError(f"data.params.resolution: {p.resolution} leaves no interior node; "

@@ -4,11 +4,10 @@
 Alpaydin & Kaynak 1998); bundled with scikit-learn, so nothing is downloaded. Its 17 grey levels
 0..16 are scaled to [0, 1].
 
-Order: one permutation of the 1797 images, a function of `seed` only, read cyclically; chunk k holds
-positions [k * chunk_size, k * chunk_size + n). So a dataset of up to 1797 samples holds each image
-at most once, and sample q >= 1797 repeats sample q - 1797: a larger dataset repeats images, and
-its train / validation split then shares them. `chunk_size` must equal the pipeline's
-data.chunk_size; a chunk longer than it is refused, since it would overlap the next chunk.
+Order: one permutation of the 1797 images, a function of `seed` only, read cyclically; a chunk
+asked for samples [start, start + n) holds those positions, whatever the chunk size. So a dataset
+of up to 1797 samples holds each image at most once, and sample q >= 1797 repeats sample q - 1797:
+a larger dataset repeats images, and its train / validation split then shares them.
 
 Optional upscaling to `size` x `size`: nearest (pixel replication) or bilinear (pixel centres at
 half-integers, edges clamped: PyTorch's align_corners=False).
@@ -31,7 +30,6 @@ NATIVE = 8   # sklearn's images are 8 x 8
 class Params:
     size: int = 8                  # output side in pixels: 8 (native), 16, 32, ...
     interpolation: Literal["nearest", "bilinear"] = "nearest"   # when size != 8
-    chunk_size: int = 256          # = data.chunk_size: chunk k starts at position k * chunk_size
 
 
 def variables(p: Params) -> dict[str, Variable]:
@@ -78,16 +76,13 @@ def resize(images: np.ndarray, size: int, mode: str) -> np.ndarray:
     return np.einsum("ij,njk,lk->nil", w, images, w)
 
 
-def generate(p: Params, seed: int, chunk_index: int, n: int) -> dict[str, np.ndarray]:
-    """Images at positions [chunk_index * chunk_size, + n) of the seeded cyclic order."""
-    if n > p.chunk_size:
-        raise ConfigError(f"data.params.chunk_size: {p.chunk_size}, but a chunk of {n} samples "
-                          f"was asked for (it would overlap the next chunk); set "
-                          f"data.params.chunk_size to data.chunk_size")
+def generate(p: Params, seed: int, chunk_index: int, start: int, n: int
+             ) -> dict[str, np.ndarray]:
+    """Images at positions [start, start + n) of the seeded cyclic order."""
     if p.size < 1:
         raise ConfigError(f"data.params.size: {p.size}; expected >= 1 (8 is native)")
     images, labels = load()
     perm = order(seed)
-    idx = perm[(chunk_index * p.chunk_size + np.arange(n)) % perm.size]
+    idx = perm[(start + np.arange(n)) % perm.size]
     image = resize(images[idx], p.size, p.interpolation)
     return {"image": image[:, None].astype(np.float32), "label": labels[idx]}

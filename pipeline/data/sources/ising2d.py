@@ -66,7 +66,8 @@ def _sweep(s: np.ndarray, table: np.ndarray, masks: tuple[np.ndarray, np.ndarray
         s[flip] *= -1
 
 
-def generate(p: Params, seed: int, chunk_index: int, n: int) -> dict[str, np.ndarray]:
+def generate(p: Params, seed: int, chunk_index: int, start: int, n: int
+             ) -> dict[str, np.ndarray]:
     """`n` configurations from `chains` chains spread over the temperature grid."""
     rng = chunk_rng(seed, chunk_index)
     chains = min(p.chains, n)

@@ -77,7 +77,8 @@ def integrate(x: np.ndarray, steps: int, dt: float, forcing: float) -> np.ndarra
     return x
 
 
-def generate(p: Params, seed: int, chunk_index: int, n: int) -> dict[str, np.ndarray]:
+def generate(p: Params, seed: int, chunk_index: int, start: int, n: int
+             ) -> dict[str, np.ndarray]:
     """`n` independent trajectories, burned in, cut into (inputs, targets)."""
     t_in, t_out = _frames(p)
     if p.n_variables < 4 or min(t_in, t_out, p.frame_every) < 1:

@@ -1,0 +1,15 @@
+"""Fixtures for the data tests: one real Dask LocalCluster that prepares join by address."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def dask_address():
+    """A real distributed.LocalCluster (2 worker processes) started here, shared by the tests."""
+    from distributed import LocalCluster
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster:
+        yield cluster.scheduler_address
+
+

@@ -1,0 +1,224 @@
+"""Importers on real NetCDF, HDF5, .npy/.npz and Zarr files, prepared by a real Dask cluster."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from data_helpers import import_config, sample_hashes, stored
+from pipeline.data.prepare import prepare
+from pipeline.data.sources import SOURCES
+from pipeline.data.store import open_store
+from pipeline.errors import UserError
+
+SIZES = (30, 20)   # samples in the two input files
+
+
+def _data(n: int, offset: int) -> dict[str, np.ndarray]:
+    """Distinct samples: field (n, 3, 4) float32 and label (n,) int64."""
+    field = (np.arange(n * 12, dtype=np.float32).reshape(n, 3, 4) + 1000 * offset) / 7
+    return {"field": field, "label": (np.arange(n) + offset) % 3}
+
+
+def _parts() -> list[dict[str, np.ndarray]]:
+    return [_data(SIZES[0], 0), _data(SIZES[1], SIZES[0])]
+
+
+def write_netcdf(folder, parts, axis_last=False):
+    import xarray as xr
+    for i, p in enumerate(parts):
+        field = np.moveaxis(p["field"], 0, 1) if axis_last else p["field"]
+        dims = ("y", "time", "x") if axis_last else ("time", "y", "x")
+        xr.Dataset({"field": (dims, field), "label": (("time",), p["label"])}) \
+            .to_netcdf(folder / f"part{i}.nc", engine="h5netcdf")
+    return folder / "*.nc"
+
+
+def write_hdf5(folder, parts):
+    import h5py
+    for i, p in enumerate(parts):
+        with h5py.File(folder / f"part{i}.h5", "w") as f:
+            for k, v in p.items():
+                f.create_dataset(k, data=v)
+    return folder
+
+
+def write_npy(folder, parts):
+    for i, p in enumerate(parts):
+        for k, v in p.items():
+            np.save(folder / f"{k}_{i:03d}.npy", v)
+    return folder
+
+
+def write_npz(folder, parts):
+    for i, p in enumerate(parts):
+        np.savez(folder / f"part{i}.npz", **p)
+    return folder
+
+
+def write_zarr(folder, parts):
+    for i, p in enumerate(parts):
+        g = zarr.open_group(str(folder / f"part{i}.zarr"), mode="w")
+        for k, v in p.items():
+            g.create_array(k, data=v, chunks=(7, *v.shape[1:]))
+    return folder
+
+
+WRITERS = {"netcdf": write_netcdf, "hdf5": write_hdf5, "npy-files": write_npy,
+           "npz-files": write_npz, "zarr": write_zarr}
+SOURCE = {"npy-files": "npy", "npz-files": "npy"}
+
+
+@pytest.mark.parametrize("kind", list(WRITERS))
+def test_import_holds_every_input_sample_once(kind, tmp_path, dask_address):
+    parts = _parts()
+    (tmp_path / "in").mkdir()
+    path = WRITERS[kind](tmp_path / "in", parts)
+    cfg = import_config(tmp_path, SOURCE.get(kind, kind), path, address=dask_address)
+    store = open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None))
+    expected = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    assert store.meta["n_samples"] == 50 and store.meta["splits"] == {"train": 40, "val": 10,
+                                                                      "test": 0}
+    got = stored(store)
+    assert got["field"].dtype == np.float32 and got["label"].dtype == np.int64
+    assert sample_hashes(got) == sample_hashes(expected)
+    labels = store.split("train")["label"][:]
+    assert store.stats("train", "label")["class_counts"] == {
+        str(c): int((labels == c).sum()) for c in range(3)}
+
+
+def test_netcdf_sample_axis_by_dimension_name(tmp_path, dask_address):
+    parts = _parts()
+    (tmp_path / "in").mkdir()
+    path = write_netcdf(tmp_path / "in", parts, axis_last=True)       # field dims (y, time, x)
+    cfg = import_config(tmp_path, "netcdf", path, "data.params.sample_axis=time",
+                        "data.params.dtypes={field: float64}", address=dask_address)
+    store = open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None))
+    got = stored(store)
+    assert got["field"].shape == (50, 3, 4) and got["field"].dtype == np.float64   # cast
+    expected = {"field": np.concatenate([p["field"] for p in parts]).astype(np.float64),
+                "label": np.concatenate([p["label"] for p in parts])}
+    assert sample_hashes(got) == sample_hashes(expected)
+
+
+def test_n_samples_takes_the_first_samples_and_refuses_more_than_exist(tmp_path):
+    (tmp_path / "in").mkdir()
+    path = write_npz(tmp_path / "in", _parts())
+    cfg = import_config(tmp_path, "npy", path, "data.n_samples=40")
+    src = SOURCES["npy"]
+    assert src.n_available(cfg.data.params) == 50
+    got = src.generate(cfg.data.params, 0, 0, 25, 10)                 # straddles the two files
+    np.testing.assert_array_equal(got["label"], (np.arange(25, 35)) % 3)
+    cfg = import_config(tmp_path, "npy", path, "data.n_samples=51")
+    with pytest.raises(UserError, match=r"data.n_samples=51: the npy input holds 50 samples; "
+                                        r"expected <= 50; set data.n_samples=0"):
+        prepare(cfg.data, cfg.to_dict())
+
+
+# --------------------------------------------------------------------------- bad input
+def _scan(tmp_path, source, path, *extra):
+    cfg = import_config(tmp_path, source, path, *extra)
+    return SOURCES[source].variables(cfg.data.params)
+
+
+def test_missing_files_list_what_exists(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match=r"in: no \.h5/.*inputs; it has: notes\.txt"):
+        _scan(tmp_path, "hdf5", tmp_path / "in")
+    with pytest.raises(UserError, match=r"nothere\.nc: no such file or directory; .* has: in"):
+        _scan(tmp_path, "netcdf", tmp_path / "nothere.nc")
+
+
+def test_missing_variable_lists_the_variables_there(tmp_path):
+    (tmp_path / "in").mkdir()
+    write_hdf5(tmp_path / "in", _parts())
+    with pytest.raises(UserError, match=r"variable\(s\) \['pressure'\] not in .*part0\.h5; "
+                                        r"it has: field, label\. Fix data\.params\.variables"):
+        _scan(tmp_path, "hdf5", tmp_path / "in", "data.params.variables=[pressure]")
+
+
+def test_shapes_that_differ_between_files_name_both_files(tmp_path):
+    (tmp_path / "in").mkdir()
+    parts = _parts()
+    parts[1]["field"] = np.zeros((20, 3, 5), np.float32)
+    write_npz(tmp_path / "in", parts)
+    with pytest.raises(UserError, match=r"'field' has per-sample shape \(3, 4\) in .*part0\.npz "
+                                        r"but \(3, 5\) in .*part1\.npz; expected the same shape"):
+        _scan(tmp_path, "npy", tmp_path / "in")
+
+
+def test_dtypes_that_differ_or_are_not_numeric_are_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    parts = _parts()
+    parts[1]["field"] = parts[1]["field"].astype(np.float64)
+    write_zarr(tmp_path / "a", parts)
+    with pytest.raises(UserError, match=r"'field' is float32 in .*part0\.zarr but float64 in "
+                                        r".*part1\.zarr; .*data\.params\.dtypes\.field=<dtype>"):
+        _scan(tmp_path, "zarr", tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    parts = _parts()
+    parts[0]["label"] = np.array([str(i) for i in range(30)])
+    write_npz(tmp_path / "b", parts[:1])
+    with pytest.raises(UserError, match=r"'label' in .*part0\.npz has dtype <U2 \(not numeric\)"):
+        _scan(tmp_path, "npy", tmp_path / "b")
+    (tmp_path / "c").mkdir()
+    write_npz(tmp_path / "c", _parts())
+    with pytest.raises(UserError, match=r"data\.params\.dtypes\.field=int8: .* is float32"):
+        _scan(tmp_path, "npy", tmp_path / "c", "data.params.dtypes={field: int8}")
+
+
+def test_variables_of_one_file_must_agree_on_samples_and_labels_be_scalar(tmp_path):
+    (tmp_path / "a").mkdir()
+    np.savez(tmp_path / "a" / "p.npz", field=np.zeros((5, 2), np.float32), label=np.zeros(4, int))
+    with pytest.raises(UserError, match=r"disagree on the number of samples .*field=5 .*label=4"):
+        _scan(tmp_path, "npy", tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    np.savez(tmp_path / "b" / "p.npz", field=np.zeros((5, 2), np.float32), label=np.zeros((5, 2)))
+    with pytest.raises(UserError, match=r"label 'label' .* per-sample shape \(2,\); expected one"):
+        _scan(tmp_path, "npy", tmp_path / "b")
+    with pytest.raises(UserError, match=r"sample_axis='time' names a dimension, but npy"):
+        _scan(tmp_path, "npy", tmp_path / "b", "data.params.sample_axis=time")
+
+
+# --------------------------------------------------------------------------- NaN/Inf policy
+def _with_nans(tmp_path):
+    (tmp_path / "in").mkdir()
+    parts = _parts()
+    parts[0]["field"][3, 1, 2] = np.nan
+    parts[0]["field"][4, 0, 0] = np.inf
+    parts[1]["field"][10, 2, 3] = -np.inf                   # global sample 40
+    return write_npz(tmp_path / "in", parts)
+
+
+def test_nan_inf_fail_by_default_with_count_and_first_location(tmp_path, dask_address):
+    cfg = import_config(tmp_path, "npy", _with_nans(tmp_path), address=dask_address)
+    with pytest.raises(UserError, match=r"variable 'field' has 2 NaN/Inf values in 2 of samples "
+                                        r"\[0, 16\), first at sample 3 index \[1, 2\]; .*"
+                                        r"data.invalid=drop .* data.invalid=fill"):
+        prepare(cfg.data, cfg.to_dict(), log=lambda *a: None)
+
+
+def test_nan_inf_drop_removes_those_samples_and_records_counts(tmp_path, dask_address):
+    cfg = import_config(tmp_path, "npy", _with_nans(tmp_path), "data.invalid=drop",
+                        address=dask_address)
+    store = open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None))
+    assert store.meta["n_samples"] == 47 and sum(store.meta["splits"].values()) == 47
+    got = stored(store)
+    assert np.isfinite(got["field"]).all()
+    keep = np.setdiff1d(np.arange(50), [3, 4, 40])
+    parts = _parts()
+    expected = {k: np.concatenate([p[k] for p in parts])[keep] for k in parts[0]}
+    assert sample_hashes(got) == sample_hashes(expected)
+    assert store.meta["invalid"] == {"policy": "drop", "variables": {
+        "field": {"values": 3, "samples": 3, "first": [3, 1, 2]}}}
+
+
+def test_nan_inf_fill_replaces_values(tmp_path, dask_address):
+    cfg = import_config(tmp_path, "npy", _with_nans(tmp_path), "data.invalid=fill",
+                        "data.fill_value=-1.5", address=dask_address)
+    store = open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None))
+    got = stored(store)
+    assert len(got["field"]) == 50 and np.isfinite(got["field"]).all()
+    assert (got["field"] == -1.5).sum() == 3
+    assert store.meta["invalid"]["variables"]["field"]["values"] == 3

@@ -1,0 +1,69 @@
+"""The seeded Feistel permutation behind the global shuffle, and the budget that sizes shards."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.config import load_config
+from pipeline.data.prepare import (PASS2_COPIES, WORKER_BASE, Permutation, destinations,
+                                   make_layout, sample_bytes, size_shards, task_memory)
+from pipeline.data.sources import SOURCES
+from pipeline.errors import UserError
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097, 100_003])
+def test_feistel_is_a_permutation_of_range_n(n):
+    out = destinations(seed=5, n=n)
+    assert out.dtype == np.int64 and len(out) == n
+    np.testing.assert_array_equal(np.sort(out), np.arange(n))
+
+
+def test_permutation_is_a_pure_function_of_seed_and_any_range_agrees():
+    n = 10_000
+    full = destinations(3, n)
+    np.testing.assert_array_equal(full, destinations(3, n))                 # same seed, same
+    assert not np.array_equal(full, destinations(4, n))                     # other seed differs
+    pieces = [destinations(3, n, a, min(a + 999, n)) for a in range(0, n, 999)]
+    np.testing.assert_array_equal(np.concatenate(pieces), full)             # per-chunk = whole
+    assert abs(np.corrcoef(np.arange(n), full)[0, 1]) < 0.05                # no visible order
+    # consecutive inputs land far apart (what a shuffle is for): median jump ~ n/3
+    assert np.median(np.abs(np.diff(full))) > n / 5
+
+
+def test_permutation_walks_few_steps_at_a_large_n():
+    p = Permutation(0, 10**9 + 7)
+    out = p(np.arange(10**9, 10**9 + 7))
+    assert ((out >= 0) & (out < p.n)).all() and len(set(out.tolist())) == 7
+
+
+def test_shards_are_sized_from_the_memory_budget():
+    cfg = load_config("demo", ["data=darcy2d", "data.memory_budget=1GiB", "data.dask.n_workers=2"])
+    variables = SOURCES["darcy2d"].variables(cfg.data.params)
+    per_task = task_memory(cfg.data, 2, 2)
+    assert per_task == ((1 << 30) - 2 * WORKER_BASE) // 2
+    shard = size_shards(cfg.data, variables, 10**7, per_task)
+    assert shard * sample_bytes(variables) * PASS2_COPIES <= per_task      # fits
+    assert (shard + 256) * sample_bytes(variables) * PASS2_COPIES > per_task  # and uses it
+    assert size_shards(cfg.data, variables, 100, per_task) == 256   # a small set: one inner chunk
+    bigger = load_config("demo", ["data=darcy2d", "data.memory_budget=4GiB"])
+    assert size_shards(bigger.data, variables, 10**7, task_memory(bigger.data, 2, 2)) > shard
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.memory_budget=300MiB", r"data.memory_budget=300MiB: 2 Dask workers take ~400 MiB idle"),
+    ("data.memory_budget=lots", r"data.memory_budget='lots': expected a size like 2GiB"),
+    ("data.shard_size=10000000", r"data.shard_size=10000000: a shard of \d+ MiB does not fit "
+                                 r"data.memory_budget=2GiB per task; expected <= \d+"),
+])
+def test_budget_errors_name_value_and_fix(override, message):
+    cfg = load_config("demo", ["data=darcy2d", override])
+    variables = SOURCES["darcy2d"].variables(cfg.data.params)
+    with pytest.raises(UserError, match=message):
+        size_shards(cfg.data, variables, 10**8, task_memory(cfg.data, 2, 2))
+
+
+def test_layout_with_no_shard_size_uses_one_shard_per_split():
+    cfg = load_config("demo", ["data.n_samples=1000", "data.shard_size=0"])
+    assert make_layout(cfg.data).shard_size == 1000
+    assert make_layout(cfg.data, shard_size=300).shards()[:2] == [("train", 0, 0, 300),
+                                                                  ("train", 1, 300, 600)]
