@@ -61,6 +61,17 @@ class Trainable(nn.Module):
         return {}
 
 
+def sampler(model: nn.Module):
+    """`(n, batch) -> n samples` for a model that can generate (the batch carries conditioning
+    for conditional models), or None for one that cannot."""
+    sample = getattr(model, "sample", None)
+    if sample is None:
+        return None
+    import inspect
+    takes_batch = len(inspect.signature(sample).parameters) > 1
+    return lambda n, batch: sample(n, batch) if takes_batch else sample(n)
+
+
 def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int | None, ...]) -> None:
     """Raise InputShapeError unless `tensor` has `expected` shape (None matches any size)."""
     got = tuple(tensor.shape)

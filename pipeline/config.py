@@ -10,6 +10,7 @@ ConfigError naming the key, the expected type and the valid keys.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -281,6 +282,19 @@ def load_config(experiment: str = "demo", overrides: list[str] | None = None) ->
     if not cfg.data.path:
         cfg.data.path = f"{cfg.output_dir}/data/{cfg.data.source}.zarr"
     return cfg
+
+
+def config_from_dict(resolved: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """A stored resolved config (checkpoint, store attributes) with `key=value` overrides."""
+    groups, keys = parse_overrides(overrides or [])
+    if groups:
+        raise ConfigError(f"a stored config takes key=value overrides, not group files "
+                          f"({', '.join(f'{g}={n}' for g, n in groups.items())}); set keys such "
+                          f"as data.path=... instead")
+    raw = json.loads(json.dumps(resolved))  # a private copy
+    for key, value in keys:
+        _set_dotted(raw, key, value)
+    return build(Config, raw, "")
 
 
 # --------------------------------------------------------------------------- typing

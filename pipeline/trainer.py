@@ -8,7 +8,6 @@ rank-averaged metrics and images and writes checkpoints; every rank computes, no
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from models import MODELS
-from models.base import Trainable
+from models.base import Trainable, sampler
 from pipeline.checkpoint import Checkpoints, check_compatible, link_atomic, load
 from pipeline.config import Config
 from pipeline.data.loader import ShardedLoader
@@ -447,13 +446,11 @@ class Trainer:
 
     def _physics(self, batch: dict[str, torch.Tensor]) -> tuple[dict, dict[str, float]]:
         from pipeline import figures, physics
-        sample = getattr(self.model, "sample", None)
+        sample = sampler(self.model)
         source = self.cfg.data.source
         if sample is None or source not in physics.OBSERVABLES or "x" not in batch:
             return {}, {}
-        n = batch["x"].shape[0]
-        takes_batch = "batch" in inspect.signature(sample).parameters  # conditional models
-        generated = (sample(n, batch) if takes_batch else sample(n)).float().cpu().numpy()
+        generated = sample(batch["x"].shape[0], batch).float().cpu().numpy()
         stats = self.store_stats
         affine = physics.affine_from_stats(stats, self.cfg.data.normalize) if stats else None
         return figures.physics_figures(source, {"x": batch["x"].float().cpu().numpy()}, generated,

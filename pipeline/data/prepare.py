@@ -547,8 +547,8 @@ def _final_splits(layout: Layout, results: list[dict]) -> tuple[dict[str, int], 
                for s in SPLITS}
     final = {s: layout.splits[s] - len(dropped[s]) for s in SPLITS}
     if final["train"] < 1:
-        raise UserError(f"every training sample held NaN/Inf and data.invalid=drop dropped them "
-                        f"all; fix the input or use data.invalid=fill")
+        raise UserError("every training sample held NaN/Inf and data.invalid=drop dropped them "
+                        "all; fix the input or use data.invalid=fill")
     return final, dropped
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, hpcforge, small
+from helpers import ROOT, hpcforge
 from pipeline.checkpoint import load
 from pipeline.launch import mpirun_command
 

@@ -1,0 +1,362 @@
+"""`hpcforge evaluate CHECKPOINT`: score a trained model on the test split.
+
+Every model gets the mean of its own named losses over the split (accuracy for classifiers, ELBO
+for the VAE, reconstruction error for autoencoders, ...). Beyond that the evaluator asks what the
+model can do, never what it is called:
+  predicts fields or sequences shaped like "y"  -> relative L2 error;
+  predicts class logits for integer "y"         -> confusion matrix;
+  samples (`sample(n)`) -> 1-Wasserstein distances of physical observables
+                                                   and a Fréchet distance on learned features;
+  scores anomalies (`anomaly_score(x)`)         -> ROC AUC against out-of-distribution samples.
+
+The Fréchet features come from a small CNN trained on the same store (cached next to it), so the
+distance means something for physics fields, not only for photos (cf. FID, Heusel et al. 2017).
+Results go to `<checkpoint>.eval.json`, figures to `<checkpoint>.eval/`, and both to the
+checkpoint's W&B run (resumed by id).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import figures, physics
+from pipeline.checkpoint import load, save_atomic
+from models.base import sampler
+from pipeline.config import Config, config_from_dict
+from pipeline.data.loader import ShardedLoader
+from pipeline.data.store import Store, open_store
+from pipeline.errors import UserError
+
+MAX_SAMPLES = 2048        # cap on real and generated samples per distance (W1, Fréchet)
+OOD_SAMPLES = 256         # out-of-distribution samples for the anomaly ROC AUC
+FEATURE_LABELS = {"ising2d": "temperature", "calo": "incident_energy", "digits": "label"}
+
+
+# --------------------------------------------------------------------------- feature extractor
+class FeatureNet(nn.Module):
+    """A small CNN classifier; its penultimate layer gives the Fréchet features."""
+
+    def __init__(self, in_channels: int, n_classes: int, width: int = 16, n_features: int = 32):
+        super().__init__()
+        # (B, C, H, W) -> (B, w, H/2, W/2) -> (B, 2w, H/4, W/4) -> (B, 2w, 2, 2) -> (B, n_features)
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 2, 1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, 2, 1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(8 * width, n_features), nn.ReLU())
+        self.head = nn.Linear(n_features, n_classes)  # (B, n_features) -> (B, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    @torch.no_grad()
+    def features(self, x: np.ndarray, batch: int = 512) -> np.ndarray:
+        self.eval()
+        t = torch.as_tensor(as_image(x), dtype=torch.float32)
+        return torch.cat([self.body(t[i:i + batch]) for i in range(0, len(t), batch)]).numpy()
+
+
+def as_image(x: np.ndarray) -> np.ndarray:
+    """(N, H, W) sequences or single-channel fields -> (N, 1, H, W); (N, C, H, W) unchanged."""
+    return x[:, None] if x.ndim == 3 else x
+
+
+def class_labels(values: np.ndarray, max_classes: int = 16) -> np.ndarray:
+    """Integer classes from a label variable: its distinct values when few (Ising temperatures,
+    digits), else `max_classes` quantile bins (a continuous incident energy)."""
+    values = np.ravel(values)
+    uniq = np.unique(values)
+    if len(uniq) <= max_classes:
+        return np.searchsorted(uniq, values)
+    edges = np.quantile(values, np.linspace(0, 1, max_classes + 1)[1:-1])
+    return np.searchsorted(edges, values, side="right")
+
+
+def feature_extractor(store: Store, variable: str, normalize: str, passes: int = 40_000,
+                      max_samples: int = 8192, log: Callable[[str], None] = print) -> FeatureNet:
+    """The store's feature CNN, trained on its train split once and cached at `<store>.features.pt`
+    (atomically); retrained when the store, the variable or the normalisation differ.
+
+    Trained for about `passes` sample presentations (3 to 20 epochs): ~10 s on one CPU core.
+    """
+    source = store.meta["source"]
+    if source not in FEATURE_LABELS:
+        raise UserError(f"no label variable to train a feature extractor on for source {source!r}; "
+                        f"known: {', '.join(FEATURE_LABELS)}")
+    key = {"variable": variable, "normalize": normalize, "label": FEATURE_LABELS[source],
+           "checksums": store.meta["checksums"]}
+    path = store.path.with_name(store.path.name + ".features.pt")
+    if path.exists():
+        cached = load(path)
+        if cached["key"] == key:
+            net = FeatureNet(**cached["shape"])
+            net.load_state_dict(cached["model"])
+            return net
+    t0 = time.perf_counter()
+    x = normalized(store, "train", variable, normalize, max_samples)
+    y = class_labels(store.variable("train", FEATURE_LABELS[source])[:len(x)])
+    shape = {"in_channels": x.shape[1], "n_classes": int(y.max()) + 1}
+    torch.manual_seed(0)  # the same store gives the same extractor
+    net = _fit(FeatureNet(**shape), torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y),
+               epochs=min(20, max(3, passes // len(x))))
+    save_atomic({"model": net.state_dict(), "shape": shape, "key": key}, path)
+    log(f"[hpcforge] feature extractor: trained on {len(x)} samples ({shape['n_classes']} classes "
+        f"of {FEATURE_LABELS[source]}) in {time.perf_counter() - t0:.1f} s -> {path}")
+    return net
+
+
+@torch.enable_grad()  # callers may be inside no_grad
+def _fit(net: FeatureNet, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int = 64) -> FeatureNet:
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    net.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(batch):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+    return net.eval()
+
+
+# --------------------------------------------------------------------------- data
+def normalized(store: Store, split: str, variable: str, how: str, n: int) -> np.ndarray:
+    """The first n samples of a split (the store is globally shuffled), in the loader's space."""
+    raw = np.asarray(store.variable(split, variable)[:n], np.float64)
+    shift, scale = physics.affine_from_stats(store.stats("train", variable), how)
+    return as_image((raw - _per_channel(shift, raw)) / _per_channel(scale, raw)).astype(np.float32)
+
+
+def _per_channel(a: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return np.atleast_1d(a).reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+def eval_split(store: Store) -> str:
+    if store.meta["splits"].get("test", 0):
+        return "test"
+    print(f"[hpcforge] note: {store.path} has no test split (data.test_fraction=0); "
+          f"evaluating on the val split instead")
+    return "val"
+
+
+# --------------------------------------------------------------------------- capabilities
+@torch.no_grad()
+def loss_terms(model: nn.Module, loader: ShardedLoader, phase: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Mean of each named loss over the split; also the inputs, targets and plain predictions."""
+    sums: dict[str, float] = defaultdict(float)
+    keep: dict[str, list[np.ndarray]] = defaultdict(list)
+    n = 0
+    for n, batch in enumerate(loader, 1):
+        for k, v in model.losses(batch, phase).items():
+            sums[k] += v.item()
+        for k, v in batch.items():
+            keep[k].append(v.numpy())
+        out = model(batch["x"])
+        if isinstance(out, torch.Tensor):  # a prediction (not a tuple of reconstruction terms)
+            keep["prediction"].append(out.numpy())
+    return {k: v / n for k, v in sums.items()}, {k: np.concatenate(v) for k, v in keep.items()}
+
+
+def relative_l2(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over samples of ||prediction - truth|| / ||truth||."""
+    p, t = (np.asarray(a, np.float64).reshape(len(a), -1) for a in (prediction, truth))
+    return float(np.mean(np.linalg.norm(p - t, axis=1) / np.maximum(np.linalg.norm(t, axis=1), 1e-12)))
+
+
+def _ising_hot(p: Any) -> Any:
+    """Ising samples hotter than any training temperature: T in [t_max + 1, t_max + 3]."""
+    return dataclasses.replace(p, t_min=p.t_max + 1.0, t_max=p.t_max + 3.0)
+
+
+# source -> params of a labelled out-of-distribution set for the anomaly ROC AUC
+OUT_OF_DISTRIBUTION = {"ising2d": _ising_hot}
+
+
+# --------------------------------------------------------------------------- evaluation
+class Evaluation:
+    """The metrics and figures of one checkpoint on one split."""
+
+    def __init__(self, cfg: Config, model: nn.Module, store: Store, split: str, seed: int = 0):
+        self.cfg, self.model, self.store, self.split = cfg, model, store, split
+        self.var = cfg.data.inputs["x"]
+        self.affine = physics.affine_from_stats(store.stats("train", self.var), cfg.data.normalize)
+        self.rng = np.random.default_rng(seed)
+        self.metrics: dict[str, float] = {}
+        self.figures: dict[str, Any] = {}
+        self.notes: list[str] = []
+
+    def run(self) -> None:
+        torch.manual_seed(self.cfg.train.seed)
+        self.model.eval()
+        n = self.store.meta["splits"][self.split]
+        loader = ShardedLoader(self.store, self.split, self.cfg.data.inputs,
+                               min(self.cfg.train.batch_size, n), normalize=self.cfg.data.normalize,
+                               seed=self.cfg.train.seed)
+        phase = self.model.optimizers()[0].name
+        terms, arrays = loss_terms(self.model, loader, phase)
+        self.metrics.update(terms)
+        self.metrics["samples"] = len(arrays["x"])
+        self.predictions(arrays)
+        if (sample := sampler(self.model)) is not None:
+            self.generative(sample, arrays)
+        if hasattr(self.model, "anomaly_score"):
+            self.anomaly(arrays["x"])
+
+    def predictions(self, arrays: dict[str, np.ndarray]) -> None:
+        pred, y = arrays.get("prediction"), arrays.get("y")
+        if pred is None or y is None:
+            return
+        if pred.shape == y.shape and np.issubdtype(y.dtype, np.floating):
+            self.metrics["relative_l2"] = relative_l2(pred, y)
+            self.figures["fields" if pred.ndim == 4 else "forecast"] = (
+                figures.field_panels(pred, y) if pred.ndim == 4 else figures.forecast_figure(pred[0], y[0]))
+        elif pred.ndim == 2 and y.ndim == 1 and np.issubdtype(y.dtype, np.integer) and pred.shape[1] > 1:
+            self.figures["confusion_matrix"] = figures.confusion_matrix(y, pred.argmax(1), pred.shape[1])
+
+    @torch.no_grad()
+    def generative(self, sample: Callable, arrays: dict[str, np.ndarray]) -> None:
+        source = self.store.meta["source"]
+        if source not in physics.OBSERVABLES:
+            self.notes.append(f"no physical observables defined for source {source!r}; "
+                              f"W1 and Fréchet distances skipped")
+            return
+        obs = physics.OBSERVABLES[source]
+        real_norm = arrays["x"][:MAX_SAMPLES]
+        n = len(real_norm)
+        cond = {k: torch.as_tensor(arrays[k][:n]) for k in ("cond",) if k in arrays}
+        gen_phys = physics.denormalize(sample(n, cond).cpu().numpy(), self.affine)
+        real_phys = np.asarray(self.store.variable(self.split, self.var)[:n], np.float64)
+        if obs.binary:  # sample the two-level variable from the model's probabilities
+            gen_phys = physics.to_spins(gen_phys, self.rng)
+        train_phys = np.asarray(self.store.variable("train", self.var)[:n], np.float64)
+        r, g, t = (obs.scalars(a) for a in (real_phys, gen_phys, train_phys))
+        w1 = {f"w1/{k}": physics.wasserstein1(r[k], g[k]) for k in r}
+        self.metrics.update(w1)
+        # the same distance between two real samples of the same size: the floor a perfect model reaches
+        self.metrics.update({f"w1_reference/{k}": physics.wasserstein1(r[k], t[k]) for k in r})
+        self.figures["observables"] = figures.observable_histograms(r, g, w1)
+        if (r_prof := obs.profiles(real_phys)):
+            self.figures["profiles"] = figures.profile_figure(r_prof, obs.profiles(gen_phys))
+        self.frechet(real_norm, self._renormalize(gen_phys), self._renormalize(train_phys))
+
+    def _renormalize(self, phys: np.ndarray) -> np.ndarray:
+        shift, scale = self.affine
+        return as_image((phys - _per_channel(shift, phys)) / _per_channel(scale, phys)).astype(np.float32)
+
+    def frechet(self, real: np.ndarray, generated: np.ndarray, train: np.ndarray) -> None:
+        try:
+            net = feature_extractor(self.store, self.var, self.cfg.data.normalize)
+        except UserError as e:
+            self.notes.append(f"no Fréchet distance: {e}")
+            return
+        f_real = net.features(real)
+        self.metrics["frechet_distance"] = physics.frechet_distance(f_real, net.features(generated))
+        self.metrics["frechet_reference"] = physics.frechet_distance(f_real, net.features(train))
+
+    def anomaly(self, x: np.ndarray) -> None:
+        inliers = self.model.anomaly_score(torch.as_tensor(x)).numpy()
+        self.metrics["reconstruction_error"] = float(inliers.mean())
+        source = self.store.meta["source"]
+        if source not in OUT_OF_DISTRIBUTION:
+            self.notes.append(f"no out-of-distribution set defined for source {source!r}; "
+                              f"anomaly ROC AUC skipped")
+            return
+        from pipeline.data.sources import SOURCES
+        params = OUT_OF_DISTRIBUTION[source](self.cfg.data.params)
+        ood = SOURCES[source].generate(params, seed=self.cfg.data.seed + 1, chunk_index=0, start=0,
+                                       n=OOD_SAMPLES)[self.var]
+        shift, scale = self.affine
+        ood = ((ood - _per_channel(shift, ood)) / _per_channel(scale, ood)).astype(np.float32)
+        outliers = self.model.anomaly_score(torch.as_tensor(ood)).numpy()
+        scores = np.concatenate([inliers, outliers])
+        labels = np.r_[np.zeros(len(inliers)), np.ones(len(outliers))]
+        self.metrics["anomaly_roc_auc"] = physics.roc_auc(scores, labels)
+        self.metrics["anomaly_ood_samples"] = len(outliers)
+        self.figures["anomaly_scores"] = figures.score_histograms(
+            inliers, outliers, self.metrics["anomaly_roc_auc"])
+
+
+# --------------------------------------------------------------------------- entry point
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}; pass the .pt file `hpcforge train` wrote "
+                        f"(e.g. outputs/<experiment>/train/checkpoints/final.pt)")
+    try:
+        ckpt = load(path)
+    except Exception as e:  # truncated, not a torch file, or pickled code the safe loader refuses
+        raise UserError(f"{path} is not a readable hpcforge checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}); train again or point at another "
+                        f"checkpoint") from None
+    missing = {"model", "config", "step"} - set(ckpt) if isinstance(ckpt, dict) else {"model"}
+    if missing:
+        raise UserError(f"{path} is not an hpcforge checkpoint (missing {', '.join(sorted(missing))}); "
+                        f"pass a checkpoint written by `hpcforge train`")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict[str, Any], overrides: list[str]) -> Config:
+    """The checkpoint's resolved config with `key=value` overrides (e.g. data.path=...)."""
+    return config_from_dict(ckpt["config"], overrides)
+
+
+def evaluate(checkpoint: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Score a checkpoint; write `<checkpoint>.eval.json` and figures, log to its W&B run."""
+    from pipeline.trainer import build_model
+    path = Path(checkpoint)
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(ckpt, overrides or [])
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    store = open_store(cfg.data.path)
+    split = eval_split(store)
+    ev = Evaluation(cfg, model, store, split, seed=cfg.train.seed)
+    ev.run()
+    out_dir = path.with_name(path.stem + ".eval")
+    out_dir.mkdir(exist_ok=True)
+    pngs = {}
+    for name, fig in ev.figures.items():
+        pngs[name] = out_dir / f"{name}.png"
+        pngs[name].write_bytes(figures.to_png(fig))
+    result = {"checkpoint": str(path), "step": ckpt["step"], "model": cfg.model.name,
+              "source": store.meta["source"], "split": split, "metrics": ev.metrics,
+              "figures": {k: str(v) for k, v in pngs.items()}, "notes": ev.notes,
+              "wandb_run_id": ckpt.get("wandb_run_id")}
+    result["wandb_run"] = log_to_wandb(cfg, path, ckpt, ev)
+    json_path = path.with_name(path.stem + ".eval.json")
+    tmp = json_path.with_name(f".{json_path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, json_path)
+    result["json"] = str(json_path)
+    return result
+
+
+def log_to_wandb(cfg: Config, path: Path, ckpt: dict[str, Any], ev: Evaluation) -> str | None:
+    """Append the metrics and figures to the checkpoint's W&B run (same id, resume="allow")."""
+    from pipeline.tracking import resolve_mode
+    run_id, mode = ckpt.get("wandb_run_id"), resolve_mode(cfg.train.logger.mode)
+    if not run_id or mode == "disabled":
+        ev.notes.append("no W&B run to log to (the checkpoint holds no run id, or logger.mode=disabled)")
+        return None
+    import wandb
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    lg = cfg.train.logger
+    run = wandb.init(mode=mode, dir=str(run_dir), project=lg.project, entity=lg.entity,
+                     group=lg.group, id=run_id, resume="allow",
+                     settings=wandb.Settings(console="off", x_disable_meta=True))
+    metrics = {f"eval/{k}": v for k, v in ev.metrics.items()}
+    run.log({**metrics, **{f"eval_figures/{k}": wandb.Image(figures.to_array(f))
+                           for k, f in ev.figures.items()}})
+    run.summary.update(metrics)
+    run_path = str(Path(run.dir).parent)
+    run.finish()
+    return run_path

@@ -1,0 +1,202 @@
+"""`hpcforge report RUN_DIR...`: one self-contained HTML page of one or more runs, made offline.
+
+Compute nodes of many clusters have no internet, so the page needs none: every figure is a PNG
+inlined as base64, the style is inline, nothing is fetched. Per run it reads the offline W&B run
+files (pipeline.wandb_files: history and config, every file of the run's id, so an evaluation that
+resumed the run is included) or, with no W&B run, the trainer's metrics.jsonl; plus the
+`<checkpoint>.eval.json` files of `hpcforge evaluate` and their figures.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import figures
+from pipeline.errors import UserError
+from pipeline.wandb_files import history, run_config
+
+
+@dataclass
+class Run:
+    name: str
+    train_dir: Path
+    origin: str                                   # where the metrics came from
+    rows: list[dict[str, Any]]                    # logged rows, each with "_step"
+    config: dict[str, Any]
+    images: dict[str, Path] = field(default_factory=dict)   # latest logged image per key
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- reading runs
+def train_dir_of(path: Path) -> tuple[Path, Path | None]:
+    """(the trainer's run folder, a W&B run folder when one was named) for a RUN_DIR argument."""
+    if list(path.glob("run-*.wandb")):           # a W&B run folder: <train>/wandb/<run>
+        return path.parent.parent, path
+    if (path / "train").is_dir() and not (path / "metrics.jsonl").exists():
+        return path / "train", None              # an experiment's output_dir
+    return path, None
+
+
+def wandb_files(train_dir: Path, run_dir: Path | None) -> list[Path]:
+    """The .wandb files of the run (its latest id unless a run folder was named), oldest first."""
+    files = sorted((train_dir / "wandb").glob("*run-*/run-*.wandb"), key=lambda p: p.parent.name)
+    if run_dir is not None:
+        run_id = next(run_dir.glob("run-*.wandb")).stem
+    elif (latest := train_dir / "wandb" / "latest-run").exists():
+        run_id = next(latest.resolve().glob("run-*.wandb"), Path("")).stem
+        run_id = run_id if run_id else (files[-1].stem if files else "")
+    else:
+        run_id = files[-1].stem if files else ""
+    return [f for f in files if f.stem == run_id]
+
+
+def images_of(rows: list[dict[str, Any]], files_dir: Path) -> dict[str, Path]:
+    """Latest image file per logged image key ("images/samples" -> .../samples_24_<hash>.png)."""
+    out = {}
+    for row in rows:
+        for key, value in row.items():
+            if (key.endswith("/path") and row.get(key[:-5] + "/_type") == "image-file"
+                    and not key.startswith("eval_figures/")):  # those come from the eval JSON
+                out[key[:-5]] = files_dir / value
+    return out
+
+
+def read_run(arg: str | Path) -> Run:
+    path = Path(arg)
+    if not path.is_dir():
+        raise UserError(f"no run folder at {path}; pass an experiment's output_dir, its train/ "
+                        f"folder or a W&B run folder (e.g. outputs/demo or outputs/demo/train)")
+    train_dir, run_dir = train_dir_of(path)
+    rows: list[dict[str, Any]] = []
+    config: dict[str, Any] = {}
+    images: dict[str, Path] = {}
+    files = wandb_files(train_dir, run_dir)
+    for f in files:  # the training run, then evaluations that resumed it
+        part = history(f)
+        rows += part
+        config.update(run_config(f))
+        images.update(images_of(part, f.parent / "files"))
+    origin = f"W&B offline run {files[0].stem.removeprefix('run-')}" if files else ""
+    if not rows and (train_dir / "metrics.jsonl").exists():
+        rows = [{"_step": r.get("step", i), **r} for i, r in
+                enumerate(map(json.loads, (train_dir / "metrics.jsonl").read_text().splitlines()))]
+        origin = "metrics.jsonl (no W&B run)"
+    if not rows:
+        raise UserError(f"{path}: no W&B run files (wandb/*/run-*.wandb) and no metrics.jsonl; "
+                        f"point at the folder `hpcforge train` wrote (output_dir or output_dir/train)")
+    evals = [json.loads(p.read_text()) for p in sorted(train_dir.glob("checkpoints/*.eval.json"))]
+    config = config or _checkpoint_config(train_dir)
+    model = config.get("model", {}).get("name", "?") if isinstance(config.get("model"), dict) else "?"
+    name = f"{train_dir.parent.name} ({model})" if train_dir.name == "train" else f"{train_dir.name} ({model})"
+    return Run(name, train_dir, origin, rows, config, images, evals)
+
+
+def _checkpoint_config(train_dir: Path) -> dict[str, Any]:
+    from pipeline.checkpoint import load
+    for ckpt in sorted(train_dir.glob("checkpoints/*.pt")):
+        try:
+            return load(ckpt).get("config", {})
+        except Exception:  # a corrupt checkpoint only costs the report its config section
+            continue
+    return {}
+
+
+# --------------------------------------------------------------------------- tables
+def final_values(run: Run) -> dict[str, float]:
+    """The last logged value of every scalar train/, val/, perf/ key, and the evaluation metrics."""
+    out: dict[str, float] = {}
+    for row in run.rows:
+        for k, v in row.items():
+            if k.startswith(("train/", "val/", "perf/")) and isinstance(v, (int, float)):
+                out[k] = v
+    steps = [r["_step"] for r in run.rows if "_step" in r]
+    out["steps"] = max(steps) if steps else 0
+    for ev in run.evals:
+        out.update({f"eval/{k}": v for k, v in ev["metrics"].items() if isinstance(v, (int, float))})
+    return out
+
+
+def metrics_table(runs: list[Run]) -> str:
+    finals = [final_values(r) for r in runs]
+    keys = sorted(set().union(*finals), key=lambda k: (k.split("/")[0] != "steps", k))
+    head = "".join(f"<th>{html.escape(r.name)}</th>" for r in runs)
+    body = "".join(f"<tr><td>{html.escape(k)}</td>"
+                   + "".join(f"<td>{_fmt(f.get(k))}</td>" for f in finals) + "</tr>" for k in keys)
+    return f"<table><tr><th>metric (final value)</th>{head}</tr>{body}</table>"
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "&mdash;"
+    return f"{v:.5g}" if isinstance(v, float) else html.escape(str(v))
+
+
+# --------------------------------------------------------------------------- page
+def img(png: bytes, caption: str) -> str:
+    data = base64.b64encode(png).decode()
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def run_section(run: Run) -> str:
+    parts = [f"<h2>{html.escape(run.name)}</h2>",
+             f"<p class=meta>{html.escape(str(run.train_dir))} &middot; {html.escape(run.origin)}"
+             f" &middot; {len(run.rows)} logged rows</p>",
+             "<h3>Loss curves</h3>", img(figures.to_png(figures.loss_curves({run.name: run.rows})),
+                                         "train/ and val/ metrics per step")]
+    if run.images:
+        parts.append("<h3>Latest samples</h3>")
+        parts += [img(p.read_bytes(), f"{k} (last logged)") for k, p in sorted(run.images.items())
+                  if p.is_file()]
+    for ev in run.evals:
+        pngs = [(k, Path(p)) for k, p in ev.get("figures", {}).items() if Path(p).is_file()]
+        parts.append(f"<h3>Evaluation of {html.escape(Path(ev['checkpoint']).name)} "
+                     f"(step {ev['step']}, {html.escape(ev['split'])} split)</h3>")
+        parts += [img(p.read_bytes(), k) for k, p in pngs]
+        parts += [f"<p class=note>{html.escape(n)}</p>" for n in ev.get("notes", [])]
+    cfg = html.escape(json.dumps(run.config, indent=1, default=str))
+    parts.append(f"<details><summary>config</summary><pre>{cfg}</pre></details>")
+    return "<section>" + "\n".join(parts) + "</section>"
+
+
+STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222;max-width:1400px}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}
+td:not(:first-child){text-align:right;font-family:monospace}th{background:#f0f0f0}
+figure{display:inline-block;margin:6px;vertical-align:top}img{max-width:100%;border:1px solid #ddd}
+figcaption{font-size:12px;color:#555}.meta,.note{color:#666;font-size:13px}
+section{border-top:2px solid #ddd;margin-top:1.5em}pre{font-size:11px}"""
+
+# Counts the images that decoded, for tests and for a reader wondering whether the page is whole.
+SCRIPT = """window.addEventListener('load',function(){var n=0;for(var i of document.images){
+if(i.complete&&i.naturalWidth>0)n++;}document.body.setAttribute('data-images-loaded',n);});"""
+
+
+def render(runs: list[Run]) -> str:
+    parts = [f"<h1>hpcforge report: {len(runs)} run{'s' * (len(runs) > 1)}</h1>",
+             "<h2>Metrics</h2>", metrics_table(runs)]
+    if len(runs) > 1:
+        common = [k for k in (k for r in runs for row in r.rows for k in row)
+                  if k.startswith(("train/", "val/")) and all(any(k in row for row in r.rows) for r in runs)]
+        keys = list(dict.fromkeys(common))[:9]
+        parts += ["<h2>All runs</h2>", img(figures.to_png(figures.loss_curves(
+            {r.name: r.rows for r in runs}, keys)), "metrics shared by all runs, per step")]
+    parts += [run_section(r) for r in runs]
+    return (f"<!DOCTYPE html><html><head><meta charset=utf-8><title>hpcforge report</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(parts)}<script>{SCRIPT}</script>"
+            f"</body></html>")
+
+
+def report(run_dirs: list[str | Path], out: str | Path = "report.html") -> Path:
+    """Write the page for `run_dirs` to `out` (atomically) and return its path."""
+    runs = [read_run(d) for d in run_dirs]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(render(runs))
+    os.replace(tmp, out)
+    return out

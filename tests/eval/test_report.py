@@ -1,0 +1,88 @@
+"""`hpcforge report` opened in a real headless Chromium: every plot decodes, nothing is fetched."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow  # needs the trained runs of conftest (~1 min the first time)
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars"]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, installed with apt when missing (the test needs the real browser)."""
+    if shutil.which("chromium") is None:
+        r = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"could not install chromium with apt: {r.stderr[-1500:]}"
+    return shutil.which("chromium")
+
+
+def browse(chromium: str, tmp: Path, page: Path, *args: str) -> subprocess.CompletedProcess:
+    profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
+    return subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args,
+                           page.as_uri()], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def page(vae_run, ae_run, cli, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    vae_dir, ae_dir = vae_run[0].parent.parent.parent, ae_run[0].parent.parent   # output_dir, train/
+    r = cli("report", str(vae_dir), str(ae_dir), "--out", str(out))
+    assert r.returncode == 0 and str(out) in r.stdout, r.stderr[-2000:]
+    return out, vae_run, ae_run
+
+
+def expected_plots(vae_run, ae_run) -> int:
+    """1 plot of all runs + per run: its loss curves, its latest W&B images, its eval figures."""
+    vae_images = {p.name.split("_")[0] for p in
+                  vae_run[0].parent.parent.glob("wandb/offline-run-*/files/media/images/images/*.png")}
+    return 1 + (1 + len(vae_images) + len(vae_run[2]["figures"])) + (1 + 0 + len(ae_run[2]["figures"]))
+
+
+def test_page_is_self_contained(page):
+    text = page[0].read_text()
+    assert "http://" not in text and "https://" not in text   # nothing to fetch on an air-gapped node
+    assert not re.search(r'<(link|script)[^>]+(href|src)=', text)
+    srcs = re.findall(r'<img src="([^"]+)"', text)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+
+
+def test_report_renders_every_plot_in_chromium(page, chromium, tmp_path):
+    out, vae_run, ae_run = page
+    r = browse(chromium, tmp_path, out, "--dump-dom")
+    assert r.returncode == 0, r.stderr[-2000:]
+    n_img = len(re.findall(r"<img ", r.stdout))
+    loaded = re.search(r'data-images-loaded="(\d+)"', r.stdout)
+    assert loaded, "the page's load handler did not run"
+    assert n_img == int(loaded.group(1)) == expected_plots(vae_run, ae_run)
+    # both runs, their final metrics and the evaluation metrics in the table
+    for text in ("val/elbo", "eval/frechet_distance", "eval/anomaly_roc_auc", "metrics.jsonl (no W&amp;B run)",
+                 f"W&amp;B offline run {vae_run[2]['wandb_run_id']}"):
+        assert text in r.stdout, text
+
+
+def test_report_screenshot_is_not_blank(page, chromium, tmp_path):
+    shot = tmp_path / "report.png"
+    r = browse(chromium, tmp_path, page[0], "--window-size=1280,2400", f"--screenshot={shot}")
+    assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[:2] == (2400, 1280)
+    assert (img < 250).any(axis=2).mean() > 0.05              # ink, not an empty white page
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 100    # plots, not a flat colour
+
+
+def test_report_of_a_folder_without_runs_is_one_line(cli, tmp_path):
+    r = cli("report", str(tmp_path), "--out", str(tmp_path / "r.html"))
+    assert r.returncode == 2 and "no W&B run files" in r.stderr and "Traceback" not in r.stderr
+    r = cli("report", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "no run folder at" in r.stderr
