@@ -2,7 +2,13 @@
 
     hpcforge prepare [-e EXPERIMENT] [key=value ...]
     hpcforge train   [-e EXPERIMENT] [--nproc N] [key=value ...]
-    hpcforge bench   [--quick]
+    hpcforge bench   [--quick] [--only NAME,...]
+    hpcforge config  [-e EXPERIMENT] [key=value ...]   (print the resolved config)
+    hpcforge submit  [-e EXPERIMENT] [--stages prepare,train] [key=value ...]   (jobs/, Slurm)
+    hpcforge sweep   [-e EXPERIMENT] --grid key=v1,v2 [--task "k=v ..."] [key=value ...]
+    hpcforge status|logs|cancel JOBID [--jobs-dir DIR]
+    hpcforge evaluate CHECKPOINT [key=value ...]
+    hpcforge report  RUN_DIR... [--out report.html]
 
 Bad input prints one line (`hpcforge: error: ...`) and exits 2; nothing is started.
 """
@@ -14,18 +20,6 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import UserError
-
-# Commands whose issues are still open: they answer clearly instead of half-working.
-PLANNED = {
-    "submit": "submit a run as a Slurm job through submitit",
-    "sweep": "expand a grid over config keys into one Slurm job array",
-    "evaluate": "score a checkpoint on the test split (metrics JSON + W&B)",
-    "report": "write an offline HTML report of one or more runs",
-    "status": "show a submitted job's state",
-    "logs": "show a submitted job's rank logs",
-    "cancel": "cancel a submitted job",
-}
-
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-e", "--experiment", default="demo",
@@ -49,10 +43,50 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the ratio benchmarks under benchmarks/")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
     p.add_argument("--out", default="outputs/bench/results.json", help="JSON file for the table")
-    for name, what in PLANNED.items():
-        p = sub.add_parser(name, help=f"{what} (not yet available)")
-        p.add_argument("args", nargs="*")
+    p.add_argument("--only", default="", metavar="NAME[,NAME]",
+                   help="run only these benchmarks (allreduce, trainer, data_prepare, data_loader)")
+    p = sub.add_parser("evaluate", help="score a checkpoint on the test split (metrics JSON + W&B)")
+    p.add_argument("checkpoint", help="a .pt file written by `hpcforge train`")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="change the stored config, e.g. data.path=... (a moved store)")
+    p = sub.add_parser("report", help="write one self-contained HTML page of one or more runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="a run's output_dir, its train/ folder, or a W&B run folder")
+    p.add_argument("--out", default="report.html", help="the HTML file to write")
+    _add_job_commands(sub)
     return ap
+
+
+def _add_job_commands(sub) -> None:
+    from pipeline.config import ClusterConfig
+    p = sub.add_parser("submit", help="submit a run (or a prepare -> train chain) as Slurm jobs; "
+                       "returns at once with job ids and log paths")
+    _add_config_args(p)
+    p.add_argument("--stages", default="train",
+                   help="comma-separated, in order: prepare,train,evaluate; each later stage "
+                        "starts only after the previous one succeeded (default: train)")
+    p.add_argument("--json", action="store_true", help="print the submitted jobs as JSON")
+    p = sub.add_parser("sweep", help="a grid/list over config keys as one Slurm job array, "
+                       "with a summary table when all tasks end")
+    _add_config_args(p)
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="one sweep axis (repeatable; tasks are the product of all axes)")
+    p.add_argument("--task", action="append", default=[], metavar="'K=V K=V'",
+                   help="one explicit task's overrides (repeatable; combined with --grid)")
+    p.add_argument("--name", default=None, help="sweep name = W&B group (default: sweep-<exp>-<time>)")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="tasks running at once (sets cluster.array_parallelism)")
+    p.add_argument("--json", action="store_true", help="print the sweep record as JSON")
+    for name, what in (("status", "show a submitted job's state and result"),
+                       ("logs", "print a submitted job's log for one rank"),
+                       ("cancel", "cancel a submitted job")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("job_id", metavar="JOBID")
+        p.add_argument("--jobs-dir", default=ClusterConfig.jobs_dir,
+                       help=f"the cluster.jobs_dir it was submitted with (default: {ClusterConfig.jobs_dir})")
+        if name == "logs":
+            p.add_argument("--rank", type=int, default=0, help="which rank's log (default: 0)")
+            p.add_argument("--err", action="store_true", help="stderr instead of stdout")
 
 
 def _config(args: argparse.Namespace, extra: list[str] | None = None):
@@ -66,8 +100,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     path = prepare(cfg.data, cfg.to_dict())
     from pipeline.data.store import open_store
     meta = open_store(path).meta
-    print(f"[hpcforge] dataset: {path}  splits {meta['splits']}  "
-          f"({meta['shuffle']['tasks']} Dask tasks, {meta['seconds']} s)")
+    sh = meta["shuffle"]
+    print(f"[hpcforge] dataset: {path}  splits {meta['splits']}  shards of {meta['shard_size']}  "
+          f"({sh['tasks']} Dask tasks, {sh['tasks_run']} run, {meta['seconds']} s)")
+    for name, bad in meta["invalid"]["variables"].items():
+        print(f"[hpcforge] {name}: {bad['values']} NaN/Inf values in {bad['samples']} samples, "
+              f"first at {bad['first']} ({meta['invalid']['policy']})")
     return 0
 
 
@@ -81,8 +119,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                             f"set train.dist.backend=horovod")
         argv = ["train", "-e", args.experiment, *args.overrides, *extra]
         return relaunch(cfg.train.dist.nproc, argv, cfg.train.dist.launcher)
-    from pipeline.trainer import train
-    summary = train(cfg)
+    from pipeline.trainer import REQUEUE_EXIT_CODE, NonFiniteError, Preempted, train
+    try:
+        summary = train(cfg)
+    except Preempted as e:
+        print(f"[hpcforge] {e}", file=sys.stderr, flush=True)
+        return REQUEUE_EXIT_CODE
+    except NonFiniteError as e:
+        print(f"hpcforge: error: {e}", file=sys.stderr, flush=True)
+        return 1
     if "checkpoint" in summary:  # rank 0
         last = summary["history"][-1] if summary["history"] else {}
         print(f"[hpcforge] {summary['steps']} steps on {summary['ranks']} ranks "
@@ -101,17 +146,125 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from benchmarks.run import main as bench_main
-    return bench_main(quick=args.quick, out=args.out)
+    return bench_main(quick=args.quick, out=args.out,
+                      only=[n for n in args.only.split(",") if n])
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import evaluate
+    result = evaluate(args.checkpoint, list(args.overrides))
+    width = max(map(len, result["metrics"]), default=0)
+    for k, v in result["metrics"].items():
+        print(f"  {k:<{width}}  {v:.6g}")
+    for note in result["notes"]:
+        print(f"[hpcforge] note: {note}")
+    print(f"[hpcforge] metrics: {result['json']}")
+    if result["wandb_run"]:
+        print(f"[hpcforge] W&B run: {result['wandb_run']} (run id {result['wandb_run_id']})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import report
+    out = report(args.run_dirs, args.out)
+    print(f"[hpcforge] report: {out}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from jobs.submit import submit
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    out = submit(args.experiment, list(args.overrides), stages)
+    for s in out:
+        print(f"[hpcforge] {s.stage:<8} job {s.job_id} ({s.backend})  log {s.logs}", file=sys.stderr)
+        print(f"[hpcforge]          record {s.record}", file=sys.stderr)
+    if out and out[0].backend == "debug":  # in-process: run now, in order
+        for s in out:
+            print(f"[hpcforge] {s.stage} result: {_short(s.job.result())}", file=sys.stderr)
+    else:
+        print(f"[hpcforge] follow with: hpcforge status {out[-1].job_id}; hpcforge logs "
+              f"{out[-1].job_id} [--rank R]; hpcforge cancel {out[-1].job_id}", file=sys.stderr)
+    if args.json:  # last line of stdout (a debug run prints the trainer's output before it)
+        print(json.dumps([{"stage": s.stage, "job_id": s.job_id, "backend": s.backend,
+                           "record": str(s.record), "logs": str(s.logs)} for s in out]))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from jobs.sweep import sweep
+    rec = sweep(args.experiment, list(args.overrides), args.grid, args.task, args.name, args.parallel)
+    public = {k: v for k, v in rec.items() if not k.startswith("_") and k != "config"}
+    if args.json:
+        print(json.dumps(public))
+    print(f"[hpcforge] sweep {rec['name']}: array job {rec['job_id']} with {len(rec['tasks'])} "
+          f"tasks (at most {rec['parallelism']} at once); summary job {rec['summary_job']} writes "
+          f"{rec['summary']}", file=sys.stderr)
+    for i, t in enumerate(rec["tasks"]):
+        print(f"[hpcforge]   {t['job_id']:<10} {' '.join(t['overrides'])}", file=sys.stderr)
+    return 0
+
+
+def _short(result) -> str:
+    if isinstance(result, dict) and "summary" in result:
+        s = result["summary"]
+        last = (s.get("history") or [{}])[-1]
+        return f"{s.get('steps')} steps on {s.get('ranks')} ranks; final " + \
+            json.dumps({k: round(v, 4) for k, v in last.items() if isinstance(v, float)})
+    return str(result)[:300]
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from jobs import records
+    rec = records.find(Path(args.jobs_dir), args.job_id)
+    what = f"sweep {rec['name']}" if rec.get("kind") == "sweep" else f"{rec['stage']} job"
+    print(f"{what} {rec['job_id']} ({rec['backend']}), submitted {rec['submitted']}, "
+          f"git {rec['git_revision']}")
+    print(f"  command: {' '.join(rec['command'])}")
+    rows = records.states(rec)
+    cols = [c for c in ("JobID", "State", "ExitCode", "Elapsed", "NodeList") if c in rows[0]]
+    for row in [dict(zip(cols, cols)), *rows]:
+        print("  " + "  ".join(f"{row.get(c, ''):<14}" for c in cols).rstrip())
+    if rec.get("kind") == "sweep":
+        summary = Path(rec["summary"]).with_suffix(".md")
+        print(f"  summary: {summary.read_text() if summary.is_file() else '(not written yet: ' + str(summary) + ')'}")
+        return 0
+    result = records.result_of(rec)
+    if result is not None:
+        print(f"  result: {_short(result[1]) if result[0] == 'success' else result[1].strip().splitlines()[-1]}")
+    print(f"  logs: {records.log_paths(rec)[0]} (hpcforge logs {rec['job_id']} --rank R)")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from jobs import records
+    rec = records.find(Path(args.jobs_dir), args.job_id)
+    if rec.get("kind") == "sweep":
+        raise UserError(f"job {args.job_id} is a sweep (array); ask for one task's log: "
+                        f"{', '.join(t['job_id'] for t in rec['tasks'])}")
+    if not 0 <= args.rank < rec["ranks"]:
+        raise UserError(f"--rank {args.rank}: job {rec['job_id']} has ranks 0..{rec['ranks'] - 1}")
+    path = records.log_paths(rec, args.rank)[1 if args.err else 0]
+    if not path.is_file():
+        raise UserError(f"job {rec['job_id']} rank {args.rank}: no log yet at {path} "
+                        f"(state: {records.states(rec)[0]['State']})")
+    sys.stdout.write(path.read_text(errors="replace"))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from jobs import records
+    rec = records.find(Path(args.jobs_dir), args.job_id)
+    print(f"[hpcforge] {records.cancel(rec)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.command in PLANNED:
-            raise UserError(f"`hpcforge {args.command}` ({PLANNED[args.command]}) is not yet "
-                            f"available in this version; see the README's roadmap")
         return {"prepare": cmd_prepare, "train": cmd_train, "config": cmd_config,
-                "bench": cmd_bench}[args.command](args)
+                "bench": cmd_bench, "evaluate": cmd_evaluate, "report": cmd_report,
+                "submit": cmd_submit, "sweep": cmd_sweep, "status": cmd_status,
+                "logs": cmd_logs, "cancel": cmd_cancel}[args.command](args)
     except UserError as e:
         print(f"hpcforge: error: {e}", file=sys.stderr)
         return 2

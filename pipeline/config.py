@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -21,7 +22,16 @@ import yaml
 
 from pipeline.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _config_dir() -> Path:
+    """$HPCFORGE_CONFIG_DIR, else the checkout's configs/ (editable install or run in place),
+    else ./configs (a non-editable install run from a copy of the repository)."""
+    if os.environ.get("HPCFORGE_CONFIG_DIR"):
+        return Path(os.environ["HPCFORGE_CONFIG_DIR"])
+    beside = Path(__file__).resolve().parent.parent / "configs"
+    return beside if beside.is_dir() else Path.cwd() / "configs"
+
+
+CONFIG_DIR = _config_dir()
 GROUPS = ("data", "model", "train", "cluster")
 
 

