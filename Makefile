@@ -12,6 +12,8 @@ setup:
 demo: setup
 	$(BIN)/hpcforge prepare -e demo data.overwrite=true
 	$(BIN)/hpcforge train -e demo
+	$(BIN)/hpcforge evaluate outputs/demo/train/checkpoints/final.pt
+	$(BIN)/hpcforge report outputs/demo --out outputs/demo/report.html
 	@echo
 	@echo "Results of the demo:"
 	@echo "  dataset     outputs/demo/data/ising2d.zarr  (Zarr v3; attrs['hpcforge'] holds splits, stats, provenance)"
@@ -19,6 +21,8 @@ demo: setup
 	@echo "  metrics     outputs/demo/train/metrics.jsonl, outputs/demo/train/summary.json"
 	@echo "  W&B run     outputs/demo/train/wandb/latest-run  (offline; upload with: $(BIN)/wandb sync outputs/demo/train/wandb/latest-run)"
 	@echo "  images      outputs/demo/train/wandb/latest-run/files/media/images/"
+	@echo "  evaluation  outputs/demo/train/checkpoints/final.eval.json  (ELBO, W1 of magnetisation/energy, Frechet)"
+	@echo "  report      outputs/demo/report.html  (self-contained: open it in a browser, no network needed)"
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

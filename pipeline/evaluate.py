@@ -153,12 +153,16 @@ def loss_terms(model: nn.Module, loader: ShardedLoader, phase: str) -> tuple[dic
     """Mean of each named loss over the split; also the inputs, targets and plain predictions."""
     sums: dict[str, float] = defaultdict(float)
     keep: dict[str, list[np.ndarray]] = defaultdict(list)
+    # multi-network models (GANs, AAE) have no single forward(); only predictors have one
+    predicts = type(model).forward is not nn.Module.forward
     n = 0
     for n, batch in enumerate(loader, 1):
         for k, v in model.losses(batch, phase).items():
             sums[k] += v.item()
         for k, v in batch.items():
             keep[k].append(v.numpy())
+        if not predicts:
+            continue
         out = model(batch["x"])
         if isinstance(out, torch.Tensor):  # a prediction (not a tuple of reconstruction terms)
             keep["prediction"].append(out.numpy())
