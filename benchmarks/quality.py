@@ -1,0 +1,495 @@
+"""Quality of every experiment after a stated CPU budget: prepare -> train -> evaluate, one row each.
+
+    .venv/bin/python -m benchmarks.quality                       # every configs/experiment/*.yaml
+    .venv/bin/python -m benchmarks.quality --only cnn_digits unet_darcy2d
+    .venv/bin/python -m benchmarks.quality domains               # only the CycleGAN's Ising domains
+
+Each experiment runs through the real CLI in subprocesses, one after the other: `hpcforge prepare`
+(skipped when the shared store already holds the same data settings), `hpcforge train` on one rank
+with one thread until the training process has used CPU_BUDGET_S seconds of CPU (start-up
+included), then `hpcforge evaluate` on its checkpoint. The budget is CPU time, not wall time, so a
+row means the same on a machine shared with other work. At the budget the run gets SIGUSR1, the
+trainer's preemption signal: it checkpoints at the next step boundary and exits. The row's command
+trains exactly the steps reached (train.max_steps), so it reproduces the model without a timer.
+
+The headline metric is read from the evaluation's JSON; next to it sits a reference in the same
+units (a trivial baseline, or the same distance between two real samples), so a number can be
+judged without knowing the dataset. Writes benchmarks/quality.json (every metric of every run) and
+benchmarks/quality.md (the table).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks"
+RUNS = "outputs/quality"          # run directories, one per experiment
+DOMAINS_DIR = "outputs/data/ising2d-domains"
+CLI = [".venv/bin/hpcforge"]      # as written in the commands; run as `python -m pipeline`
+
+
+@dataclass(frozen=True)
+class Headline:
+    """What an experiment's row reports."""
+    metric: str                   # key of the headline metric in the evaluation's metrics
+    better: str                   # "higher" or "lower"
+    reference: str = ""           # key of the reference value (evaluation metric or baseline)
+    extra: tuple[str, ...] = ()   # more metrics shown in the notes column
+    note: str = ""                # what the number means, where it is not obvious
+
+
+CPU_BUDGET_S = 60.0     # CPU seconds of each training process (1 rank, 1 thread), start-up included
+STEP_CAP = 100_000      # train.max_steps of the budgeted run: never reached, the CPU budget stops it
+
+STANDARDISED = "pressure standardised (train mean and std) before the error"
+NEXT_FRAME = "next frame (0.05 time units) at every step of 64, raw states"
+ISING_W1 = ("w1/abs_magnetization", "w1_reference/abs_magnetization")
+
+# The headline metric of each experiment: accuracy for classifiers, relative L2 for surrogates and
+# forecasts, the ELBO for VAEs, 1-Wasserstein distances of physical observables for samplers.
+HEADLINES: dict[str, Headline] = {
+    "unet_darcy2d": Headline("relative_l2", "lower", "baseline/mean_field", note=STANDARDISED),
+    "dilated_cnn_darcy2d": Headline("relative_l2", "lower", "baseline/mean_field",
+                                    note=STANDARDISED),
+    "cgan_calo": Headline("w1/total_energy", "lower", "w1_reference/total_energy",
+                          ("w1/shower_depth", "w1/shower_width", "frechet_distance")),
+    "vae_calo": Headline("elbo", "higher", "", ("w1/total_energy", "w1_reference/total_energy"),
+                         "nats per shower under a Bernoulli decoder of minmax-scaled deposits"),
+    "dcgan_ising2d": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
+    "wgan_gp_ising2d": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
+    "vae_ising2d": Headline("elbo", "higher", "", ("w1/energy", "w1_reference/energy"),
+                            "nats per 32 x 32 configuration"),
+    "gan_ising2d": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
+    "aae_ising2d": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
+    "autoencoder_ising2d": Headline("anomaly_roc_auc", "higher", "baseline/chance",
+                                    ("reconstruction_error",),
+                                    "inliers: the test split; outliers: Ising at T in "
+                                    "[t_max + 1, t_max + 3]"),
+    "resnet_ising2d": Headline("accuracy", "higher", "baseline/majority"),
+    "cnn_ising2d": Headline("accuracy", "higher", "baseline/majority"),
+    "cyclegan_ising2d": Headline("translation/w1/energy_a_to_b", "lower",
+                                 "translation/w1_reference/energy_b",
+                                 ("translation/w1/abs_magnetization_a_to_b",
+                                  "translation/w1/energy_b_to_a",
+                                  "translation/w1_reference/energy_a"),
+                                 "computed by translation_metrics here: `hpcforge evaluate` has "
+                                 "no notion of two domains"),
+    "lstm_lorenz96": Headline("relative_l2", "lower", "baseline/persistence", note=NEXT_FRAME),
+    "gru_lorenz96": Headline("relative_l2", "lower", "baseline/persistence", note=NEXT_FRAME),
+    "transformer_lorenz96": Headline("relative_l2", "lower", "baseline/persistence",
+                                     note="8 frames (0.4 time units) ahead, raw states"),
+    "cnn1d_lorenz96": Headline("relative_l2", "lower", "baseline/persistence",
+                               note="16 frames (0.8 time units) ahead, raw states"),
+    "mlp_digits": Headline("accuracy", "higher", "baseline/majority"),
+    "cnn_digits": Headline("accuracy", "higher", "baseline/majority"),
+}
+
+TRANSLATORS = {"cyclegan_ising2d"}   # scored by translation_metrics, not by sampling
+
+# Settings of every quality run (not of the experiments themselves): no W&B (its start-up costs
+# seconds per run), a fixed seed, one thread, epochs enough that only the budget stops training.
+RUN_KEYS = ["train.logger.mode=disabled", "train.seed=0", "train.epochs=100000", "train.threads=1"]
+
+
+@dataclass
+class Row:
+    experiment: str
+    model: str
+    source: str
+    metric: str
+    value: float | None
+    better: str
+    reference: float | None
+    reference_name: str
+    steps: int                    # reached within the CPU budget
+    batch_size: int
+    ranks: int
+    seed: int
+    cpu_s: float                  # CPU seconds the training used (the budget, plus the last step)
+    train_s: float                # wall seconds of training
+    total_s: float                # wall seconds of prepare (if run), train and evaluate
+    commands: list[str]
+    notes: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- subprocesses
+def run_cli(args: list[str], timeout: float = 900) -> tuple[subprocess.CompletedProcess, float]:
+    """`hpcforge ARGS` in a subprocess from the repository root; (result, wall seconds)."""
+    t0 = time.perf_counter()
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    r = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=timeout, env=env)
+    return r, time.perf_counter() - t0
+
+
+def command(args: list[str]) -> str:
+    return shlex.join(CLI + args)
+
+
+def ranks(proc) -> list:
+    """The training processes to signal: the ranks mpirun started (`--nproc N`: the launching
+    process itself has no handler and would die), else the process itself."""
+    started = [c for c in proc.children(recursive=True) if c.name().startswith("python")]
+    return started or [proc]
+
+
+def tree_cpu_s(proc) -> float:
+    """CPU seconds (user + system) of a process and its live children (mpirun's ranks)."""
+    import psutil
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+@dataclass
+class BudgetRun:
+    returncode: int
+    output: str
+    wall_s: float
+    cpu_s: float
+    step: int | None              # the step checkpointed at the budget (None: ran to the end)
+    checkpoint: str | None
+
+
+CHECKPOINTED = re.compile(r"checkpointed step (\d+) to (\S+);")
+
+
+def train_within(args: list[str], cpu_s: float, timeout: float = 1800) -> BudgetRun:
+    """`hpcforge ARGS` until its process tree has used `cpu_s` CPU seconds, then SIGUSR1 (the
+    trainer checkpoints at the next step boundary and exits 75). Polled twice a second."""
+    import psutil
+    t0 = time.perf_counter()
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ps, used, signalled = psutil.Process(proc.pid), 0.0, False
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.extend(proc.stdout), daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        used = max(used, tree_cpu_s(ps))
+        if used >= cpu_s and not signalled:
+            for target in ranks(ps):
+                target.send_signal(signal.SIGUSR1)
+            signalled = True
+        if time.perf_counter() - t0 > timeout:
+            proc.kill()
+        time.sleep(0.5)
+    reader.join(10)
+    output = "".join(chunks)
+    found = CHECKPOINTED.search(output)
+    return BudgetRun(proc.returncode, output, time.perf_counter() - t0, used,
+                    int(found[1]) if found else None, found[2] if found else None)
+
+
+def last_error(r: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in (r.stderr + r.stdout).splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else f"exit {r.returncode}"
+
+
+# --------------------------------------------------------------------------- data
+def write_ising_domains(out: str | Path = DOMAINS_DIR, n: int = 2048, lattice: int = 32,
+                        seed: int = 0, burn_in: int = 300, decorrelation: int = 20,
+                        chunk: int = 256) -> Path:
+    """The CycleGAN's two unpaired Ising domains as .npy files for the npy importer: low.npy holds
+    ordered configurations (T in [1.6, 2.0]), high.npy disordered ones (T in [2.6, 3.2]), each
+    (n, 1, L, L) int8 from independent chains (different seeds). Written atomically."""
+    from pipeline.data.sources import ising2d
+    out = Path(out) if Path(out).is_absolute() else ROOT / out
+    out.mkdir(parents=True, exist_ok=True)
+    for k, (name, t_min, t_max) in enumerate((("low", 1.6, 2.0), ("high", 2.6, 3.2))):
+        p = ising2d.Params(lattice=lattice, t_min=t_min, t_max=t_max, n_temperatures=4,
+                           burn_in=burn_in, decorrelation=decorrelation)
+        parts = [ising2d.generate(p, seed + k, i, start, min(chunk, n - start))["spins"]
+                 for i, start in enumerate(range(0, n, chunk))]
+        tmp = out / f".{name}.tmp.npy"
+        np.save(tmp, np.concatenate(parts))
+        os.replace(tmp, out / f"{name}.npy")
+    return out
+
+
+def ensure_store(experiment: str, extra: list[str]) -> tuple[list[str], float]:
+    """Prepare the experiment's store unless it exists with the same data settings; return the
+    commands that make it and the seconds spent."""
+    from pipeline.config import load_config
+    from pipeline.data.prepare import content_config
+    from pipeline.data.store import open_store
+    cfg = load_config(experiment, extra)
+    args = ["prepare", "-e", experiment, "data.dask.progress=false", *extra]
+    commands, spent = [command(args)], 0.0
+    path = ROOT / cfg.data.path
+    if experiment.startswith("cyclegan"):
+        commands.insert(0, ".venv/bin/python -m benchmarks.quality domains")
+        if not path.exists() and not (ROOT / cfg.data.params.path / "high.npy").exists():
+            t0 = time.perf_counter()
+            write_ising_domains(cfg.data.params.path)
+            spent += time.perf_counter() - t0
+    if path.exists():
+        stored = open_store(path).meta["content"]
+        if stored != content_config(cfg.data):
+            raise RuntimeError(f"{cfg.data.path} holds other data settings than {experiment}'s; "
+                               f"experiments sharing a data.path must agree on them")
+        return commands, spent
+    r, wall = run_cli(args)
+    if r.returncode != 0:
+        raise RuntimeError(f"prepare {experiment}: {last_error(r)}")
+    return commands, spent + wall
+
+
+# --------------------------------------------------------------------------- baselines
+def baselines(cfg: Any, split: str) -> dict[str, float]:
+    """Trivial predictors on the evaluated split, in the headline metric's units."""
+    from pipeline.data.store import open_store
+    from pipeline.evaluate import relative_l2
+    store = open_store(ROOT / cfg.data.path)
+    inputs, out = cfg.data.inputs, {"baseline/chance": 0.5}
+    if "y" not in inputs:
+        return out
+    y = np.asarray(store.variable(split, inputs["y"])[:])
+    if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):   # class labels: the most common class
+        out["baseline/majority"] = float(np.bincount(y.astype(np.int64)).max() / len(y))
+        return out
+    x = np.asarray(store.variable(split, inputs["x"])[:], np.float64)
+    if cfg.data.source == "lorenz96":    # persistence: the last input frame stays
+        last = x[:, -1:] if cfg.data.params.mode == "windows" else x
+        out["baseline/persistence"] = relative_l2(np.broadcast_to(last, y.shape), y)
+    elif cfg.data.normalize == "standard":  # the mean field is 0 in standardised units
+        out["baseline/mean_field"] = 1.0
+    return out
+
+
+# --------------------------------------------------------------------------- CycleGAN
+def translation_metrics(checkpoint: Path) -> dict[str, float]:
+    """1-Wasserstein distances of Ising observables between translated and real samples of the
+    target domain (test split), both ways; and between two real samples (test vs train) of each
+    domain, the floor a perfect translator reaches. `hpcforge evaluate` has no notion of two
+    domains, so this is computed here."""
+    import torch
+
+    from pipeline import physics
+    from pipeline.evaluate import checkpoint_config, eval_split, load_checkpoint
+    from pipeline.data.store import open_store
+    from pipeline.trainer import build_model
+    ckpt = load_checkpoint(checkpoint)
+    cfg = checkpoint_config(ckpt, [])
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    store = open_store(ROOT / cfg.data.path)
+    split, rng, out = eval_split(store), np.random.default_rng(0), {}
+    domains = {"a": cfg.data.inputs["x"], "b": cfg.data.inputs["y"]}
+    real = {d: np.asarray(store.variable(split, v)[:], np.float64) for d, v in domains.items()}
+    train = {d: np.asarray(store.variable("train", v)[:len(real[d])], np.float64)
+             for d, v in domains.items()}
+    affine = {d: physics.affine_from_stats(store.stats("train", v), cfg.data.normalize)
+              for d, v in domains.items()}
+    ising = physics.OBSERVABLES["ising2d"].scalars
+    for src, dst in (("a", "b"), ("b", "a")):
+        (shift, scale), g = affine[src], model.generators[src + dst]
+        with torch.no_grad():
+            fake = g(torch.as_tensor((real[src] - shift) / scale, dtype=torch.float32)).numpy()
+        fake_obs = ising(physics.to_spins(physics.denormalize(fake, affine[dst]), rng))
+        real_obs, train_obs = ising(real[dst]), ising(train[dst])
+        for k in ("energy", "abs_magnetization"):
+            out[f"translation/w1/{k}_{src}_to_{dst}"] = physics.wasserstein1(fake_obs[k], real_obs[k])
+            out[f"translation/w1_reference/{k}_{dst}"] = physics.wasserstein1(train_obs[k],
+                                                                              real_obs[k])
+    return out
+
+
+# --------------------------------------------------------------------------- one experiment
+def run_experiment(experiment: str, headline: Headline, nproc: int = 1, runs: str = RUNS,
+                   cpu_s: float = CPU_BUDGET_S, extra: list[str] | None = None, log=print) -> Row:
+    """Prepare, train within `cpu_s` CPU seconds and evaluate one experiment into
+    `runs`/<experiment>; a failure becomes a row with a note. `extra` overrides go to every
+    command (e.g. a smaller dataset)."""
+    from pipeline.config import load_config
+    extra = list(extra or [])
+    out_dir = f"{runs}/{experiment}"
+    backend = "train.dist.backend=none" if nproc == 1 else "train.dist.backend=horovod"
+    common = ["train", "-e", experiment, *(["--nproc", str(nproc)] if nproc > 1 else []),
+              f"output_dir={out_dir}", *RUN_KEYS, backend, *extra]
+    cfg = load_config(experiment, [f"output_dir={out_dir}", *RUN_KEYS, *extra])
+    shutil.rmtree(ROOT / out_dir, ignore_errors=True)  # a fresh run, never a resumed one
+    source = "ising2d (2 domains)" if cfg.data.source == "npy" else cfg.data.source
+    row = Row(experiment, cfg.model.name, source, headline.metric, None, headline.better, None,
+              headline.reference, 0, cfg.train.batch_size, nproc, cfg.train.seed, 0.0, 0.0, 0.0, [])
+    t0 = time.perf_counter()
+    try:
+        row.commands, _ = ensure_store(experiment, extra)
+        run = train_within([*common, f"train.max_steps={STEP_CAP}"], cpu_s)
+        row.train_s, row.cpu_s = run.wall_s, run.cpu_s
+        if run.checkpoint is None:
+            raise RuntimeError(f"train exited {run.returncode} without a budget checkpoint: "
+                               f"{run.output.strip().splitlines()[-1][:300] if run.output.strip() else ''}")
+        row.steps = run.step
+        row.commands.append(command([*common, f"train.max_steps={run.step}"]))
+        evaluate_into(row, cfg, run.checkpoint, headline)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        row.notes.append(f"FAILED {e}")
+    row.total_s = time.perf_counter() - t0
+    log(f"[quality] {experiment}: {row.metric} = {row.value} (reference {row.reference}), "
+        f"{row.steps} steps in {row.cpu_s:.0f} CPU s / {row.train_s:.0f} s wall; "
+        f"total {row.total_s:.0f} s {'; '.join(row.notes)}")
+    return row
+
+
+def evaluate_into(row: Row, cfg: Any, ckpt: str, headline: Headline) -> None:
+    """Run `hpcforge evaluate` on the budget's checkpoint; the command names final.pt, which the
+    row's fixed-step train command writes."""
+    r, _ = run_cli(["evaluate", ckpt])
+    final = f"{Path(ckpt).parent}/final.pt"
+    row.commands.append(command(["evaluate", final]))
+    if r.returncode != 0:
+        row.notes.append(f"hpcforge evaluate failed: {last_error(r)}")
+    else:
+        result = json.loads((ROOT / ckpt).with_name(Path(ckpt).stem + ".eval.json").read_text())
+        row.metrics.update(result["metrics"])
+        row.notes += [n for n in result["notes"] if not n.startswith("no W&B run")]  # by design
+        split = result["split"]
+        row.metrics.update(baselines(cfg, split))
+    if row.experiment in TRANSLATORS:
+        row.metrics.update(translation_metrics(ROOT / ckpt))
+        row.commands.append(f".venv/bin/python -c 'from benchmarks.quality import translation_metrics"
+                            f" as t; print(t(\"{final}\"))'")
+    row.value = row.metrics.get(headline.metric)
+    row.reference = row.metrics.get(headline.reference) if headline.reference else None
+    for k in headline.extra:
+        if k in row.metrics:
+            row.notes.append(f"{k} = {row.metrics[k]:.4g}")
+
+
+# --------------------------------------------------------------------------- output
+def fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.4g}"
+
+
+def verdict(r: Row) -> str:
+    """The value against its reference, in words: a baseline beaten or not, or how many times
+    the real-vs-real floor a distance is (within 2x of it is good; beyond 10x, poor)."""
+    if r.value is None or r.reference is None:
+        return ""
+    if r.reference_name.startswith("baseline/"):
+        beats = r.value > r.reference if r.better == "higher" else r.value < r.reference
+        return "beats the baseline" if beats else "POOR: no better than the baseline"
+    ratio = r.value / max(r.reference, 1e-12)
+    word = "good" if ratio <= 2 else "fair" if ratio <= 10 else "POOR"
+    return f"{word}: {ratio:.3g}x the real-vs-real floor"
+
+
+def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
+    head = ["experiment", "model", "data", "metric", "value", "reference", "steps × batch",
+            "CPU s", "wall s", "seed", "notes"]
+    lines = ["# Quality after a fixed CPU budget", "",
+             f"Measured {meta['date']} on {meta['machine']}; {meta['versions']}. Each row: "
+             f"`hpcforge prepare`, `hpcforge train` on 1 rank with 1 thread until the training "
+             f"process has used {meta['cpu_budget_s']:.0f} CPU seconds (start-up included; "
+             f"`benchmarks/quality.py`), `hpcforge evaluate` on the test split. \"steps\" is "
+             f"where the budget stopped training; the commands below train exactly that many. "
+             f"\"wall s\" is the training's wall time on the shared machine. The reference is a "
+             f"trivial baseline or the same distance between two real samples (the floor a "
+             f"perfect model reaches).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        metric = f"{r.metric} ({r.better} is better)"
+        ref = f"{fmt(r.reference)} ({r.reference_name.split('/')[-1]})" if r.reference_name else "—"
+        about = HEADLINES[r.experiment].note if r.experiment in HEADLINES else ""
+        notes = "; ".join(n for n in [verdict(r), about, *r.notes] if n).replace("|", "\\|")
+        lines.append(f"| {r.experiment} | {r.model} | {r.source} | {metric} | {fmt(r.value)} | "
+                     f"{ref} | {r.steps} × {r.batch_size} | {r.cpu_s:.0f} | {r.train_s:.0f} | "
+                     f"{r.seed} | {notes} |")
+    lines += ["", "## Commands that reproduce each row", ""]
+    for r in rows:
+        lines += [f"**{r.experiment}**", "```bash", *r.commands, "```", ""]
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    import platform
+
+    import torch
+    return {"date": time.strftime("%Y-%m-%d"),
+            "machine": f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+                       f"shared with other work",
+            "versions": f"Python {platform.python_version()}, torch {torch.__version__}",
+            "cpu_budget_s": CPU_BUDGET_S}
+
+
+def write(rows: list[Row], meta: dict[str, Any]) -> None:
+    OUT.joinpath("quality.json").write_text(json.dumps(
+        {**meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    OUT.joinpath("quality.md").write_text(markdown(rows, meta) + "\n")
+
+
+def merge(rows: list[Row]) -> list[Row]:
+    """These rows, replacing same-named rows of an existing quality.json (for --only reruns)."""
+    path = OUT / "quality.json"
+    old = {r["experiment"]: Row(**r) for r in json.loads(path.read_text())["rows"]} if path.exists() else {}
+    old.update({r.experiment: r for r in rows})
+    return [old[k] for k in HEADLINES if k in old]
+
+
+def rescore(row: Row, runs: str = RUNS) -> Row:
+    """Evaluate a row's budget checkpoint again (no training): for rows whose evaluation failed."""
+    from pipeline.config import load_config
+    cfg = load_config(row.experiment, [f"output_dir={runs}/{row.experiment}", *RUN_KEYS])
+    ckpt = f"{runs}/{row.experiment}/train/checkpoints/step-{row.steps:08d}.pt"
+    row.notes = [n for n in row.notes if not n.startswith("hpcforge evaluate failed")]
+    row.commands = [c for c in row.commands if " evaluate " not in c and "python -c" not in c]
+    row.metrics = {}
+    evaluate_into(row, cfg, ckpt, HEADLINES[row.experiment])
+    print(f"[quality] {row.experiment} rescored: {row.metric} = {row.value}", flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks.quality", description=__doc__.split("\n")[0])
+    p.add_argument("what", nargs="?", choices=["all", "domains"], default="all")
+    p.add_argument("--only", nargs="+", choices=sorted(HEADLINES), help="run these experiments")
+    p.add_argument("--nproc", type=int, default=1, help="Horovod ranks per training run")
+    p.add_argument("--rescore", action="store_true",
+                   help="evaluate the rows of quality.json without a value again, no training")
+    args = p.parse_args(argv)
+    if args.rescore:
+        rows = [rescore(r) if r.value is None and r.steps else r for r in merge([])]
+        write(rows, machine())
+        return 0 if all(r.value is not None for r in rows) else 1
+    if args.what == "domains":
+        print(f"[quality] domains: {write_ising_domains()}")
+        return 0
+    missing = sorted(set(q.stem for q in (ROOT / "configs/experiment").glob("*.yaml"))
+                     - set(HEADLINES) - {"demo"})
+    if missing:
+        print(f"[quality] no headline metric for {', '.join(missing)}; add them to HEADLINES",
+              file=sys.stderr)
+        return 2
+    rows = []
+    for name in args.only or HEADLINES:
+        rows.append(run_experiment(name, HEADLINES[name], args.nproc))
+        write(merge(rows), machine())   # after each row: a partial run still leaves a table
+    return 0 if all(r.value is not None for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
