@@ -58,7 +58,7 @@ def _small_store(tmp: str) -> str:
 
 def bench_trainer(quick: bool) -> list[dict]:
     """Trainer overhead vs a hand-written Horovod loop, weak scaling, DDP vs Horovod."""
-    steps = "20" if quick else "60"
+    steps = "20" if quick else "300"  # enough steps that start-up and the final checkpoint amortise
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         store = _small_store(tmp)

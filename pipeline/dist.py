@@ -156,7 +156,7 @@ class HorovodDist(Dist):
     def end_step(self, module, flag):
         if self.size == 1:
             return bool(flag)
-        bufs = [b for b in module.buffers() if b.is_floating_point()]
+        bufs = _float_buffers(module)
         # The flag rides along: its average is > 0 exactly when some rank set it.
         out = self.hvd.grouped_allreduce([*bufs, torch.tensor([float(flag)])],
                                          op=self.hvd.Average, name="hpcforge.end_step")
@@ -225,7 +225,7 @@ class TorchDist(Dist):
             opt.load_state_dict(state)
 
     def end_step(self, module, flag):
-        bufs = [b for b in module.buffers() if b.is_floating_point()]
+        bufs = _float_buffers(module)
         flat = torch.cat([*(b.reshape(-1).float().to(self._dev) for b in bufs),
                           torch.tensor([float(flag)], device=self._dev)])
         self.td.all_reduce(flat)
@@ -323,6 +323,16 @@ def init_distributed(cfg: DistConfig) -> Dist:
     hvd.init()
     place = Placement(place.launcher, hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
     return HorovodDist(place, device, cfg)
+
+
+_BUFFERS: dict[int, list[torch.Tensor]] = {}
+
+
+def _float_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    """A module's floating-point buffers, looked up once (the tensors are updated in place)."""
+    if id(module) not in _BUFFERS:
+        _BUFFERS[id(module)] = [b for b in module.buffers() if b.is_floating_point()]
+    return _BUFFERS[id(module)]
 
 
 @contextmanager

@@ -146,6 +146,9 @@ class Trainer:
         self.model = build_model(cfg).to(dist.device)
         self.specs = self.model.optimizers()
         self._check_disjoint()
+        # looked up once: walking the module tree every step costs more than the small models' math
+        self._params = {s.name: list(s.module.parameters()) for s in self.specs}
+        self._buffers = [b for b in self.model.buffers() if b.is_floating_point()]
         scale = rank_scale(t.lr_scaling, dist.size)
         self.steps_per_epoch = len(self.loader) // t.accumulate
         total = t.max_steps or t.epochs * self.steps_per_epoch
@@ -250,10 +253,12 @@ class Trainer:
 
     def _phase(self, name: str, module: torch.nn.Module, batches: list[dict]) -> dict[str, float]:
         """One optimizer's update over `accumulate` batches; returns its named losses."""
-        opt, params = self.optimizers[name], list(module.parameters())
+        opt, params = self.optimizers[name], self._params[name]
         sums: dict[str, float] = defaultdict(float)
         opt.zero_grad()
-        with only_grads_of(self.model, params):
+        # one network among several: freeze the others (a lone network needs no toggling)
+        scope = only_grads_of(self.model, params) if len(self.specs) > 1 else nullcontext()
+        with scope:
             for batch in batches:
                 with self._autocast():
                     losses = self.model.losses(batch, name)
@@ -265,8 +270,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(opt)
         grads = [p.grad for p in params if p.grad is not None]
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-                     ) if grads else 0.0
+        norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
         if self.cfg.train.grad_clip and math.isfinite(norm):
             torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
         out = {f"{name}/{k}": v for k, v in sums.items()}
@@ -283,8 +287,8 @@ class Trainer:
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         self.model.train()
         # A non-finite batch also poisons batch-norm running statistics: keep a copy to restore.
-        buffers = [b for b in self.model.buffers() if b.is_floating_point()]
-        saved = [b.detach().clone() for b in buffers]
+        buffers = self._buffers
+        saved = torch._foreach_mul(buffers, 1.0) if buffers else []  # one batched copy
         out: dict[str, float] = {}
         for spec in self.specs:
             for _ in range(self.model.schedule[spec.name]):
