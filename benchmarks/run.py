@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def _versions() -> dict[str, str]:
-    from pipeline.trainer import versions
+    from pipeline.provenance import versions
     out = versions()
     try:
         from mpi4py import MPI

@@ -22,19 +22,6 @@ from pipeline.errors import UserError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def git_revision() -> str:
-    """HEAD's commit, with `-dirty` when the work tree has changes; 'unknown' outside git."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
-                              timeout=30).stdout.strip()
-    try:
-        rev = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
-
-
 def command_line() -> list[str]:
     return ["hpcforge", *sys.argv[1:]] if Path(sys.argv[0]).name in ("hpcforge", "__main__.py") \
         else [sys.executable, *sys.argv]

@@ -17,6 +17,7 @@ from jobs.executor import make_executor, resolve_backend, submit_error, tasks_pe
 from jobs.tasks import EvaluateJob, PrepareJob, TrainJob
 from pipeline.config import ClusterConfig, Config, load_config
 from pipeline.errors import UserError
+from pipeline.provenance import git_revision
 
 STAGES = ("prepare", "train", "evaluate")
 
@@ -120,7 +121,7 @@ def record_for(stage: str, job_id: str, backend: str, cfg: Config, cluster: Clus
                dependency: str | None, extra: dict[str, Any], folder: Path) -> dict[str, Any]:
     return {"job_id": job_id, "stage": stage, "backend": backend, "folder": str(folder),
             "submitted": records.now(), "command": records.command_line(),
-            "git_revision": records.git_revision(), "depends_on": dependency,
+            "git_revision": git_revision(), "depends_on": dependency,
             "ranks": cluster.nodes * tasks_per_node(cluster), "nodes": cluster.nodes,
             "output_dir": cfg.output_dir, **extra,
             "cluster": dataclasses.asdict(cluster), "config": cfg.to_dict()}

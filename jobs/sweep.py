@@ -28,6 +28,7 @@ from jobs.submit import record_for, resolved, slurm_ranks
 from jobs.tasks import TrainJob
 from pipeline.config import LoggerConfig
 from pipeline.errors import UserError
+from pipeline.provenance import git_revision
 
 
 def split_values(text: str) -> list[str]:
@@ -122,7 +123,7 @@ def _submit_array(base, backend: str, jobs: list[TrainJob], task_overrides: list
     record = {"job_id": array_id, "kind": "sweep", "name": name, "backend": backend,
               "folder": str(jobs_dir / array_id), "sweep_dir": str(sweep_dir),
               "submitted": records.now(), "command": records.command_line(),
-              "git_revision": records.git_revision(), "parallelism": base.cluster.array_parallelism,
+              "git_revision": git_revision(), "parallelism": base.cluster.array_parallelism,
               "tasks": rows, **extra, "config": base.to_dict()}
     summary_cluster = dataclasses.replace(base.cluster, nodes=1, tasks_per_node=1, gpus_per_node=0)
     summary_ex = make_executor(summary_cluster, backend, jobs_dir, f"{name}-summary", binds,

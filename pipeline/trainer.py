@@ -11,10 +11,8 @@ import hashlib
 import json
 import math
 import os
-import platform
 import signal
 import socket
-import subprocess
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -34,6 +32,7 @@ from pipeline.data.store import open_store
 from pipeline.dist import Dist, init_distributed, only_grads_of
 from pipeline.errors import UserError
 from pipeline.launch import REQUEUE_EXIT_CODE  # 75 (EX_TEMPFAIL): "checkpointed, run me again"
+from pipeline.provenance import git_revision, versions
 from pipeline.optim import build_optimizer, build_scheduler, rank_scale
 from pipeline.tracking import Tracker
 
@@ -69,30 +68,6 @@ def weights_digest(model: torch.nn.Module) -> str:
 def build_model(cfg: Config) -> Trainable:
     _, build = MODELS[cfg.model.name]
     return build(cfg.model.params)
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-    out = {"python": platform.python_version()}
-    for pkg in ("hpcforge", "torch", "horovod", "zarr", "dask", "wandb"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
-
-
-def code_version() -> str:
-    """The git revision of the code that ran (with '+dirty' for uncommitted changes), or 'unknown'."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (rev + ("+dirty" if dirty else "")) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 class PreemptionFlag:
@@ -141,6 +116,8 @@ class Trainer:
         self.val_loader = (ShardedLoader(store, "val", **loader_args)
                            if store.meta["splits"]["val"] >= dist.size * t.batch_size else None)
         self.store_meta = {k: store.meta[k] for k in ("source", "splits", "checksums", "shuffle")}
+        # asked once per run (a git subprocess), not at every checkpoint
+        self.provenance = {"versions": versions(), "code_version": git_revision()}
         x_var = cfg.data.inputs.get("x")
         self.store_stats = store.stats("train", x_var) if x_var in store.meta["stats"]["train"] else None
         self.model = build_model(cfg).to(dist.device)
@@ -169,8 +146,7 @@ class Trainer:
         if resumed is None:
             dist.broadcast(self.model, *self.optimizers.values())
         self.tracker = Tracker(t.logger, self.run_dir, {**cfg.to_dict(), "dataset": self.store_meta,
-                                                         "versions": versions(),
-                                                         "code_version": code_version()},
+                                                         **self.provenance},
                                active=dist.is_main, run_id=resumed)
         self._announce()
 
@@ -475,7 +451,7 @@ class Trainer:
                 "best_value": self.checkpoints.best_value,
                 "model_name": self.cfg.model.name, "config": self.cfg.to_dict(),
                 "dataset": self.store_meta, "wandb_run_id": self.tracker.run_id,
-                "code_version": code_version(), "versions": versions()}
+                **self.provenance}
 
     def save(self) -> str | None:
         """Checkpoint on rank 0 (RNG states of every rank included); never non-finite weights."""

@@ -35,6 +35,7 @@ from pipeline.data.sources import SOURCES
 from pipeline.data.sources.base import Variable
 from pipeline.data.store import FORMAT, FORMAT_VERSION, SPLITS, open_store, shard_checksum
 from pipeline.errors import UserError
+from pipeline.provenance import versions
 
 INNER_CHUNK_BYTES = 1 << 20  # ~1 MiB inner chunks read best (DESIGN.md, zarr reads)
 # Memory model of the budget (checked by benchmarks/data_prepare.py, "peak RSS"):
@@ -431,13 +432,6 @@ def _create_arrays(path: Path, variables: dict[str, Variable], splits: dict[str,
                                attributes={"description": spec.description})
 
 
-def _versions() -> dict[str, str]:
-    import dask
-    import zarr
-    return {"hpcforge": "0.1.0", "numpy": np.__version__, "zarr": zarr.__version__,
-            "dask": dask.__version__}
-
-
 def content_config(cfg: DataConfig) -> dict[str, Any]:
     """The settings that decide the stored bytes; a resumed prepare must match them."""
     return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in NOT_CONTENT}))
@@ -642,7 +636,7 @@ def _run(cfg: DataConfig, resolved: dict, paths: Paths, n: int, variables: dict,
                     "seed": cfg.seed, "tasks": total, "tasks_run": ran1 + ran2},
         "invalid": _combine_invalid(results, cfg.invalid), "content": content, "arrays": True,
         "stats": _combine([r["stats"] for r in results]), "checksums": dict(sorted(checksums.items())),
-        "memory_budget": cfg.memory_budget, "versions": _versions(), "config": resolved,
+        "memory_budget": cfg.memory_budget, "versions": versions(), "config": resolved,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.time() - t0, 2)}
     return _finish(paths, meta)
 
