@@ -289,7 +289,7 @@ def translation_metrics(checkpoint: Path) -> dict[str, float]:
 
     from pipeline import physics
     from pipeline.evaluate import checkpoint_config, eval_split, load_checkpoint
-    from pipeline.data.store import open_store
+    from pipeline.data.store import normalization, open_store
     from pipeline.trainer import build_model
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt, [])
@@ -302,7 +302,7 @@ def translation_metrics(checkpoint: Path) -> dict[str, float]:
     real = {d: np.asarray(store.variable(split, v)[:], np.float64) for d, v in domains.items()}
     train = {d: np.asarray(store.variable("train", v)[:len(real[d])], np.float64)
              for d, v in domains.items()}
-    affine = {d: physics.affine_from_stats(store.stats("train", v), cfg.data.normalize)
+    affine = {d: normalization(store.stats("train", v), cfg.data.normalize)
               for d, v in domains.items()}
     ising = physics.OBSERVABLES["ising2d"].scalars
     for src, dst in (("a", "b"), ("b", "a")):

@@ -34,7 +34,7 @@ from pipeline.checkpoint import load, save_atomic
 from models.base import sampler
 from pipeline.config import Config, config_from_dict
 from pipeline.data.loader import ShardedLoader
-from pipeline.data.store import Store, open_store
+from pipeline.data.store import Store, normalization, open_store
 from pipeline.errors import UserError
 
 MAX_SAMPLES = 2048        # cap on real and generated samples per distance (W1, Fréchet)
@@ -131,7 +131,7 @@ def _fit(net: FeatureNet, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: 
 def normalized(store: Store, split: str, variable: str, how: str, n: int) -> np.ndarray:
     """The first n samples of a split (the store is globally shuffled), in the loader's space."""
     raw = np.asarray(store.variable(split, variable)[:n], np.float64)
-    shift, scale = physics.affine_from_stats(store.stats("train", variable), how)
+    shift, scale = normalization(store.stats("train", variable), how)
     return as_image((raw - _per_channel(shift, raw)) / _per_channel(scale, raw)).astype(np.float32)
 
 
@@ -191,7 +191,7 @@ class Evaluation:
     def __init__(self, cfg: Config, model: nn.Module, store: Store, split: str, seed: int = 0):
         self.cfg, self.model, self.store, self.split = cfg, model, store, split
         self.var = cfg.data.inputs["x"]
-        self.affine = physics.affine_from_stats(store.stats("train", self.var), cfg.data.normalize)
+        self.affine = normalization(store.stats("train", self.var), cfg.data.normalize)
         self.rng = np.random.default_rng(seed)
         self.metrics: dict[str, float] = {}
         self.figures: dict[str, Any] = {}

@@ -84,7 +84,7 @@ def physics_figures(source_name: str, real_batch: dict[str, np.ndarray], generat
     distance of each observable ("w1/<name>").
 
     real_batch["x"] and `generated` are (N, ...) in the loader's normalised space when `affine`
-    (physics.affine_from_stats of the store's train statistics) is given, else in physical units.
+    (pipeline.data.store.normalization of the store's train statistics) is given, else in physical units.
     Two-level variables (Ising spins) are taken by sign. Returns (name -> RGB uint8 image, distances).
     """
     obs = physics.observables_for(source_name)

@@ -223,20 +223,6 @@ def distances(source: str, real: np.ndarray, generated: np.ndarray) -> dict[str,
 
 
 # --------------------------------------------------------------------------- units
-def affine_from_stats(stats: dict, how: str) -> tuple[np.ndarray, np.ndarray]:
-    """(shift, scale) per channel of the loader's normalisation: normalised = (x - shift) / scale.
-
-    Mirrors pipeline.data.loader's minmax/standard/none maps from the store's train statistics.
-    """
-    if how == "none":
-        return np.zeros(1), np.ones(1)
-    if how == "minmax":
-        lo, hi = np.asarray(stats["min"], np.float64), np.asarray(stats["max"], np.float64)
-        return lo, np.where(hi > lo, hi - lo, 1.0)
-    std = np.asarray(stats["std"], np.float64)
-    return np.asarray(stats["mean"], np.float64), np.where(std > 0, std, 1.0)
-
-
 def denormalize(x: np.ndarray, affine: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """Normalised samples (N, C, ...) back to physical units, per channel."""
     shift, scale = (np.atleast_1d(a) for a in affine)

@@ -28,7 +28,7 @@ from models.base import Trainable, sampler
 from pipeline.checkpoint import Checkpoints, check_compatible, link_atomic, load
 from pipeline.config import Config
 from pipeline.data.loader import ShardedLoader
-from pipeline.data.store import open_store
+from pipeline.data.store import normalization, open_store
 from pipeline.dist import Dist, init_distributed, only_grads_of
 from pipeline.errors import UserError
 from pipeline.launch import REQUEUE_EXIT_CODE  # 75 (EX_TEMPFAIL): "checkpointed, run me again"
@@ -434,7 +434,7 @@ class Trainer:
             return {}, {}
         generated = sample(batch["x"].shape[0], batch).float().cpu().numpy()
         stats = self.store_stats
-        affine = physics.affine_from_stats(stats, self.cfg.data.normalize) if stats else None
+        affine = normalization(stats, self.cfg.data.normalize) if stats else None
         return figures.physics_figures(source, {"x": batch["x"].float().cpu().numpy()}, generated,
                                        affine)
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data.store import Store
+from pipeline.data.store import Store, normalization
 
 _DONE = object()
 
@@ -159,14 +159,10 @@ class ShardedLoader:
 
 
 def _normalizer(stats: dict[str, Any], how: str):
-    """Per-channel affine map from the stored train statistics: minmax to [0, 1], or standard."""
+    """The loader's per-channel affine map (pipeline.data.store.normalization) as a torch op."""
     if how == "none":
         return lambda t: t.float()
-    if how == "minmax":
-        lo, hi = np.array(stats["min"]), np.array(stats["max"])
-        shift, scale = lo, np.where(hi > lo, hi - lo, 1.0)
-    else:
-        shift, scale = np.array(stats["mean"]), np.where(np.array(stats["std"]) > 0, stats["std"], 1.0)
+    shift, scale = normalization(stats, how)
     shift_t = torch.tensor(shift, dtype=torch.float32)
     scale_t = torch.tensor(scale, dtype=torch.float32)
 

@@ -76,6 +76,18 @@ def open_store(path: str | Path) -> Store:
     return Store(path, root, meta)
 
 
+def normalization(stats: dict[str, Any], how: str) -> tuple[np.ndarray, np.ndarray]:
+    """(shift, scale) per channel of `data.normalize` from a variable's stored train statistics:
+    normalised = (x - shift) / scale. minmax maps to [0, 1], standard to zero mean and unit std."""
+    if how == "none":
+        return np.zeros(1), np.ones(1)
+    if how == "minmax":
+        lo, hi = np.asarray(stats["min"], np.float64), np.asarray(stats["max"], np.float64)
+        return lo, np.where(hi > lo, hi - lo, 1.0)
+    std = np.asarray(stats["std"], np.float64)
+    return np.asarray(stats["mean"], np.float64), np.where(std > 0, std, 1.0)
+
+
 def shard_checksum(arrays: dict[str, np.ndarray]) -> str:
     """sha256 over each variable's bytes, in name order: equal stores give equal checksums."""
     h = hashlib.sha256()

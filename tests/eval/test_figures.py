@@ -6,6 +6,7 @@ import pytest
 from sklearn.metrics import confusion_matrix
 
 from pipeline import figures, physics
+from pipeline.data.store import normalization
 from pipeline.data.sources import calo, ising2d
 
 
@@ -17,7 +18,7 @@ def test_physics_figures_of_ising_in_normalised_space_give_w1_of_the_observables
     spins = ising2d.generate(ising2d.Params(lattice=8, burn_in=10, chains=8), 0, 0, 0, 32)["spins"]
     real = (spins + 1) / 2                                  # the loader's minmax space
     generated = np.random.default_rng(0).random(real.shape)  # a useless generator
-    affine = physics.affine_from_stats({"min": [-1.0], "max": [1.0]}, "minmax")
+    affine = normalization({"min": [-1.0], "max": [1.0]}, "minmax")
     images, dists = figures.physics_figures("ising2d", {"x": real}, generated, affine)
     assert set(images) == {"observables", "profiles"} and all(map(_drawn, images.values()))
     gen_spins = np.where(generated >= 0.5, 1, -1)
