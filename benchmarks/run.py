@@ -25,26 +25,19 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def bench_allreduce(quick: bool) -> list[dict]:
-    from pipeline.launch import mpirun_command
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "allreduce.json"
-        cmd = mpirun_command(2, [str(out), "5" if quick else "30"], module="benchmarks.allreduce")
-        env = {**os.environ, "OMPI_MCA_btl_vader_single_copy_mechanism": "none"}
-        subprocess.run(cmd, check=True, env=env, cwd=Path(__file__).resolve().parent.parent)
-        return json.loads(out.read_text())
-
-
-def _mpi_json(nproc: int, args: list[str], module: str) -> dict:
+def _mpi_json(nproc: int, module: str, args: list[str]):
     """Run `python -m module OUT args...` on nproc ranks; return what rank 0 wrote to OUT."""
-    from pipeline.launch import mpirun_command
+    from pipeline.launch import mpi_env, mpirun_command
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
-        env = {**os.environ, "OMPI_MCA_btl_vader_single_copy_mechanism": "none"}
-        subprocess.run(mpirun_command(nproc, [args[0], str(out), *args[1:]], module=module),
-                       check=True, env=env, cwd=Path(__file__).resolve().parent.parent,
+        subprocess.run(mpirun_command(nproc, [str(out), *args], module=module), check=True,
+                       env=mpi_env(), cwd=Path(__file__).resolve().parent.parent,
                        stdout=subprocess.DEVNULL)
         return json.loads(out.read_text())
+
+
+def bench_allreduce(quick: bool) -> list[dict]:
+    return _mpi_json(2, "benchmarks.allreduce", ["5" if quick else "30"])
 
 
 def _small_store(tmp: str) -> str:
@@ -63,18 +56,18 @@ def bench_trainer(quick: bool) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         store = _small_store(tmp)
         for n in (1, 2):
-            ours = _mpi_json(n, ["trainer", store, "horovod", steps], "benchmarks.trainer")
-            base = _mpi_json(n, ["loop", "vae", "horovod", steps], "benchmarks.trainer")
+            ours = _mpi_json(n, "benchmarks.trainer", ["trainer", store, "horovod", steps])
+            base = _mpi_json(n, "benchmarks.trainer", ["loop", "vae", "horovod", steps])
             rows.append(_row("trainer", f"VAE 16x16, {n} rank(s)", ours["steps_per_s"],
                              base["steps_per_s"], "step/s", ">= 0.95",
                              "hpcforge Trainer steps/s / minimal Horovod loop (data in memory)"))
-        one = _mpi_json(1, ["loop", "resnet", "horovod", steps], "benchmarks.trainer")
-        two = _mpi_json(2, ["loop", "resnet", "horovod", steps], "benchmarks.trainer")
+        one = _mpi_json(1, "benchmarks.trainer", ["loop", "resnet", "horovod", steps])
+        two = _mpi_json(2, "benchmarks.trainer", ["loop", "resnet", "horovod", steps])
         rows.append(_row("weak-scaling", "ResNet 32x32, 2x1 / 1x1 thread", two["samples_per_s"],
                          one["samples_per_s"], "img/s", ">= 1.8",
                          "global samples/s, 2 ranks x 1 thread / 1 rank x 1 thread"))
-        ddp = _mpi_json(2, ["trainer", store, "ddp", steps], "benchmarks.trainer")
-        hvd = _mpi_json(2, ["trainer", store, "horovod", steps], "benchmarks.trainer")
+        ddp = _mpi_json(2, "benchmarks.trainer", ["trainer", store, "ddp", steps])
+        hvd = _mpi_json(2, "benchmarks.trainer", ["trainer", store, "horovod", steps])
         rows.append(_row("ddp-vs-hvd", "VAE 16x16, 2 ranks", ddp["steps_per_s"], hvd["steps_per_s"],
                          "step/s", "report", "Trainer steps/s with DDP (gloo) / with Horovod (MPI)"))
     return rows

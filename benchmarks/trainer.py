@@ -1,7 +1,7 @@
 """Trainer benchmarks (trainer issue), run on N ranks by benchmarks/run.py:
 
-    python -m benchmarks.trainer trainer OUT STORE BACKEND STEPS   # hpcforge's Trainer.fit
-    python -m benchmarks.trainer loop    OUT MODEL BACKEND STEPS   # a minimal hand-written loop
+    python -m benchmarks.trainer OUT trainer STORE BACKEND STEPS   # hpcforge's Trainer.fit
+    python -m benchmarks.trainer OUT loop    MODEL BACKEND STEPS   # a minimal hand-written loop
 
 `loop` is the baseline a Horovod user would write: the same model, batches already in memory,
 hvd.DistributedOptimizer, zero_grad/backward/step. Rank 0 writes {"steps_per_s", "samples_per_s"}.
@@ -77,7 +77,7 @@ def run_loop(model_name: str, backend: str, steps: int) -> dict:
 
 
 if __name__ == "__main__":
-    mode, out, what, backend, steps = sys.argv[1:6]
+    out, mode, what, backend, steps = sys.argv[1:6]
     result = run_trainer(what, backend, int(steps)) if mode == "trainer" else run_loop(what, backend, int(steps))
     if result["rank"] == 0:
         with open(out, "w") as f:

@@ -100,10 +100,6 @@ class Dist:
         """Average scalars over ranks (one collective for all of them)."""
         return {k: float(values[k]) for k in sorted(values)}
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank if `flag` is true on any rank (used to agree on stopping)."""
-        return bool(flag)
-
     def gather_object(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order."""
         return [obj]
@@ -172,12 +168,6 @@ class HorovodDist(Dist):
         t = self.hvd.allreduce(t, op=self.hvd.Average, name="hpcforge.mean")
         return dict(zip(keys, t.tolist()))
 
-    def any(self, flag):
-        if self.size == 1:
-            return bool(flag)
-        t = self.hvd.allreduce(torch.tensor([float(flag)]), op=self.hvd.Max, name="hpcforge.any")
-        return bool(t.item() > 0)
-
     # Horovod names object collectives after the object's type unless told: rank 0's str and
     # another rank's None would then never meet. Fixed names keep the ranks matched.
     def gather_object(self, obj):
@@ -241,11 +231,6 @@ class TorchDist(Dist):
         t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self._dev)
         self.td.all_reduce(t)
         return dict(zip(keys, (t / self.size).tolist()))
-
-    def any(self, flag):
-        t = torch.tensor([float(flag)], device=self._dev)
-        self.td.all_reduce(t, op=self.td.ReduceOp.MAX)
-        return bool(t.item() > 0)
 
     def gather_object(self, obj):
         out: list[Any] = [None] * self.size

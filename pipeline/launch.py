@@ -38,6 +38,14 @@ def _which(name: str) -> str:
     return path
 
 
+def mpi_env() -> dict[str, str]:
+    """The environment for an mpirun we start: ours, plus one OpenMPI default that fits here."""
+    env = dict(os.environ)
+    # Single-copy shared memory needs ptrace rights containers often lack; plain copies work anywhere.
+    env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+    return env
+
+
 def needs_launch(nproc: int) -> bool:
     return nproc > 1 and detect_launcher().size == 1
 
@@ -48,9 +56,7 @@ def relaunch(nproc: int, argv: list[str], launcher: str = "mpirun") -> int:
     Preemption signals reaching this process are passed on as SIGUSR1, which mpirun forwards to
     every rank (a SIGTERM to mpirun itself would kill the ranks before they can checkpoint).
     """
-    env = dict(os.environ)
-    # Single-copy shared memory needs ptrace rights containers often lack; plain copies work anywhere.
-    env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+    env = mpi_env()
     cmd = mpirun_command(nproc, argv, launcher)
     print(f"[hpcforge] launching {nproc} ranks: {' '.join(cmd)}", flush=True)
     proc = subprocess.Popen(cmd, env=env)
