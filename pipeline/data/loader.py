@@ -9,18 +9,25 @@ rank shuffles a buffer of `buffer_blocks` blocks at a time with a stream from (s
 When CUDA is present the prefetch thread pins each batch's memory, so `to_device` can copy it with
 non_blocking=True and the copy overlaps the step (pinned pages are what make async H2D copies
 possible). `data_wait_fraction()` is the share of the consumer's time spent waiting for batches.
+
+Blocks are read by `pipeline.data.shards.ShardReader` straight from the shard files when the array
+is in the layout `prepare` writes (through zarr otherwise), each block decoded on a small thread
+pool (`read_threads`; Blosc releases the GIL), into one buffer per group of `buffer_blocks`.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.data.shards import ShardReader, run_all
 from pipeline.data.store import Store, normalization
 
 _DONE = object()
@@ -29,8 +36,11 @@ _DONE = object()
 class ShardedLoader:
     def __init__(self, store: Store, split: str, inputs: dict[str, str], batch_size: int,
                  rank: int = 0, world: int = 1, seed: int = 0, normalize: str = "none",
-                 prefetch: int = 2, buffer_blocks: int = 4, pin_memory: bool | None = None):
+                 prefetch: int = 2, buffer_blocks: int = 4, pin_memory: bool | None = None,
+                 read_threads: int | None = None):
         self.arrays = {key: store.variable(split, var) for key, var in inputs.items()}
+        self.readers = {key: ShardReader.of(a) for key, a in self.arrays.items()}
+        self.read_threads = read_threads or min(4, os.cpu_count() or 1)
         self.n = next(iter(self.arrays.values())).shape[0]
         self.block = max(a.chunks[0] for a in self.arrays.values())
         self.transforms = {key: _normalizer(store.stats("train", var), normalize)
@@ -87,13 +97,29 @@ class ShardedLoader:
                 break
         return out
 
-    def _batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+    def _read(self, group: list[tuple[int, int]], pool: Executor | None) -> dict[str, np.ndarray]:
+        """The samples of `group`'s ranges, concatenated, per batch key; blocks decoded on `pool`."""
+        total = sum(e - s for s, e in group)
+        out, jobs = {}, []
+        for k, a in self.arrays.items():
+            out[k] = buf = np.empty((total, *a.shape[1:]), a.dtype)
+            at = 0
+            for s, e in group:
+                dest = buf[at:at + e - s]
+                reader = self.readers[k]
+                jobs += (reader.tasks(s, e, dest) if reader is not None
+                         else [_zarr_job(a, s, e, dest)])
+                at += e - s
+        run_all(jobs, pool)
+        return out
+
+    def _batches(self, epoch: int, pool: Executor | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
         rng = np.random.default_rng([self.seed, epoch, self.rank])
         segs = self.segments(epoch)
         carry: dict[str, np.ndarray] | None = None
         for i in range(0, len(segs), self.buffer_blocks):
-            group = segs[i:i + self.buffer_blocks]
-            buf = {k: np.concatenate([a[s:e] for s, e in group]) for k, a in self.arrays.items()}
+            buf = self._read(segs[i:i + self.buffer_blocks], pool)
             perm = rng.permutation(len(next(iter(buf.values()))))
             buf = {k: v[perm] for k, v in buf.items()}
             if carry is not None:
@@ -120,9 +146,12 @@ class ShardedLoader:
         epoch, skip = self.epoch, self.start_batch
         stop = threading.Event()
 
+        pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="hpcforge-read") \
+            if self.read_threads > 1 else None
+
         def produce() -> None:
             try:
-                for i, batch in enumerate(self._batches(epoch)):
+                for i, batch in enumerate(self._batches(epoch, pool)):
                     if i >= len(self) or stop.is_set():
                         break
                     if i >= skip:
@@ -156,6 +185,14 @@ class ShardedLoader:
                     q.get_nowait()
                 except queue.Empty:
                     thread.join(0.01)
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _zarr_job(array: Any, start: int, stop: int, dest: np.ndarray) -> Callable[[], None]:
+    def job() -> None:
+        dest[...] = array[start:stop]
+    return job
 
 
 def _normalizer(stats: dict[str, Any], how: str):
