@@ -1,11 +1,12 @@
 """`hpcforge prepare`: generate (or import) a dataset with Dask, split, globally shuffle, write Zarr.
 
-The shuffle is two passes whose task count grows linearly with the data (n_in + n_out tasks; a
-Dask `x[perm]` builds ~2 n^2 tasks for n chunks, see DESIGN.md):
-  pass 1, one task per input chunk: generate (or read) it, validate it, compute partial
-          statistics, and scatter its samples to a scratch folder per destination shard;
-  pass 2, one task per output shard: gather that shard's pieces, order them, write the shard once
-          and return its checksum.
+The shuffle is two passes whose task count grows linearly with the data (at most n_in + n_out
+tasks; a Dask `x[perm]` builds ~2 n^2 tasks for n chunks, see DESIGN.md):
+  pass 1, one task per input chunk (small chunks grouped a few per task, `group_chunks`):
+          generate (or read) it, validate it, compute partial statistics, and write its samples
+          to one scratch file, sorted by destination shard (n_in files, not n_in x n_out);
+  pass 2, one task per output shard: read that shard's piece of each chunk file (one contiguous
+          range per variable), order them, write the shard once and return its checksum.
 Destinations come from a seeded Feistel bijection (`Permutation`), computed inside each task for
 its own samples, so no process ever holds the whole permutation. Peak memory per task is one input
 chunk or one output shard, and shards are sized from `data.memory_budget`.
@@ -38,6 +39,8 @@ from pipeline.errors import UserError
 from pipeline.provenance import versions
 
 INNER_CHUNK_BYTES = 1 << 20  # ~1 MiB inner chunks read best (DESIGN.md, zarr reads)
+TASK_MIN_BYTES = 16 << 20    # pass-1 tasks group small chunks up to this much input ...
+TASKS_PER_SLOT = 4           # ... keeping at least this many tasks per Dask task slot
 # Memory model of the budget (checked by benchmarks/data_prepare.py, "peak RSS"):
 WORKER_BASE = 200 << 20      # an idle Dask worker + its nanny with numpy/zarr loaded, ~200 MiB RSS
 PASS1_COPIES = 3             # a chunk as generated, the pieces cut from it, stats sub-blocks
@@ -296,34 +299,67 @@ def _atomic_write(path: Path, write) -> None:
 
 def scatter_chunk(cfg: DataConfig, layout: Layout, chunk_index: int,
                   variables: dict[str, Variable], scratch: str) -> dict[str, Any]:
-    """Pass 1: make one chunk, validate it, write its pieces to scratch/buckets/<split>/<shard>/."""
+    """Pass 1: make one chunk, validate it, and write its kept samples to one scratch file,
+    ordered by (split, destination bucket); the result says where each bucket's rows are."""
     start, stop = layout.chunk(chunk_index)
     arrays = SOURCES[cfg.source].generate(cfg.params, cfg.seed, chunk_index, start, stop - start)
     arrays, keep, invalid = validate(arrays, variables, start, cfg.invalid, cfg.fill_value)
     positions = destinations(cfg.seed, layout.n_samples, start, stop)
-    result: dict[str, Any] = {"stats": {}, "dropped": {}, "invalid": invalid}
+    result: dict[str, Any] = {"stats": {}, "dropped": {}, "invalid": invalid, "pieces": {}}
+    rows, local, at = [], [], 0
     for split in SPLITS:
         lo, n = layout.split_start(split), layout.splits[split]
         inside = (positions >= lo) & (positions < lo + n)
         result["dropped"][split] = positions[inside & ~keep] - lo
         sel = np.flatnonzero(inside & keep)
-        if len(sel):
-            result["stats"][split] = {k: _partial_stats(v[sel]) for k, v in arrays.items()}
-            _scatter(arrays, sel, positions[sel] - lo, split, chunk_index, layout.shard_size, scratch)
+        if not len(sel):
+            continue
+        result["stats"][split] = {k: _partial_stats(v[sel]) for k, v in arrays.items()}
+        pos = positions[sel] - lo
+        order = np.argsort(pos // layout.shard_size, kind="stable")
+        sel, pos = sel[order], pos[order]
+        buckets, first, count = np.unique(pos // layout.shard_size, return_index=True,
+                                          return_counts=True)
+        result["pieces"][split] = np.stack([buckets, at + first, count], axis=1).astype(np.int64)
+        rows.append(sel)
+        local.append(pos)
+        at += len(sel)
+    result["rows"] = at
+    take = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    sections = [np.concatenate(local).astype(np.int64) if local else np.zeros(0, np.int64)]
+    sections += [np.ascontiguousarray(arrays[k][take], np.dtype(variables[k].dtype))
+                 for k in sorted(variables)]
+    _atomic_write(_chunk_file(scratch, chunk_index),
+                  lambda f: [a.tofile(f) for a in sections])
     _atomic_write(Path(scratch) / "chunks" / f"{chunk_index:08d}.pkl",
                   lambda f: pickle.dump(result, f))
     return result
 
 
-def _scatter(arrays: dict[str, np.ndarray], sel: np.ndarray, local: np.ndarray, split: str,
-             chunk_index: int, shard_size: int, scratch: str) -> None:
-    shard_of = local // shard_size
-    for shard in np.unique(shard_of):
-        mine = shard_of == shard
-        take = sel[mine]
-        path = Path(scratch) / "buckets" / split / f"{shard:06d}" / f"{chunk_index:08d}.npz"
-        _atomic_write(path, lambda f: np.savez(f, __pos__=local[mine],
-                                               **{k: v[take] for k, v in arrays.items()}))
+def _chunk_file(scratch: str, chunk_index: int) -> Path:
+    return Path(scratch) / "pieces" / f"{chunk_index:08d}.bin"
+
+
+def _read_piece(path: Path, rows: int, first: int, count: int,
+                variables: dict[str, Variable]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Rows [first, first + count) of a pass-1 chunk file of `rows` rows: positions, variables.
+    The file holds int64 positions, then each variable (in name order), each section whole."""
+    specs = [("__pos__", np.dtype(np.int64), ())]
+    specs += [(k, np.dtype(variables[k].dtype), tuple(variables[k].shape)) for k in sorted(variables)]
+    out, offset = {}, 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for name, dtype, shape in specs:
+            row = dtype.itemsize * math.prod(shape)
+            raw = os.pread(fd, count * row, offset + first * row)
+            if len(raw) != count * row:
+                raise UserError(f"{path}: pass-1 piece cut short ({len(raw)} of {count * row} "
+                                f"bytes); delete {path.parent.parent} and run prepare again")
+            out[name] = np.frombuffer(raw, dtype).reshape(count, *shape)
+            offset += rows * row
+    finally:
+        os.close(fd)
+    return out.pop("__pos__"), out
 
 
 # --------------------------------------------------------------------------- pass 2
@@ -334,27 +370,38 @@ def _kept(n_split: int, dropped: np.ndarray, lo: int, hi: int) -> np.ndarray | N
     return np.delete(np.arange(n_split), dropped)[lo:hi]
 
 
+def shard_pieces(results: list[dict], split: str, first_bucket: int, last_bucket: int
+                 ) -> np.ndarray:
+    """(chunk, rows, first row, count) of every pass-1 piece in buckets first..last of `split`."""
+    found = []
+    for i, r in enumerate(results):
+        table = r["pieces"].get(split)
+        if table is None:
+            continue
+        hit = table[(table[:, 0] >= first_bucket) & (table[:, 0] <= last_bucket)]
+        found += [(i, r["rows"], int(a), int(c)) for a, c in hit[:, 1:]]
+    return np.asarray(found, np.int64).reshape(-1, 4)
+
+
 def write_shard(store_path: str, scratch: str, split: str, shard: int, start: int, stop: int,
-                wanted: np.ndarray | None, shard_size: int,
+                wanted: np.ndarray | None, pieces: np.ndarray,
                 variables: dict[str, Variable]) -> tuple[str, str]:
     """Pass 2: gather one shard's pieces into place, write it once, record its checksum.
 
-    `wanted` are the pre-drop positions of this shard's samples (None: positions start..stop).
-    Dropping only moves samples down, so they sit in one or a few consecutive buckets.
+    `wanted` are the pre-drop positions of this shard's samples (None: positions start..stop);
+    `pieces` (from `shard_pieces`) are where pass 1 put the buckets that hold them. Dropping only
+    moves samples down, so they sit in one or a few consecutive buckets.
     """
     wanted = np.arange(start, stop) if wanted is None else wanted
     out = {k: np.empty((stop - start, *v.shape), v.dtype) for k, v in variables.items()}
     filled = 0
-    for bucket in range(int(wanted[0]) // shard_size, int(wanted[-1]) // shard_size + 1):
-        folder = Path(scratch) / "buckets" / split / f"{bucket:06d}"
-        for piece in sorted(folder.glob("*.npz")):
-            with np.load(piece) as z:
-                pos = z["__pos__"]
-                at = np.searchsorted(wanted, pos)
-                ok = (at < len(wanted)) & (wanted[np.minimum(at, len(wanted) - 1)] == pos)
-                for k in out:
-                    out[k][at[ok]] = z[k][ok]
-                filled += int(ok.sum())
+    for chunk, rows, first, count in pieces.tolist():
+        pos, values = _read_piece(_chunk_file(scratch, chunk), rows, first, count, variables)
+        at = np.searchsorted(wanted, pos)
+        ok = (at < len(wanted)) & (wanted[np.minimum(at, len(wanted) - 1)] == pos)
+        for k in out:
+            out[k][at[ok]] = values[k][ok]
+        filled += int(ok.sum())
     assert filled == stop - start, f"{split}/{shard}: {filled} of {stop - start} samples found"
     write_region(store_path, split, start, stop, out)
     checksum = shard_checksum(out)
@@ -442,7 +489,7 @@ def content_config(cfg: DataConfig) -> dict[str, Any]:
 class Paths:
     final: Path      # the store, once complete
     partial: Path    # the store while it is written
-    scratch: Path    # pass-1 buckets, and the records of finished chunks and shards
+    scratch: Path    # pass-1 chunk files, and the records of finished chunks and shards
 
     @classmethod
     def of(cls, path: str) -> "Paths":
@@ -522,17 +569,38 @@ def _progress(cfg: DataConfig, futures: list) -> None:
         print(flush=True)
 
 
-def _pass1(client, cfg: DataConfig, layout: Layout, variables: dict, paths: Paths, token: str
-           ) -> tuple[list[dict], int]:
-    """Run the chunks not yet recorded; return every chunk's result, in chunk order."""
+def scatter_chunks(cfg: DataConfig, layout: Layout, chunks: list[int],
+                   variables: dict[str, Variable], scratch: str) -> list[dict[str, Any]]:
+    """Pass 1 for a group of chunks, one after the other (memory: one chunk at a time); each
+    chunk is recorded on its own, so a resume redoes only the chunks without a record."""
+    return [scatter_chunk(cfg, layout, i, variables, scratch) for i in chunks]
+
+
+def group_chunks(chunks: list[int], chunk_bytes: int, slots: int) -> list[list[int]]:
+    """Consecutive chunks grouped into pass-1 tasks of at least TASK_MIN_BYTES of input (Dask
+    costs ~2 ms per task here, a 128 KiB chunk ~2 ms of work), but never fewer than
+    TASKS_PER_SLOT tasks per slot, so every worker stays busy until the end."""
+    by_size = max(1, TASK_MIN_BYTES // max(1, chunk_bytes))
+    by_balance = max(1, len(chunks) // (TASKS_PER_SLOT * max(1, slots)))
+    g = min(by_size, by_balance)
+    return [chunks[i:i + g] for i in range(0, len(chunks), g)]
+
+
+def _pass1(client, cfg: DataConfig, layout: Layout, variables: dict, paths: Paths, token: str,
+           slots: int) -> tuple[list[dict], int, int]:
+    """Run the chunks not yet recorded; return every chunk's result, in chunk order, the number
+    of chunks run and the number of tasks."""
     done = {int(p.stem): pickle.loads(p.read_bytes())
             for p in (paths.scratch / "chunks").glob("*.pkl")}
+    done = {i: r for i, r in done.items() if "pieces" in r}  # older scratch layouts: redo
     todo = [i for i in range(layout.n_chunks) if i not in done]
-    futures = [client.submit(scatter_chunk, cfg, layout, i, variables, str(paths.scratch),
-                             key=f"scatter-{i}-{token}", pure=False) for i in todo]
+    groups = group_chunks(todo, cfg.chunk_size * sample_bytes(variables), slots)
+    futures = [client.submit(scatter_chunks, cfg, layout, g, variables, str(paths.scratch),
+                             key=f"scatter-{g[0]}-{token}", pure=False) for g in groups]
     _progress(cfg, futures)
-    done.update(zip(todo, client.gather(futures)))
-    return [done[i] for i in range(layout.n_chunks)], len(todo)
+    for group, results in zip(groups, client.gather(futures)):
+        done.update(zip(group, results))
+    return [done[i] for i in range(layout.n_chunks)], len(todo), len(groups)
 
 
 def _final_splits(layout: Layout, results: list[dict]) -> tuple[dict[str, int], dict]:
@@ -555,8 +623,8 @@ def _ensure_arrays(paths: Paths, variables: dict, splits: dict, shard_size: int)
         root.attrs["hpcforge"] = {**meta, "arrays": True}
 
 
-def _pass2(client, cfg: DataConfig, layout: Layout, final: dict, dropped: dict, variables: dict,
-           paths: Paths, token: str) -> tuple[dict[str, str], int]:
+def _pass2(client, cfg: DataConfig, layout: Layout, results: list[dict], final: dict,
+           dropped: dict, variables: dict, paths: Paths, token: str) -> tuple[dict[str, str], int]:
     """Write the shards without a recorded checksum; return every shard's checksum."""
     done = {}
     for p in (paths.scratch / "shards").glob("*.json"):
@@ -566,11 +634,14 @@ def _pass2(client, cfg: DataConfig, layout: Layout, final: dict, dropped: dict, 
             for s in SPLITS}
     out = Layout(sum(final.values()), layout.chunk_size, layout.shard_size, final)
     todo = [s for s in out.shards() if f"{s[0]}/{s[1]}" not in done]
-    futures = [client.submit(write_shard, str(paths.partial), str(paths.scratch), split, j, a, b,
-                             None if kept[split] is None else kept[split][a:b],
-                             layout.shard_size, variables,
-                             key=f"write-{split}-{j}-{token}", pure=False)
-               for split, j, a, b in todo]
+    futures = []
+    for split, j, a, b in todo:
+        wanted = None if kept[split] is None else kept[split][a:b]
+        lo, hi = (a, b - 1) if wanted is None else (int(wanted[0]), int(wanted[-1]))
+        pieces = shard_pieces(results, split, lo // layout.shard_size, hi // layout.shard_size)
+        futures.append(client.submit(write_shard, str(paths.partial), str(paths.scratch), split,
+                                     j, a, b, wanted, pieces, variables,
+                                     key=f"write-{split}-{j}-{token}", pure=False))
     _progress(cfg, futures)
     done.update(dict(client.gather(futures)))
     return done, len(todo)
@@ -614,16 +685,19 @@ def _run(cfg: DataConfig, resolved: dict, paths: Paths, n: int, variables: dict,
     content, t0, token = content_config(cfg), time.time(), os.urandom(4).hex()
     state = _resume_state(paths, cfg, content, log)
     with dask_client(cfg.dask, log) as client:
+        workers, slots = shape(cfg.dask, client)
         if state is None:
-            per_task = task_memory(cfg, *shape(cfg.dask, client))
+            per_task = task_memory(cfg, workers, slots)
             check_chunks(cfg, variables, per_task)
             state = _start_partial(paths, content, size_shards(cfg, variables, n, per_task))
         layout = make_layout(cfg, n, state["shard_size"])
-        results, ran1 = _pass1(client, cfg, layout, variables, paths, token)
+        results, ran1, tasks1 = _pass1(client, cfg, layout, variables, paths, token, slots)
         final, dropped = _final_splits(layout, results)
         _ensure_arrays(paths, variables, final, layout.shard_size)
-        checksums, ran2 = _pass2(client, cfg, layout, final, dropped, variables, paths, token)
-    total = layout.n_chunks + len(checksums)
+        checksums, ran2 = _pass2(client, cfg, layout, results, final, dropped, variables,
+                                 paths, token)
+    chunk_bytes = cfg.chunk_size * sample_bytes(variables)
+    total = len(group_chunks(list(range(layout.n_chunks)), chunk_bytes, slots)) + len(checksums)
     if ran1 + ran2 < total:
         log(f"resumed: kept {layout.n_chunks - ran1} of {layout.n_chunks} chunks and "
             f"{len(checksums) - ran2} of {len(checksums)} shards; redid the rest")
@@ -631,9 +705,10 @@ def _run(cfg: DataConfig, resolved: dict, paths: Paths, n: int, variables: dict,
         "format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
         "source": cfg.source, "splits": final, "n_samples": sum(final.values()),
         "n_read": n, "shard_size": layout.shard_size, "chunk_size": cfg.chunk_size,
-        "shuffle": {"algorithm": "two-pass bucket (scatter by destination shard, gather)",
+        "shuffle": {"algorithm": "two-pass bucket (sort each chunk by destination shard, gather)",
                     "permutation": f"Feistel, {Permutation.ROUNDS} rounds, cycle walking",
-                    "seed": cfg.seed, "tasks": total, "tasks_run": ran1 + ran2},
+                    "seed": cfg.seed, "tasks": total, "tasks_run": tasks1 + ran2,
+                    "chunks": layout.n_chunks, "shards": len(checksums)},
         "invalid": _combine_invalid(results, cfg.invalid), "content": content, "arrays": True,
         "stats": _combine([r["stats"] for r in results]), "checksums": dict(sorted(checksums.items())),
         "memory_budget": cfg.memory_budget, "versions": versions(), "config": resolved,

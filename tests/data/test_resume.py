@@ -59,7 +59,10 @@ def test_killed_prepare_resumes_redoing_only_missing_shards_bit_identical(tmp_pa
     assert "resuming the interrupted prepare" in again.stdout
     assert f"kept 10 of 10 chunks and {kept} of 20 shards" in again.stdout
     resumed = open_store(store)
-    assert resumed.meta["shuffle"]["tasks"] == 30 and resumed.meta["shuffle"]["tasks_run"] == 20 - kept
+    shuffle = resumed.meta["shuffle"]
+    assert (shuffle["chunks"], shuffle["shards"]) == (10, 20)
+    assert shuffle["tasks"] == 5 + 20                 # 1 slot: tiny chunks two per pass-1 task
+    assert shuffle["tasks_run"] == 20 - kept          # pass 1 was all recorded: none rerun
     assert not paths.partial.exists() and not paths.scratch.exists()
     # an uninterrupted run (2 workers, in this process) writes the same bytes
     cfg = load_config("demo", [f"output_dir={tmp_path / 'whole'}", *SMALL])
