@@ -6,7 +6,8 @@ equal parts and rank r reads part r, so each sample is seen once per epoch acros
 that does not divide evenly is dropped, like DistributedSampler with drop_last). Within its part a
 rank shuffles a buffer of `buffer_blocks` blocks at a time with a stream from (seed, epoch, rank).
 
-When CUDA is present the prefetch thread pins each batch's memory, so `to_device` can copy it with
+Each buffer is converted to torch, normalised and, when CUDA is present, pinned once as a whole by
+the prefetch thread; its batches are slices of it. Pinned, `to_device` can copy a batch with
 non_blocking=True and the copy overlaps the step (pinned pages are what make async H2D copies
 possible). `data_wait_fraction()` is the share of the consumer's time spent waiting for batches.
 
@@ -114,25 +115,27 @@ class ShardedLoader:
         return out
 
     def _batches(self, epoch: int, pool: Executor | None = None
-                 ) -> Iterator[dict[str, np.ndarray]]:
+                 ) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's batches for `epoch`: each group of blocks is read, shuffled, converted and
+        normalised (and pinned) once, as a whole; its batches are slices of it (views, no copy)."""
         rng = np.random.default_rng([self.seed, epoch, self.rank])
         segs = self.segments(epoch)
-        carry: dict[str, np.ndarray] | None = None
+        carry: dict[str, torch.Tensor] | None = None
         for i in range(0, len(segs), self.buffer_blocks):
             buf = self._read(segs[i:i + self.buffer_blocks], pool)
             perm = rng.permutation(len(next(iter(buf.values()))))
-            buf = {k: v[perm] for k, v in buf.items()}
+            group = self._to_torch({k: v[perm] for k, v in buf.items()})
             if carry is not None:
-                buf = {k: np.concatenate([carry[k], v]) for k, v in buf.items()}
-            n = len(next(iter(buf.values())))
+                group = {k: torch.cat([carry[k], v]) for k, v in group.items()}
+            n = len(next(iter(group.values())))
             full = n - n % self.batch_size
             for j in range(0, full, self.batch_size):
-                yield {k: v[j:j + self.batch_size] for k, v in buf.items()}
-            carry = {k: v[full:] for k, v in buf.items()}
+                yield {k: v[j:j + self.batch_size] for k, v in group.items()}
+            carry = {k: v[full:] for k, v in group.items()}
 
-    def _to_torch(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    def _to_torch(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         out = {}
-        for k, v in batch.items():
+        for k, v in arrays.items():
             if v.dtype.kind in "iu" and v.ndim == 1:  # class labels: torch losses expect int64
                 v = v.astype(np.int64)
             t = torch.from_numpy(np.ascontiguousarray(v))
@@ -155,7 +158,7 @@ class ShardedLoader:
                     if i >= len(self) or stop.is_set():
                         break
                     if i >= skip:
-                        q.put(self._to_torch(batch))
+                        q.put(batch)
                 q.put(_DONE)
             except BaseException as e:  # surfaced in the consumer, not lost in the thread
                 q.put(e)
@@ -203,7 +206,7 @@ def _normalizer(stats: dict[str, Any], how: str):
     shift_t = torch.tensor(shift, dtype=torch.float32)
     scale_t = torch.tensor(scale, dtype=torch.float32)
 
-    def apply(t: torch.Tensor) -> torch.Tensor:
+    def apply(t: torch.Tensor) -> torch.Tensor:  # t is the loader's own buffer: in place is safe
         view = (1, -1) + (1,) * (t.ndim - 2)
-        return (t.float() - shift_t.view(view)) / scale_t.view(view)
+        return t.float().sub_(shift_t.view(view)).div_(scale_t.view(view))
     return apply
