@@ -278,6 +278,20 @@ def _rendezvous(place: Placement) -> tuple[str, str]:
                     f"MASTER_PORT, or start the ranks with mpirun, srun or torchrun")
 
 
+# OpenMPI, for ranks whose threads fill the CPU cores (training on CPU): a rank waiting in MPI
+# yields its core instead of spinning on it. Horovod's background thread negotiates every cycle;
+# spinning there starved the compute threads: 2 ranks x 1 thread on 2 cores scaled 1.2x, 1.96x
+# with this (benchmarks/trainer.py). Not on GPUs: the cores are free there and polling is faster.
+CPU_MPI_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "1"}
+
+
+def apply_cpu_mpi_defaults(env: dict[str, str] | Any = os.environ) -> None:
+    """Set CPU_MPI_DEFAULTS in `env` (keeping anything the user set) when there is no GPU."""
+    if not torch.cuda.is_available():
+        for k, v in CPU_MPI_DEFAULTS.items():
+            env.setdefault(k, v)
+
+
 def init_distributed(cfg: DistConfig) -> Dist:
     """Start the backend, pin this rank's GPU, and check the launcher agrees about the world."""
     place = detect_launcher()
@@ -305,6 +319,7 @@ def init_distributed(cfg: DistConfig) -> Dist:
     # A rank that stops answering ends the job after timeout_s instead of hanging for ever.
     os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(5, cfg.timeout_s // 4)))
     os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(cfg.timeout_s))
+    apply_cpu_mpi_defaults()  # read by MPI_Init, which hvd.init() calls: srun launches get it too
     hvd.init()
     place = Placement(place.launcher, hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
     return HorovodDist(place, device, cfg)

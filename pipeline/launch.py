@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 
-from pipeline.dist import detect_launcher
+from pipeline.dist import apply_cpu_mpi_defaults, detect_launcher
 from pipeline.errors import UserError
 
 REQUEUE_EXIT_CODE = 75  # the trainer's "checkpointed after a preemption signal" status
@@ -43,6 +43,7 @@ def mpi_env() -> dict[str, str]:
     env = dict(os.environ)
     # Single-copy shared memory needs ptrace rights containers often lack; plain copies work anywhere.
     env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+    apply_cpu_mpi_defaults(env)  # CPU ranks yield while they wait (pipeline.dist)
     return env
 
 

@@ -28,3 +28,23 @@ def test_mpirun_line_needs_no_user_flags():
     cmd = mpirun_command(2, ["train", "-e", "demo"])
     assert cmd[1:5] == ["-np", "2", "--oversubscribe", "--bind-to"]
     assert cmd[-5:] == ["-m", "pipeline", "train", "-e", "demo"]
+
+
+def test_cpu_ranks_yield_in_mpi_waits_and_gpu_ranks_keep_polling_gpu_mocked(monkeypatch):
+    """No GPU here: torch.cuda.is_available is mocked for the GPU case."""
+    import torch
+
+    from pipeline.dist import apply_cpu_mpi_defaults
+    from pipeline.launch import mpi_env
+    env: dict[str, str] = {}
+    apply_cpu_mpi_defaults(env)
+    assert env == {"OMPI_MCA_mpi_yield_when_idle": "1"}
+    mine = {"OMPI_MCA_mpi_yield_when_idle": "0"}
+    apply_cpu_mpi_defaults(mine)
+    assert mine == {"OMPI_MCA_mpi_yield_when_idle": "0"}            # the user's choice stays
+    monkeypatch.delenv("OMPI_MCA_mpi_yield_when_idle", raising=False)
+    assert mpi_env()["OMPI_MCA_mpi_yield_when_idle"] == "1"         # our own mpirun launches
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu: dict[str, str] = {}
+    apply_cpu_mpi_defaults(gpu)
+    assert gpu == {} and "OMPI_MCA_mpi_yield_when_idle" not in mpi_env()
