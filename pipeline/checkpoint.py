@@ -1,7 +1,14 @@
-"""Checkpoints: written by rank 0 only, atomically; loaded with torch's safe (weights-only) loader."""
+"""Checkpoints: written by rank 0 only, atomically; loaded with torch's safe (weights-only) loader.
+
+Writes happen on a background thread by default (like Lightning's AsyncCheckpointIO or torch's
+`dcp.async_save`): the step pays for a copy of the state in memory, training goes on while the
+file is written, and at most one write is in flight. `Checkpoints.wait()` makes it durable and
+re-raises its error; the trainer calls it before exiting for any reason.
+"""
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,28 +53,61 @@ def link_atomic(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def snapshot(state: Any) -> Any:
+    """A copy of `state` that later training cannot change: tensors copied to CPU memory,
+    containers rebuilt; other leaves (numbers, strings) are immutable already."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: snapshot(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(v) for v in state)
+    return state
+
+
 class Checkpoints:
     """A run's checkpoint folder: step-NNNNNNNN.pt (the newest `keep`), last.pt, best.pt."""
 
     def __init__(self, folder: str | Path, keep: int = 3, best_metric: str = "",
-                 best_mode: str = "min"):
+                 best_mode: str = "min", background: bool = False):
         self.folder, self.keep = Path(folder), max(1, keep)
         self.best_metric, self.best_mode = best_metric, best_mode
         self.best_value: float | None = None
+        self._writer = (ThreadPoolExecutor(1, thread_name_prefix="hpcforge-checkpoint")
+                        if background else None)
+        self._pending: Future | None = None
 
     def steps(self) -> list[Path]:
         return sorted(self.folder.glob("step-*.pt"), reverse=True)
 
     def save(self, state: dict[str, Any], step: int, metrics: dict[str, float]) -> Path:
-        path = save_atomic(state, self.folder / f"step-{step:08d}.pt")
-        link_atomic(path, self.folder / "last.pt")
+        """Checkpoint `state` as it is now; returns the path it has (or will have, once the
+        background write is done: see `wait`)."""
+        self.wait()  # one write in flight at most, and the previous one's error surfaces here
+        path = self.folder / f"step-{step:08d}.pt"
         value = metrics.get(self.best_metric) if self.best_metric else None
-        if value is not None and self._better(value):
+        best = value is not None and self._better(value)
+        if best:  # decided now, in step order
             self.best_value = value
+        if self._writer is None:
+            self._write(state, path, best)
+        else:
+            self._pending = self._writer.submit(self._write, snapshot(state), path, best)
+        return path
+
+    def wait(self) -> None:
+        """Block until the last checkpoint is on disk; raise what its write raised."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _write(self, state: dict[str, Any], path: Path, best: bool) -> None:
+        save_atomic(state, path)
+        link_atomic(path, self.folder / "last.pt")
+        if best:
             link_atomic(path, self.folder / "best.pt")
         for old in self.steps()[self.keep:]:
             old.unlink()
-        return path
 
     def _better(self, value: float) -> bool:
         if self.best_value is None:

@@ -135,6 +135,7 @@ class CheckpointConfig:
     keep: int = 3                  # newest step checkpoints kept (plus best.pt and last.pt)
     best_metric: str = "val/loss"  # picks best.pt; "" keeps no best
     best_mode: Literal["min", "max"] = "min"
+    background: bool = True        # write on a thread; the step pays only for a copy in memory
 
 
 @dataclass

@@ -126,6 +126,7 @@ class Trainer:
         # looked up once: walking the module tree every step costs more than the small models' math
         self._params = {s.name: list(s.module.parameters()) for s in self.specs}
         self._buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        self._saved_buffers = [b.clone() for b in self._buffers]
         scale = rank_scale(t.lr_scaling, dist.size)
         self.steps_per_epoch = len(self.loader) // t.accumulate
         total = t.max_steps or t.epochs * self.steps_per_epoch
@@ -137,7 +138,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         self.run_dir = Path(cfg.output_dir) / "train"
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", t.checkpoint.keep,
-                                       t.checkpoint.best_metric, t.checkpoint.best_mode)
+                                       t.checkpoint.best_metric, t.checkpoint.best_mode,
+                                       background=t.checkpoint.background)
         self.step, self.epoch, self.nonfinite_total, self.nonfinite_run = 0, 0, 0, 0
         self.history: list[dict[str, float]] = []
         self.stop_best: float | None = None
@@ -238,7 +240,9 @@ class Trainer:
             for batch in batches:
                 with self._autocast():
                     losses = self.model.losses(batch, name)
-                loss = losses["loss"].float() / len(batches)
+                loss = losses["loss"].float()
+                if len(batches) > 1:  # accumulation: the mean over the group's batches
+                    loss = loss / len(batches)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
                 for k, v in losses.items():
                     sums[k] += v.item() / len(batches)
@@ -261,10 +265,12 @@ class Trainer:
         return out
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        self.model.train()
+        if not self.model.training:  # walking the module tree costs ~0.2 ms: only after eval
+            self.model.train()
         # A non-finite batch also poisons batch-norm running statistics: keep a copy to restore.
-        buffers = self._buffers
-        saved = torch._foreach_mul(buffers, 1.0) if buffers else []  # one batched copy
+        buffers, saved = self._buffers, self._saved_buffers
+        if buffers:
+            torch._foreach_copy_(saved, buffers)  # one batched copy, into the same memory
         out: dict[str, float] = {}
         for spec in self.specs:
             for _ in range(self.model.schedule[spec.name]):
@@ -333,6 +339,12 @@ class Trainer:
             return self._fit(flag)
 
     def _fit(self, flag: PreemptionFlag) -> dict[str, Any]:
+        try:
+            return self._train(flag)
+        finally:  # whatever ends the run, the last checkpoint handed to the writer is on disk
+            self.checkpoints.wait()
+
+    def _train(self, flag: PreemptionFlag) -> dict[str, Any]:
         t, dist = self.cfg.train, self.dist
         window: dict[str, list[float]] = defaultdict(list)
         t_log, samples, wait0 = time.perf_counter(), 0, self.loader.wait_s
@@ -343,7 +355,7 @@ class Trainer:
                 self.loader.set_epoch(epoch)
             bar = tqdm(total=self.steps_per_epoch, initial=self.loader.start_batch // t.accumulate,
                        desc=f"epoch {epoch + 1}/{t.epochs}", disable=not dist.is_main,
-                       dynamic_ncols=True)
+                       dynamic_ncols=True, mininterval=1.0)  # redrawn once a second at most
             self.model.reset_state()  # stateful RNNs start each epoch from a zero state
             group: list[dict[str, torch.Tensor]] = []
             epoch_losses: dict[str, list[float]] = defaultdict(list)
@@ -469,6 +481,7 @@ class Trainer:
 
     def _preempted(self, flag: PreemptionFlag) -> None:
         path = self.save()
+        self.checkpoints.wait()  # on disk before anyone hears "requeue me"
         signum = flag.signum or signal.SIGUSR1
         self._print(f"[hpcforge] {signal.Signals(signum).name}: checkpointed step {self.step} to "
                     f"{path}; exit {REQUEUE_EXIT_CODE} (requeue me)")
@@ -483,6 +496,7 @@ class Trainer:
                                    "nonfinite_steps": self.nonfinite_total,
                                    "weights_sha256_per_rank": digests, "history": self.history}
         final = self.save()
+        self.checkpoints.wait()
         if self.dist.is_main:
             ckpt = self.checkpoints.folder / "final.pt"
             if final:
