@@ -50,24 +50,36 @@ def _small_store(tmp: str) -> str:
 
 
 def bench_trainer(quick: bool) -> list[dict]:
-    """Trainer overhead vs a hand-written Horovod loop, weak scaling, DDP vs Horovod."""
+    """Trainer overhead vs a hand-written Horovod loop, weak scaling, DDP vs Horovod.
+
+    Subject and baseline run alternately, `repeats` times each, and each keeps its best run: on a
+    shared 2-core machine single runs of either vary by +-5 %, more than the gap measured."""
     steps = "20" if quick else "300"  # enough steps that start-up and the final checkpoint amortise
+    repeats = 1 if quick else 3
+
+    def best(n: int, *pairs: list[str]) -> list[dict]:
+        runs = [[_mpi_json(n, "benchmarks.trainer", args) for args in pairs]
+                for _ in range(repeats)]
+        return [max((r[i] for r in runs), key=lambda x: x["steps_per_s"])
+                for i in range(len(pairs))]
+
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         store = _small_store(tmp)
         for n in (1, 2):
-            ours = _mpi_json(n, "benchmarks.trainer", ["trainer", store, "horovod", steps])
-            base = _mpi_json(n, "benchmarks.trainer", ["loop", "vae", "horovod", steps])
+            ours, base = best(n, ["trainer", store, "horovod", steps],
+                              ["loop", "vae", "horovod", steps])
             rows.append(_row("trainer", f"VAE 16x16, {n} rank(s)", ours["steps_per_s"],
                              base["steps_per_s"], "step/s", ">= 0.95",
-                             "hpcforge Trainer steps/s / minimal Horovod loop (data in memory)"))
-        one = _mpi_json(1, "benchmarks.trainer", ["loop", "resnet", "horovod", steps])
-        two = _mpi_json(2, "benchmarks.trainer", ["loop", "resnet", "horovod", steps])
+                             f"hpcforge Trainer steps/s / minimal Horovod loop (data in memory), "
+                             f"best of {repeats} alternating runs each"))
+        one, = best(1, ["loop", "resnet", "horovod", steps])
+        two, = best(2, ["loop", "resnet", "horovod", steps])
         rows.append(_row("weak-scaling", "ResNet 32x32, 2x1 / 1x1 thread", two["samples_per_s"],
                          one["samples_per_s"], "img/s", ">= 1.8",
-                         "global samples/s, 2 ranks x 1 thread / 1 rank x 1 thread"))
-        ddp = _mpi_json(2, "benchmarks.trainer", ["trainer", store, "ddp", steps])
-        hvd = _mpi_json(2, "benchmarks.trainer", ["trainer", store, "horovod", steps])
+                         f"global samples/s, 2 ranks x 1 thread / 1 rank x 1 thread, best of "
+                         f"{repeats} each"))
+        ddp, hvd = best(2, ["trainer", store, "ddp", steps], ["trainer", store, "horovod", steps])
         rows.append(_row("ddp-vs-hvd", "VAE 16x16, 2 ranks", ddp["steps_per_s"], hvd["steps_per_s"],
                          "step/s", "report", "Trainer steps/s with DDP (gloo) / with Horovod (MPI)"))
     return rows
