@@ -345,18 +345,14 @@ def evaluate(checkpoint: str | Path, overrides: list[str] | None = None) -> dict
 
 def log_to_wandb(cfg: Config, path: Path, ckpt: dict[str, Any], ev: Evaluation) -> str | None:
     """Append the metrics and figures to the checkpoint's W&B run (same id, resume="allow")."""
-    from pipeline.tracking import resolve_mode
+    from pipeline.tracking import open_run, resolve_mode
     run_id, mode = ckpt.get("wandb_run_id"), resolve_mode(cfg.train.logger.mode)
     if not run_id or mode == "disabled":
         ev.notes.append("no W&B run to log to (the checkpoint holds no run id, or logger.mode=disabled)")
         return None
     import wandb
-    os.environ.setdefault("WANDB_SILENT", "true")
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    lg = cfg.train.logger
-    run = wandb.init(mode=mode, dir=str(run_dir), project=lg.project, entity=lg.entity,
-                     group=lg.group, id=run_id, resume="allow",
-                     settings=wandb.Settings(console="off", x_disable_meta=True))
+    run = open_run(cfg.train.logger, mode, run_dir, run_id)
     metrics = {f"eval/{k}": v for k, v in ev.metrics.items()}
     run.log({**metrics, **{f"eval_figures/{k}": wandb.Image(figures.to_array(f))
                            for k, f in ev.figures.items()}})

@@ -61,6 +61,19 @@ def resolve_mode(mode: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+def open_run(cfg: LoggerConfig, mode: str, run_dir: Path, run_id: str | None,
+             config: dict[str, Any] | None = None):
+    """wandb.init as hpcforge opens every run: resumed by id when it exists, config redacted, no
+    console capture, and no W&B metadata (it includes the command line, where a secret may sit;
+    what matters is in the redacted config)."""
+    import wandb
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(mode=mode, dir=str(run_dir), project=cfg.project, entity=cfg.entity,
+                      group=cfg.group, tags=cfg.tags, job_type=cfg.job_type,
+                      config=None if config is None else redact(config), id=run_id,
+                      resume="allow", settings=wandb.Settings(console="off", x_disable_meta=True))
+
+
 class Tracker:
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], active: bool,
                  run_id: str | None = None):
@@ -74,15 +87,7 @@ class Tracker:
         run_dir.mkdir(parents=True, exist_ok=True)
         mode = resolve_mode(cfg.mode)
         if mode != "disabled":
-            import wandb
-            os.environ.setdefault("WANDB_SILENT", "true")
-            self.run = wandb.init(mode=mode, dir=str(run_dir), project=cfg.project,
-                                  entity=cfg.entity, group=cfg.group, tags=cfg.tags,
-                                  job_type=cfg.job_type,
-                                  config=redact(config), id=run_id, resume="allow",
-                                  # W&B's own metadata includes the command line, where a
-                                  # secret may sit; what matters is in the (redacted) config.
-                                  settings=wandb.Settings(console="off", x_disable_meta=True))
+            self.run = open_run(cfg, mode, run_dir, run_id, config)
             self.run_id, self.run_path = self.run.id, str(Path(self.run.dir).parent)
 
     @property
