@@ -126,6 +126,7 @@ class HorovodDist(Dist):
         import horovod.torch as hvd
         self.hvd = hvd
         super().__init__(place, device, cfg)
+        self._comm = _small_collectives_comm(hvd) if self.size > 1 else None
 
     def optimizer(self, opt, module, prefix, accumulate=1):
         named = [(f"{prefix}.{n}", p) for n, p in module.named_parameters()]
@@ -154,6 +155,11 @@ class HorovodDist(Dist):
             return bool(flag)
         bufs = _float_buffers(module)
         # The flag rides along: its average is > 0 exactly when some rank set it.
+        if self._comm is not None:
+            out = _mpi_average(self._comm, [*bufs, torch.tensor([float(flag)])], self.size)
+            for b, avg in zip(bufs, out):
+                b.copy_(avg)
+            return bool(out[-1].item() > 0)
         out = self.hvd.grouped_allreduce([*bufs, torch.tensor([float(flag)])],
                                          op=self.hvd.Average, name="hpcforge.end_step")
         for b, avg in zip(bufs, out):
@@ -165,7 +171,10 @@ class HorovodDist(Dist):
         if not keys:
             return {}
         t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-        t = self.hvd.allreduce(t, op=self.hvd.Average, name="hpcforge.mean")
+        if self._comm is not None:
+            t, = _mpi_average(self._comm, [t], self.size)
+        else:
+            t = self.hvd.allreduce(t, op=self.hvd.Average, name="hpcforge.mean")
         return dict(zip(keys, t.tolist()))
 
     # Horovod names object collectives after the object's type unless told: rank 0's str and
@@ -181,6 +190,36 @@ class HorovodDist(Dist):
 
     def shutdown(self):
         self.hvd.shutdown()
+
+
+def _small_collectives_comm(hvd: Any) -> Any:
+    """A communicator of our own for the small collectives at step boundaries, or None.
+
+    A Horovod allreduce waits for its background thread's next negotiation cycle: 1.2 ms for a few
+    KiB on 2 ranks here, once per step, while an MPI_Allreduce of the same takes 9 us. Only where
+    Horovod runs on MPI with MPI_THREAD_MULTIPLE (its thread and ours then call MPI at once, each
+    on its own communicator); under the Gloo controller the collectives stay Horovod's.
+    """
+    if not hvd.mpi_enabled():
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+        return None
+    return MPI.COMM_WORLD.Dup()
+
+
+def _mpi_average(comm: Any, tensors: list[torch.Tensor], size: int) -> list[torch.Tensor]:
+    """The mean over ranks of each tensor (any float dtype, any device), in one MPI_Allreduce of
+    their float64 concatenation."""
+    from mpi4py import MPI
+    flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors])
+    comm.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
+    flat /= size
+    parts = flat.split([t.numel() for t in tensors])
+    return [p.view(t.shape).to(t.device, t.dtype) for p, t in zip(parts, tensors)]
 
 
 class TorchDist(Dist):
