@@ -48,3 +48,26 @@ def test_cpu_ranks_yield_in_mpi_waits_and_gpu_ranks_keep_polling_gpu_mocked(monk
     gpu: dict[str, str] = {}
     apply_cpu_mpi_defaults(gpu)
     assert gpu == {} and "OMPI_MCA_mpi_yield_when_idle" not in mpi_env()
+
+
+@pytest.mark.mpi
+def test_step_boundary_collectives_on_two_horovod_ranks_over_their_own_communicator(tmp_path):
+    """2 real ranks: buffers averaged, one rank's flag seen by both, metrics averaged, all
+    through a Dup of COMM_WORLD (not Horovod's negotiated allreduce)."""
+    import json
+    import subprocess
+
+    from helpers import ROOT
+    from pipeline.launch import mpi_env
+    out = tmp_path / "out"
+    cmd = mpirun_command(2, [str(out)], module="collectives_worker")
+    r = subprocess.run(cmd, cwd=ROOT / "tests" / "pipeline", env=mpi_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ranks = [json.loads(out.with_name(f"out.{i}").read_text()) for i in (0, 1)]
+    assert ranks[0] == ranks[1]
+    got = ranks[0]
+    assert got["own_comm"] is True and got["quiet"] is False and got["flagged"] is True
+    assert got["running_mean"] == [0.5] * 3 and got["running_var"] == [3.0] * 3
+    assert got["tracked"] == 0                                     # integer buffers untouched
+    assert got["means"] == {"loss": 1.5, "lr": 0.25}

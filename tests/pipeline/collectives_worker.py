@@ -1,0 +1,25 @@
+"""Run on 2 ranks by test_dist.py: the Horovod backend's step-boundary collectives."""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from pipeline.config import DistConfig
+from pipeline.dist import init_distributed
+
+if __name__ == "__main__":
+    dist = init_distributed(DistConfig(backend="horovod"))
+    bn = torch.nn.BatchNorm1d(3)
+    bn.running_mean.fill_(float(dist.rank))                  # ranks 0 and 1: mean 0.5
+    bn.running_var.fill_(2.0 + 2 * dist.rank)                # 2 and 4: mean 3
+    quiet = dist.end_step(bn, False)
+    flagged = dist.end_step(bn, dist.rank == 1)              # only rank 1 saw the signal
+    means = dist.mean({"loss": 1.0 + dist.rank, "lr": 0.25})
+    out = {"own_comm": dist._comm is not None, "quiet": quiet, "flagged": flagged, "means": means,
+           "running_mean": bn.running_mean.tolist(), "running_var": bn.running_var.tolist(),
+           "tracked": int(bn.num_batches_tracked)}
+    with open(f"{sys.argv[1]}.{dist.rank}", "w") as f:
+        json.dump(out, f)
+    dist.shutdown()
