@@ -150,18 +150,19 @@ class HorovodDist(Dist):
             if opt.state_dict()["state"]:
                 self.hvd.broadcast_optimizer_state(opt, root_rank=0)
 
+    def _average(self, tensors: list[torch.Tensor], name: str) -> list[torch.Tensor]:
+        """The mean over ranks of each tensor: over our own communicator when there is one
+        (`_small_collectives_comm`), else through Horovod."""
+        if self._comm is not None:
+            return _mpi_average(self._comm, tensors, self.size)
+        return self.hvd.grouped_allreduce(tensors, op=self.hvd.Average, name=name)
+
     def end_step(self, module, flag):
         if self.size == 1:
             return bool(flag)
         bufs = _float_buffers(module)
         # The flag rides along: its average is > 0 exactly when some rank set it.
-        if self._comm is not None:
-            out = _mpi_average(self._comm, [*bufs, torch.tensor([float(flag)])], self.size)
-            for b, avg in zip(bufs, out):
-                b.copy_(avg)
-            return bool(out[-1].item() > 0)
-        out = self.hvd.grouped_allreduce([*bufs, torch.tensor([float(flag)])],
-                                         op=self.hvd.Average, name="hpcforge.end_step")
+        out = self._average([*bufs, torch.tensor([float(flag)])], "hpcforge.end_step")
         for b, avg in zip(bufs, out):
             b.copy_(avg)
         return bool(out[-1].item() > 0)
@@ -170,11 +171,8 @@ class HorovodDist(Dist):
         keys = sorted(values)
         if not keys:
             return {}
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-        if self._comm is not None:
-            t, = _mpi_average(self._comm, [t], self.size)
-        else:
-            t = self.hvd.allreduce(t, op=self.hvd.Average, name="hpcforge.mean")
+        t, = self._average([torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)],
+                           "hpcforge.mean")
         return dict(zip(keys, t.tolist()))
 
     # Horovod names object collectives after the object's type unless told: rank 0's str and
