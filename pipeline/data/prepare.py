@@ -25,7 +25,9 @@ import os
 import pickle
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -316,21 +318,21 @@ def scatter_chunk(cfg: DataConfig, layout: Layout, chunk_index: int,
             continue
         result["stats"][split] = {k: _partial_stats(v[sel]) for k, v in arrays.items()}
         pos = positions[sel] - lo
-        order = np.argsort(pos // layout.shard_size, kind="stable")
+        bucket = pos // layout.shard_size
+        order = np.argsort(bucket, kind="stable")
         sel, pos = sel[order], pos[order]
-        buckets, first, count = np.unique(pos // layout.shard_size, return_index=True,
-                                          return_counts=True)
+        buckets, first, count = np.unique(bucket[order], return_index=True, return_counts=True)
         result["pieces"][split] = np.stack([buckets, at + first, count], axis=1).astype(np.int64)
         rows.append(sel)
         local.append(pos)
         at += len(sel)
     result["rows"] = at
     take = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    sections = [np.concatenate(local).astype(np.int64) if local else np.zeros(0, np.int64)]
-    sections += [np.ascontiguousarray(arrays[k][take], np.dtype(variables[k].dtype))
-                 for k in sorted(variables)]
-    _atomic_write(_chunk_file(scratch, chunk_index),
-                  lambda f: [a.tofile(f) for a in sections])
+    values = {_POS: np.concatenate(local) if local else np.zeros(0, np.int64),
+              **{k: arrays[k][take] for k in variables}}
+    _atomic_write(_chunk_file(scratch, chunk_index), lambda f: [
+        np.ascontiguousarray(values[name], dtype).tofile(f)
+        for name, dtype, _ in _sections(variables)])
     _atomic_write(Path(scratch) / "chunks" / f"{chunk_index:08d}.pkl",
                   lambda f: pickle.dump(result, f))
     return result
@@ -340,16 +342,23 @@ def _chunk_file(scratch: str, chunk_index: int) -> Path:
     return Path(scratch) / "pieces" / f"{chunk_index:08d}.bin"
 
 
+_POS = "__pos__"  # the section of a chunk file that holds each row's destination position
+
+
+def _sections(variables: dict[str, Variable]) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """The sections of a pass-1 chunk file, in file order: the int64 destination positions, then
+    each variable in name order; each section holds all of the file's rows."""
+    return [(_POS, np.dtype(np.int64), ())] + [
+        (k, np.dtype(variables[k].dtype), tuple(variables[k].shape)) for k in sorted(variables)]
+
+
 def _read_piece(path: Path, rows: int, first: int, count: int,
                 variables: dict[str, Variable]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Rows [first, first + count) of a pass-1 chunk file of `rows` rows: positions, variables.
-    The file holds int64 positions, then each variable (in name order), each section whole."""
-    specs = [("__pos__", np.dtype(np.int64), ())]
-    specs += [(k, np.dtype(variables[k].dtype), tuple(variables[k].shape)) for k in sorted(variables)]
+    """Rows [first, first + count) of a pass-1 chunk file of `rows` rows: positions, variables."""
     out, offset = {}, 0
     fd = os.open(path, os.O_RDONLY)
     try:
-        for name, dtype, shape in specs:
+        for name, dtype, shape in _sections(variables):
             row = dtype.itemsize * math.prod(shape)
             raw = os.pread(fd, count * row, offset + first * row)
             if len(raw) != count * row:
@@ -359,7 +368,7 @@ def _read_piece(path: Path, rows: int, first: int, count: int,
             offset += rows * row
     finally:
         os.close(fd)
-    return out.pop("__pos__"), out
+    return out.pop(_POS), out
 
 
 # --------------------------------------------------------------------------- pass 2
@@ -370,17 +379,26 @@ def _kept(n_split: int, dropped: np.ndarray, lo: int, hi: int) -> np.ndarray | N
     return np.delete(np.arange(n_split), dropped)[lo:hi]
 
 
-def shard_pieces(results: list[dict], split: str, first_bucket: int, last_bucket: int
+_SPLIT_KEY = 1 << 40  # piece keys: split index * _SPLIT_KEY + destination bucket
+
+
+def piece_table(results: list[dict]) -> np.ndarray:
+    """Every pass-1 piece as a row (key, chunk, rows, first row, count), sorted by key then chunk,
+    where key = split index * _SPLIT_KEY + bucket: sorted once, each shard's pieces are then one
+    contiguous range (`shard_pieces`), not a scan of every chunk's table per shard."""
+    parts = [np.column_stack([SPLITS.index(split) * _SPLIT_KEY + t[:, 0], np.full(len(t), i),
+                              np.full(len(t), r["rows"]), t[:, 1], t[:, 2]])
+             for i, r in enumerate(results) for split, t in r["pieces"].items()]
+    table = np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 5), np.int64)
+    return table[np.lexsort((table[:, 1], table[:, 0]))]
+
+
+def shard_pieces(table: np.ndarray, split: str, first_bucket: int, last_bucket: int
                  ) -> np.ndarray:
     """(chunk, rows, first row, count) of every pass-1 piece in buckets first..last of `split`."""
-    found = []
-    for i, r in enumerate(results):
-        table = r["pieces"].get(split)
-        if table is None:
-            continue
-        hit = table[(table[:, 0] >= first_bucket) & (table[:, 0] <= last_bucket)]
-        found += [(i, r["rows"], int(a), int(c)) for a, c in hit[:, 1:]]
-    return np.asarray(found, np.int64).reshape(-1, 4)
+    base = SPLITS.index(split) * _SPLIT_KEY
+    lo, hi = np.searchsorted(table[:, 0], [base + first_bucket, base + last_bucket + 1])
+    return table[lo:hi, 1:]
 
 
 def write_shard(store_path: str, scratch: str, split: str, shard: int, start: int, stop: int,
@@ -587,14 +605,14 @@ def group_chunks(chunks: list[int], chunk_bytes: int, slots: int) -> list[list[i
 
 
 def _pass1(client, cfg: DataConfig, layout: Layout, variables: dict, paths: Paths, token: str,
-           slots: int) -> tuple[list[dict], int, int]:
+           group: Callable[[list[int]], list[list[int]]]) -> tuple[list[dict], int, int]:
     """Run the chunks not yet recorded; return every chunk's result, in chunk order, the number
     of chunks run and the number of tasks."""
     done = {int(p.stem): pickle.loads(p.read_bytes())
             for p in (paths.scratch / "chunks").glob("*.pkl")}
     done = {i: r for i, r in done.items() if "pieces" in r}  # older scratch layouts: redo
     todo = [i for i in range(layout.n_chunks) if i not in done]
-    groups = group_chunks(todo, cfg.chunk_size * sample_bytes(variables), slots)
+    groups = group(todo)
     futures = [client.submit(scatter_chunks, cfg, layout, g, variables, str(paths.scratch),
                              key=f"scatter-{g[0]}-{token}", pure=False) for g in groups]
     _progress(cfg, futures)
@@ -634,11 +652,12 @@ def _pass2(client, cfg: DataConfig, layout: Layout, results: list[dict], final: 
             for s in SPLITS}
     out = Layout(sum(final.values()), layout.chunk_size, layout.shard_size, final)
     todo = [s for s in out.shards() if f"{s[0]}/{s[1]}" not in done]
+    table = piece_table(results)
     futures = []
     for split, j, a, b in todo:
         wanted = None if kept[split] is None else kept[split][a:b]
         lo, hi = (a, b - 1) if wanted is None else (int(wanted[0]), int(wanted[-1]))
-        pieces = shard_pieces(results, split, lo // layout.shard_size, hi // layout.shard_size)
+        pieces = shard_pieces(table, split, lo // layout.shard_size, hi // layout.shard_size)
         futures.append(client.submit(write_shard, str(paths.partial), str(paths.scratch), split,
                                      j, a, b, wanted, pieces, variables,
                                      key=f"write-{split}-{j}-{token}", pure=False))
@@ -691,13 +710,14 @@ def _run(cfg: DataConfig, resolved: dict, paths: Paths, n: int, variables: dict,
             check_chunks(cfg, variables, per_task)
             state = _start_partial(paths, content, size_shards(cfg, variables, n, per_task))
         layout = make_layout(cfg, n, state["shard_size"])
-        results, ran1, tasks1 = _pass1(client, cfg, layout, variables, paths, token, slots)
+        chunk_bytes = cfg.chunk_size * sample_bytes(variables)
+        group = partial(group_chunks, chunk_bytes=chunk_bytes, slots=slots)
+        results, ran1, tasks1 = _pass1(client, cfg, layout, variables, paths, token, group)
         final, dropped = _final_splits(layout, results)
         _ensure_arrays(paths, variables, final, layout.shard_size)
         checksums, ran2 = _pass2(client, cfg, layout, results, final, dropped, variables,
                                  paths, token)
-    chunk_bytes = cfg.chunk_size * sample_bytes(variables)
-    total = len(group_chunks(list(range(layout.n_chunks)), chunk_bytes, slots)) + len(checksums)
+    total = len(group(list(range(layout.n_chunks)))) + len(checksums)  # tasks of a whole run
     if ran1 + ran2 < total:
         log(f"resumed: kept {layout.n_chunks - ran1} of {layout.n_chunks} chunks and "
             f"{len(checksums) - ran2} of {len(checksums)} shards; redid the rest")

@@ -6,9 +6,9 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.data.prepare import (PASS2_COPIES, TASK_MIN_BYTES, WORKER_BASE, Permutation,
-                                   destinations, group_chunks, make_layout, sample_bytes,
-                                   scatter_chunk, shard_pieces, size_shards, task_memory,
-                                   write_shard)
+                                   destinations, group_chunks, make_layout, piece_table,
+                                   sample_bytes, scatter_chunk, shard_pieces, size_shards,
+                                   task_memory, write_shard)
 from pipeline.data.sources import SOURCES
 from pipeline.errors import UserError
 
@@ -103,8 +103,9 @@ def test_pass1_writes_one_file_per_chunk_and_pass2_gathers_each_shard(tmp_path, 
     written = {}
     monkeypatch.setattr("pipeline.data.prepare.write_region",       # keep what would be written
                         lambda path, split, a, b, arrays: written.update({(split, a): arrays}))
+    table = piece_table(results)
     for split, j, a, b in layout.shards():
-        pieces = shard_pieces(results, split, a // 16, (b - 1) // 16)
+        pieces = shard_pieces(table, split, a // 16, (b - 1) // 16)
         assert len(pieces) <= 6                                 # one piece per chunk at most
         write_shard("unused", str(scratch), split, j, a, b, None, pieces, variables)
     assert len(written) == len(layout.shards()) == 5 + 2     # 72 train + 24 val, 16 a shard
