@@ -616,7 +616,9 @@ def _pass1(client, cfg: DataConfig, layout: Layout, variables: dict, paths: Path
     futures = [client.submit(scatter_chunks, cfg, layout, g, variables, str(paths.scratch),
                              key=f"scatter-{g[0]}-{token}", pure=False) for g in groups]
     _progress(cfg, futures)
-    for group, results in zip(groups, client.gather(futures)):
+    # In submission order, not bulk: the first failure in chunk order is the one raised, so an
+    # error names the data's first bad place even when a later group fails sooner.
+    for group, results in zip(groups, (f.result() for f in futures)):
         done.update(zip(group, results))
     return [done[i] for i in range(layout.n_chunks)], len(todo), len(groups)
 
