@@ -109,10 +109,9 @@ class ShardedLoader:
             if k not in scratch:  # segments are at most one block each
                 scratch[k] = np.empty((self.buffer_blocks * self.block, *a.shape[1:]), a.dtype)
             out[k] = buf = scratch[k][:total]
-            at = 0
+            reader, at = self.readers[k], 0
             for s, e in group:
                 dest = buf[at:at + e - s]
-                reader = self.readers[k]
                 jobs += (reader.tasks(s, e, dest) if reader is not None
                          else [_zarr_job(a, s, e, dest)])
                 at += e - s

@@ -18,7 +18,6 @@ Chunks at the array's end are stored whole, padded with the fill value.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
@@ -39,8 +38,7 @@ class ShardReader:
         self.folder, self.shape, self.dtype = folder, shape, dtype
         self.chunk, self.shard, self.fill, self.codec, self.key = chunk, shard, fill, codec, key
         self.sample = int(np.prod(shape[1:], dtype=np.int64))
-        self._index: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()
+        self._index: dict[int, np.ndarray] = {}  # shard -> its index (threads may both fill one)
         self._last: tuple[int, np.ndarray] | None = None  # one decoded chunk, for ranges < chunk
 
     @classmethod
@@ -72,8 +70,7 @@ class ShardReader:
                       blocksize=blosc["blocksize"])
         folder = Path(array.store.root) / array.path
         return cls(folder, tuple(array.shape), np.dtype(array.dtype).newbyteorder("<"),
-                   chunk_shape[0], shard_shape[0], meta.fill_value, codec,
-                   lambda coords: meta.encode_chunk_key(coords))
+                   chunk_shape[0], shard_shape[0], meta.fill_value, codec, meta.encode_chunk_key)
 
     # ------------------------------------------------------------------ reading
     def tasks(self, start: int, stop: int, out: np.ndarray) -> list[Callable[[], None]]:
@@ -141,7 +138,7 @@ class ShardReader:
             with open(path, "rb") as f:
                 f.seek(-size, os.SEEK_END)
                 tail = f.read(size)
-        except (FileNotFoundError, OSError) as e:
+        except OSError as e:
             raise UserError(f"{path}: shard {j} cannot be read ({type(e).__name__}: {e}); the "
                             f"store is damaged or incomplete, prepare it again") from None
         crc = np.uint32(google_crc32c.value(tail[:-4])).tobytes()
@@ -149,9 +146,7 @@ class ShardReader:
             raise UserError(f"{path}: the shard index fails its CRC32C check (stored "
                             f"{tail[-4:].hex()}, computed {crc.hex()}); the store is damaged, "
                             f"prepare it again")
-        index = np.frombuffer(tail[:-4], "<u8").reshape(n, 2)
-        with self._lock:
-            self._index[j] = index
+        index = self._index[j] = np.frombuffer(tail[:-4], "<u8").reshape(n, 2)
         return index
 
 
