@@ -45,7 +45,7 @@ class ShardedLoader:
         self.n = next(iter(self.arrays.values())).shape[0]
         self.block = max(a.chunks[0] for a in self.arrays.values())
         self.transforms = {key: _normalizer(store.stats("train", var), normalize)
-                           for key, var in inputs.items() if len(store.variable(split, var).shape) > 1}
+                           for key, var in inputs.items() if self.arrays[key].ndim > 1}
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self.prefetch, self.buffer_blocks = max(1, prefetch), buffer_blocks
         self.epoch, self.start_batch = 0, 0
