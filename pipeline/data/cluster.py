@@ -12,6 +12,7 @@ internal threads are off; otherwise N workers x (cores) threads oversubscribe th
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -80,7 +81,32 @@ def _join(address: str | None):
 
 @contextlib.contextmanager
 def dask_client(d: DaskConfig, log=print) -> Iterator:
-    """A connected Client for the configured cluster; clusters it started are closed after."""
+    """A connected Client for the configured cluster; clusters it started are closed after.
+
+    Dask's Nanny writes its workers' settings into this process's own environment before it
+    spawns them (distributed.nanny.pre-spawn-environ: MALLOC_TRIM_THRESHOLD_=65536,
+    OMP_NUM_THREADS=1, ...) and never takes them back. They are undone on the way out: ranks this
+    process starts later (`hpcforge train` after `prepare` in one job, the benchmarks, the tests)
+    inherited them, and glibc's trimming at 64 KiB returned memory to the kernel at every step,
+    which cost two CPU ranks ~25 % of their steps/s.
+    """
+    with _environment_restored():
+        yield from _dask_client(d, log)
+
+
+@contextlib.contextmanager
+def _environment_restored() -> Iterator[None]:
+    """os.environ as it was on entry, again on exit (keys added in between removed)."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k not in before]:
+            del os.environ[key]
+        os.environ.update(before)
+
+
+def _dask_client(d: DaskConfig, log) -> Iterator:
     from distributed import Client, LocalCluster
     mode, cluster = _mode(d), None
     if mode == "address":
