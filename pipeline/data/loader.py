@@ -118,10 +118,11 @@ class ShardedLoader:
         run_all(jobs, pool)
         return out
 
-    def _batches(self, epoch: int, pool: Executor | None = None
-                 ) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's batches for `epoch`: each group of blocks is read, shuffled, converted and
-        normalised (and pinned) once, as a whole; its batches are slices of it (views, no copy)."""
+    def _groups(self, epoch: int, pool: Executor | None = None
+                ) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's samples for `epoch`, one shuffled group of blocks at a time: each group is
+        read, shuffled, converted and normalised (and pinned) once, as a whole, and holds a whole
+        number of batches (the remainder is carried into the next group)."""
         rng = np.random.default_rng([self.seed, epoch, self.rank])
         segs = self.segments(epoch)
         carry: dict[str, torch.Tensor] | None = None
@@ -134,8 +135,8 @@ class ShardedLoader:
                 group = {k: torch.cat([carry[k], v]) for k, v in group.items()}
             n = len(next(iter(group.values())))
             full = n - n % self.batch_size
-            for j in range(0, full, self.batch_size):
-                yield {k: v[j:j + self.batch_size] for k, v in group.items()}
+            if full:
+                yield {k: v[:full] for k, v in group.items()}
             carry = {k: v[full:] for k, v in group.items()}
 
     def _to_torch(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -149,9 +150,13 @@ class ShardedLoader:
         return out
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches of this rank for the current epoch, read ahead by a background thread."""
+        """Batches of this rank for the current epoch (slices of a group: views, no copy).
+
+        A background thread reads groups ahead, up to `prefetch` of them queued. It hands over
+        whole groups, not batches: one thread wake-up per group instead of one per step, which on
+        busy cores (two ranks on two) cost the training thread its core and the GIL every step."""
         q: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
-        epoch, skip = self.epoch, self.start_batch
+        epoch, skip, bs = self.epoch, self.start_batch, self.batch_size
         stop = threading.Event()
 
         pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="hpcforge-read") \
@@ -159,11 +164,14 @@ class ShardedLoader:
 
         def produce() -> None:
             try:
-                for i, batch in enumerate(self._batches(epoch, pool)):
-                    if i >= len(self) or stop.is_set():
+                first = 0  # index of the group's first batch in the epoch
+                for group in self._groups(epoch, pool):
+                    if first >= len(self) or stop.is_set():
                         break
-                    if i >= skip:
-                        q.put(batch)
+                    n = len(next(iter(group.values()))) // bs
+                    if first + n > skip:  # a resumed epoch skips the groups it already trained on
+                        q.put((first, group))
+                    first += n
                 q.put(_DONE)
             except BaseException as e:  # surfaced in the consumer, not lost in the thread
                 q.put(e)
@@ -184,8 +192,16 @@ class ShardedLoader:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                self.start_batch += 1
-                yield item
+                first, group = item
+                n = len(next(iter(group.values()))) // bs
+                for i in range(max(first, skip), min(first + n, len(self))):
+                    j = (i - first) * bs
+                    batch = {k: v[j:j + bs] for k, v in group.items()}
+                    self.start_batch = i + 1
+                    yield batch
+                    t = time.perf_counter()
+                    self.busy_s += t - handed
+                    handed = t
         finally:
             stop.set()
             while thread.is_alive():  # unblock a producer waiting on a full queue

@@ -55,6 +55,23 @@ def test_mid_epoch_resume_continues_the_same_order(small_store):
     np.testing.assert_array_equal(np.concatenate(head + [_energies(resumed)]), full)
 
 
+@pytest.mark.parametrize("batch_size", [32, 24])  # 24: groups of 128 samples carry a remainder
+def test_resume_at_every_batch_across_groups(small_store, batch_size):
+    """One block per group (128 samples): resuming at any batch, inside a group or at its edge,
+    yields exactly the rest of the epoch, and the epoch ends with the state at the next one."""
+    store = open_store(small_store[0])
+    make = lambda: _loader(store, batch_size=batch_size, buffer_blocks=1)  # noqa: E731
+    batches = [b["e"].numpy() for b in make()]
+    assert len(batches) == len(make()) == 512 // batch_size
+    for at in range(len(batches)):
+        resumed = make()
+        resumed.load_state_dict({"epoch": 0, "batch": at})
+        rest = [b["e"].numpy() for b in resumed]
+        assert len(rest) == len(batches) - at
+        np.testing.assert_array_equal(np.concatenate(rest), np.concatenate(batches[at:]))
+        assert resumed.state_dict() == {"epoch": 1, "batch": 0}
+
+
 def test_minmax_normalisation_uses_stored_statistics(small_store):
     store = open_store(small_store[0])
     batch = next(iter(_loader(store)))
