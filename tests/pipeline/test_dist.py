@@ -53,7 +53,8 @@ def test_cpu_ranks_yield_in_mpi_waits_and_gpu_ranks_keep_polling_gpu_mocked(monk
 @pytest.mark.mpi
 def test_step_boundary_collectives_on_two_horovod_ranks_over_their_own_communicator(tmp_path):
     """2 real ranks: buffers averaged, one rank's flag seen by both, metrics averaged, all
-    through a Dup of COMM_WORLD (not Horovod's negotiated allreduce)."""
+    through a Dup of COMM_WORLD (not Horovod's negotiated allreduce); a step end left in flight
+    while another collective runs; object gather and broadcast."""
     import json
     import subprocess
 
@@ -71,3 +72,6 @@ def test_step_boundary_collectives_on_two_horovod_ranks_over_their_own_communica
     assert got["running_mean"] == [0.5] * 3 and got["running_var"] == [3.0] * 3
     assert got["tracked"] == 0                                     # integer buffers untouched
     assert got["means"] == {"loss": 1.5, "lr": 0.25}
+    assert got["during"] == {"x": 5.0} and got["overlapped"] is True
+    assert got["overlapped_mean"] == [2.0] * 3
+    assert got["gathered"] == [{"rank": 0}, {"rank": 1}] and got["broadcast"] == "rank 0's"
