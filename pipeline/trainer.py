@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -233,19 +234,23 @@ class Trainer:
         dtype = torch.bfloat16 if p == "bf16" else torch.float16
         return torch.autocast(self.dist.device.type, dtype=dtype)
 
-    def _gradients(self, name: str, batches: list[dict]) -> dict[str, float]:
+    def _gradients(self, name: str, batches: list[dict],
+                   after_forward: Callable[[], None] | None = None) -> dict[str, float]:
         """One optimizer's gradients over `accumulate` batches, averaged over ranks and clipped;
         returns its named losses, gradient norm and lr, and "nonfinite" when the step must be
-        skipped (decided on averaged gradients: every rank decides the same)."""
+        skipped (decided on averaged gradients: every rank decides the same). `after_forward` runs
+        between the last batch's forward and its backward."""
         opt, params = self.optimizers[name], self._params[name]
         sums: dict[str, float] = defaultdict(float)
         opt.zero_grad()
         # one network among several: freeze the others (a lone network needs no toggling)
         scope = only_grads_of(self.model, params) if len(self.specs) > 1 else nullcontext()
         with scope:
-            for batch in batches:
+            for i, batch in enumerate(batches):
                 with self._autocast():
                     losses = self.model.losses(batch, name)
+                if after_forward is not None and i == len(batches) - 1:
+                    after_forward()
                 loss = losses["loss"].float()
                 if len(batches) > 1:  # accumulation: the mean over the group's batches
                     loss = loss / len(batches)
@@ -284,26 +289,29 @@ class Trainer:
         if buffers:
             torch._foreach_copy_(saved, buffers)  # one batched copy, into the same memory
         out: dict[str, float] = {}
-        phases = self._phases
-        bad = False
+        phases, bad, pending = self._phases, False, []
+
+        def begin_step_end() -> None:
+            # The step's last forward is done: the buffers are final. Average them (and agree on
+            # preemption) during the last backward, not after the step: the collective completes
+            # while the gradients are reduced, and costs no sync point of its own (a blocking one
+            # after the optimizer step cost 2 ranks ~10 % of their steps/s).
+            signalled = self._flag is not None and self._flag.signum is not None
+            pending.append(self.dist.begin_end_step(self.model, signalled))
         for i, name in enumerate(phases):
-            metrics = self._gradients(name, batches)
+            last = i == len(phases) - 1
+            metrics = self._gradients(name, batches, begin_step_end if last else None)
             finite = metrics.pop("nonfinite", 0.0) == 0.0
             out.update(metrics)
             bad |= not finite
-            if i == len(phases) - 1:
-                # The last forward is done: the buffers are final for this step. Average them
-                # (and agree on preemption) while the last optimizer steps, instead of after it:
-                # a second blocking collective per step cost 2 ranks ~10 % of their steps/s.
-                if bad:
+            if last:
+                self.preempt = pending[0]()  # the buffers now hold the ranks' average
+                if bad:  # ... unless a batch was not finite: then last step's (the same on all)
                     for b, old in zip(buffers, saved):
                         b.copy_(old)
-                signalled = self._flag is not None and self._flag.signum is not None
-                step_end = self.dist.begin_end_step(self.model, signalled)
             self._apply(name, finite)
         if self.scaler is not None:
             self.scaler.update()
-        self.preempt = step_end()
         self.nonfinite_total += bad
         self.nonfinite_run = self.nonfinite_run + 1 if bad else 0
         t = self.cfg.train
