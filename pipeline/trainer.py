@@ -114,7 +114,7 @@ class Trainer:
                            world=dist.size, seed=t.seed, normalize=cfg.data.normalize,
                            prefetch=t.prefetch)
         self.loader = ShardedLoader(store, "train", **loader_args)
-        self.val_loader = (ShardedLoader(store, "val", **loader_args)
+        self.val_loader = (ShardedLoader(store, "val", **loader_args, read_ahead=False)  # epoch 0
                            if store.meta["splits"]["val"] >= dist.size * t.batch_size else None)
         self.store_meta = {k: store.meta[k] for k in ("source", "splits", "checksums", "shuffle")}
         # asked once per run (a git subprocess), not at every checkpoint

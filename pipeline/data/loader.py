@@ -17,6 +17,7 @@ pool (`read_threads`; Blosc releases the GIL), into one buffer per group of `buf
 """
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import threading
@@ -38,7 +39,7 @@ class ShardedLoader:
     def __init__(self, store: Store, split: str, inputs: dict[str, str], batch_size: int,
                  rank: int = 0, world: int = 1, seed: int = 0, normalize: str = "none",
                  prefetch: int = 2, buffer_blocks: int = 4, pin_memory: bool | None = None,
-                 read_threads: int | None = None):
+                 read_threads: int | None = None, read_ahead: bool = True):
         self.arrays = {key: store.variable(split, var) for key, var in inputs.items()}
         self.readers = {key: ShardReader.of(a) for key, a in self.arrays.items()}
         self.read_threads = read_threads or min(4, os.cpu_count() or 1)
@@ -52,6 +53,12 @@ class ShardedLoader:
         self.wait_s = 0.0  # time the consumer waited for data, for the data-wait fraction
         self.busy_s = 0.0  # time the consumer spent between batches (its step)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.read_ahead = read_ahead  # False where the next epoch is never read (validation)
+        self._pool: Executor | None = None  # made on first use, kept: its threads idle between reads
+        # The next epoch's first group, read while this epoch's last batches train:
+        # (epoch, its group stream, the group), and the thread reading it.
+        self._ahead: tuple[int, Iterator[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+        self._ahead_thread: threading.Thread | None = None
         if len(self) == 0:
             raise ValueError(f"{split}: {self.n} samples over {world} ranks give no full batch "
                              f"of {batch_size}; lower train.batch_size or prepare more samples")
@@ -149,23 +156,49 @@ class ShardedLoader:
             out[k] = t.pin_memory() if self.pin_memory else t
         return out
 
+    def _stream(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """`epoch`'s groups, starting with the one read ahead at the end of the previous epoch
+        when there is one for this epoch."""
+        if self._ahead_thread is not None:
+            self._ahead_thread.join()  # it was reading what comes next: no extra wait
+            self._ahead_thread = None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == epoch:
+            return itertools.chain([ahead[2]], ahead[1])
+        return self._groups(epoch, self._reader_pool())
+
+    def _reader_pool(self) -> Executor | None:
+        if self._pool is None and self.read_threads > 1:
+            self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="hpcforge-read")
+        return self._pool
+
+    def _read_ahead(self, epoch: int) -> None:
+        """In the producer thread, once an epoch's last group is queued: read `epoch`'s first."""
+        try:
+            stream = self._groups(epoch, self._reader_pool())
+            first = next(stream, None)
+        except Exception:  # the epoch's own reader meets it again and reports it
+            return
+        if first is not None:
+            self._ahead = (epoch, stream, first)
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of this rank for the current epoch (slices of a group: views, no copy).
 
         A background thread reads groups ahead, up to `prefetch` of them queued. It hands over
         whole groups, not batches: one thread wake-up per group instead of one per step, which on
-        busy cores (two ranks on two) cost the training thread its core and the GIL every step."""
+        busy cores (two ranks on two) cost the training thread its core and the GIL every step.
+        When it has queued an epoch's last group it reads the next epoch's first, so a new epoch
+        does not start with the training thread waiting for a read."""
         q: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
         epoch, skip, bs = self.epoch, self.start_batch, self.batch_size
         stop = threading.Event()
-
-        pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="hpcforge-read") \
-            if self.read_threads > 1 else None
+        stream = self._stream(epoch)
 
         def produce() -> None:
             try:
                 first = 0  # index of the group's first batch in the epoch
-                for group in self._groups(epoch, pool):
+                for group in stream:
                     if first >= len(self) or stop.is_set():
                         break
                     n = len(next(iter(group.values()))) // bs
@@ -175,10 +208,14 @@ class ShardedLoader:
                 q.put(_DONE)
             except BaseException as e:  # surfaced in the consumer, not lost in the thread
                 q.put(e)
+                return
+            if self.read_ahead and not stop.is_set():
+                self._read_ahead(epoch + 1)
 
         thread = threading.Thread(target=produce, daemon=True, name="hpcforge-loader")
         thread.start()
         handed = None  # when the last batch went to the consumer
+        finished = False
         try:
             while True:
                 t0 = time.perf_counter()
@@ -189,6 +226,7 @@ class ShardedLoader:
                 self.wait_s += handed - t0
                 if item is _DONE:  # epoch finished: the state now points at the next one
                     self.epoch, self.start_batch = epoch + 1, 0
+                    finished = True
                     return
                 if isinstance(item, BaseException):
                     raise item
@@ -203,14 +241,15 @@ class ShardedLoader:
                     self.busy_s += t - handed
                     handed = t
         finally:
-            stop.set()
-            while thread.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    thread.join(0.01)
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+            if finished:  # the thread goes on to read the next epoch's first group
+                self._ahead_thread = thread
+            else:
+                stop.set()
+                while thread.is_alive():  # unblock a producer waiting on a full queue
+                    try:
+                        q.get_nowait()
+                    except queue.Empty:
+                        thread.join(0.01)
 
 
 def _zarr_job(array: Any, start: int, stop: int, dest: np.ndarray) -> Callable[[], None]:

@@ -119,3 +119,36 @@ def test_pinned_memory_and_non_blocking_copies_gpu_mocked(small_store, monkeypat
     assert copies[:2] == [("cuda:0", True), ("cuda:0", True)]
     assert set(batch) == {"x", "e"}
     assert _loader(store, pin_memory=False).pin_memory is False
+
+
+def test_next_epoch_read_ahead_gives_the_same_batches(small_store, monkeypatch):
+    """The first group of epoch e+1 is read while epoch e ends; what it yields (from the start, or
+    resumed inside the epoch) equals a fresh loader's, and an epoch it was not read for ignores it."""
+    store = open_store(small_store[0])
+    calls: list[tuple[int, str]] = []
+    groups = ShardedLoader._groups
+
+    def counted(self, epoch, pool=None):
+        import threading
+        calls.append((epoch, threading.current_thread().name))
+        return groups(self, epoch, pool)
+    monkeypatch.setattr(ShardedLoader, "_groups", counted)
+
+    def epoch_of(loader, epoch, batch=0):
+        loader.load_state_dict({"epoch": epoch, "batch": batch})
+        return _energies(loader)
+    fresh = {e: epoch_of(_loader(store, buffer_blocks=1), e) for e in (1, 2, 5)}
+    reused = _loader(store, buffer_blocks=1)
+    epoch_of(reused, 0)
+    calls.clear()
+    np.testing.assert_array_equal(epoch_of(reused, 1), fresh[1])    # from the read-ahead
+    np.testing.assert_array_equal(epoch_of(reused, 2, batch=3), fresh[2][3 * 32:])
+    np.testing.assert_array_equal(epoch_of(reused, 5), fresh[5])    # epoch 3 was read ahead
+    # epoch 1 was read ahead during epoch 0; each read-ahead runs in the producer thread
+    ahead = [(e, name == "hpcforge-loader") for e, name in calls]
+    assert ahead == [(2, True), (3, True), (5, False), (6, True)]
+    no_ahead = _loader(store, buffer_blocks=1, read_ahead=False)
+    epoch_of(no_ahead, 0)
+    calls.clear()
+    epoch_of(no_ahead, 0)
+    assert [e for e, _ in calls] == [0]
