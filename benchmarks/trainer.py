@@ -2,9 +2,16 @@
 
     python -m benchmarks.trainer OUT trainer STORE BACKEND STEPS   # hpcforge's Trainer.fit
     python -m benchmarks.trainer OUT loop    MODEL BACKEND STEPS   # a minimal hand-written loop
+    python -m benchmarks.trainer OUT paired  STORE REPEATS STEPS   # both, alternating, one job
 
 `loop` is the baseline a Horovod user would write: the same model, batches already in memory,
-hvd.DistributedOptimizer, zero_grad/backward/step. Rank 0 writes {"steps_per_s", "samples_per_s"}.
+hvd.DistributedOptimizer, zero_grad/backward/step. Rank 0 writes {"steps_per_s", "samples_per_s"}
+(`paired`: {"trainer": [steps/s...], "loop": [steps/s...]}).
+
+`paired` runs the loop and a fresh Trainer.fit (each STEPS steps, Horovod) alternately in the same
+ranks, in the order loop, trainer, trainer, loop, ... so that a linear drift of the machine's speed
+cancels; each pair is seconds apart. Separate jobs for each side were minutes apart on a VM whose
+speed drifts by 30 % over minutes.
 """
 from __future__ import annotations
 
@@ -27,22 +34,26 @@ def _config(store: str, backend: str, steps: int, model: str):
                                 "train.logger.images_every=0", *extra])
 
 
-def run_trainer(store: str, backend: str, steps: int) -> dict:
-    from pipeline.dist import init_distributed
+def _fit(cfg, dist) -> float:
+    """Trainer.fit's steps/s: all of it (loader start, checkpoints, the final save), not set-up."""
     from pipeline.trainer import Trainer
-    cfg = _config(store, backend, steps, "vae")
-    dist = init_distributed(cfg.train.dist)
     trainer = Trainer(cfg, dist)
     dist.barrier()
     t0 = time.perf_counter()
     trainer.fit()
-    dt = time.perf_counter() - t0
-    return {"steps_per_s": steps / dt, "samples_per_s": steps * BATCH * dist.size / dt,
-            "rank": dist.rank}
+    return cfg.train.max_steps / (time.perf_counter() - t0)
 
 
-def run_loop(model_name: str, backend: str, steps: int) -> dict:
-    """The baseline: no loader, no metrics, no checkpoints; plain Horovod (or plain DDP)."""
+def run_trainer(store: str, backend: str, steps: int) -> dict:
+    from pipeline.dist import init_distributed
+    cfg = _config(store, backend, steps, "vae")
+    dist = init_distributed(cfg.train.dist)
+    rate = _fit(cfg, dist)
+    return {"steps_per_s": rate, "samples_per_s": rate * BATCH * dist.size, "rank": dist.rank}
+
+
+def _loop(model_name: str):
+    """The baseline: no loader, no metrics, no checkpoints; plain Horovod. Returns step()."""
     import horovod.torch as hvd
     from models import MODELS
     torch.set_num_threads(1)
@@ -67,18 +78,47 @@ def run_loop(model_name: str, backend: str, steps: int) -> dict:
         opt.step()
     for _ in range(3):
         step()
+    return step
+
+
+def _time_loop(step, steps: int) -> float:
+    import horovod.torch as hvd
     hvd.allreduce(torch.zeros(1), name="sync")
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    dt = time.perf_counter() - t0
-    return {"steps_per_s": steps / dt, "samples_per_s": steps * BATCH * hvd.size() / dt,
-            "rank": hvd.rank()}
+    return steps / (time.perf_counter() - t0)
+
+
+def run_loop(model_name: str, backend: str, steps: int) -> dict:
+    import horovod.torch as hvd
+    rate = _time_loop(_loop(model_name), steps)
+    return {"steps_per_s": rate, "samples_per_s": rate * BATCH * hvd.size(), "rank": hvd.rank()}
+
+
+def run_paired(store: str, repeats: int, steps: int) -> dict:
+    from pipeline.dist import init_distributed
+    step = _loop("vae")
+    out: dict = {"trainer": [], "loop": []}
+    dist = None
+    for r in range(repeats):
+        cfg = _config(store, "horovod", steps, "vae")
+        cfg.output_dir = f"{cfg.output_dir}/{r}"  # a fresh run each time (resume is "never")
+        dist = dist or init_distributed(cfg.train.dist)
+        order = ("loop", "trainer") if r % 2 == 0 else ("trainer", "loop")
+        for side in order:
+            out[side].append(_time_loop(step, steps) if side == "loop" else _fit(cfg, dist))
+    return {**out, "rank": dist.rank}
 
 
 if __name__ == "__main__":
-    out, mode, what, backend, steps = sys.argv[1:6]
-    result = run_trainer(what, backend, int(steps)) if mode == "trainer" else run_loop(what, backend, int(steps))
+    out, mode, what, arg, steps = sys.argv[1:6]
+    if mode == "paired":
+        result = run_paired(what, int(arg), int(steps))
+    elif mode == "trainer":
+        result = run_trainer(what, arg, int(steps))
+    else:
+        result = run_loop(what, arg, int(steps))
     if result["rank"] == 0:
         with open(out, "w") as f:
             json.dump(result, f)
