@@ -41,6 +41,16 @@ def restarts() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
 
 
+def job_state(job_id: str) -> str:
+    """Slurm's JobState for `job_id` (RUNNING, CANCELLED, ...), or "" when scontrol cannot say."""
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return next((kv.split("=", 1)[1] for kv in out.split() if kv.startswith("JobState=")), "")
+
+
 def node_name() -> str:
     """The Slurm node name (n1, n2 for fake nodes on one host), else the host name."""
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
@@ -123,6 +133,17 @@ class TrainJob(submitit.helpers.Checkpointable):
             raise RuntimeError("preempted outside Slurm: nothing requeues this run; the checkpoint "
                                "is written, resubmit with train.resume=auto to continue")
         if rank == 0:
+            # scancel also sends SIGTERM: a cancelled job must stay cancelled, and `scontrol
+            # requeue` would revive it. Slurm shows it COMPLETING (CANCELLED once its processes
+            # are gone) before the signal arrives; a preemption or time-limit signal comes to a
+            # RUNNING job.
+            state = job_state(job_id)
+            if state in ("COMPLETING", "CANCELLED"):
+                print(f"[hpcforge] job {job_id} is {state} (cancelled): checkpoint written, not "
+                      f"requeueing", flush=True)
+                raise RuntimeError(f"job {job_id} was cancelled (scancel); the last checkpoint is "
+                                   f"in {Path(self.cfg.output_dir) / 'train' / 'checkpoints'}: "
+                                   f"resubmit to continue from it")
             print(f"[hpcforge] checkpoint written; requeueing job {job_id} "
                   f"(requeue {n + 1} of at most {self.max_requeues})", flush=True)
             # Requeue may already be under way (Slurm's own preemption requeue): not an error.

@@ -195,8 +195,15 @@ def test_cancel_stops_a_running_job(slurm, small_store, tmp_path, jobs_dir, subm
     r = cli("cancel", job["job_id"], "--jobs-dir", str(jobs_dir))
     assert r.returncode == 0 and job["job_id"] in r.stdout
     assert slurm_tools.wait(job["job_id"], ENDED, timeout=60) == "CANCELLED"
+    # scancel's SIGTERM reaches the trainer like a preemption: it checkpoints, but must not
+    # requeue a cancelled job. Wait until no process of the job is left, then look again.
+    t0 = time.monotonic()
+    while subprocess.run(["squeue", "-h", "-j", job["job_id"]], capture_output=True,
+                         text=True).stdout.strip() and time.monotonic() - t0 < 60:
+        time.sleep(0.5)
+    assert slurm_tools.show(job["job_id"]).get("Restarts", "0") == "0", log_of(job)
     status = cli("status", job["job_id"], "--jobs-dir", str(jobs_dir))
-    assert "CANCELLED" in status.stdout
+    assert "CANCELLED" in status.stdout, status.stdout + log_of(job)
 
 
 def test_gpu_request_on_cpu_cluster_fails_at_submit_with_a_clear_message(
