@@ -70,6 +70,17 @@ def sacct(job_id: str) -> list[dict[str, str]]:
     return rows
 
 
+def scontrol_job(job_id: str) -> dict[str, str]:
+    """Slurm's live view of a job (`scontrol -o show job`: JobState, Restarts, ...), from the
+    controller, not accounting; {} when scontrol cannot say."""
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
 def local_state(record: dict[str, Any]) -> str:
     result = result_of(record)
     if result is not None:

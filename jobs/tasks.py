@@ -41,16 +41,6 @@ def restarts() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
 
 
-def job_state(job_id: str) -> str:
-    """Slurm's JobState for `job_id` (RUNNING, CANCELLED, ...), or "" when scontrol cannot say."""
-    try:
-        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
-                             text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return next((kv.split("=", 1)[1] for kv in out.split() if kv.startswith("JobState=")), "")
-
-
 def node_name() -> str:
     """The Slurm node name (n1, n2 for fake nodes on one host), else the host name."""
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
@@ -137,7 +127,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             # requeue` would revive it. Slurm shows it COMPLETING (CANCELLED once its processes
             # are gone) before the signal arrives; a preemption or time-limit signal comes to a
             # RUNNING job.
-            state = job_state(job_id)
+            state = records.scontrol_job(job_id).get("JobState", "")
             if state in ("COMPLETING", "CANCELLED"):
                 print(f"[hpcforge] job {job_id} is {state} (cancelled): checkpoint written, not "
                       f"requeueing", flush=True)

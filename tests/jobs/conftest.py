@@ -96,15 +96,11 @@ def wait_state(job_id: str, states: set[str], timeout: float = 240) -> str:
     raise AssertionError(f"job {job_id} still {state} after {timeout} s (wanted {states})")
 
 
-def scontrol_job(job_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
-                         text=True).stdout
-    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
-
-
 @pytest.fixture
 def slurm_tools():
     """Waiting helpers as a fixture (test modules here import nothing from conftest files)."""
+    from jobs.records import scontrol_job
+
     class Tools:
         state = staticmethod(sacct_state)
         wait = staticmethod(wait_state)

@@ -201,7 +201,7 @@ def test_cancel_stops_a_running_job(slurm, small_store, tmp_path, jobs_dir, subm
     while subprocess.run(["squeue", "-h", "-j", job["job_id"]], capture_output=True,
                          text=True).stdout.strip() and time.monotonic() - t0 < 60:
         time.sleep(0.5)
-    assert slurm_tools.show(job["job_id"]).get("Restarts", "0") == "0", log_of(job)
+    assert slurm_tools.show(job["job_id"])["Restarts"] == "0", log_of(job)
     status = cli("status", job["job_id"], "--jobs-dir", str(jobs_dir))
     assert "CANCELLED" in status.stdout, status.stdout + log_of(job)
 
