@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 
 
 def _versions() -> dict[str, str]:
@@ -73,12 +74,12 @@ def bench_trainer(quick: bool) -> list[dict]:
         for n in (1, 2):
             got = _mpi_json(n, "benchmarks.trainer", ["paired", store, str(pairs), steps])
             ratios = [t / b for t, b in zip(got["trainer"], got["loop"])]
-            rows.append(_row("trainer", f"VAE 16x16, {n} rank(s)", _median(got["trainer"]),
-                             _median(got["loop"]), "step/s", ">= 0.95",
+            rows.append(_row("trainer", f"VAE 16x16, {n} rank(s)", median(got["trainer"]),
+                             median(got["loop"]), "step/s", ">= 0.95",
                              f"hpcforge Trainer steps/s / minimal Horovod loop (data in memory), "
                              f"median of {pairs} pairs run alternately in the same ranks "
                              f"(pair ratios {min(ratios):.3f}-{max(ratios):.3f})",
-                             ratio=_median(ratios)))
+                             ratio=median(ratios)))
         one, = best(1, ["loop", "resnet", "horovod", scaling_steps])
         two, = best(2, ["loop", "resnet", "horovod", scaling_steps])
         rows.append(_row("weak-scaling", "ResNet 32x32, 2x1 / 1x1 thread", two["samples_per_s"],
@@ -89,11 +90,6 @@ def bench_trainer(quick: bool) -> list[dict]:
         rows.append(_row("ddp-vs-hvd", "VAE 16x16, 2 ranks", ddp["steps_per_s"], hvd["steps_per_s"],
                          "step/s", "report", "Trainer steps/s with DDP (gloo) / with Horovod (MPI)"))
     return rows
-
-
-def _median(values: list[float]) -> float:
-    import statistics
-    return statistics.median(values)
 
 
 def _row(name, case, value, baseline, unit, target, what, ratio: float | None = None) -> dict:
