@@ -99,6 +99,7 @@ class DistConfig:
     launcher: Literal["mpirun", "horovodrun"] = "mpirun"
     fp16_allreduce: bool = False   # Horovod: compress gradients to fp16 on the wire
     timeout_s: int = 300           # a silent rank ends the job after this long, not never
+    signal_check_s: float = 1.0    # ranks agree on a preemption signal this often (0: each step)
 
 
 @dataclass

@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,7 +69,6 @@ class Dist:
         self.rank, self.size = place.rank, place.size
         self.local_rank, self.local_size = place.local_rank, place.local_size
         self.is_main = self.rank == 0
-        self._vectors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # -- optimisers
     def optimizer(self, opt: torch.optim.Optimizer, module: torch.nn.Module, prefix: str,
@@ -92,29 +90,36 @@ class Dist:
         """Make every rank start from rank 0's parameters, buffers and optimizer state."""
 
     # -- collectives on small values
-    def begin_end_step(self, module: torch.nn.Module, flag: bool) -> Callable[[], bool]:
-        """Start the step-end collective; the returned function finishes it. In one collective it
-        averages the floating-point buffers (batch-norm running statistics: gradients are averaged,
-        buffers are not, so each rank's would drift with its own data) and tells whether `flag` is
-        set on any rank (to agree on stopping). The trainer starts it after the step's last
-        forward and finishes it once the gradients are synchronised: it runs during backward and
-        costs no sync point of its own. `module`'s buffers must not change in between."""
-        return lambda: bool(flag)
+    def begin_sum(self, values: Sequence[float]) -> Callable[[], list[float]]:
+        """Start summing `values` over ranks; the returned function waits and gives the sums. The
+        trainer agrees on preemption with it: it starts it after a step's last forward and
+        finishes it once the gradients are synchronised, so it runs during backward and costs no
+        sync point of its own."""
+        return lambda: [float(v) for v in values]
 
-    def end_step(self, module: torch.nn.Module, flag: bool) -> bool:
-        """`begin_end_step` and wait for it."""
-        return self.begin_end_step(module, flag)()
+    def average_buffers(self, module: torch.nn.Module) -> None:
+        """Average `module`'s floating-point buffers over ranks, in place. Gradients are averaged,
+        buffers are not: each rank's batch-norm running statistics follow its own data. Their
+        updates are linear (exponential moving averages of batch statistics), so averaging them
+        when they are read (validation, checkpoints, the end) gives what averaging after every
+        step would, without a collective per step."""
+        bufs = [b for b in module.buffers() if b.is_floating_point()]
+        if self.size > 1 and bufs:
+            for b, mean in zip(bufs, self._average(bufs, "hpcforge.buffers")):
+                b.copy_(mean)
 
-    def _step_end_vector(self, module: torch.nn.Module, device: torch.device) -> _StepEndVector:
-        """The module's packed buffers, made once (its buffers are updated in place)."""
-        vec = self._vectors.get(module)
-        if vec is None:
-            vec = self._vectors[module] = _StepEndVector(module, device)
-        return vec
+    def _average(self, tensors: list[torch.Tensor], name: str) -> list[torch.Tensor]:
+        """The mean over ranks of each tensor (one collective for all of them)."""
+        return tensors
 
     def mean(self, values: Mapping[str, float]) -> dict[str, float]:
         """Average scalars over ranks (one collective for all of them)."""
-        return {k: float(values[k]) for k in sorted(values)}
+        keys = sorted(values)
+        if not keys:
+            return {}
+        t, = self._average([torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)],
+                           "hpcforge.mean")
+        return dict(zip(keys, t.tolist()))
 
     def gather_object(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order."""
@@ -173,30 +178,26 @@ class HorovodDist(Dist):
             return _mpi_average(self._comm, tensors, self.size)
         return self.hvd.grouped_allreduce(tensors, op=self.hvd.Average, name=name)
 
-    def begin_end_step(self, module, flag):
+    def begin_sum(self, values):
         if self.size == 1:
-            return super().begin_end_step(module, flag)
-        vec = self._step_end_vector(module, torch.device("cpu"))
-        vec.pack(flag)
+            return super().begin_sum(values)
         if self._comm is not None:
+            import numpy as np
             from mpi4py import MPI
-            wait = self._comm.Iallreduce(MPI.IN_PLACE, vec.host, op=MPI.SUM).Wait
-        else:
-            handle = self.hvd.allreduce_async_(vec.flat, op=self.hvd.Sum, name="hpcforge.end_step")
-            wait = lambda: self.hvd.synchronize(handle)  # noqa: E731
+            vec = np.array(values, dtype=np.float64)
+            request = self._comm.Iallreduce(MPI.IN_PLACE, vec, op=MPI.SUM)
 
-        def finish() -> bool:
-            wait()
-            return vec.unpack(self.size)
-        return finish
+            def finish() -> list[float]:
+                request.Wait()
+                return vec.tolist()
+            return finish
+        t = torch.tensor(values, dtype=torch.float64)
+        handle = self.hvd.allreduce_async_(t, op=self.hvd.Sum, name="hpcforge.sum")
 
-    def mean(self, values):
-        keys = sorted(values)
-        if not keys:
-            return {}
-        t, = self._average([torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)],
-                           "hpcforge.mean")
-        return dict(zip(keys, t.tolist()))
+        def finish_hvd() -> list[float]:
+            self.hvd.synchronize(handle)
+            return t.tolist()
+        return finish_hvd
 
     # Over our own communicator when there is one: Horovod's object collectives cost ~3 ms each
     # (two negotiated collectives and a pickle round trip), even on one rank. Horovod names them
@@ -243,52 +244,20 @@ def _small_collectives_comm(hvd: Any) -> Any:
 
 
 def _mpi_average(comm: Any, tensors: list[torch.Tensor], size: int) -> list[torch.Tensor]:
-    """The mean over ranks of each tensor (any float dtype, any device), in one MPI_Allreduce of
-    their float64 concatenation."""
     from mpi4py import MPI
-    flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors])
-    comm.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
+    return _flat_average(tensors, torch.device("cpu"),
+                         lambda flat: comm.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM), size)
+
+
+def _flat_average(tensors: list[torch.Tensor], device: torch.device,
+                  allreduce_sum: Callable[[torch.Tensor], Any], size: int) -> list[torch.Tensor]:
+    """The mean over ranks of each tensor (any float dtype, any device), in one in-place sum of
+    their float64 concatenation on `device`."""
+    flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in tensors])
+    allreduce_sum(flat)
     flat /= size
     parts = flat.split([t.numel() for t in tensors])
     return [p.view(t.shape).to(t.device, t.dtype) for p, t in zip(parts, tensors)]
-
-
-class _StepEndVector:
-    """A module's floating-point buffers and a flag, packed into one float64 vector that is kept
-    and reused every step: the step-end collective is then one packing copy, one collective and
-    one unpacking copy (building it anew took ~130 us of small torch ops per step)."""
-
-    def __init__(self, module: torch.nn.Module, device: torch.device):
-        self.bufs = [b for b in module.buffers() if b.is_floating_point()]
-        sizes = [b.numel() for b in self.bufs]
-        self.flat = torch.zeros(sum(sizes) + 1, dtype=torch.float64, device=device)
-        self.views = [v.view(b.shape) for v, b in zip(self.flat[:-1].split(sizes), self.bufs)]
-        self.host = self.flat.numpy() if device.type == "cpu" else None  # what MPI reads
-        # _foreach_copy_ converts dtypes but wants one device on both sides
-        self.batched = all(b.device == device for b in self.bufs)
-
-    def _copy(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-        if not dst:
-            return
-        if self.batched:
-            torch._foreach_copy_(dst, src)
-        else:
-            for d, s in zip(dst, src):
-                d.copy_(s)
-
-    def pack(self, flag: bool) -> None:
-        self._copy(self.views, self.bufs)
-        if self.host is not None:  # a numpy store costs ~0.1 us, a torch index op ~5 us
-            self.host[-1] = float(flag)
-        else:
-            self.flat[-1] = float(flag)
-
-    def unpack(self, size: int) -> bool:
-        """After a sum over `size` ranks: the buffers get the mean; True when any rank's flag was
-        set (its sum is > 0 exactly then)."""
-        self.flat.div_(size)
-        self._copy(self.bufs, self.views)
-        return bool((self.host if self.host is not None else self.flat)[-1] > 0)
 
 
 class TorchDist(Dist):
@@ -322,23 +291,17 @@ class TorchDist(Dist):
             state = self.broadcast_object(opt.state_dict())
             opt.load_state_dict(state)
 
-    def begin_end_step(self, module, flag):
-        vec = self._step_end_vector(module, self._dev)
-        vec.pack(flag)
-        work = self.td.all_reduce(vec.flat, async_op=True)
+    def begin_sum(self, values):
+        t = torch.tensor(values, dtype=torch.float64, device=self._dev)
+        work = self.td.all_reduce(t, async_op=True)
 
-        def finish() -> bool:
+        def finish() -> list[float]:
             work.wait()
-            return vec.unpack(self.size)
+            return t.tolist()
         return finish
 
-    def mean(self, values):
-        keys = sorted(values)
-        if not keys:
-            return {}
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self._dev)
-        self.td.all_reduce(t)
-        return dict(zip(keys, (t / self.size).tolist()))
+    def _average(self, tensors, name):
+        return _flat_average(tensors, self._dev, self.td.all_reduce, self.size)
 
     def gather_object(self, obj):
         out: list[Any] = [None] * self.size

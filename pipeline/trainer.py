@@ -15,8 +15,8 @@ import signal
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +130,11 @@ class Trainer:
         self._saved_buffers = [b.clone() for b in self._buffers]
         # each optimizer's phase, `schedule` times, in the model's order (e.g. critic x5, generator)
         self._phases = [s.name for s in self.specs for _ in range(self.model.schedule[s.name])]
-        self._flag: PreemptionFlag | None = None  # set by fit(); read at every step's end
+        self._flag: PreemptionFlag | None = None  # set by fit(); read when the ranks agree
         self.preempt = False
+        # Ranks agree on a preemption signal at step `_agree_at` (a step count), then every ~
+        # dist.signal_check_s: rank 0 proposes the interval in steps from its step time.
+        self._agree_at, self._agree_mark = 0, (0, 0.0)
         scale = rank_scale(t.lr_scaling, dist.size)
         self.steps_per_epoch = len(self.loader) // t.accumulate
         total = t.max_steps or t.epochs * self.steps_per_epoch
@@ -214,6 +217,9 @@ class Trainer:
         if ckpt["ranks"] == self.dist.size:
             self.loader.load_state_dict(ckpt["loader"])
             torch.set_rng_state(ckpt["rng"][self.dist.rank])
+            own = ckpt.get("rank_buffers") or [[]] * self.dist.size  # (older ones: the mean)
+            for b, mine in zip(self._buffers, own[self.dist.rank]):
+                b.copy_(mine)  # this rank's own statistics: it goes on as if never stopped
         else:  # another world size: the per-rank split of the epoch differs, restart that epoch
             self.loader.load_state_dict({"epoch": ckpt["loader"]["epoch"], "batch": 0})
             self._print(f"[hpcforge] checkpoint has {ckpt['ranks']} ranks, this run "
@@ -281,7 +287,7 @@ class Trainer:
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """One step of every optimizer, in the model's order; sets `self.preempt` when any rank has
-        seen a preemption signal (agreed in the step-end collective)."""
+        seen a preemption signal (agreed every ~dist.signal_check_s, see `_begin_agreement`)."""
         if not self.model.training:  # walking the module tree costs ~0.2 ms: only after eval
             self.model.train()
         # A non-finite batch also poisons batch-norm running statistics: keep a copy to restore.
@@ -290,25 +296,23 @@ class Trainer:
             torch._foreach_copy_(saved, buffers)  # one batched copy, into the same memory
         out: dict[str, float] = {}
         phases, bad, pending = self._phases, False, []
-
-        def begin_step_end() -> None:
-            # The step's last forward is done: the buffers are final. Average them (and agree on
-            # preemption) during the last backward, not after the step: the collective completes
-            # while the gradients are reduced, and costs no sync point of its own (a blocking one
-            # after the optimizer step cost 2 ranks ~10 % of their steps/s).
-            signalled = self._flag is not None and self._flag.signum is not None
-            pending.append(self.dist.begin_end_step(self.model, signalled))
+        # Agreeing during the last backward costs no sync point of its own: the collective
+        # completes while the gradients are reduced (a blocking one after the step cost 2 ranks
+        # ~10 % of their steps/s; one every step, even overlapped, ~3 %).
+        agree = self.step + 1 >= self._agree_at
         for i, name in enumerate(phases):
             last = i == len(phases) - 1
-            metrics = self._gradients(name, batches, begin_step_end if last else None)
+            after_forward = (lambda: pending.append(self._begin_agreement())) if last and agree \
+                else None
+            metrics = self._gradients(name, batches, after_forward)
             finite = metrics.pop("nonfinite", 0.0) == 0.0
             out.update(metrics)
             bad |= not finite
-            if last:
-                self.preempt = pending[0]()  # the buffers now hold the ranks' average
-                if bad:  # ... unless a batch was not finite: then last step's (the same on all)
-                    for b, old in zip(buffers, saved):
-                        b.copy_(old)
+            if last and pending:
+                self._end_agreement(pending[0]())
+            if last and bad:  # this step's batch-norm updates are undone with it
+                for b, old in zip(buffers, saved):
+                    b.copy_(old)
             self._apply(name, finite)
         if self.scaler is not None:
             self.scaler.update()
@@ -323,6 +327,23 @@ class Trainer:
                                  f"train.grad_clip")
         return out
 
+    def _begin_agreement(self) -> Callable[[], list[float]]:
+        """Start the sum over ranks of (signal seen, rank 0's proposed interval in steps)."""
+        signalled = float(self._flag is not None and self._flag.signum is not None)
+        every = 0.0  # other ranks add nothing to rank 0's proposal
+        if self.dist.is_main:  # the steps that take about signal_check_s on rank 0's clock
+            (step0, t0), now = self._agree_mark, time.perf_counter()
+            self._agree_mark = (self.step, now)
+            target, every = self.cfg.train.dist.signal_check_s, 1.0
+            if target > 0 and t0 and self.step > step0:
+                every = float(min(10_000, max(1, int(target * (self.step - step0) / (now - t0)))))
+        return self.dist.begin_sum([signalled, every])
+
+    def _end_agreement(self, sums: list[float]) -> None:
+        signalled, every = sums
+        self.preempt = signalled > 0
+        self._agree_at = self.step + 1 + max(1, int(every))
+
     def _inject(self, batches: list[dict[str, torch.Tensor]]) -> None:
         """Fault injection (train.inject_nan_at): rank 0's first float input becomes NaN."""
         if self.step + 1 in self.cfg.train.inject_nan_at and self.dist.is_main:
@@ -335,8 +356,8 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         if self.val_loader is None:
             return {}
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # keep training's RNG untouched
-            return self._validate()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), self._averaged_buffers():
+            return self._validate()  # (fork_rng: training's RNG stays untouched)
 
     def _validate(self) -> dict[str, float]:
         self.model.eval()
@@ -498,18 +519,35 @@ class Trainer:
                 **self.provenance}
 
     def save(self) -> str | None:
-        """Checkpoint on rank 0 (RNG states of every rank included); never non-finite weights."""
-        rng = self.dist.gather_object(torch.get_rng_state())
-        path = None
-        if self.dist.is_main:
-            if not _finite(self.model.state_dict().values()):
-                self._print(f"[hpcforge] step {self.step}: weights are not finite, checkpoint "
-                            f"skipped; the last good one stays in {self.checkpoints.folder}")
-            else:
-                state = {**self._state(), "rng": rng}
-                metrics = self.history[-1] if self.history else {}
-                path = str(self.checkpoints.save(state, self.step, metrics))
+        """Checkpoint on rank 0; never non-finite weights. The model holds the ranks' mean
+        batch-norm statistics; each rank's own, and its RNG state, are kept for an exact resume."""
+        with self._averaged_buffers() as own:
+            rng, buffers = zip(*self.dist.gather_object((torch.get_rng_state(), own)))
+            path = None
+            if self.dist.is_main:
+                if not _finite(self.model.state_dict().values()):
+                    self._print(f"[hpcforge] step {self.step}: weights are not finite, checkpoint "
+                                f"skipped; the last good one stays in {self.checkpoints.folder}")
+                else:
+                    state = {**self._state(), "rng": list(rng), "rank_buffers": list(buffers)}
+                    metrics = self.history[-1] if self.history else {}
+                    path = str(self.checkpoints.save(state, self.step, metrics))
         return self.dist.broadcast_object(path)
+
+    @contextmanager
+    def _averaged_buffers(self) -> Iterator[list[torch.Tensor]]:
+        """The ranks' mean batch-norm statistics in the model for the block (validation, a
+        checkpoint); yields this rank's own (on the CPU), which it gets back afterwards. Training
+        goes on from each rank's own, whether or not a checkpoint was written: that is what keeps
+        resume exact. (Their updates are linear, so the mean at any step equals what averaging
+        after every step would give, without a collective per step.)"""
+        own = [b.detach().to("cpu", copy=True) for b in self._buffers]
+        self.dist.average_buffers(self.model)
+        try:
+            yield own
+        finally:
+            for b, mine in zip(self._buffers, own):
+                b.copy_(mine)
 
     def _preempted(self, flag: PreemptionFlag) -> None:
         path = self.save()
@@ -522,12 +560,13 @@ class Trainer:
         raise Preempted(signum, path)
 
     def _finish(self) -> dict[str, Any]:
+        final = self.save()
+        self.dist.average_buffers(self.model)  # training is over: every rank ends with the mean
         digests = self.dist.gather_object(weights_digest(self.model))
         summary: dict[str, Any] = {"steps": self.step, "ranks": self.dist.size,
                                    "launcher": self.dist.place.launcher,
                                    "nonfinite_steps": self.nonfinite_total,
                                    "weights_sha256_per_rank": digests, "history": self.history}
-        final = self.save()
         self.checkpoints.wait()
         if self.dist.is_main:
             ckpt = self.checkpoints.folder / "final.pt"

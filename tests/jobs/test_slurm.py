@@ -93,7 +93,7 @@ def test_preempted_job_requeues_and_resumes_to_the_same_weights_and_run(
     import submitit
 
     common = ["cluster.nodes=1", "cluster.tasks_per_node=2", "train.epochs=2",
-              "train.logger.log_every=2"]
+              "train.logger.log_every=2", "train.dist.signal_check_s=0"]  # act at the next step
     [plain] = submit(*job_args(small_store, tmp_path / "plain", jobs_dir / "plain", *common))
     [hit] = submit(*job_args(small_store, tmp_path / "hit", jobs_dir / "hit", *common))
     _wait_steps(tmp_path / "hit" / "train" / "metrics.jsonl", 4)

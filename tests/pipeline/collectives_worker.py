@@ -14,19 +14,21 @@ if __name__ == "__main__":
     bn = torch.nn.BatchNorm1d(3)
     bn.running_mean.fill_(float(dist.rank))                  # ranks 0 and 1: mean 0.5
     bn.running_var.fill_(2.0 + 2 * dist.rank)                # 2 and 4: mean 3
-    quiet = dist.end_step(bn, False)
-    quiet_mean = bn.running_mean.tolist()
-    flagged = dist.end_step(bn, dist.rank == 1)              # only rank 1 saw the signal
+    dist.average_buffers(bn)
+    averaged = [bn.running_mean.tolist(), bn.running_var.tolist()]
+    quiet = dist.begin_sum([0.0, 7.0 if dist.rank == 0 else 0.0])()
+    flagged = dist.begin_sum([float(dist.rank == 1), 0.0])()  # only rank 1 saw the signal
     means = dist.mean({"loss": 1.0 + dist.rank, "lr": 0.25})
-    # a step end in flight while another collective runs on the same communicator
+    # a sum in flight while other collectives run on the same communicator
     bn.running_mean.fill_(float(dist.rank) * 4)              # 0 and 4: mean 2
-    finish = dist.begin_end_step(bn, dist.rank == 0)
+    finish = dist.begin_sum([float(dist.rank == 0), 3.0])
     during = dist.mean({"x": 10.0 * dist.rank})
+    dist.average_buffers(bn)
     overlapped = finish()
     gathered = dist.gather_object({"rank": dist.rank})
     broadcast = dist.broadcast_object("rank 0's" if dist.rank == 0 else None)
     out = {"own_comm": dist._comm is not None, "quiet": quiet, "flagged": flagged, "means": means,
-           "running_mean": quiet_mean, "running_var": bn.running_var.tolist(),
+           "averaged": averaged,
            "tracked": int(bn.num_batches_tracked), "during": during, "overlapped": overlapped,
            "overlapped_mean": bn.running_mean.tolist(), "gathered": gathered,
            "broadcast": broadcast}

@@ -52,9 +52,9 @@ def test_cpu_ranks_yield_in_mpi_waits_and_gpu_ranks_keep_polling_gpu_mocked(monk
 
 @pytest.mark.mpi
 def test_step_boundary_collectives_on_two_horovod_ranks_over_their_own_communicator(tmp_path):
-    """2 real ranks: buffers averaged, one rank's flag seen by both, metrics averaged, all
-    through a Dup of COMM_WORLD (not Horovod's negotiated allreduce); a step end left in flight
-    while another collective runs; object gather and broadcast."""
+    """2 real ranks: buffers averaged, sums (one rank's flag seen by both, rank 0's proposal),
+    metrics averaged, all through a Dup of COMM_WORLD (not Horovod's negotiated allreduce); a sum
+    left in flight while other collectives run; object gather and broadcast."""
     import json
     import subprocess
 
@@ -68,10 +68,10 @@ def test_step_boundary_collectives_on_two_horovod_ranks_over_their_own_communica
     ranks = [json.loads(out.with_name(f"out.{i}").read_text()) for i in (0, 1)]
     assert ranks[0] == ranks[1]
     got = ranks[0]
-    assert got["own_comm"] is True and got["quiet"] is False and got["flagged"] is True
-    assert got["running_mean"] == [0.5] * 3 and got["running_var"] == [3.0] * 3
+    assert got["own_comm"] is True and got["quiet"] == [0.0, 7.0] and got["flagged"] == [1.0, 0.0]
+    assert got["averaged"] == [[0.5] * 3, [3.0] * 3]
     assert got["tracked"] == 0                                     # integer buffers untouched
     assert got["means"] == {"loss": 1.5, "lr": 0.25}
-    assert got["during"] == {"x": 5.0} and got["overlapped"] is True
+    assert got["during"] == {"x": 5.0} and got["overlapped"] == [1.0, 6.0]
     assert got["overlapped_mean"] == [2.0] * 3
     assert got["gathered"] == [{"rank": 0}, {"rank": 1}] and got["broadcast"] == "rank 0's"

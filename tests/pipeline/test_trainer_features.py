@@ -116,3 +116,30 @@ def test_seeds_differ_per_rank_and_repeat_per_run():
     from pipeline.trainer import seed_for
     assert seed_for(0, 0) == seed_for(0, 0) and seed_for(0, 0) != seed_for(0, 1)
     assert seed_for(0, 0, 1) != seed_for(0, 0, 0) and not math.isnan(seed_for(1, 2))
+
+
+@pytest.mark.parametrize("check_s, acted_at", [(1.0, 12), (0.0, 5)])
+def test_a_signal_is_agreed_on_at_the_next_check_spaced_by_signal_check_s(
+        small_store, tmp_path, monkeypatch, check_s, acted_at):
+    """Ranks agree at steps 1 and 2, then every signal_check_s by rank 0's measured step time. A
+    clock advancing 0.1 s per agreement makes that 1 step per 0.1 s: with check_s 1.0 the third
+    agreement is 10 steps after the second, at step 12; check_s 0 agrees at every step."""
+    import types
+
+    import pipeline.trainer as trainer_module
+    t = _trainer(small_store, tmp_path, f"train.dist.signal_check_s={check_s}")
+    batch = next(iter(t.loader))
+    clock = iter(range(1, 1000))
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(
+        perf_counter=lambda: 0.1 * next(clock)))
+    t._flag = types.SimpleNamespace(signum=None)
+    acted = None
+    for step in range(1, 20):
+        if step == 5:
+            t._flag.signum = 15  # SIGTERM arrives before step 5
+        t.train_step([batch])
+        t.step = step
+        if t.preempt:
+            acted = step
+            break
+    assert acted == acted_at
