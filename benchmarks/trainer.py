@@ -11,7 +11,8 @@ hvd.DistributedOptimizer, zero_grad/backward/step. Rank 0 writes {"steps_per_s",
 `paired` runs the loop and a fresh Trainer.fit (each STEPS steps, Horovod) alternately in the same
 ranks, in the order loop, trainer, trainer, loop, ... so that a linear drift of the machine's speed
 cancels; each pair is seconds apart. Separate jobs for each side were minutes apart on a VM whose
-speed drifts by 30 % over minutes.
+speed drifts by 30 % over minutes. One untimed run of each comes first: the first Trainer in a
+process pays for imports and first calls (a few tenths of a second), as the loop's first steps do.
 """
 from __future__ import annotations
 
@@ -100,11 +101,14 @@ def run_paired(store: str, repeats: int, steps: int) -> dict:
     from pipeline.dist import init_distributed
     step = _loop("vae")
     out: dict = {"trainer": [], "loop": []}
-    dist = None
+    warm = _config(store, "horovod", min(steps, 100), "vae")
+    warm.output_dir = f"{warm.output_dir}/warm-up"
+    dist = init_distributed(warm.train.dist)
+    _fit(warm, dist)
+    _time_loop(step, min(steps, 100))
     for r in range(repeats):
         cfg = _config(store, "horovod", steps, "vae")
         cfg.output_dir = f"{cfg.output_dir}/{r}"  # a fresh run each time (resume is "never")
-        dist = dist or init_distributed(cfg.train.dist)
         order = ("loop", "trainer") if r % 2 == 0 else ("trainer", "loop")
         for side in order:
             out[side].append(_time_loop(step, steps) if side == "loop" else _fit(cfg, dist))
