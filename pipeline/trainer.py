@@ -299,12 +299,11 @@ class Trainer:
         # Agreeing during the last backward costs no sync point of its own: the collective
         # completes while the gradients are reduced (a blocking one after the step cost 2 ranks
         # ~10 % of their steps/s; one every step, even overlapped, ~3 %).
-        agree = self.step + 1 >= self._agree_at
+        agree = ((lambda: pending.append(self._begin_agreement()))
+                 if self.step + 1 >= self._agree_at else None)
         for i, name in enumerate(phases):
             last = i == len(phases) - 1
-            after_forward = (lambda: pending.append(self._begin_agreement())) if last and agree \
-                else None
-            metrics = self._gradients(name, batches, after_forward)
+            metrics = self._gradients(name, batches, agree if last else None)
             finite = metrics.pop("nonfinite", 0.0) == 0.0
             out.update(metrics)
             bad |= not finite
