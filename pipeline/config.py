@@ -98,6 +98,7 @@ class DistConfig:
     nproc: int = 1                 # ranks `hpcforge train` launches on this machine
     launcher: Literal["mpirun", "horovodrun"] = "mpirun"
     fp16_allreduce: bool = False   # Horovod: compress gradients to fp16 on the wire
+    bucket_mb: float = 25.0        # ddp: gradients all-reduced during backward in buckets this big
     timeout_s: int = 300           # a silent rank ends the job after this long, not never
     signal_check_s: float = 1.0    # ranks agree on a preemption signal this often (0: each step)
 

@@ -8,7 +8,7 @@
 
 Backends: `horovod` (hvd.DistributedOptimizer per optimizer over its prefixed parameters, gradients
 allreduced while backward runs), `ddp` (a torch.distributed process group, gloo on CPU and nccl on
-GPU; gradients all-reduced in coalesced buckets per optimizer after backward), `none` (one process).
+GPU; gradients all-reduced per optimizer in buckets while backward runs), `none` (one process).
 Rank, size and local rank come from the launcher's environment (OpenMPI's mpirun, MPICH-style PMI,
 Slurm's srun, horovodrun, torchrun); `place.launcher` says which one was found.
 """
@@ -260,9 +260,67 @@ def _flat_average(tensors: list[torch.Tensor], device: torch.device,
     return [p.view(t.shape).to(t.device, t.dtype) for p, t in zip(parts, tensors)]
 
 
+class _GradientBuckets:
+    """One optimizer's gradients, averaged over ranks while backward runs (as DDP's reducer does).
+
+    The parameters are cut, last first (backward makes the last layers' gradients first), into
+    buckets of about `cap` bytes. A hook on each parameter notes when its gradient is final (after
+    `accumulate` backward passes); a bucket's asynchronous all-reduce starts once all its gradients
+    are final and every earlier bucket has started, so all ranks issue the same collectives in the
+    same order. `finish` starts the rest (a parameter without a gradient this step is left out,
+    alike on every rank), waits, and writes the means back.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], all_reduce: Callable[..., Any],
+                 size: int, accumulate: int, cap: int):
+        self.all_reduce, self.size, self.accumulate = all_reduce, size, max(1, accumulate)
+        self.buckets: list[list[torch.nn.Parameter]] = [[]]
+        filled = 0
+        for p in reversed(params):
+            if filled >= cap:
+                self.buckets.append([])
+                filled = 0
+            self.buckets[-1].append(p)
+            filled += p.numel() * p.element_size()
+        self.bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self.passes: dict[int, int] = {}
+        self.final = [0] * len(self.buckets)  # parameters of each bucket whose gradient is final
+        self.started = 0                       # buckets whose all-reduce has started, in order
+        self.pending: list[tuple[Any, torch.Tensor, list[torch.Tensor]]] = []
+        for p in params:
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._ready)
+
+    def _ready(self, p: torch.nn.Parameter) -> None:
+        n = self.passes[id(p)] = self.passes.get(id(p), 0) + 1
+        if n != self.accumulate:
+            return
+        self.final[self.bucket_of[id(p)]] += 1
+        while self.started < len(self.buckets) and \
+                self.final[self.started] == len(self.buckets[self.started]):
+            self._start()
+
+    def _start(self) -> None:
+        grads = [p.grad for p in self.buckets[self.started] if p.grad is not None]
+        self.started += 1
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads]) / self.size
+            self.pending.append((self.all_reduce(flat, async_op=True), flat, grads))
+
+    def finish(self) -> None:
+        while self.started < len(self.buckets):
+            self._start()
+        for work, flat, grads in self.pending:
+            work.wait()
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+        self.pending, self.passes, self.started = [], {}, 0
+        self.final = [0] * len(self.buckets)
+
+
 class TorchDist(Dist):
-    """torch.distributed: gloo on CPU, nccl on GPU. Gradients all-reduced per optimizer after
-    backward in coalesced buckets (what DDP does at the end of backward); the loop calls models
+    """torch.distributed: gloo on CPU, nccl on GPU. Gradients are all-reduced per optimizer while
+    backward runs, in buckets (`_GradientBuckets`, what DDP's reducer does); the loop calls models
     through `losses()`, not `forward()`, so a DDP module wrapper would see no forward to hook."""
     backend = "ddp"
 
@@ -270,19 +328,16 @@ class TorchDist(Dist):
         import torch.distributed as td
         self.td = td
         super().__init__(place, device, cfg)
-        self._params: dict[int, list[torch.nn.Parameter]] = {}
+        self._buckets: dict[int, _GradientBuckets] = {}
 
     def optimizer(self, opt, module, prefix, accumulate=1):
-        self._params[id(opt)] = [p for p in module.parameters()]
+        self._buckets[id(opt)] = _GradientBuckets(list(module.parameters()), self.td.all_reduce,
+                                                  self.size, accumulate,
+                                                  int(self.cfg.bucket_mb * 2 ** 20))
         return opt
 
     def synchronize(self, opt):
-        grads = [p.grad for p in self._params[id(opt)] if p.grad is not None]
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads]) / self.size
-            self.td.all_reduce(flat)
-            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(part.view_as(g))
+        self._buckets[id(opt)].finish()
 
     def broadcast(self, module, *optimizers):
         for t in module.state_dict().values():

@@ -75,3 +75,27 @@ def test_step_boundary_collectives_on_two_horovod_ranks_over_their_own_communica
     assert got["during"] == {"x": 5.0} and got["overlapped"] == [1.0, 6.0]
     assert got["overlapped_mean"] == [2.0] * 3
     assert got["gathered"] == [{"rank": 0}, {"rank": 1}] and got["broadcast"] == "rank 0's"
+
+
+@pytest.mark.mpi
+def test_ddp_gradients_are_all_reduced_in_buckets_while_backward_runs(tmp_path):
+    """2 gloo ranks, 256-byte buckets (3 of them): every bucket has started when backward returns (before
+    synchronize), in order on both ranks; the result equals one flat mean bit for bit. With
+    accumulate=2 nothing starts after the first pass, all after the second, and the sum of two
+    equal passes is twice one pass."""
+    import json
+    import subprocess
+
+    from helpers import ROOT
+    from pipeline.launch import mpi_env
+    out = tmp_path / "out"
+    cmd = mpirun_command(2, [str(out)], module="buckets_worker")
+    r = subprocess.run(cmd, cwd=ROOT / "tests" / "pipeline", env=mpi_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ranks = [json.loads(out.with_name(f"out.{i}").read_text()) for i in (0, 1)]
+    assert ranks[0] == ranks[1]
+    got = ranks[0]
+    assert got["buckets"] == 3 and got["started"] == [3] and got["again"] == [3]
+    assert got["equal"] is True
+    assert got["acc_started"] == [0, 3] and got["acc_equal"] is True
