@@ -50,24 +50,29 @@ def test_cpu_ranks_yield_in_mpi_waits_and_gpu_ranks_keep_polling_gpu_mocked(monk
     assert gpu == {} and "OMPI_MCA_mpi_yield_when_idle" not in mpi_env()
 
 
-@pytest.mark.mpi
-def test_step_boundary_collectives_on_two_horovod_ranks_over_their_own_communicator(tmp_path):
-    """2 real ranks: buffers averaged, sums (one rank's flag seen by both, rank 0's proposal),
-    metrics averaged, all through a Dup of COMM_WORLD (not Horovod's negotiated allreduce); a sum
-    left in flight while other collectives run; object gather and broadcast."""
+def _on_two_ranks(worker: str, tmp_path) -> dict:
+    """Run tests/pipeline/`worker`.py on 2 ranks; what they wrote, checked to be the same."""
     import json
     import subprocess
 
     from helpers import ROOT
     from pipeline.launch import mpi_env
     out = tmp_path / "out"
-    cmd = mpirun_command(2, [str(out)], module="collectives_worker")
-    r = subprocess.run(cmd, cwd=ROOT / "tests" / "pipeline", env=mpi_env(), capture_output=True,
+    r = subprocess.run(mpirun_command(2, [str(out)], module=worker),
+                       cwd=ROOT / "tests" / "pipeline", env=mpi_env(), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     ranks = [json.loads(out.with_name(f"out.{i}").read_text()) for i in (0, 1)]
     assert ranks[0] == ranks[1]
-    got = ranks[0]
+    return ranks[0]
+
+
+@pytest.mark.mpi
+def test_step_boundary_collectives_on_two_horovod_ranks_over_their_own_communicator(tmp_path):
+    """2 real ranks: buffers averaged, sums (one rank's flag seen by both, rank 0's proposal),
+    metrics averaged, all through a Dup of COMM_WORLD (not Horovod's negotiated allreduce); a sum
+    left in flight while other collectives run; object gather and broadcast."""
+    got = _on_two_ranks("collectives_worker", tmp_path)
     assert got["own_comm"] is True and got["quiet"] == [0.0, 7.0] and got["flagged"] == [1.0, 0.0]
     assert got["averaged"] == [[0.5] * 3, [3.0] * 3]
     assert got["tracked"] == 0                                     # integer buffers untouched
@@ -79,23 +84,11 @@ def test_step_boundary_collectives_on_two_horovod_ranks_over_their_own_communica
 
 @pytest.mark.mpi
 def test_ddp_gradients_are_all_reduced_in_buckets_while_backward_runs(tmp_path):
-    """2 gloo ranks, 256-byte buckets (3 of them): every bucket has started when backward returns (before
-    synchronize), in order on both ranks; the result equals one flat mean bit for bit. With
+    """2 gloo ranks, 256-byte buckets (3 of them): every bucket has started when backward returns
+    (before synchronize), in order on both ranks; the result equals one flat mean bit for bit. With
     accumulate=2 nothing starts after the first pass, all after the second, and the sum of two
     equal passes is twice one pass."""
-    import json
-    import subprocess
-
-    from helpers import ROOT
-    from pipeline.launch import mpi_env
-    out = tmp_path / "out"
-    cmd = mpirun_command(2, [str(out)], module="buckets_worker")
-    r = subprocess.run(cmd, cwd=ROOT / "tests" / "pipeline", env=mpi_env(), capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    ranks = [json.loads(out.with_name(f"out.{i}").read_text()) for i in (0, 1)]
-    assert ranks[0] == ranks[1]
-    got = ranks[0]
+    got = _on_two_ranks("buckets_worker", tmp_path)
     assert got["buckets"] == 3 and got["started"] == [3] and got["again"] == [3]
     assert got["equal"] is True
     assert got["acc_started"] == [0, 3] and got["acc_equal"] is True
