@@ -120,6 +120,7 @@ class OptimConfig:
     name: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = 0.0
     momentum: float = 0.9          # sgd only; adam-style betas come from the model's spec
+    impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"  # torch's update kernels
 
 
 @dataclass

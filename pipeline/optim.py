@@ -12,19 +12,55 @@ import torch
 
 from models.base import OptimizerSpec
 from pipeline.config import OptimConfig, ScheduleConfig
+from pipeline.errors import UserError
 
 
 def rank_scale(how: str, ranks: int) -> float:
     return {"none": 1.0, "linear": float(ranks), "sqrt": math.sqrt(ranks)}[how]
 
 
+_IMPLS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
+
+
 def build_optimizer(spec: OptimizerSpec, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    params = spec.module.parameters()
+    """The optimizer of `spec`'s network (already on its device), with torch's update kernels
+    chosen by `cfg.impl`. auto: fused where torch has fused kernels for the optimizer, device and
+    dtype (CPU and CUDA for adam, adamw and sgd): one kernel for every parameter instead of a
+    Python loop over them, 3.5x faster steps of Adam on CPU here (README, Benchmarks); else torch's
+    own default. The result is the same update up to rounding."""
     lr = lr * spec.lr_scale
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=lr, betas=spec.betas, weight_decay=cfg.weight_decay)
+        cls, args = torch.optim.SGD, dict(lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+        args = dict(lr=lr, betas=spec.betas, weight_decay=cfg.weight_decay)
+    params = list(spec.module.parameters())
+    unfused = [f"{p.dtype} on {p.device}" for p in params
+               if not (p.is_floating_point() and p.device.type in _fused_devices())]
+    impl = ("fused" if not unfused else None) if cfg.impl == "auto" else cfg.impl
+    if impl == "fused" and unfused:
+        raise UserError(f"train.optim.impl=fused: torch has no fused {cfg.name} for {spec.name!r}'s "
+                        f"parameters ({unfused[0]}); use train.optim.impl=auto")
+    return cls(params, **args, **_IMPLS.get(impl, {}))
+
+
+def _fused_devices() -> list[str]:
+    """Device types with fused optimizer kernels (torch checks this only at the first step)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        return _get_fused_kernels_supported_devices()
+    except ImportError:  # a private helper: if it moves, the two devices we know
+        return ["cpu", "cuda"]
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's optimizer state but keep this run's update kernels: torch would take
+    the saved param groups' `fused`/`foreach` flags, so a checkpoint written with another
+    train.optim.impl (or before it existed) would silently switch them."""
+    impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, flags in zip(opt.param_groups, impl):
+        group.update(flags)
 
 
 def lr_factor(cfg: ScheduleConfig, step: int, total: int, scale: float) -> float:

@@ -34,7 +34,7 @@ from pipeline.dist import Dist, init_distributed, only_grads_of
 from pipeline.errors import UserError
 from pipeline.launch import REQUEUE_EXIT_CODE  # 75 (EX_TEMPFAIL): "checkpointed, run me again"
 from pipeline.provenance import git_revision, versions
-from pipeline.optim import build_optimizer, build_scheduler, rank_scale
+from pipeline.optim import build_optimizer, build_scheduler, load_optimizer_state, rank_scale
 from pipeline.tracking import Tracker
 
 
@@ -206,7 +206,7 @@ class Trainer:
         check_compatible(ckpt, self.cfg.to_dict(), path)
         self.model.load_state_dict(ckpt["model"])
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(ckpt["optimizers"][name])
+            load_optimizer_state(opt, ckpt["optimizers"][name])
             self.schedulers[name].load_state_dict(ckpt["schedulers"][name])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])

@@ -10,7 +10,9 @@ from pipeline.checkpoint import load
 from pipeline.config import ScheduleConfig, load_config
 from pipeline.dist import init_distributed
 from pipeline.errors import UserError
-from pipeline.optim import lr_factor
+from models.base import OptimizerSpec
+from pipeline.config import OptimConfig
+from pipeline.optim import build_optimizer, load_optimizer_state, lr_factor
 from pipeline.trainer import Trainer
 
 
@@ -35,6 +37,58 @@ def test_warmup_goes_from_unscaled_lr_to_scaled_peak_then_cosine_to_floor():
 def test_step_schedule_decays_by_gamma():
     cfg = ScheduleConfig(name="step", step_size=5, gamma=0.5)
     assert [lr_factor(cfg, s, 100, 1.0) for s in (0, 4, 5, 10, 14)] == [1, 1, 0.5, 0.25, 0.25]
+
+
+def _adam(module: torch.nn.Module, impl: str) -> torch.optim.Optimizer:
+    return build_optimizer(OptimizerSpec("model", module), OptimConfig(impl=impl), 1e-3)
+
+
+def test_auto_picks_fused_kernels_on_cpu_and_they_update_as_the_for_loop_does():
+    torch.manual_seed(0)
+    nets = {impl: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+            for impl in ("auto", "foreach", "for-loop")}
+    for net in list(nets.values())[1:]:
+        net.load_state_dict(nets["auto"].state_dict())
+    start = torch.nn.utils.parameters_to_vector(nets["auto"].parameters()).clone()
+    opts = {impl: _adam(net, impl) for impl, net in nets.items()}
+    auto = opts["auto"].param_groups[0]
+    assert (auto["fused"], auto["foreach"]) == (True, None)
+    assert opts["foreach"].param_groups[0]["foreach"] is True
+    assert opts["for-loop"].param_groups[0]["foreach"] is False
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    for _ in range(20):
+        for impl, net in nets.items():
+            opts[impl].zero_grad()
+            torch.nn.functional.mse_loss(net(x), y).backward()
+            opts[impl].step()
+    ref = torch.nn.utils.parameters_to_vector(nets["for-loop"].parameters())
+    for impl in ("auto", "foreach"):
+        got = torch.nn.utils.parameters_to_vector(nets[impl].parameters())
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert (ref - start).abs().max() > 1e-3  # 20 steps of lr 1e-3 did move the weights
+
+
+def test_fused_where_torch_has_no_fused_kernel_is_refused_with_the_fix():
+    on_meta = torch.nn.Linear(4, 2, device="meta")  # no fused kernels for the meta device
+    with pytest.raises(UserError, match="train.optim.impl=fused: torch has no fused adam for "
+                                        "'model'.s parameters \\(torch.float32 on meta\\); "
+                                        "use train.optim.impl=auto"):
+        _adam(on_meta, "fused")
+    assert _adam(on_meta, "auto").param_groups[0]["fused"] is None  # auto: torch's default
+
+
+def test_resume_keeps_this_runs_kernels_not_the_checkpoints():
+    net = torch.nn.Linear(4, 2)
+    old = _adam(net, "for-loop")
+    net(torch.randn(3, 4)).sum().backward()
+    old.step()
+    new = _adam(net, "auto")
+    load_optimizer_state(new, old.state_dict())
+    assert new.param_groups[0]["fused"] is True and new.param_groups[0]["foreach"] is None
+    assert torch.equal(new.state[net.weight]["exp_avg"], old.state[net.weight]["exp_avg"])
+    back = _adam(net, "for-loop")
+    load_optimizer_state(back, new.state_dict())
+    assert back.param_groups[0]["fused"] is None and back.param_groups[0]["foreach"] is False
 
 
 def test_linear_lr_scaling_and_schedule_reach_the_optimizer(small_store, tmp_path):
