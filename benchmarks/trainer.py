@@ -5,12 +5,15 @@
     python -m benchmarks.trainer OUT paired  STORE REPEATS STEPS   # both, alternating, one job
 
 `loop` is the baseline a Horovod user would write: the same model, batches already in memory,
-hvd.DistributedOptimizer, zero_grad/backward/step. Rank 0 writes {"steps_per_s", "samples_per_s"}
-(`paired`: {"trainer": [steps/s...], "loop": [steps/s...]}).
+torch.optim.Adam as it comes, hvd.DistributedOptimizer, zero_grad/backward/step. Rank 0 writes
+{"steps_per_s", "samples_per_s"} (`paired`: {"trainer": [...], "loop": [...], "loop_fused": [...]}
+in steps/s).
 
-`paired` runs the loop and a fresh Trainer.fit (each STEPS steps, Horovod) alternately in the same
-ranks, in the order loop, trainer, trainer, loop, ... so that a linear drift of the machine's speed
-cancels; each pair is seconds apart. Separate jobs for each side were minutes apart on a VM whose
+`paired` runs the loop, the same loop with the fused Adam the Trainer picks on CPU
+(train.optim.impl=auto), and a fresh Trainer.fit (each STEPS steps, Horovod) in turn in the same
+ranks, in the order loop, loop_fused, trainer, then trainer, loop_fused, loop, ... so that a linear
+drift of the machine's speed cancels; each round is seconds long. trainer / loop is what a user
+gains or loses against writing the loop; trainer / loop_fused is the Trainer's own overhead. Separate jobs for each side were minutes apart on a VM whose
 speed drifts by 30 % over minutes. One untimed run of each comes first: the first Trainer in a
 process pays for imports and first calls (a few tenths of a second), as the loop's first steps do.
 """
@@ -53,7 +56,7 @@ def run_trainer(store: str, backend: str, steps: int) -> dict:
     return {"steps_per_s": rate, "samples_per_s": rate * BATCH * dist.size, "rank": dist.rank}
 
 
-def _loop(model_name: str):
+def _loop(model_name: str, fused: bool = False):
     """The baseline: no loader, no metrics, no checkpoints; plain Horovod. Returns step()."""
     import horovod.torch as hvd
     from models import MODELS
@@ -69,7 +72,8 @@ def _loop(model_name: str):
         model = build(cfg_cls())
         batch = {"x": torch.randn(BATCH, 1, 32, 32), "y": torch.randint(0, 10, (BATCH,))}
         phase = model.optimizers()[0].name
-    opt = hvd.DistributedOptimizer(torch.optim.Adam(model.parameters(), 1e-3),
+    adam = torch.optim.Adam(model.parameters(), 1e-3, **({"fused": True} if fused else {}))
+    opt = hvd.DistributedOptimizer(adam,
                                    named_parameters=model.named_parameters())
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
@@ -99,19 +103,20 @@ def run_loop(model_name: str, backend: str, steps: int) -> dict:
 
 def run_paired(store: str, repeats: int, steps: int) -> dict:
     from pipeline.dist import init_distributed
-    step = _loop("vae")
-    out: dict = {"trainer": [], "loop": []}
+    loops = {"loop": _loop("vae"), "loop_fused": _loop("vae", fused=True)}
+    out: dict = {"trainer": [], **{side: [] for side in loops}}
     warm = _config(store, "horovod", min(steps, 100), "vae")
     warm.output_dir = f"{warm.output_dir}/warm-up"
     dist = init_distributed(warm.train.dist)
     _fit(warm, dist)
-    _time_loop(step, min(steps, 100))
+    for step in loops.values():
+        _time_loop(step, min(steps, 100))
     for r in range(repeats):
         cfg = _config(store, "horovod", steps, "vae")
         cfg.output_dir = f"{cfg.output_dir}/{r}"  # a fresh run each time (resume is "never")
-        order = ("loop", "trainer") if r % 2 == 0 else ("trainer", "loop")
-        for side in order:
-            out[side].append(_time_loop(step, steps) if side == "loop" else _fit(cfg, dist))
+        order = ("loop", "loop_fused", "trainer")
+        for side in order if r % 2 == 0 else reversed(order):
+            out[side].append(_fit(cfg, dist) if side == "trainer" else _time_loop(loops[side], steps))
     return {**out, "rank": dist.rank}
 
 
