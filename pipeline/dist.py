@@ -267,8 +267,11 @@ class _GradientBuckets:
     buckets of about `cap` bytes. A hook on each parameter notes when its gradient is final (after
     `accumulate` backward passes); a bucket's asynchronous all-reduce starts once all its gradients
     are final and every earlier bucket has started, so all ranks issue the same collectives in the
-    same order. `finish` starts the rest (a parameter without a gradient this step is left out,
-    alike on every rank), waits, and writes the means back.
+    same order. `finish` starts the rest, waits, and writes the means back.
+
+    A parameter without a gradient this step (a branch one rank did not take) contributes zeros,
+    as Horovod does, and gets the mean like every other: the buckets are the same size on every
+    rank whatever each rank's forward used (DDP needs find_unused_parameters for that).
     """
 
     def __init__(self, params: list[torch.nn.Parameter], all_reduce: Callable[..., Any],
@@ -276,6 +279,7 @@ class _GradientBuckets:
         self.all_reduce, self.size, self.accumulate = all_reduce, size, max(1, accumulate)
         self.buckets: list[list[torch.nn.Parameter]] = [[]]
         filled = 0
+        params = [p for p in params if p.requires_grad]  # what Horovod updates, too
         for p in reversed(params):
             if filled >= cap:
                 self.buckets.append([])
@@ -288,8 +292,7 @@ class _GradientBuckets:
         self.started = 0                       # buckets whose all-reduce has started, in order
         self.pending: list[tuple[Any, torch.Tensor, list[torch.Tensor]]] = []
         for p in params:
-            if p.requires_grad:
-                p.register_post_accumulate_grad_hook(self._ready)
+            p.register_post_accumulate_grad_hook(self._ready)
 
     def _ready(self, p: torch.nn.Parameter) -> None:
         n = self.passes[id(p)] = self.passes.get(id(p), 0) + 1
@@ -301,11 +304,14 @@ class _GradientBuckets:
             self._start()
 
     def _start(self) -> None:
-        grads = [p.grad for p in self.buckets[self.started] if p.grad is not None]
+        bucket = self.buckets[self.started]
+        for p in bucket:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in bucket]
         self.started += 1
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads]) / self.size
-            self.pending.append((self.all_reduce(flat, async_op=True), flat, grads))
+        flat = torch.cat([g.reshape(-1) for g in grads]) / self.size
+        self.pending.append((self.all_reduce(flat, async_op=True), flat, grads))
 
     def finish(self) -> None:
         while self.started < len(self.buckets):

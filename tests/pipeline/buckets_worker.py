@@ -40,7 +40,22 @@ if __name__ == "__main__":
     acc_opt = dist.optimizer(torch.optim.SGD(acc.parameters(), lr=0.1), acc, prefix="acc",
                              accumulate=2)
     acc_started, acc_grads = grads_after(acc, dist, acc_opt, x, 2)
+    # a head that only rank 1 uses: rank 0 contributes zeros to its bucket (no size mismatch)
+    torch.manual_seed(1)
+    trunk, head = torch.nn.Linear(20, 8), torch.nn.Linear(8, 4)
+    both = torch.nn.ModuleDict({"trunk": trunk, "head": head})
+    ref1 = copy.deepcopy(both)  # rank 1's own gradient of the head, computed on every rank
+    x1 = torch.randn(5, 20, generator=torch.Generator().manual_seed(1))
+    ref1["head"](ref1["trunk"](x1)).square().mean().backward()
+    both_opt = dist.optimizer(torch.optim.SGD(both.parameters(), lr=0.1), both, prefix="both")
+    h = trunk(x)
+    (h if dist.rank == 0 else head(h)).square().mean().backward()
+    had_grad = head.weight.grad is not None
+    dist.synchronize(both_opt)  # (no other collective before it: rank 1's bucket is in flight)
+    had_grad = dist.gather_object(had_grad)
     out = {"buckets": len(dist._buckets[id(opt)].buckets), "started": started,
+           "unused_had_grad": had_grad,
+           "unused_mean": torch.equal(head.weight.grad, ref1["head"].weight.grad / 2),
            "equal": all(torch.equal(g.reshape(-1), e) for g, e in zip(grads, expected)),
            "acc_started": acc_started,
            "acc_equal": all(torch.equal(a, 2 * g) for a, g in zip(acc_grads, grads)),

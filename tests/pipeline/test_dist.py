@@ -87,8 +87,11 @@ def test_ddp_gradients_are_all_reduced_in_buckets_while_backward_runs(tmp_path):
     """2 gloo ranks, 256-byte buckets (3 of them): every bucket has started when backward returns
     (before synchronize), in order on both ranks; the result equals one flat mean bit for bit. With
     accumulate=2 nothing starts after the first pass, all after the second, and the sum of two
-    equal passes is twice one pass."""
+    equal passes is twice one pass. A layer only one rank used is averaged with zeros from the
+    other, as Horovod does, instead of leaving the ranks' buckets different sizes."""
     got = _on_two_ranks("buckets_worker", tmp_path)
     assert got["buckets"] == 3 and got["started"] == [3] and got["again"] == [3]
     assert got["equal"] is True
     assert got["acc_started"] == [0, 3] and got["acc_equal"] is True
+    # a parameter only rank 1 used: rank 0 sends zeros, both get rank 1's gradient / 2
+    assert got["unused_had_grad"] == [False, True] and got["unused_mean"] is True
