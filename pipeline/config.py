@@ -101,6 +101,7 @@ class DistConfig:
     bucket_mb: float = 25.0        # ddp: gradients all-reduced during backward in buckets this big
     timeout_s: int = 300           # a silent rank ends the job after this long, not never
     signal_check_s: float = 1.0    # ranks agree on a preemption signal this often (0: each step)
+    sync_batchnorm: bool = False   # GPUs: batch norm over the global batch (SyncBatchNorm)
 
 
 @dataclass

@@ -89,6 +89,23 @@ class Dist:
     def broadcast(self, module: torch.nn.Module, *optimizers: torch.optim.Optimizer) -> None:
         """Make every rank start from rank 0's parameters, buffers and optimizer state."""
 
+    def sync_batchnorm(self, module: torch.nn.Module) -> torch.nn.Module:
+        """With train.dist.sync_batchnorm on several ranks: every batch norm layer of `module`
+        becomes the backend's SyncBatchNorm (same weights and statistics), which normalises with
+        the statistics of the global batch. Call it before building the optimizers."""
+        if not self.cfg.sync_batchnorm or self.size == 1:
+            return module
+        if self.device.type != "cuda":
+            raise UserError(f"train.dist.sync_batchnorm=true: SyncBatchNorm (Horovod's and "
+                            f"torch's) runs on CUDA only, and rank {self.rank} is on "
+                            f"{self.device}; set train.dist.sync_batchnorm=false on CPU (each rank "
+                            f"then normalises over its own batch, and the running statistics are "
+                            f"averaged over ranks whenever they are read)")
+        return _swap_batchnorm(module, self._sync_batchnorm_class())
+
+    def _sync_batchnorm_class(self) -> type[torch.nn.Module]:
+        raise NotImplementedError  # only reached with several ranks, so never for backend none
+
     # -- collectives on small values
     def begin_sum(self, values: Sequence[float]) -> Callable[[], list[float]]:
         """Start summing `values` over ranks; the returned function waits and gives the sums. The
@@ -171,6 +188,9 @@ class HorovodDist(Dist):
             if opt.state_dict()["state"]:
                 self.hvd.broadcast_optimizer_state(opt, root_rank=0)
 
+    def _sync_batchnorm_class(self):
+        return self.hvd.SyncBatchNorm
+
     def _average(self, tensors: list[torch.Tensor], name: str) -> list[torch.Tensor]:
         """The mean over ranks of each tensor: over our own communicator when there is one
         (`_small_collectives_comm`), else through Horovod."""
@@ -222,6 +242,22 @@ class HorovodDist(Dist):
 
     def shutdown(self):
         self.hvd.shutdown()
+
+
+def _swap_batchnorm(module: torch.nn.Module, cls: type[torch.nn.Module]) -> torch.nn.Module:
+    """`module` with every batch norm layer replaced by a `cls` holding its parameters (the same
+    Parameter objects), running statistics and mode; state_dict keys stay the same."""
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+        new = cls(module.num_features, module.eps, module.momentum, module.affine,
+                  module.track_running_stats)
+        if module.affine:
+            new.weight, new.bias = module.weight, module.bias
+        for name, buf in module.named_buffers(recurse=False):
+            setattr(new, name, buf)
+        return new.train(module.training)
+    for name, child in module.named_children():
+        module.add_module(name, _swap_batchnorm(child, cls))
+    return module
 
 
 def _small_collectives_comm(hvd: Any) -> Any:
@@ -351,6 +387,9 @@ class TorchDist(Dist):
         for opt in optimizers:  # optimizer state is empty before the first step; kept for resume
             state = self.broadcast_object(opt.state_dict())
             opt.load_state_dict(state)
+
+    def _sync_batchnorm_class(self):
+        return torch.nn.SyncBatchNorm  # over the default process group: every rank
 
     def begin_sum(self, values):
         t = torch.tensor(values, dtype=torch.float64, device=self._dev)

@@ -121,7 +121,7 @@ class Trainer:
         self.provenance = {"versions": versions(), "code_version": git_revision()}
         x_var = cfg.data.inputs.get("x")
         self.store_stats = store.stats("train", x_var) if x_var in store.meta["stats"]["train"] else None
-        self.model = build_model(cfg).to(dist.device)
+        self.model = dist.sync_batchnorm(build_model(cfg).to(dist.device))
         self.specs = self.model.optimizers()
         self._check_disjoint()
         # looked up once: walking the module tree every step costs more than the small models' math

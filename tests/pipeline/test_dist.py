@@ -95,3 +95,65 @@ def test_ddp_gradients_are_all_reduced_in_buckets_while_backward_runs(tmp_path):
     assert got["acc_started"] == [0, 3] and got["acc_equal"] is True
     # a parameter only rank 1 used: rank 0 sends zeros, both get rank 1's gradient / 2
     assert got["unused_had_grad"] == [False, True] and got["unused_mean"] is True
+
+
+def _two_rank_dist(cls, device: str, **cfg):
+    """A `cls` for rank 0 of 2 on `device`, built without starting its backend (no collectives
+    are called): enough to test what sync_batchnorm does before training starts."""
+    import horovod.torch as hvd
+    import torch
+    import torch.distributed as td
+
+    from pipeline.config import DistConfig
+    from pipeline.dist import Dist, Placement
+    dist = cls.__new__(cls)
+    Dist.__init__(dist, Placement("test", 0, 2, 0, 2), torch.device(device), DistConfig(**cfg))
+    dist.hvd, dist.td = hvd, td
+    return dist
+
+
+def _vae():
+    from models import MODELS
+    cfg_cls, build = MODELS["vae"]
+    return build(cfg_cls(image_size=16))
+
+
+def test_sync_batchnorm_on_cpu_ranks_is_refused_with_the_fix():
+    from pipeline.dist import HorovodDist
+    from pipeline.errors import UserError
+    with pytest.raises(UserError, match=r"train.dist.sync_batchnorm=true: SyncBatchNorm .* CUDA "
+                                        r"only, and rank 0 is on cpu; set "
+                                        r"train.dist.sync_batchnorm=false on CPU"):
+        _two_rank_dist(HorovodDist, "cpu", sync_batchnorm=True).sync_batchnorm(_vae())
+    model = _vae()  # off (the default): untouched
+    assert _two_rank_dist(HorovodDist, "cpu").sync_batchnorm(model) is model
+
+
+@pytest.mark.parametrize("backend", ["horovod", "ddp"])
+def test_sync_batchnorm_swaps_every_batch_norm_keeping_its_state_gpu_mocked(backend):
+    """No GPU here: the rank's device is named cuda:0 but nothing runs on it. The backend's
+    SyncBatchNorm replaces each BatchNorm with the same Parameter objects, statistics and mode."""
+    import horovod.torch as hvd
+    import torch
+
+    from pipeline.dist import HorovodDist, TorchDist
+    cls, sync = ((HorovodDist, hvd.SyncBatchNorm) if backend == "horovod"
+                 else (TorchDist, torch.nn.SyncBatchNorm))
+    model = _vae()
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert len(bns) >= 2
+    with torch.no_grad():
+        for m in bns.values():
+            m.running_mean.uniform_()
+            m.num_batches_tracked += 7
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {n: p for n, p in model.named_parameters()}
+    model.encoder.eval()
+    out = _two_rank_dist(cls, "cuda:0", sync_batchnorm=True).sync_batchnorm(model)
+    swapped = {n: m for n, m in out.named_modules() if isinstance(m, sync)}
+    assert sorted(swapped) == sorted(bns)
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in out.modules())
+    assert all(p is params[n] for n, p in out.named_parameters())
+    after = out.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(m.training == n.startswith("decoder") for n, m in swapped.items())
