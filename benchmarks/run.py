@@ -27,13 +27,17 @@ def _versions() -> dict[str, str]:
 
 
 def _mpi_json(nproc: int, module: str, args: list[str]):
-    """Run `python -m module OUT args...` on nproc ranks; return what rank 0 wrote to OUT."""
+    """Run `python -m module OUT args...` on nproc ranks; return what rank 0 wrote to OUT. The
+    ranks' output (the Trainer's progress bars) is kept off the terminal and shown on failure."""
     from pipeline.launch import mpi_env, mpirun_command
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
-        subprocess.run(mpirun_command(nproc, [str(out), *args], module=module), check=True,
-                       env=mpi_env(), cwd=Path(__file__).resolve().parent.parent,
-                       stdout=subprocess.DEVNULL)
+        cmd = mpirun_command(nproc, [str(out), *args], module=module)
+        r = subprocess.run(cmd, env=mpi_env(), cwd=Path(__file__).resolve().parent.parent,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"benchmark {module} {' '.join(args)} on {nproc} rank(s) exited "
+                               f"{r.returncode}:\n{r.stderr[-3000:]}")
         return json.loads(out.read_text())
 
 
