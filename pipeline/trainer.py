@@ -267,9 +267,10 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(opt)
         grads = [p.grad for p in params if p.grad is not None]
-        norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
-        if self.cfg.train.grad_clip and math.isfinite(norm):
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
+        norm = float(total) if total is not None else 0.0
+        if self.cfg.train.grad_clip and grads and math.isfinite(norm):  # (the norm, not again)
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.train.grad_clip, total)
         out = {f"{name}/{k}": v for k, v in sums.items()}
         out[f"opt/{name}/grad_norm"] = norm
         out[f"opt/{name}/lr"] = opt.param_groups[0]["lr"]
