@@ -417,6 +417,9 @@ class TorchDist(Dist):
         self.td.barrier()
 
     def shutdown(self):
+        # Every rank's collectives are done (and gloo's threads have let go of their tensors)
+        # before the group goes: one freed on a gloo thread while Python is exiting aborts it.
+        self.td.barrier()
         self.td.destroy_process_group()
 
     @property
