@@ -13,9 +13,10 @@ in steps/s).
 (train.optim.impl=auto), and a fresh Trainer.fit (each STEPS steps, Horovod) in turn in the same
 ranks, in the order loop, loop_fused, trainer, then trainer, loop_fused, loop, ... so that a linear
 drift of the machine's speed cancels; each round is seconds long. trainer / loop is what a user
-gains or loses against writing the loop; trainer / loop_fused is the Trainer's own overhead. Separate jobs for each side were minutes apart on a VM whose
-speed drifts by 30 % over minutes. One untimed run of each comes first: the first Trainer in a
-process pays for imports and first calls (a few tenths of a second), as the loop's first steps do.
+gains or loses against writing the loop; trainer / loop_fused is the Trainer's own overhead.
+Separate jobs for each side were minutes apart on a VM whose speed drifts by 30 % over minutes.
+One untimed run of each comes first: the first Trainer in a process pays for imports and first
+calls (a few tenths of a second), as the loop's first steps do.
 """
 from __future__ import annotations
 
@@ -72,9 +73,8 @@ def _loop(model_name: str, fused: bool = False):
         model = build(cfg_cls())
         batch = {"x": torch.randn(BATCH, 1, 32, 32), "y": torch.randint(0, 10, (BATCH,))}
         phase = model.optimizers()[0].name
-    adam = torch.optim.Adam(model.parameters(), 1e-3, **({"fused": True} if fused else {}))
-    opt = hvd.DistributedOptimizer(adam,
-                                   named_parameters=model.named_parameters())
+    adam = torch.optim.Adam(model.parameters(), 1e-3, fused=fused or None)  # None: as it comes
+    opt = hvd.DistributedOptimizer(adam, named_parameters=model.named_parameters())
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
     def step():

@@ -373,6 +373,7 @@ class TorchDist(Dist):
         self.td = td
         super().__init__(place, device, cfg)
         self._buckets: dict[int, _GradientBuckets] = {}
+        atexit.unregister(_let_gloo_threads_finish)  # once per process, however many groups
         atexit.register(_let_gloo_threads_finish)
 
     def optimizer(self, opt, module, prefix, accumulate=1):

@@ -34,10 +34,12 @@ def build_optimizer(spec: OptimizerSpec, cfg: OptimConfig, lr: float) -> torch.o
     else:
         cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
         args = dict(lr=lr, betas=spec.betas, weight_decay=cfg.weight_decay)
-    params = list(spec.module.parameters())
+    params, devices = list(spec.module.parameters()), _fused_devices()
     unfused = [f"{p.dtype} on {p.device}" for p in params
-               if not (p.is_floating_point() and p.device.type in _fused_devices())]
-    impl = ("fused" if not unfused else None) if cfg.impl == "auto" else cfg.impl
+               if not (p.is_floating_point() and p.device.type in devices)]
+    impl = cfg.impl
+    if impl == "auto":
+        impl = None if unfused else "fused"  # None: torch's own default
     if impl == "fused" and unfused:
         raise UserError(f"train.optim.impl=fused: torch has no fused {cfg.name} for {spec.name!r}'s "
                         f"parameters ({unfused[0]}); use train.optim.impl=auto")
