@@ -92,7 +92,9 @@ def test_preempted_job_requeues_and_resumes_to_the_same_weights_and_run(
         slurm, small_store, tmp_path, jobs_dir, submit, slurm_tools):
     import submitit
 
-    common = ["cluster.nodes=1", "cluster.tasks_per_node=2", "train.epochs=2",
+    # 10 epochs (160 steps, a few seconds): the signal must land while the job still trains.
+    # With 2 (32 steps, 0.7 s once fused Adam sped steps up) it could finish first.
+    common = ["cluster.nodes=1", "cluster.tasks_per_node=2", "train.epochs=10",
               "train.logger.log_every=2", "train.dist.signal_check_s=0"]  # act at the next step
     [plain] = submit(*job_args(small_store, tmp_path / "plain", jobs_dir / "plain", *common))
     [hit] = submit(*job_args(small_store, tmp_path / "hit", jobs_dir / "hit", *common))
