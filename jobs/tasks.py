@@ -148,8 +148,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
     def _relaunch_locally(self, cfg: Config) -> dict[str, Any]:
-        from pipeline.launch import relaunch
-        rc = relaunch(cfg.train.dist.nproc, ["train", *self.argv])
+        from pipeline.launch import REQUEUE_EXIT_CODE, relaunch
+        rc = relaunch(cfg.train.dist.nproc, ["train", *self.argv], cfg.train.dist.launcher,
+                      cfg.train.dist.timeout_s, Path(cfg.output_dir) / "train" / "checkpoints")
+        if rc == REQUEUE_EXIT_CODE:  # the ranks checkpointed after a preemption signal
+            self._requeue_or_fail()
         if rc != 0:
             raise RuntimeError(f"`hpcforge train` on {cfg.train.dist.nproc} local ranks exited "
                                f"with {rc}; see the job's log")

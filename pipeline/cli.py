@@ -118,13 +118,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError(f"train.dist.nproc={cfg.train.dist.nproc} needs a distributed backend; "
                             f"set train.dist.backend=horovod")
         argv = ["train", "-e", args.experiment, *args.overrides, *extra]
-        return relaunch(cfg.train.dist.nproc, argv, cfg.train.dist.launcher)
+        return relaunch(cfg.train.dist.nproc, argv, cfg.train.dist.launcher,
+                        cfg.train.dist.timeout_s, Path(cfg.output_dir) / "train" / "checkpoints")
     from pipeline.trainer import REQUEUE_EXIT_CODE, NonFiniteError, Preempted, train
+    from pipeline.watchdog import preempted_status
     try:
         summary = train(cfg)
     except Preempted as e:
         print(f"[hpcforge] {e}", file=sys.stderr, flush=True)
-        return REQUEUE_EXIT_CODE
+        return preempted_status(REQUEUE_EXIT_CODE)  # 75, or 0 for our launcher to make it 75
     except NonFiniteError as e:
         print(f"hpcforge: error: {e}", file=sys.stderr, flush=True)
         return 1

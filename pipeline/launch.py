@@ -4,14 +4,19 @@ Under a launcher already (mpirun, srun, horovodrun, torchrun) nothing is started
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from pipeline.dist import apply_cpu_mpi_defaults, detect_launcher
 from pipeline.errors import UserError
+from pipeline.watchdog import (POLL_S, WATCH_DIR_ENV, WATCHDOG_EXIT_CODE, Watchdog, kill_all,
+                               latest_checkpoint, session_pids)
 
 REQUEUE_EXIT_CODE = 75  # the trainer's "checkpointed after a preemption signal" status
 
@@ -51,26 +56,70 @@ def needs_launch(nproc: int) -> bool:
     return nproc > 1 and detect_launcher().size == 1
 
 
-def relaunch(nproc: int, argv: list[str], launcher: str = "mpirun") -> int:
-    """Run this command again on `nproc` ranks; return their exit status.
+def relaunch(nproc: int, argv: list[str], launcher: str = "mpirun", timeout_s: float = 300,
+             checkpoints: Path | None = None) -> int:
+    """Run this command again on `nproc` ranks, watch them, and return the run's exit status.
 
-    Preemption signals reaching this process are passed on as SIGUSR1, which mpirun forwards to
-    every rank (a SIGTERM to mpirun itself would kill the ranks before they can checkpoint).
+    The requeue contract (one place for it): a preemption signal (SIGUSR1/USR2/TERM, SIGINT)
+    reaches the launcher, alone or with its whole process group: mpirun runs in a session of its
+    own, so only the launcher hears it and passes it on as SIGUSR1 (a SIGTERM to mpirun would kill
+    the ranks before they checkpoint). Each rank's PreemptionFlag sets a flag; the ranks agree on
+    it at a step boundary (`Trainer._begin_agreement`); rank 0 writes the checkpoint and waits for
+    it to be on disk; every rank raises `Preempted` and exits 0 with its heartbeat record saying
+    "preempted" (so mpirun prints no error block); the launcher returns 75 (EX_TEMPFAIL: "requeue
+    me"). Under srun (jobs.tasks.TrainJob) the ranks exit 75 themselves, after `scontrol requeue`.
+    A failure is never 75: a rank's error gives its status, a silent rank the watchdog's 124.
     """
     env = mpi_env()
+    watch = Path(tempfile.mkdtemp(prefix="hpcforge-watch-"))
+    env[WATCH_DIR_ENV] = str(watch)
     cmd = mpirun_command(nproc, argv, launcher)
     print(f"[hpcforge] launching {nproc} ranks: {' '.join(cmd)}", flush=True)
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     forward = lambda signum, frame: proc.send_signal(signal.SIGUSR1)  # noqa: E731
     previous = {sig: signal.signal(sig, forward)
-                for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)}
+                for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}
     try:
-        code = proc.wait()
+        dog = Watchdog(watch, nproc, timeout_s)
+        code = _watch(proc, dog, checkpoints)
+        if code == 0 and dog.preempted():
+            code = REQUEUE_EXIT_CODE
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if code not in (0, 2, REQUEUE_EXIT_CODE):  # 2: a config error, already printed by the ranks
+        kill_all(session_pids(proc.pid))  # nothing of the run outlives the launcher
+        shutil.rmtree(watch, ignore_errors=True)
+    if code not in (0, 2, REQUEUE_EXIT_CODE, WATCHDOG_EXIT_CODE):  # 2: a config error, printed
         print(f"hpcforge: error: the {nproc} ranks ended with status {code}: a rank failed or was "
               f"killed ({launcher}'s report above names it); the last good checkpoint, if any, is "
               f"in the run's train/checkpoints/", file=sys.stderr, flush=True)
     return code
+
+
+def _watch(proc: subprocess.Popen, dog: Watchdog, checkpoints: Path | None) -> int:
+    """Wait for mpirun; end the whole run when the watchdog finds a rank silent for timeout_s."""
+    while True:
+        try:
+            code = proc.wait(timeout=POLL_S)
+        except subprocess.TimeoutExpired:
+            stall = dog.stalled()
+        else:
+            # A backend that timed out on its own (gloo) ended the run a moment before we would
+            # have: still name the rank that had gone silent, not only the one that failed.
+            stall = dog.stalled(dog.timeout_s / 2) if code not in (0, 2) else None
+            if stall is None:
+                return code
+        if stall is not None:
+            print(f"hpcforge: error: {stall.describe(dog.timeout_s, latest_checkpoint(checkpoints))}",
+                  file=sys.stderr, flush=True)
+            kill_all(session_pids(proc.pid) + dog.pids())
+            proc.wait()
+            return WATCHDOG_EXIT_CODE
+
+
+def _die_with_parent() -> None:
+    """In mpirun, before exec: SIGTERM when the launcher dies, even by SIGKILL. mpirun's own
+    session no longer gets the launcher's group signals, so this is what still ends it (and
+    mpirun ends its ranks on SIGTERM)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

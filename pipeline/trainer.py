@@ -30,12 +30,13 @@ from pipeline.checkpoint import Checkpoints, check_compatible, link_atomic, load
 from pipeline.config import Config
 from pipeline.data.loader import ShardedLoader
 from pipeline.data.store import normalization, open_store
-from pipeline.dist import Dist, init_distributed, only_grads_of
+from pipeline.dist import Dist, detect_launcher, init_distributed, only_grads_of
 from pipeline.errors import UserError
 from pipeline.launch import REQUEUE_EXIT_CODE  # 75 (EX_TEMPFAIL): "checkpointed, run me again"
 from pipeline.provenance import git_revision, versions
 from pipeline.optim import build_optimizer, build_scheduler, load_optimizer_state, rank_scale
 from pipeline.tracking import Tracker
+from pipeline.watchdog import Heartbeat, NoHeartbeat
 
 
 
@@ -72,8 +73,10 @@ def build_model(cfg: Config) -> Trainable:
 
 
 class PreemptionFlag:
-    """SIGUSR1/SIGUSR2/SIGTERM set a flag; the loop acts on it at the next step boundary."""
-    SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+    """SIGUSR1/SIGUSR2/SIGTERM/SIGINT set a flag; the loop acts on it at the next step boundary
+    (the whole contract: pipeline.launch.relaunch). A second SIGINT interrupts at once, as
+    Ctrl-C does elsewhere, for whoever does not want to wait for the checkpoint."""
+    SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -85,6 +88,8 @@ class PreemptionFlag:
         return self
 
     def _set(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.signum = signum
 
     def __exit__(self, *exc: Any) -> None:
@@ -97,8 +102,10 @@ def _finite(tensors) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dist: Dist):
+    def __init__(self, cfg: Config, dist: Dist, heartbeat: Heartbeat | NoHeartbeat | None = None):
         self.cfg, self.dist = cfg, dist
+        self.heartbeat = heartbeat or NoHeartbeat()  # for the watchdog (pipeline.watchdog)
+        self.heartbeat.beat("setup")
         t = cfg.train
         if t.precision == "fp16" and dist.device.type != "cuda":
             raise UserError("train.precision=fp16 needs a GPU (it trains with a gradient scaler); "
@@ -203,6 +210,7 @@ class Trainer:
                 raise UserError(f"train.resume={how}: no such checkpoint file; use auto, never, "
                                 f"or a path to a .pt file")
             ckpt = load(path)
+        self.heartbeat.beat("setup")  # (loading a large checkpoint takes a while)
         check_compatible(ckpt, self.cfg.to_dict(), path)
         self.model.load_state_dict(ckpt["model"])
         for name, opt in self.optimizers.items():
@@ -366,6 +374,7 @@ class Trainer:
         self.val_loader.set_epoch(0)
         n = 0
         for n, batch in enumerate(self.val_loader, 1):
+            self.heartbeat.beat("validation")
             batch = {k: v.to(self.dist.device) for k, v in batch.items()}
             with self._autocast():
                 for k, v in self.model.losses(batch, phase).items():
@@ -413,6 +422,7 @@ class Trainer:
             group: list[dict[str, torch.Tensor]] = []
             epoch_losses: dict[str, list[float]] = defaultdict(list)
             for batch in self.loader:
+                self.heartbeat.beat("training", self.step)
                 group.append({k: v.to(dist.device, non_blocking=True) for k, v in batch.items()})
                 if len(group) < t.accumulate:
                     continue
@@ -483,6 +493,7 @@ class Trainer:
         real samples with the 1-Wasserstein distance of each observable."""
         if not (self.dist.is_main and self.tracker.records_images):
             return
+        self.heartbeat.beat("images")
         self.model.eval()
         with torch.random.fork_rng(devices=[]):  # figures must not shift training's RNG
             images: dict[str, Any] = dict(self.model.figures(batches[0]))
@@ -521,6 +532,7 @@ class Trainer:
     def save(self) -> str | None:
         """Checkpoint on rank 0; never non-finite weights. The model holds the ranks' mean
         batch-norm statistics; each rank's own, and its RNG state, are kept for an exact resume."""
+        self.heartbeat.beat("checkpoint", self.step)
         with self._averaged_buffers() as own:
             rng, buffers = zip(*self.dist.gather_object((torch.get_rng_state(), own)))
             path = None
@@ -557,6 +569,7 @@ class Trainer:
                     f"{path}; exit {REQUEUE_EXIT_CODE} (requeue me)")
         self.tracker.finish({"preempted_at_step": self.step}, exit_code=REQUEUE_EXIT_CODE)
         self.dist.barrier()  # rank 0's files are complete before any rank exits
+        self.heartbeat.beat("preempted")  # the launcher's cue for 75 (pipeline.launch.relaunch)
         raise Preempted(signum, path)
 
     def _finish(self) -> dict[str, Any]:
@@ -577,11 +590,35 @@ class Trainer:
             self.tracker.finish(dict(self.history[-1]) if self.history else {})
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.dist.barrier()
+        self.heartbeat.beat("done")
         return summary
 
 
 def train(cfg: Config) -> dict[str, Any]:
     """Train on every rank the launcher started; the summary's paths are filled on rank 0."""
+    heartbeat = Heartbeat.from_env(detect_launcher().rank)
     with PreemptionFlag() as flag:  # from the start: a signal during set-up is not lost either
+        heartbeat.beat("wait:start-up")  # the backend's rendezvous waits for every rank
         dist = init_distributed(cfg.train.dist)
-        return Trainer(cfg, dist).fit(flag)
+        heartbeat.watch_collectives(dist)
+        try:
+            return Trainer(cfg, dist, heartbeat).fit(flag)
+        except (Preempted, NonFiniteError, UserError):
+            raise  # every rank raises these together: the backend shuts down cleanly
+        except Exception:
+            _exit_without_finalize(dist)
+            raise
+
+
+def _exit_without_finalize(dist: Dist) -> None:
+    """A failure on one rank of several (a peer died or stopped, a collective timed out): print
+    it and leave now. At a normal exit MPI_Finalize (started by Horovod or, for ddp, by mpi4py's
+    rendezvous) would wait for the failed peer for ever, holding the allocation."""
+    import sys
+    import traceback
+    mpi = sys.modules.get("mpi4py.MPI")
+    if dist.size > 1 and (dist.backend == "horovod" or (mpi and mpi.Is_initialized())):
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)

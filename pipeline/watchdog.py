@@ -1,0 +1,197 @@
+"""Heartbeats from the ranks, and the watchdog outside them that ends a run when one goes silent.
+
+Why outside: a rank stopped by SIGSTOP, stuck in a filesystem read or deadlocked cannot time
+itself out, and the backends' own checks do not save the run here: Horovod's stall check runs in
+its background thread, which then spins inside an MPI allreduce and never checks; gloo does time
+out, after which MPI_Finalize waits for ever for the stopped peer. Whoever watches must be another
+process: the `--nproc` launcher (pipeline.launch.relaunch) or, under Slurm, the task wrapper of
+the other ranks (jobs.tasks).
+
+Each rank rewrites one small record in `<watch dir>/rank-NNNNN.beat` from its main thread (a
+background thread would keep beating while the main thread is stuck): at every step, each
+validation batch, each checkpoint, during set-up, and around every collective it waits in, where
+the record says "wait:<name>". The watchdog times silence on its own clock, from the moment it
+sees a record change (no clock is shared between nodes). A rank that is waiting for the others is
+not the one to blame: when one rank stops, the others soon wait for it, and the line names the
+silent rank that is not waiting (or, if all wait, the one silent longest): the stuck one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+WATCH_DIR_ENV = "HPCFORGE_WATCH_DIR"  # set by whoever watches; ranks beat only when it is set
+RECORD_BYTES = 256                    # one fixed-size record, rewritten in place by one pwrite
+STARTUP_GRACE_S = 60                  # a rank's first beat comes after Python and torch import
+POLL_S = 1.0                          # how often the watchdog reads the records
+WATCHDOG_EXIT_CODE = 124              # "timed out" (as coreutils' timeout); never 75, never 2
+# Collectives every rank waits in; a rank inside one is waiting for the others, not stuck itself.
+BLOCKING = ("synchronize", "broadcast", "average_buffers", "mean", "gather_object",
+            "broadcast_object", "barrier", "shutdown")
+
+
+class Heartbeat:
+    """This rank's record. Writing it is one pwrite of 256 bytes (a few microseconds): cheap
+    enough to do at every step and around every collective, so its step is never stale."""
+
+    def __init__(self, folder: str | Path, rank: int):
+        self.rank, self.step, self.state, self.n = rank, 0, "start", 0
+        self.host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        path = Path(folder) / f"rank-{rank:05d}.beat"
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    @classmethod
+    def from_env(cls, rank: int) -> Heartbeat | NoHeartbeat:
+        folder = os.environ.get(WATCH_DIR_ENV)
+        return cls(folder, rank) if folder else NoHeartbeat()
+
+    def beat(self, state: str | None = None, step: int | None = None) -> None:
+        self.state = state if state is not None else self.state
+        self.step = step if step is not None else self.step
+        self.n += 1
+        rec = json.dumps({"rank": self.rank, "host": self.host, "pid": os.getpid(),
+                          "step": self.step, "state": self.state, "n": self.n})
+        os.pwrite(self._fd, rec.encode().ljust(RECORD_BYTES), 0)
+
+    def watch_collectives(self, dist: Any) -> None:
+        """Mark this rank "wait:<name>" while it is inside one of `dist`'s collectives."""
+        for name in BLOCKING:
+            setattr(dist, name, self._waiting(name, getattr(dist, name)))
+        begin_sum = dist.begin_sum
+
+        def begin(values: Any) -> Callable[[], list[float]]:
+            return self._waiting("begin_sum", begin_sum(values))
+        dist.begin_sum = begin
+
+    def _waiting(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            before = self.state
+            self.beat(f"wait:{name}")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.beat(before)
+        return call
+
+
+class NoHeartbeat:
+    """Nobody watches (a single process, or a launcher we did not start): beats cost nothing."""
+    rank, step, state = 0, 0, ""
+
+    def beat(self, state: str | None = None, step: int | None = None) -> None:
+        pass
+
+    def watch_collectives(self, dist: Any) -> None:
+        pass
+
+
+def preempted_status(requeue: int) -> int:
+    """A rank's exit status after a clean preemption checkpoint. Under our launcher, 0 (so mpirun
+    prints no "non-zero exit code" block) with the rank's record saying "preempted": the
+    launcher turns that into `requeue` (75). Elsewhere `requeue` itself (srun, a site's mpirun)."""
+    return 0 if os.environ.get(WATCH_DIR_ENV) else requeue
+
+
+@dataclass
+class Stall:
+    """The rank the watchdog blames: its last record and how long it has been silent."""
+    record: dict[str, Any]
+    silent_s: float
+
+    def describe(self, timeout_s: float, checkpoint: Path | None) -> str:
+        r = self.record
+        doing = ("before its first heartbeat" if "state" not in r else
+                 f"while waiting in {r['state'][5:]}" if r["state"].startswith("wait:") else
+                 f"while in {r['state']}")
+        where = f"on {r['host']} (pid {r['pid']})" if "host" in r else "(never reported)"
+        last = (f"the last good checkpoint is {checkpoint}; resume with train.resume=auto"
+                if checkpoint else "no checkpoint had been written yet")
+        return (f"watchdog: rank {r['rank']} {where} made no progress for {self.silent_s:.0f} s "
+                f"at step {r.get('step', 0)} {doing} (train.dist.timeout_s={timeout_s:g}); "
+                f"ended the run; {last}")
+
+
+class Watchdog:
+    """Reads the ranks' records every POLL_S; `stalled()` names the rank to blame, if any."""
+
+    def __init__(self, folder: str | Path, ranks: int, timeout_s: float):
+        self.folder, self.ranks, self.timeout_s = Path(folder), ranks, timeout_s
+        self.started = time.monotonic()
+        self.seen: dict[int, tuple[dict[str, Any], float]] = {}  # rank -> (record, changed at)
+
+    def read(self) -> None:
+        now = time.monotonic()
+        for path in self.folder.glob("rank-*.beat"):
+            try:
+                rec = json.loads(path.read_bytes())
+            except (OSError, ValueError):  # created but not yet written: next poll
+                continue
+            old = self.seen.get(rec["rank"])
+            if old is None or old[0]["n"] != rec["n"]:
+                self.seen[rec["rank"]] = (rec, now)
+
+    def stalled(self, timeout_s: float | None = None) -> Stall | None:
+        """The silent rank that is not waiting for the others (the one they wait for); if all
+        are silent, the one silent longest; a rank never heard from after the start-up grace."""
+        self.read()
+        timeout, now = timeout_s or self.timeout_s, time.monotonic()
+        silent = {r: now - t for r, (_, t) in self.seen.items()}
+        working = [r for r, (rec, _) in self.seen.items()
+                   if silent[r] > timeout and not _waiting(rec["state"])]
+        if not working and len(silent) == self.ranks and min(silent.values()) > timeout:
+            working = list(silent)  # all wait: a deadlock; blame the one silent longest
+        if working:
+            r = max(working, key=silent.__getitem__)
+            return Stall(self.seen[r][0], silent[r])
+        missing = sorted(set(range(self.ranks)) - set(self.seen))
+        if missing and now - self.started > timeout + STARTUP_GRACE_S:
+            return Stall({"rank": missing[0]}, now - self.started)
+        return None
+
+    def pids(self) -> list[int]:
+        return [rec["pid"] for rec, _ in self.seen.values()]
+
+    def preempted(self) -> bool:
+        self.read()
+        return any(rec["state"] == "preempted" for rec, _ in self.seen.values())
+
+
+def _waiting(state: str) -> bool:
+    return state.startswith("wait:") or state in ("done", "preempted")
+
+
+def latest_checkpoint(folder: Path | None) -> Path | None:
+    """The newest complete checkpoint (they are written to a temp name, then renamed)."""
+    if folder is None:
+        return None
+    steps = sorted(Path(folder).glob("step-*.pt"))
+    return steps[-1] if steps else None
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every process of session `sid` (mpirun's ranks each get a process group of their own, so
+    a process-group kill misses them; the session holds them all)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[3]) == sid:  # after "pid (comm)": state, ppid, pgrp, session
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)  # also ends a stopped process; nothing to flush anyway
+        except (ProcessLookupError, PermissionError):
+            pass

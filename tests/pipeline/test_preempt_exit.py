@@ -1,0 +1,33 @@
+"""Exit status a requeue can trust: 75 after the checkpoint, however the preemption signal comes."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import pytest
+
+from pipeline.checkpoint import load
+from pipeline.launch import REQUEUE_EXIT_CODE
+from test_watchdog import cleanup, start_training, wait_for_checkpoint
+
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_whole_process_group_checkpoints_and_exits_75(small_store, tmp_path, sig):
+    """What `timeout`, Ctrl-C and many batch wrappers do: signal the launcher's process group."""
+    proc = start_training(small_store, tmp_path, "train.dist.signal_check_s=0")
+    ranks = []
+    try:
+        ranks = wait_for_checkpoint(proc, tmp_path)
+        os.killpg(proc.pid, sig)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
+        m = re.search(r"SIGUSR1: checkpointed step (\d+) to (\S+); exit 75", out)
+        assert m, out[-2000:]  # (the launcher passed it on as SIGUSR1)
+        last = load(tmp_path / "train" / "checkpoints" / "last.pt")
+        assert last["step"] == int(m.group(1)) > 0
+        assert "non-zero exit code" not in err and "a rank failed" not in err  # no mpirun block
+    finally:
+        cleanup(proc, [r["pid"] for r in ranks])
