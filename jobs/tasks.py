@@ -16,6 +16,11 @@ Preemption and time limits (the two handlers, and who wins):
   * The requeued job runs with `train.resume=auto`: it loads last.pt, whose W&B run id it reuses.
   * Requeues are bounded by `cluster.max_requeues` (Slurm counts them in SLURM_RESTART_COUNT);
     any other exception fails the job, never requeues it.
+
+A frozen rank (pipeline.watchdog): every task runs a watchdog thread over all ranks' heartbeats in
+the job folder; when a rank is silent longer than `train.dist.timeout_s`, the lowest other rank
+prints the line naming it and kills the job step (SIGKILL), so the job FAILS instead of holding
+the allocation until its time limit (a failure, never requeued).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -81,6 +87,37 @@ def announce_ranks(folder: Path) -> dict[str, Any]:
     return me
 
 
+def watch_ranks(folder: Path, cfg: Config) -> threading.Event:
+    """Start this task's heartbeat and its watchdog thread over every rank's; set the returned
+    event to stop watching. Every task watches (any of them may be the frozen one) but only the
+    lowest rank other than the silent one acts, so the line is printed once. A thread is enough
+    here: it needs the GIL only every POLL_S, and a rank blocked in a collective has given it up."""
+    from pipeline.watchdog import WATCH_DIR_ENV, Watchdog
+    d = folder / f"heartbeats-{os.environ.get('SLURM_JOB_ID', os.getpid())}-{restarts()}"
+    d.mkdir(parents=True, exist_ok=True)
+    os.environ[WATCH_DIR_ENV] = str(d)  # the trainer beats there (pipeline.watchdog.Heartbeat)
+    stop = threading.Event()
+    dog = Watchdog(d, int(os.environ.get("SLURM_NTASKS", 1)), cfg.train.dist.timeout_s)
+    threading.Thread(target=_watch, args=(dog, stop, Path(cfg.output_dir) / "train" / "checkpoints"),
+                     daemon=True, name="hpcforge-watchdog").start()
+    return stop
+
+
+def _watch(dog: Any, stop: threading.Event, checkpoints: Path) -> None:
+    from pipeline.watchdog import POLL_S, latest_checkpoint
+    me = placement()["rank"]
+    while not stop.wait(POLL_S):
+        stall = dog.stalled()
+        silent = stall.record["rank"] if stall else me
+        if stall is None or me != min((r for r in range(dog.ranks) if r != silent), default=me):
+            continue
+        print(f"hpcforge: error: {stall.describe(dog.timeout_s, latest_checkpoint(checkpoints))}",
+              file=sys.stderr, flush=True)
+        step = f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
+        subprocess.run(["scancel", "--signal=KILL", step], timeout=60, check=False)
+        return
+
+
 def job_folder() -> Path:
     try:
         return Path(submitit.JobEnvironment().paths.folder)
@@ -104,10 +141,13 @@ class TrainJob(submitit.helpers.Checkpointable):
             return self._relaunch_locally(cfg)  # local executor: start the ranks with mpirun
         from pipeline.trainer import Preempted, train
         me = announce_ranks(job_folder())
+        stop = watch_ranks(job_folder(), cfg)
         try:
             summary = train(cfg)
         except Preempted:
             self._requeue_or_fail()
+        finally:
+            stop.set()
         return {**me, "restarts": restarts(), "summary": summary}
 
     def _requeue_or_fail(self) -> None:

@@ -35,6 +35,7 @@ WATCHDOG_EXIT_CODE = 124              # "timed out" (as coreutils' timeout); nev
 # Collectives every rank waits in; a rank inside one is waiting for the others, not stuck itself.
 BLOCKING = ("synchronize", "broadcast", "average_buffers", "mean", "gather_object",
             "broadcast_object", "barrier", "shutdown")
+FINISHED = ("done", "preempted")      # a rank's last records: it is leaving, not stuck
 
 
 class Heartbeat:
@@ -142,10 +143,11 @@ class Watchdog:
         are silent, the one silent longest; a rank never heard from after the start-up grace."""
         self.read()
         timeout, now = timeout_s or self.timeout_s, time.monotonic()
-        silent = {r: now - t for r, (_, t) in self.seen.items()}
-        working = [r for r, (rec, _) in self.seen.items()
-                   if silent[r] > timeout and not _waiting(rec["state"])]
-        if not working and len(silent) == self.ranks and min(silent.values()) > timeout:
+        silent = {r: now - t for r, (rec, t) in self.seen.items() if rec["state"] not in FINISHED}
+        working = [r for r in silent
+                   if silent[r] > timeout and not self.seen[r][0]["state"].startswith("wait:")]
+        if (not working and silent and len(self.seen) == self.ranks
+                and min(silent.values()) > timeout):
             working = list(silent)  # all wait: a deadlock; blame the one silent longest
         if working:
             r = max(working, key=silent.__getitem__)
@@ -161,10 +163,6 @@ class Watchdog:
     def preempted(self) -> bool:
         self.read()
         return any(rec["state"] == "preempted" for rec, _ in self.seen.values())
-
-
-def _waiting(state: str) -> bool:
-    return state.startswith("wait:") or state in ("done", "preempted")
 
 
 def latest_checkpoint(folder: Path | None) -> Path | None:

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT
-from pipeline.watchdog import WATCHDOG_EXIT_CODE
+from pipeline.trainer import PreemptionFlag
+from pipeline.watchdog import WATCHDOG_EXIT_CODE, Heartbeat, Watchdog
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 TIMEOUT_S = 12   # train.dist.timeout_s for these runs
 MARGIN_S = 15    # the watchdog polls every second; the rest is a loaded 2-core machine's slack
 
@@ -61,6 +61,42 @@ def cleanup(proc: subprocess.Popen, pids: list[int]) -> None:
         proc.communicate()
 
 
+def test_the_rank_the_others_wait_for_is_named_not_the_first_to_fall_silent(tmp_path):
+    """Rank 0 waits in a collective since before rank 1's last beat: rank 1 is the stuck one."""
+    beats = [Heartbeat(tmp_path, r) for r in (0, 1)]
+    dog = Watchdog(tmp_path, ranks=2, timeout_s=0.5)
+    beats[0].beat("training", 7)
+    beats[0].beat("wait:synchronize")
+    dog.read()
+    time.sleep(0.3)
+    beats[1].beat("training", 7)
+    dog.read()
+    assert dog.stalled() is None
+    time.sleep(0.7)
+    stall = dog.stalled()
+    assert stall is not None and stall.record["rank"] == 1 and stall.record["step"] == 7
+    beats[1].beat("wait:barrier")  # now both wait: a deadlock; the one silent longest is named
+    dog.read()
+    time.sleep(0.6)
+    assert dog.stalled().record["rank"] == 0
+    for b in beats:  # a run that finished is not stalled, however long it takes to exit
+        b.beat("done")
+    dog.read()
+    time.sleep(0.6)
+    assert dog.stalled() is None
+
+
+def test_sigint_asks_for_a_checkpoint_and_a_second_one_interrupts():
+    with PreemptionFlag() as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["horovod", "ddp"])
 def test_stopped_rank_ends_the_run_within_timeout_naming_it(small_store, tmp_path, backend):
     proc = start_training(small_store, tmp_path, f"train.dist.backend={backend}",
