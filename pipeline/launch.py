@@ -106,7 +106,7 @@ def _watch(proc: subprocess.Popen, dog: Watchdog, checkpoints: Path | None) -> i
         else:
             # A backend that timed out on its own (gloo) ended the run a moment before we would
             # have: still name the rank that had gone silent, not only the one that failed.
-            stall = dog.stalled(dog.timeout_s / 2) if code not in (0, 2) else None
+            stall = dog.stalled(dog.timeout_s / 2, ended=True) if code not in (0, 2) else None
             if stall is None:
                 return code
         if stall is not None:

@@ -102,7 +102,7 @@ def _finite(tensors) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dist: Dist, heartbeat: Heartbeat | NoHeartbeat | None = None):
+    def __init__(self, cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None):
         self.cfg, self.dist = cfg, dist
         self.heartbeat = heartbeat or NoHeartbeat()  # for the watchdog (pipeline.watchdog)
         self.heartbeat.beat("setup")
@@ -603,22 +603,20 @@ def train(cfg: Config) -> dict[str, Any]:
         heartbeat.watch_collectives(dist)
         try:
             return Trainer(cfg, dist, heartbeat).fit(flag)
-        except (Preempted, NonFiniteError, UserError):
-            raise  # every rank raises these together: the backend shuts down cleanly
         except Exception:
-            _exit_without_finalize(dist)
+            if heartbeat.failed and dist.size > 1:
+                _exit_without_finalize()
             raise
 
 
-def _exit_without_finalize(dist: Dist) -> None:
-    """A failure on one rank of several (a peer died or stopped, a collective timed out): print
-    it and leave now. At a normal exit MPI_Finalize (started by Horovod or, for ddp, by mpi4py's
-    rendezvous) would wait for the failed peer for ever, holding the allocation."""
+def _exit_without_finalize() -> None:
+    """A collective failed (gloo timed out, a peer died or stopped): print why and leave now. A
+    normal exit would call MPI_Finalize (Horovod's MPI, or mpi4py's for ddp's rendezvous), which
+    waits for the failed peer for ever, holding the allocation. Other errors exit normally: the
+    ranks that are left then meet in MPI_Finalize, or the backend's timeout brings them here."""
     import sys
     import traceback
-    mpi = sys.modules.get("mpi4py.MPI")
-    if dist.size > 1 and (dist.backend == "horovod" or (mpi and mpi.Is_initialized())):
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

@@ -18,6 +18,7 @@ silent rank that is not waiting (or, if all wait, the one silent longest): the s
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import signal
 import socket
@@ -29,27 +30,36 @@ from typing import Any
 
 WATCH_DIR_ENV = "HPCFORGE_WATCH_DIR"  # set by whoever watches; ranks beat only when it is set
 RECORD_BYTES = 256                    # one fixed-size record, rewritten in place by one pwrite
-STARTUP_GRACE_S = 60                  # a rank's first beat comes after Python and torch import
+STARTUP_GRACE_S = 60  # added to timeout_s before a rank's first step: imports, W&B's start-up
 POLL_S = 1.0                          # how often the watchdog reads the records
 WATCHDOG_EXIT_CODE = 124              # "timed out" (as coreutils' timeout); never 75, never 2
 # Collectives every rank waits in; a rank inside one is waiting for the others, not stuck itself.
 BLOCKING = ("synchronize", "broadcast", "average_buffers", "mean", "gather_object",
             "broadcast_object", "barrier", "shutdown")
 FINISHED = ("done", "preempted")      # a rank's last records: it is leaving, not stuck
+_HOST = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # the name ranks.json uses
 
 
 class Heartbeat:
-    """This rank's record. Writing it is one pwrite of 256 bytes (a few microseconds): cheap
-    enough to do at every step and around every collective, so its step is never stale."""
+    """This rank's record: 256 bytes of JSON in a shared memory map of its file. A beat is a
+    format and a copy, no system call (~3 us; json.dumps and a pwrite took ~20 us, 2-5 % of a
+    small model's step at the ~5 beats a step takes), so it can run at every step and around
+    every collective, and its step and state are never stale. The watchdog reads the file."""
 
     def __init__(self, folder: str | Path, rank: int):
-        self.rank, self.step, self.state, self.n = rank, 0, "start", 0
-        self.host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        self.rank, self.step, self.state, self.n, self.calls = rank, 0, "start", 0, 0
+        self.trained = "false"          # "true" from the first step on (JSON, as written)
+        self.failed: str | None = None  # the collective an exception came out of
+        self.host = _HOST
         path = Path(folder) / f"rank-{rank:05d}.beat"
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(fd, RECORD_BYTES)  # zeros: not JSON, so not read until the first beat
+        self._map = mmap.mmap(fd, RECORD_BYTES)
+        os.close(fd)
+        self._head = f'{{"rank": {rank}, "host": {json.dumps(self.host)}, "pid": {os.getpid()}, '
 
     @classmethod
-    def from_env(cls, rank: int) -> Heartbeat | NoHeartbeat:
+    def from_env(cls, rank: int) -> Heartbeat:
         folder = os.environ.get(WATCH_DIR_ENV)
         return cls(folder, rank) if folder else NoHeartbeat()
 
@@ -57,12 +67,15 @@ class Heartbeat:
         self.state = state if state is not None else self.state
         self.step = step if step is not None else self.step
         self.n += 1
-        rec = json.dumps({"rank": self.rank, "host": self.host, "pid": os.getpid(),
-                          "step": self.step, "state": self.state, "n": self.n})
-        os.pwrite(self._fd, rec.encode().ljust(RECORD_BYTES), 0)
+        if self.state == "training":
+            self.trained = "true"
+        rec = (f'{self._head}"step": {self.step}, "state": "{self.state}", '
+               f'"trained": {self.trained}, "calls": {self.calls}, "n": {self.n}}}')
+        self._map[:] = rec.encode().ljust(RECORD_BYTES)
 
     def watch_collectives(self, dist: Any) -> None:
-        """Mark this rank "wait:<name>" while it is inside one of `dist`'s collectives."""
+        """Mark this rank "wait:<name>" while it is inside one of `dist`'s collectives, and
+        remember the collective an exception came out of (`failed`)."""
         for name in BLOCKING:
             setattr(dist, name, self._waiting(name, getattr(dist, name)))
         begin_sum = dist.begin_sum
@@ -74,22 +87,26 @@ class Heartbeat:
     def _waiting(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
             before = self.state
+            self.calls += 1
             self.beat(f"wait:{name}")
             try:
                 return fn(*args, **kwargs)
+            except Exception:
+                self.failed = name
+                raise
             finally:
                 self.beat(before)
         return call
 
 
-class NoHeartbeat:
-    """Nobody watches (a single process, or a launcher we did not start): beats cost nothing."""
-    rank, step, state = 0, 0, ""
+class NoHeartbeat(Heartbeat):
+    """Nobody watches (a single process, or a launcher we did not start): beats cost nothing;
+    failed collectives are still noted."""
+
+    def __init__(self) -> None:
+        self.rank, self.step, self.state, self.calls, self.failed = 0, 0, "", 0, None
 
     def beat(self, state: str | None = None, step: int | None = None) -> None:
-        pass
-
-    def watch_collectives(self, dist: Any) -> None:
         pass
 
 
@@ -126,32 +143,43 @@ class Watchdog:
         self.folder, self.ranks, self.timeout_s = Path(folder), ranks, timeout_s
         self.started = time.monotonic()
         self.seen: dict[int, tuple[dict[str, Any], float]] = {}  # rank -> (record, changed at)
+        self.trained: set[int] = set()  # ranks that reached their first step
+        self.gaps: dict[int, tuple[dict[str, Any], float, float]] = {}  # rank -> last silence
 
     def read(self) -> None:
         now = time.monotonic()
         for path in self.folder.glob("rank-*.beat"):
             try:
                 rec = json.loads(path.read_bytes())
-            except (OSError, ValueError):  # created but not yet written: next poll
+            except (OSError, ValueError):  # not written yet (or caught mid-copy): next poll
                 continue
             old = self.seen.get(rec["rank"])
             if old is None or old[0]["n"] != rec["n"]:
                 self.seen[rec["rank"]] = (rec, now)
+                if old is not None:  # the silence that just ended: (record, from, until)
+                    self.gaps[rec["rank"]] = (*old, now)
+            if rec["trained"]:
+                self.trained.add(rec["rank"])
 
-    def stalled(self, timeout_s: float | None = None) -> Stall | None:
-        """The silent rank that is not waiting for the others (the one they wait for); if all
-        are silent, the one silent longest; a rank never heard from after the start-up grace."""
+    def stalled(self, timeout_s: float | None = None, ended: bool = False) -> Stall | None:
+        """The rank the others wait for, once it is silent for `timeout_s` and not waiting
+        itself, or once every rank is silent that long (or, `ended`: the run failed already);
+        a rank never heard from after the start-up grace. Before its first step a rank gets
+        STARTUP_GRACE_S more (set-up has long single calls: imports, W&B's start)."""
         self.read()
         timeout, now = timeout_s or self.timeout_s, time.monotonic()
-        silent = {r: now - t for r, (rec, t) in self.seen.items() if rec["state"] not in FINISHED}
-        working = [r for r in silent
-                   if silent[r] > timeout and not self.seen[r][0]["state"].startswith("wait:")]
-        if (not working and silent and len(self.seen) == self.ranks
-                and min(silent.values()) > timeout):
-            working = list(silent)  # all wait: a deadlock; blame the one silent longest
-        if working:
-            r = max(working, key=silent.__getitem__)
-            return Stall(self.seen[r][0], silent[r])
+        view = {r: (rec, now - t) for r, (rec, t) in self.seen.items()}  # record, silent for
+        if ended:  # mpirun SIGCONTs the ranks it ends: a stopped rank may just have beaten again
+            for r, (rec, since, until) in self.gaps.items():
+                if now - until < self.timeout_s and until - since > view[r][1]:
+                    view[r] = (rec, until - since)
+        silent = {r: s - (0 if r in self.trained else STARTUP_GRACE_S)
+                  for r, (rec, s) in view.items() if rec["state"] not in FINISHED}
+        over = [r for r in silent if silent[r] > timeout]
+        stuck = ended or any(not view[r][0]["state"].startswith("wait:") for r in over)
+        if over and (stuck or (len(over) == len(silent) and len(self.seen) == self.ranks)):
+            r = min(over, key=lambda r: _behind(view[r][0], silent[r]))
+            return Stall(*view[r])
         missing = sorted(set(range(self.ranks)) - set(self.seen))
         if missing and now - self.started > timeout + STARTUP_GRACE_S:
             return Stall({"rank": missing[0]}, now - self.started)
@@ -163,6 +191,23 @@ class Watchdog:
     def preempted(self) -> bool:
         self.read()
         return any(rec["state"] == "preempted" for rec, _ in self.seen.values())
+
+
+def _behind(rec: dict[str, Any], silent: float) -> tuple[bool, int, bool, float]:
+    """Sort key: the rank to blame comes first. A process of this host that the kernel shows
+    stopped (T) or in an uninterruptible wait (D: a stuck filesystem read) first; then the one
+    furthest behind: every rank enters the same collectives in the same order, so the one that
+    entered the fewest is the one the others wait for; on a tie, one not waiting, then the one
+    that arrived last (the others were already waiting for it)."""
+    frozen = rec["host"] == _HOST and _proc_state(rec["pid"]) in ("T", "t", "D")
+    return not frozen, rec["calls"], rec["state"].startswith("wait:"), silent
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
 
 
 def latest_checkpoint(folder: Path | None) -> Path | None:
