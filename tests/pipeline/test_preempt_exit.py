@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 
 import pytest
 
 from pipeline.checkpoint import load
 from pipeline.launch import REQUEUE_EXIT_CODE
-from test_watchdog import cleanup, start_training, wait_for_checkpoint
+from test_watchdog import alive, cleanup, start_training, wait_for_checkpoint
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
@@ -29,5 +30,21 @@ def test_signal_to_the_whole_process_group_checkpoints_and_exits_75(small_store,
         last = load(tmp_path / "train" / "checkpoints" / "last.pt")
         assert last["step"] == int(m.group(1)) > 0
         assert "non-zero exit code" not in err and "a rank failed" not in err  # no mpirun block
+    finally:
+        cleanup(proc, [r["pid"] for r in ranks])
+
+
+def test_ranks_do_not_outlive_a_launcher_killed_by_sigkill(small_store, tmp_path):
+    """mpirun runs in a session of its own now; the kernel still ends it with the launcher."""
+    proc = start_training(small_store, tmp_path)
+    ranks = []
+    try:
+        ranks = wait_for_checkpoint(proc, tmp_path)
+        proc.kill()  # SIGKILL: the launcher can pass nothing on
+        proc.communicate(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(alive(r["pid"]) for r in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [r["pid"] for r in ranks if alive(r["pid"])]
     finally:
         cleanup(proc, [r["pid"] for r in ranks])
