@@ -42,7 +42,7 @@ _HOST = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # the name ra
 
 class Heartbeat:
     """This rank's record: 256 bytes of JSON in a shared memory map of its file. A beat is a
-    format and a copy, no system call (~3 us; json.dumps and a pwrite took ~20 us, 2-5 % of a
+    format and a copy, no system call (1.7 us here; json.dumps and a pwrite took 21 us, 2-5 % of a
     small model's step at the ~5 beats a step takes), so it can run at every step and around
     every collective, and its step and state are never stale. The watchdog reads the file."""
 
