@@ -133,8 +133,9 @@ def test_evaluate_on_a_damaged_checkpoint_is_one_line_exit_2(tmp_path):
     r = hpcforge("evaluate", str(path))
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-    assert r.stderr.startswith(f"hpcforge: error: {path} is not a readable hpcforge checkpoint "
-                               f"(DamagedCheckpoint: checkpoint {path} is damaged: its record ")
+    assert r.stderr.startswith(f"hpcforge: error: checkpoint {path} is damaged: its record ")
+    assert r.stderr.endswith("fails its CRC32 check (the file changed after it was written); use "
+                             "an older checkpoint or train again\n")
 
 
 # --------------------------------------------------------------------------- disk full (issue 14)
