@@ -49,7 +49,8 @@ def _damage(store: Path, n: int, head: bool = False) -> tuple[Path, int, str]:
     per_shard = a.shards[0] // a.chunks[0]
     _flip_in_chunk(shard, per_shard - 1, n, per_shard, head)
     first = (j + 1) * a.shards[0] - a.chunks[0]
-    return shard, j, f"{per_shard - 1} (samples {first}..{min(first + a.chunks[0], a.shape[0]) - 1})"
+    last = min(first + a.chunks[0], a.shape[0]) - 1
+    return shard, j, f"{per_shard - 1} (samples {first}..{last})"
 
 
 def _epoch(store: Path, fast: bool = True) -> int:
@@ -94,7 +95,7 @@ def test_training_on_a_damaged_store_ends_with_one_line_and_exit_2(small_store, 
     assert r.returncode == 2, r.stderr[-3000:]
     errors = [line for line in r.stderr.splitlines() if "hpcforge: error:" in line]  # after tqdm
     assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert f"hpcforge: error: damaged data in store {store}: array train/spins, shard {j}" in errors[0]
+    assert f"error: damaged data in store {store}: array train/spins, shard {j}" in errors[0]
     assert not (tmp_path / "out" / "train" / "summary.json").exists()
 
 
