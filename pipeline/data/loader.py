@@ -267,7 +267,7 @@ def _zarr_job(array: Any, start: int, stop: int, dest: np.ndarray) -> Callable[[
         except Exception as e:  # zarr's crc32c mismatch (a ValueError) or a codec's error
             chunk, shard = array.chunks[0], (array.shards or array.chunks)[0]
             raise damaged(getattr(array.store, "root", array.store), array.path, start // shard,
-                          f"{start // chunk} (samples {start}..{stop - 1})",
+                          f"{start % shard // chunk} (samples {start}..{stop - 1})",
                           f"it does not read back ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:160]})") from None
     return job
