@@ -5,12 +5,16 @@
 4. loader samples/s ÷ a naive map-style Dataset doing `zarr_array[i]` per sample (random order).
 5. data-wait fraction (time waiting for batches ÷ wait + step) while the demo VAE trains on 1 rank
    from the loader; its baseline is the whole step (1.0).
+14. integrity cost (issue 14): loader decoded MB/s with every chunk's CRC32C checked ÷ the same
+   data stored without a CRC32C (the layout prepare wrote before), epochs interleaved.
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 
@@ -52,6 +56,51 @@ def bench_read(store, path: Path) -> list[dict]:
     return [row("data-read", "loader decoded / raw", decoded, raw, "MB/s", ">= 0.5",
                 f"loader decoded MB/s (batch 256, one epoch of {n}) / raw read MB/s of the "
                 f"store's files ({raw_bytes >> 20} MiB on disk), page cache warm")]
+
+
+def _without_crc(path: Path, copy: Path) -> Path:
+    """A copy of the store whose train/field is stored as before issue 14: Blosc, no CRC32C."""
+    import zarr
+    from zarr.codecs import BloscCodec
+    shutil.copytree(path, copy)
+    old = zarr.open_array(str(path / "train" / "field"), mode="r")
+    plain = zarr.open_group(str(copy), mode="r+").create_array(
+        "train/field", shape=old.shape, dtype=old.dtype, chunks=old.chunks, shards=old.shards,
+        compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"), overwrite=True,
+        config={"write_empty_chunks": True}, attributes=dict(old.attrs))
+    plain[:] = old[:]
+    return copy
+
+
+def bench_integrity(store, path: Path, quick: bool) -> list[dict]:
+    """Checked / unchecked loader throughput: one epoch each per round, which goes first
+    alternating, so both sides see the same machine load; the median of the per-round ratios of
+    wall-clock MB/s is the row's value, and the ratio of CPU seconds (all threads of this
+    process: steadier than wall time on a busy machine) is given beside it. No read-ahead, so
+    neither loader reads while the other is timed."""
+    from pipeline.data.loader import ShardedLoader
+    from pipeline.data.store import open_store
+    plain = open_store(_without_crc(path, path.with_name("plain.zarr")))
+    loaders = [ShardedLoader(s, "train", {"x": "field"}, batch_size=256, normalize="none",
+                             read_ahead=False) for s in (store, plain)]
+    assert [ld.readers["x"].checked for ld in loaders] == [True, False]
+    for ld in loaders:
+        _epoch(ld)                                            # warm: page cache and pools
+    wall: list[list[float]] = [[], []]
+    cpu = [0.0, 0.0]
+    for r in range(5 if quick else 15):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            c0 = time.process_time()
+            seconds, n = _epoch(loaders[i])
+            cpu[i] += time.process_time() - c0
+            wall[i].append(n * 4 * int(np.prod(SAMPLE)) / seconds / 1e6)
+    ratios = sorted(a / b for a, b in zip(*wall))
+    return [row("data-crc32c", "CRC32C on / off", median(ratios), 1.0, "x", ">= 0.9",
+                f"loader decoded MB/s with each chunk's CRC32C checked / the same data without "
+                f"one (as prepared before issue 14): median of {len(ratios)} interleaved rounds' "
+                f"ratios (range {ratios[0]:.2f}-{ratios[-1]:.2f}; median MB/s on "
+                f"{median(wall[0]):.0f}, off {median(wall[1]):.0f}); CPU seconds off / on "
+                f"{cpu[1] / cpu[0]:.3f}")]
 
 
 def bench_naive(store, quick: bool) -> list[dict]:
@@ -114,5 +163,6 @@ def bench_data_loader(quick: bool) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         path = _fields_store(Path(tmp), 16384 if quick else 65536)
         store = open_store(path)
-        rows = bench_read(store, path) + bench_naive(store, quick)
+        rows = (bench_read(store, path) + bench_integrity(store, path, quick)
+                + bench_naive(store, quick))
     return rows + bench_wait(quick)

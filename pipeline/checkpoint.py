@@ -4,15 +4,36 @@ Writes happen on a background thread by default (like Lightning's AsyncCheckpoin
 `dcp.async_save`): the step pays for a copy of the state in memory, training goes on while the
 file is written, and at most one write is in flight. `Checkpoints.wait()` makes it durable and
 re-raises its error; the trainer calls it before exiting for any reason.
+
+Integrity (issue 14): torch.save writes a zip archive whose every record (the pickle, each
+tensor's storage) carries a CRC32, but torch.load never checks them, so flipped bytes loaded
+silently. `load` checks them first (`zipfile.testzip`): a damaged checkpoint is refused with one
+line, and `latest_valid` passes over it. Nothing new is stored, so checkpoints written before
+this check are verified too; only the pre-1.6 non-zip format has no checksum (loaded with a note).
+A write that runs out of disk space is one line naming the path, the bytes needed and free.
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import sys
+import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipeline.errors import UserError
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint whose bytes changed after it was written (a record fails its CRC32)."""
+
+
+class CheckpointDiskFull(UserError):
+    """A checkpoint write that ran out of space; the previous checkpoint is untouched."""
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
@@ -30,6 +51,12 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)  # first: the space it held counts as free below
+        full = _disk_full(e, path, state)
+        if full is None:
+            raise
+        raise full from None
     finally:
         tmp.unlink(missing_ok=True)
     fd = os.open(path.parent, os.O_RDONLY)
@@ -40,9 +67,67 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def _disk_full(e: Exception, path: Path, state: Any) -> CheckpointDiskFull | None:
+    """The one-line error for a write that failed for want of space, else None. torch.save into a
+    file reports a short write as `RuntimeError: ... unexpected pos` with no errno, so besides
+    ENOSPC/EDQUOT a failure counts as disk full when the free space is below the payload's size."""
+    needed = _payload_bytes(state)
+    free = shutil.disk_usage(path.parent).free
+    no_space = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not no_space and free >= needed:
+        return None
+    return CheckpointDiskFull(
+        f"no space left for checkpoint {path}: it needs about {needed / 2**20:.1f} MiB, "
+        f"{free / 2**20:.1f} MiB free in {path.parent}; the previous checkpoint there is intact. "
+        f"Free space or set output_dir to a larger disk, then continue with train.resume=auto")
+
+
+def _payload_bytes(state: Any) -> int:
+    """Bytes of the tensors in `state` (what dominates a checkpoint file; each storage once)."""
+    seen: dict[int, int] = {}
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+    walk(state)
+    return sum(seen.values())
+
+
+def verify(path: str | Path) -> bool:
+    """Check every record of a checkpoint against its CRC32; False for a file with none (torch's
+    pre-zip format). Raises DamagedCheckpoint naming the first record that fails."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        return False  # truncated (no zip directory at the end) or legacy: torch.load decides
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:  # a damaged header or directory
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged ({type(e).__name__}: {e}); "
+                                f"use an older checkpoint or train again") from None
+    if bad is not None:
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: its record {bad!r} fails its "
+                                f"CRC32 check (the file changed after it was written); use an "
+                                f"older checkpoint or train again")
+    return True
+
+
 def load(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint without executing pickled code (`weights_only=True`)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint, its CRC32s checked first, without executing pickled code
+    (`weights_only=True`)."""
+    checked = verify(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not checked:
+        print(f"[hpcforge] note: checkpoint {path} is in torch's pre-zip format, which carries no "
+              f"checksum: loaded unverified", file=sys.stderr, flush=True)
+    return ckpt
 
 
 def link_atomic(src: Path, dst: Path) -> None:
@@ -115,10 +200,13 @@ class Checkpoints:
         return value < self.best_value if self.best_mode == "min" else value > self.best_value
 
     def latest_valid(self, log=print) -> tuple[Path, dict[str, Any]] | None:
-        """The newest checkpoint that loads; unreadable ones are reported and passed over."""
+        """The newest checkpoint that loads; unreadable or damaged ones are reported and passed
+        over."""
         for path in self.steps():
             try:
                 return path, load(path)
+            except DamagedCheckpoint as e:
+                log(f"[hpcforge] skipping damaged checkpoint {path} ({e})")
             except Exception as e:  # truncated or corrupt: fall back to an older one
                 log(f"[hpcforge] skipping unreadable checkpoint {path} ({type(e).__name__}: {e})")
         return None

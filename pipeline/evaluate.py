@@ -296,6 +296,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                         f"(e.g. outputs/<experiment>/train/checkpoints/final.pt)")
     try:
         ckpt = load(path)
+    except UserError:  # damaged (a CRC32 fails): its own line names the record and the fix
+        raise
     except Exception as e:  # truncated, not a torch file, or pickled code the safe loader refuses
         raise UserError(f"{path} is not a readable hpcforge checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]}); train again or point at another "

@@ -14,6 +14,11 @@ possible). `data_wait_fraction()` is the share of the consumer's time spent wait
 Blocks are read by `pipeline.data.shards.ShardReader` straight from the shard files when the array
 is in the layout `prepare` writes (through zarr otherwise), each block decoded on a small thread
 pool (`read_threads`; Blosc releases the GIL), into one buffer per group of `buffer_blocks`.
+
+Every chunk's CRC32C is checked before it is decoded (stores prepared since issue 14 carry one); a
+chunk that fails it, or fails to decode, raises `DamagedChunk` (a UserError: one line naming the
+store, array, shard and chunk) in the reading thread, which hands it to the consumer: the batch
+is never yielded, and the CLI ends the run with that line and exit status 2.
 """
 from __future__ import annotations
 
@@ -29,10 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data.shards import ShardReader, run_all
+from pipeline.data.shards import ShardReader, damaged, run_all
 from pipeline.data.store import Store, normalization
 
 _DONE = object()
+_WARNED: set[str] = set()  # stores already reported as unchecked, once per process
 
 
 class ShardedLoader:
@@ -42,6 +48,8 @@ class ShardedLoader:
                  read_threads: int | None = None, read_ahead: bool = True):
         self.arrays = {key: store.variable(split, var) for key, var in inputs.items()}
         self.readers = {key: ShardReader.of(a) for key, a in self.arrays.items()}
+        if rank == 0:
+            _warn_unchecked(store, self.arrays)
         self.read_threads = read_threads or min(4, os.cpu_count() or 1)
         self.n = next(iter(self.arrays.values())).shape[0]
         self.block = max(a.chunks[0] for a in self.arrays.values())
@@ -254,8 +262,36 @@ class ShardedLoader:
 
 def _zarr_job(array: Any, start: int, stop: int, dest: np.ndarray) -> Callable[[], None]:
     def job() -> None:
-        dest[...] = array[start:stop]
+        try:
+            dest[...] = array[start:stop]
+        except Exception as e:  # zarr's crc32c mismatch (a ValueError) or a codec's error
+            chunk, shard = array.chunks[0], (array.shards or array.chunks)[0]
+            raise damaged(getattr(array.store, "root", array.store), array.path, start // shard,
+                          f"{start % shard // chunk} (samples {start}..{stop - 1})",
+                          f"it does not read back ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:160]})") from None
     return job
+
+
+def _checked(array: Any) -> bool:
+    """Whether `array`'s chunks carry a CRC32C (zarr's crc32c codec, inner or outer)."""
+    codecs = array.metadata.to_dict().get("codecs", [])
+    inner = [c for x in codecs if x["name"] == "sharding_indexed"
+             for c in x["configuration"]["codecs"]]
+    return any(c["name"] == "crc32c" for c in [*codecs, *inner])
+
+
+def _warn_unchecked(store: Store, arrays: dict[str, Any]) -> None:
+    """Say once that a store prepared before chunks carried a CRC32C is read unchecked. Its
+    per-shard sha256 (attrs) covers every variable of a whole shard, a unit no rank reads (ranks
+    read blocks of a shard each): checking it would cost a second full read, so the fix is to
+    prepare the store again, which takes minutes, not a slower loader for every run."""
+    plain = sorted(a.path for a in arrays.values() if not _checked(a))
+    if plain and str(store.path) not in _WARNED:
+        _WARNED.add(str(store.path))
+        print(f"[hpcforge] warning: store {store.path} was prepared without per-chunk checksums "
+              f"({', '.join(plain)}): damaged data in it would not be detected; re-run "
+              f"`hpcforge prepare` with data.overwrite=true to add them", flush=True)
 
 
 def _normalizer(stats: dict[str, Any], how: str):

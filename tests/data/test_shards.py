@@ -66,8 +66,8 @@ def test_a_damaged_shard_index_fails_its_checksum(tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[-10] ^= 0xFF                                               # inside the index
     shard.write_bytes(bytes(raw))
-    with pytest.raises(UserError, match=r"c/0/0/0: the shard index fails its CRC32C check .* "
-                                        r"the store is damaged, prepare it again"):
+    with pytest.raises(UserError, match=r"c/0/0/0\), chunk index: the shard index fails its "
+                                        r"CRC32C check .* re-run `hpcforge prepare`"):
         ShardReader.of(a).read(0, 4)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint import Checkpoints, load, save_atomic
+from pipeline.errors import UserError
 
 
 def test_round_trip_with_safe_loader(tmp_path):
@@ -74,3 +75,114 @@ def test_background_write_error_surfaces_at_wait_and_keeps_the_old_file(tmp_path
         ck.wait()
     assert load(tmp_path / "last.pt")["step"] == 1
     ck.wait()                                               # reported once, then clear
+
+
+# --------------------------------------------------------------------------- integrity (issue 14)
+def _real_state(width: int = 64) -> dict:
+    """A model's and its Adam optimizer's state after one step, as the trainer saves them."""
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Linear(width, 1))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(8, width)).sum().backward()
+    opt.step()
+    return {"model": model.state_dict(), "optimizers": {"model": opt.state_dict()}, "step": 1,
+            "config": {"model": {"name": "mlp"}}}
+
+
+def _flip_in_largest_record(path, n: int = 4) -> str:
+    """Invert `n` bytes in the middle of the checkpoint's largest tensor record (torch.save's zip
+    archive: each record's data follows a 30-byte local header, its name and its extra field)."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    raw[at:at + n] = bytes(b ^ 0xFF for b in raw[at:at + n])
+    path.write_bytes(bytes(raw))
+    return info.filename
+
+
+def test_a_damaged_checkpoint_is_refused_with_the_record_named(tmp_path):
+    path = save_atomic(_real_state(), tmp_path / "step.pt")
+    record = _flip_in_largest_record(path)
+    with pytest.raises(UserError, match=rf"checkpoint {path} is damaged: its record '{record}' "
+                                        rf"fails its CRC32 check \(the file changed after it was "
+                                        rf"written\); use an older checkpoint or train again"):
+        load(path)
+
+
+def test_resume_auto_passes_over_a_damaged_newest_checkpoint(tmp_path):
+    ck = Checkpoints(tmp_path, keep=3)
+    for step in (1, 2):
+        ck.save({**_real_state(), "step": step}, step, {})
+    newest = tmp_path / "step-00000002.pt"
+    _flip_in_largest_record(newest)
+    said: list[str] = []
+    path, state = ck.latest_valid(log=said.append)
+    assert path.name == "step-00000001.pt" and state["step"] == 1
+    assert len(said) == 1 and said[0].startswith(
+        f"[hpcforge] skipping damaged checkpoint {newest} (checkpoint {newest} is damaged: its "
+        f"record ")
+
+
+def test_evaluate_on_a_damaged_checkpoint_is_one_line_exit_2(tmp_path):
+    from helpers import hpcforge
+    path = save_atomic({**_real_state(), "config": {}}, tmp_path / "final.pt")
+    _flip_in_largest_record(path, 16)
+    r = hpcforge("evaluate", str(path))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"hpcforge: error: checkpoint {path} is damaged: its record ")
+    assert r.stderr.endswith("fails its CRC32 check (the file changed after it was written); use "
+                             "an older checkpoint or train again\n")
+
+
+# --------------------------------------------------------------------------- disk full (issue 14)
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 8 MiB tmpfs (the tests run as root), unmounted afterwards."""
+    import subprocess
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_background_write_on_a_full_disk_is_one_line_and_keeps_the_last(full_disk):
+    folder = full_disk / "checkpoints"
+    ck = Checkpoints(folder, keep=3, background=True)
+    state = {"model": {"w": torch.ones(5 * 2**20 // 4)}}            # 5 MiB: one fits in 8, not two
+    ck.save({**state, "step": 1}, 1, {})
+    ck.wait()
+    ck.save({**state, "step": 2}, 2, {})                            # returns; the thread fails
+    with pytest.raises(UserError) as e:
+        ck.wait()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(
+        f"no space left for checkpoint {folder / 'step-00000002.pt'}: it needs about 5.0 MiB, ")
+    assert msg.endswith(f"MiB free in {folder}; the previous checkpoint there is intact. Free "
+                        f"space or set output_dir to a larger disk, then continue with "
+                        f"train.resume=auto")
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pt", "step-00000001.pt"]
+    assert load(folder / "last.pt")["step"] == 1
+
+
+@pytest.mark.slow
+def test_training_onto_a_full_disk_stops_with_one_line_exit_2(small_store, full_disk):
+    from helpers import hpcforge, small
+    r = hpcforge("train", *small(full_disk, f"data.path={small_store[0]}", "train.epochs=3",
+                                 "model.channels=[64,128]", "train.dist.nproc=1",
+                                 "train.dist.backend=none", "train.logger.mode=disabled",
+                                 "train.checkpoint.background=true", "train.batch_size=32"))
+    errors = [line for line in r.stderr.splitlines() if "hpcforge: error:" in line]  # after tqdm
+    assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    folder = full_disk / "train" / "checkpoints"
+    assert f"hpcforge: error: no space left for checkpoint {folder}/step-" in errors[0]
+    assert "the previous checkpoint there is intact" in errors[0]
+    last = load(folder / "last.pt")                                  # the first epoch's, whole
+    assert last["step"] == 512 // 32 and not (full_disk / "train" / "summary.json").exists()
