@@ -376,3 +376,15 @@ class Importer:
 
 
 IMPORTERS = {fmt: Importer(fmt) for fmt in ("netcdf", "hdf5", "npy", "zarr")}
+
+# One example per format for `hpcforge prepare --help` (the config group `import_netcdf` + these).
+EXAMPLES = {
+    "netcdf": "data.params.path='era5/*.nc' data.params.variables=[t2m,u10] "
+              "data.params.sample_axis=time 'data.params.dtypes={}' 'data.inputs={x: t2m}'",
+    "hdf5": "data.params.path=events.h5 data.params.variables=[shower] data.params.labels=[energy] "
+            "data.params.sample_axis=0 'data.params.dtypes={}' 'data.inputs={x: shower}'",
+    "npy": "data.params.path=arrays/ data.params.variables=[u] data.params.sample_axis=0 "
+           "'data.params.dtypes={}' 'data.inputs={x: u}'",
+    "zarr": "data.params.path=fields.zarr data.params.variables=[u,v] data.params.sample_axis=0 "
+            "'data.params.dtypes={}' 'data.inputs={x: u}'",
+}

@@ -79,10 +79,10 @@ def _create(lock: Path, me: dict) -> bool:
     try:
         os.write(fd, json.dumps(me).encode())
         os.fsync(fd)
-    except BaseException:        # a full disk: leave no empty lock behind
+    except OSError as e:         # a full disk: leave no empty lock behind, and name it
         os.close(fd)
         lock.unlink(missing_ok=True)
-        raise
+        raise OSError(e.errno, e.strerror, str(lock)) from e
     os.close(fd)
     return True
 
