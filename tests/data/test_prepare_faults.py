@@ -158,6 +158,7 @@ def _assert_one_line_and_nothing_complete(run, store: Path, where: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_disk_full_in_pass_one_is_one_line_then_more_space_resumes(tmp_path, small_disk):
     """20 MiB of pass-1 scratch on an 8 MiB disk: numpy's short write (no errno) is named."""
     inputs = _npy_input(tmp_path / "in", 5000)
@@ -173,6 +174,7 @@ def test_disk_full_in_pass_one_is_one_line_then_more_space_resumes(tmp_path, sma
     assert got.meta["n_samples"] == 5000 and got.meta["complete"] is True
 
 
+@pytest.mark.slow
 def test_disk_full_in_pass_two_names_the_array(tmp_path, small_disk):
     """5 MiB of scratch fits, the 5 MiB store next to it does not."""
     inputs = _npy_input(tmp_path / "in", 1200)
@@ -181,18 +183,21 @@ def test_disk_full_in_pass_two_names_the_array(tmp_path, small_disk):
     _assert_one_line_and_nothing_complete(run, store, f"{store}.partial/")
 
 
-def test_disk_full_before_any_data_is_one_line(tmp_path, small_disk):
-    """A disk already full: the first metadata write (the lock, then the store's zarr.json)."""
+@pytest.mark.parametrize("free_pages, first", [(0, ".lock"), (1, ".partial")])
+def test_disk_full_in_metadata_is_one_line(tmp_path, small_disk, free_pages, first):
+    """A disk already full (0 pages free: the lock file fails) or nearly (1 page: the lock takes
+    it, the store's first zarr.json fails): one line naming that file and the free space."""
     inputs = _npy_input(tmp_path / "in", 100)
     with open(small_disk / "ballast", "wb") as f:
         try:
             f.write(b"\0" * (8 << 20))
         except OSError:
             pass
+        f.truncate(f.tell() - free_pages * 4096)
     store = small_disk / "set.zarr"
     run = hpcforge(*_import(tmp_path, inputs, store, 50))
     assert run.returncode == 2, run.stderr[-2000:]
     lines = _errors(run.stderr)
-    assert len(lines) == 1 and lines[0].startswith(f"hpcforge: error: writing {store}"), lines
-    assert "no space left on the device (errno 28)" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"hpcforge: error: writing {store}{first}"), lines
+    assert "no space left on the device (errno 28)" in lines[0] and "MiB are free there" in lines[0]
     assert not store.exists() and not Paths.of(str(store)).lock.exists()
