@@ -657,13 +657,17 @@ class _Failed:
 
 
 def _guard(task: Callable, *args) -> Any:
-    """Run a task; a UserError or a disk error comes back as `_Failed` (see there)."""
+    """Run a task; a UserError or a disk error comes back as `_Failed` (see there). A disk error
+    that a library wrapped is unwrapped here: a chain of causes does not survive pickling."""
     try:
         return task(*args)
-    except (UserError, OSError) as e:
-        if isinstance(e, OSError) and e.errno not in DISK_ERRORS:
-            raise
+    except UserError as e:
         return _Failed(e)
+    except Exception as e:
+        os_error = _os_error(e)
+        if os_error is None or os_error.errno not in DISK_ERRORS:
+            raise
+        return _Failed(os_error)
 
 
 def _results(client, futures: list) -> Iterator[Any]:
@@ -862,6 +866,11 @@ def _finish(paths: Paths, meta: dict) -> Path:
     root.attrs["hpcforge"] = {**root.attrs["hpcforge"], "complete": True}
     if paths.final.exists():
         old = paths.final.with_name(paths.final.name + ".old")
+        if old.exists():   # a run killed between the two renames below left it
+            if _hpcforge_meta(old) is None:
+                raise UserError(f"{old} is in the way of replacing {paths.final} and is not an "
+                                f"hpcforge store; move it away and run the same command again")
+            shutil.rmtree(old)
         os.replace(paths.final, old)
         os.replace(paths.partial, paths.final)
         shutil.rmtree(old)
