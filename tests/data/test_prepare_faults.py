@@ -201,3 +201,25 @@ def test_disk_full_in_metadata_is_one_line(tmp_path, small_disk, free_pages, fir
     assert len(lines) == 1 and lines[0].startswith(f"hpcforge: error: writing {store}{first}"), lines
     assert "no space left on the device (errno 28)" in lines[0] and "MiB are free there" in lines[0]
     assert not store.exists() and not Paths.of(str(store)).lock.exists()
+
+
+def test_an_old_store_left_by_a_kill_between_the_final_renames_is_cleared(tmp_path, dask_address):
+    """Overwrite renames the store to `.old`, the new one into place, then deletes `.old`; a kill
+    in between left `.old`, and the next overwrite failed with a bare 'Directory not empty'."""
+    import shutil
+    base = [f"output_dir={tmp_path}", *SMALL, f"data.dask.scheduler={dask_address}"]
+    cfg = load_config("demo", base)
+    store = prepare(cfg.data, cfg.to_dict(), log=lambda *a: None)
+    old = store.with_name(store.name + ".old")
+    shutil.copytree(store, old)                              # as the kill left it
+    cfg = load_config("demo", [*base, "data.seed=1", "data.overwrite=true"])
+    assert open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None)).meta["content"][
+        "seed"] == 1
+    assert not old.exists()
+    old.mkdir()
+    (old / "thesis.tex").write_text("precious")              # not ours: never deleted
+    cfg = load_config("demo", [*base, "data.seed=2", "data.overwrite=true"])
+    with pytest.raises(UserError, match=r"ising2d\.zarr\.old is in the way of replacing .* and is "
+                                        r"not an hpcforge store; move it away"):
+        prepare(cfg.data, cfg.to_dict(), log=lambda *a: None)
+    assert (old / "thesis.tex").read_text() == "precious"
