@@ -42,6 +42,7 @@ def _dead_pid() -> int:
 
 
 # --------------------------------------------------------------------------- one prepare per store
+@pytest.mark.slow
 def test_two_prepares_of_one_path_started_together_one_refuses_naming_the_holder(tmp_path):
     out = tmp_path / "out"
     procs = [subprocess.Popen(_cli(out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -93,6 +94,7 @@ def test_a_lock_from_another_host_is_reported_with_how_to_clear_it(tmp_path):
     assert paths.lock.exists() and not paths.partial.exists() and not paths.scratch.exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_releases_the_lock_and_the_same_command_then_resumes(tmp_path):
     out = tmp_path / "out"
     paths = Paths.of(str(out / "data" / "ising2d.zarr"))
