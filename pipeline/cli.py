@@ -28,11 +28,26 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="group=name swaps a config group file; a.b=value sets a key")
 
 
+_SOURCES = "(the sources and importers)"   # replaced by the registry's text, for --help only
+
+
+class _SourcesEpilog(argparse.RawDescriptionHelpFormatter):
+    """`prepare --help` lists every source and importer with an example, built from the registry
+    (pipeline.data.sources.describe) when help is shown: importing it takes ~1 s."""
+
+    def add_text(self, text):
+        if text == _SOURCES:
+            from pipeline.data.sources import describe
+            text = describe()
+        super().add_text(text)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hpcforge", description="Distributed HPC training pipeline: "
                                  "Dask -> Zarr -> Horovod/MPI -> W&B, on Slurm through submitit.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("prepare", help="generate/import a dataset with Dask into a sharded Zarr store")
+    p = sub.add_parser("prepare", help="generate/import a dataset with Dask into a sharded Zarr store",
+                       formatter_class=_SourcesEpilog, epilog=_SOURCES)
     _add_config_args(p)
     p = sub.add_parser("train", help="train a model data-parallel (Horovod over MPI)")
     _add_config_args(p)

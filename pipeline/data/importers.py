@@ -9,8 +9,14 @@ NumPy / Zarr slicing), so nothing is loaded whole and the read is spread over th
     data.source = netcdf | hdf5 | npy | zarr
     data.params.path        a file, a directory or a glob
     data.params.variables   the per-sample arrays to import (e.g. [temperature, pressure])
-    data.params.labels      optional per-sample label arrays (one value per sample, e.g. [class])
+    data.params.labels      optional per-sample label arrays (one value per sample, e.g. [class]);
+                            a label stored as (N, 1) (or (N, 1, 1)) is taken as N scalars
     data.params.sample_axis the axis that indexes samples: a number, or a NetCDF dimension name
+
+NetCDF files of both families are read: NetCDF-4 (HDF5 inside) through h5netcdf, NetCDF-3
+classic and 64-bit offset (what `xarray.to_netcdf(engine="scipy")` and many older archives write)
+through xarray's scipy engine; the first bytes of each file decide. CDF-5 files are refused with
+the conversion that fixes them.
 
 Layouts of .npy files: `x.npy` holds variable `x`; `x_000.npy, x_001.npy, y_000.npy, ...` hold parts
 of `x` and `y` (the numeric suffix is the part; parts are concatenated). An .npz file holds its keys.
@@ -25,6 +31,7 @@ from __future__ import annotations
 import functools
 import glob
 import json
+import math
 import re
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -93,11 +100,30 @@ def _names(fmt: str, file: str) -> list[str]:
     return sorted(zarr.open_group(file, mode="r").array_keys())
 
 
+NETCDF_MAGIC = {b"CDF\x01": "scipy",       # NetCDF-3 classic
+                b"CDF\x02": "scipy",       # NetCDF-3 64-bit offset
+                b"\x89HDF": "h5netcdf"}    # NetCDF-4: an HDF5 file
+
+
+def _netcdf_engine(file: str) -> str:
+    """The xarray engine that reads `file`, from its first bytes (h5netcdf reads only NetCDF-4)."""
+    with open(file, "rb") as f:
+        magic = f.read(4)
+    if magic in NETCDF_MAGIC:
+        return NETCDF_MAGIC[magic]
+    if magic == b"CDF\x05":
+        raise UserError(f"{file} is a NetCDF-3 CDF-5 (64-bit data) file, which neither h5netcdf "
+                        f"nor scipy reads; convert it to NetCDF-4 (nccopy -k nc4 {file} out.nc) "
+                        f"and point data.params.path at that")
+    raise UserError(f"{file} is not a NetCDF file (it starts with {magic!r}; expected CDF\\x01, "
+                    f"CDF\\x02 or an HDF5 signature); remove it from data.params.path or pick the "
+                    f"data.source that matches it")
+
+
 def _open_netcdf(file: str):
     import xarray as xr
-    # h5netcdf reads NetCDF-4 (HDF5-based) files; decoding applies scale/offset and turns
-    # _FillValue into NaN, which validation then counts
-    return xr.open_dataset(file, engine="h5netcdf", cache=False, decode_times=False)
+    # decoding applies scale/offset and turns _FillValue into NaN, which validation then counts
+    return xr.open_dataset(file, engine=_netcdf_engine(file), cache=False, decode_times=False)
 
 
 def _header(fmt: str, file: str, key: str | None) -> tuple[tuple[int, ...], np.dtype, tuple]:
@@ -298,6 +324,8 @@ def _scan(fmt: str, params_json: str) -> Index:
     variables = {}
     for name in wanted:
         shape, dtype, file, _ = infos[0][name]
+        if name in p.labels and math.prod(shape) == 1:
+            shape = ()    # (N, 1): one value per sample, stored with a trailing axis
         if name in p.labels and shape != ():
             raise UserError(f"label {name!r} in {file} has per-sample shape {shape}; expected one "
                             f"value per sample; move it to data.params.variables")
@@ -344,7 +372,19 @@ class Importer:
                 pieces[_out_name(name)].append(_read(self.fmt, file, key, axis, lo, hi))
             j += 1
         return {k: np.concatenate(v).astype(idx.variables[k].dtype, copy=False)
-                for k, v in pieces.items()}
+                .reshape(-1, *idx.variables[k].shape) for k, v in pieces.items()}  # (N, 1) -> (N,)
 
 
 IMPORTERS = {fmt: Importer(fmt) for fmt in ("netcdf", "hdf5", "npy", "zarr")}
+
+# One example per format for `hpcforge prepare --help` (the config group `import_netcdf` + these).
+EXAMPLES = {
+    "netcdf": "data.params.path='era5/*.nc' data.params.variables=[t2m,u10] "
+              "data.params.sample_axis=time 'data.params.dtypes={}' 'data.inputs={x: t2m}'",
+    "hdf5": "data.params.path=events.h5 data.params.variables=[shower] data.params.labels=[energy] "
+            "data.params.sample_axis=0 'data.params.dtypes={}' 'data.inputs={x: shower}'",
+    "npy": "data.params.path=arrays/ data.params.variables=[u] data.params.sample_axis=0 "
+           "'data.params.dtypes={}' 'data.inputs={x: u}'",
+    "zarr": "data.params.path=fields.zarr data.params.variables=[u,v] data.params.sample_axis=0 "
+            "'data.params.dtypes={}' 'data.inputs={x: u}'",
+}

@@ -15,6 +15,11 @@ Resumable: the store is written under `<path>.partial`, next to a scratch folder
 that records each finished chunk (its statistics) and each written shard (its checksum). After a
 kill, the same command finds both, checks that the recorded config matches, and redoes only what
 is not recorded. Only a complete store (marker written last) is renamed into place.
+
+One prepare per store: `<path>.lock` (pipeline/data/lock.py) is held for the whole run. The scratch
+folder records the config it was made for; a `.partial` and `.scratch` that do not belong together
+(left by an earlier run that raced or crashed) are discarded, never mixed. A full disk anywhere
+(pass-1 scratch, pass-2 shards, metadata) is one line naming the path, the space needed and free.
 """
 from __future__ import annotations
 
@@ -23,17 +28,20 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from pipeline.config import DataConfig
+from pipeline.data.lock import store_lock
 from pipeline.data.sources import SOURCES
 from pipeline.data.sources.base import Variable
 from pipeline.data.store import FORMAT, FORMAT_VERSION, SPLITS, open_store, shard_checksum
@@ -294,9 +302,19 @@ def _atomic_write(path: Path, write) -> None:
     """Write via a temp file and rename, so a kill never leaves a half file under `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("." + path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)          # on a full disk, give the space back at once
+        if e.errno is None and _SHORT_WRITE.search(str(e)):
+            # numpy's tofile reports a short write with no errno: on a local disk that is ENOSPC
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({e})", str(path)) from None
+        raise
+
+
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 
 
 def scatter_chunk(cfg: DataConfig, layout: Layout, chunk_index: int,
@@ -420,7 +438,10 @@ def write_shard(store_path: str, scratch: str, split: str, shard: int, start: in
         for k in out:
             out[k][at[ok]] = values[k][ok]
         filled += int(ok.sum())
-    assert filled == stop - start, f"{split}/{shard}: {filled} of {stop - start} samples found"
+    if filled != stop - start:   # the scratch is not this store's: only a foreign hand does this
+        raise UserError(f"{split}/{shard}: {filled} of {stop - start} samples found in {scratch}, "
+                        f"which does not match {store_path}; remove both (rm -rf {scratch} "
+                        f"{store_path}) and run the same command again")
     write_region(store_path, split, start, stop, out)
     checksum = shard_checksum(out)
     _atomic_write(Path(scratch) / "shards" / f"{split}-{shard:06d}.json",
@@ -433,7 +454,12 @@ def write_region(store_path: str, split: str, start: int, stop: int,
     """Write samples [start, stop) of every variable of one split (whole shards: no races)."""
     import zarr
     for k, v in arrays.items():
-        zarr.open_array(f"{store_path}/{split}/{k}", mode="r+")[start:stop] = v
+        try:
+            zarr.open_array(f"{store_path}/{split}/{k}", mode="r+")[start:stop] = v
+        except OSError as e:
+            if e.filename:
+                raise
+            raise OSError(e.errno, e.strerror, f"{store_path}/{split}/{k}") from e  # name the array
 
 
 # --------------------------------------------------------------------------- combining
@@ -511,11 +537,13 @@ class Paths:
     final: Path      # the store, once complete
     partial: Path    # the store while it is written
     scratch: Path    # pass-1 chunk files, and the records of finished chunks and shards
+    lock: Path       # held by the one prepare that writes this store (pipeline/data/lock.py)
 
     @classmethod
     def of(cls, path: str) -> "Paths":
         p = Path(path)
-        return cls(p, p.with_name(p.name + ".partial"), p.with_name(p.name + ".scratch"))
+        return cls(p, p.with_name(p.name + ".partial"), p.with_name(p.name + ".scratch"),
+                   p.with_name(p.name + ".lock"))
 
 
 def _hpcforge_meta(path: Path) -> dict | None:
@@ -560,26 +588,42 @@ def _resume_state(paths: Paths, cfg: DataConfig, content: dict, log) -> dict | N
             raise UserError(f"{paths.partial} exists but was not written by this hpcforge (format "
                             f"{FORMAT!r} version {FORMAT_VERSION}); remove it, or choose another "
                             f"data.path")
-        if meta.get("content") == content:
+        if meta.get("content") == content and _scratch_content(paths) == content:
             log(f"resuming the interrupted prepare in {paths.partial}")
             return meta
+        if meta.get("content") == content:   # safe to discard: both are only ours, incomplete
+            log(f"discarding {paths.partial} and {paths.scratch}: they do not belong together "
+                f"(left by an earlier prepare that raced or crashed); starting afresh")
+            return _discard(paths)
         diff = "; ".join(_differences(meta.get("content", {}), content)[:5])
         if not cfg.overwrite:
             raise UserError(f"{paths.partial} is an interrupted prepare of a different config "
                             f"({diff}); rerun with that config to finish it, or pass "
                             f"data.overwrite=true to discard it")
         log(f"discarding {paths.partial} (a different config: {diff})")
+    return _discard(paths)
+
+
+def _discard(paths: Paths) -> None:
     shutil.rmtree(paths.partial, ignore_errors=True)
     shutil.rmtree(paths.scratch, ignore_errors=True)
-    return None
+
+
+def _scratch_content(paths: Paths) -> dict | None:
+    """The config the scratch folder was made for (None: none recorded, or unreadable)."""
+    try:
+        return json.loads((paths.scratch / "content.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _start_partial(paths: Paths, content: dict, shard_size: int) -> dict:
     import zarr
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
             "content": content, "shard_size": shard_size, "arrays": False}
+    shutil.rmtree(paths.scratch, ignore_errors=True)    # never a chunk of another config
     zarr.open_group(str(paths.partial), mode="w").attrs["hpcforge"] = meta
-    paths.scratch.mkdir(parents=True, exist_ok=True)
+    _atomic_write(paths.scratch / "content.json", lambda f: f.write(json.dumps(content).encode()))
     return meta
 
 
@@ -607,6 +651,48 @@ def group_chunks(chunks: list[int], chunk_bytes: int, slots: int) -> list[list[i
     return [chunks[i:i + g] for i in range(0, len(chunks), g)]
 
 
+@dataclass(frozen=True)
+class _Failed:
+    """An error the user can fix, raised inside a Dask task and returned instead of raised:
+    Dask's worker logs each raised exception with its traceback ("Compute Failed"), which would
+    bury the one-line message."""
+    error: BaseException
+
+
+def _guard(task: Callable, *args) -> Any:
+    """Run a task; a UserError or a disk error comes back as `_Failed` (see there). A disk error
+    that a library wrapped is unwrapped here: a chain of causes does not survive pickling."""
+    try:
+        return task(*args)
+    except UserError as e:
+        return _Failed(e)
+    except Exception as e:
+        os_error = _os_error(e)
+        if os_error is None or os_error.errno not in DISK_ERRORS:
+            raise
+        return _Failed(os_error)
+
+
+def _results(client, futures: list) -> Iterator[Any]:
+    """Each future's result, in order; the first `_Failed` is raised, the rest cancelled."""
+    for f in futures:
+        result = f.result()
+        if isinstance(result, _Failed):
+            client.cancel(futures)
+            raise result.error
+        yield result
+
+
+class QuietCancel(WorkerPlugin):
+    """Worker plugin: a task cancelled because another failed is not worth a warning with a
+    coroutine's repr ("Async instruction ... ended with CancelledError") under the one line."""
+    name = "hpcforge-quiet-cancel"
+
+    def setup(self, worker=None) -> None:
+        import logging
+        logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
+
+
 def _pass1(client, cfg: DataConfig, layout: Layout, variables: dict, paths: Paths, token: str,
            group: Callable[[list[int]], list[list[int]]]) -> tuple[list[dict], int, int]:
     """Run the chunks not yet recorded; return every chunk's result, in chunk order, the number
@@ -616,12 +702,13 @@ def _pass1(client, cfg: DataConfig, layout: Layout, variables: dict, paths: Path
     done = {i: r for i, r in done.items() if "pieces" in r}  # older scratch layouts: redo
     todo = [i for i in range(layout.n_chunks) if i not in done]
     groups = group(todo)
-    futures = [client.submit(scatter_chunks, cfg, layout, g, variables, str(paths.scratch),
-                             key=f"scatter-{g[0]}-{token}", pure=False) for g in groups]
+    futures = [client.submit(_guard, scatter_chunks, cfg, layout, g, variables,
+                             str(paths.scratch), key=f"scatter-{g[0]}-{token}", pure=False)
+               for g in groups]
     _progress(cfg, futures)
     # In submission order, not bulk: the first failure in chunk order is the one raised, so an
     # error names the data's first bad place even when a later group fails sooner.
-    for group, results in zip(groups, (f.result() for f in futures)):
+    for group, results in zip(groups, _results(client, futures)):
         done.update(zip(group, results))
     return [done[i] for i in range(layout.n_chunks)], len(todo), len(groups)
 
@@ -663,11 +750,11 @@ def _pass2(client, cfg: DataConfig, layout: Layout, results: list[dict], final: 
         wanted = None if kept[split] is None else kept[split][a:b]
         lo, hi = (a, b - 1) if wanted is None else (int(wanted[0]), int(wanted[-1]))
         pieces = shard_pieces(table, split, lo // layout.shard_size, hi // layout.shard_size)
-        futures.append(client.submit(write_shard, str(paths.partial), str(paths.scratch), split,
-                                     j, a, b, wanted, pieces, variables,
+        futures.append(client.submit(_guard, write_shard, str(paths.partial), str(paths.scratch),
+                                     split, j, a, b, wanted, pieces, variables,
                                      key=f"write-{split}-{j}-{token}", pure=False))
     _progress(cfg, futures)
-    done.update(dict(client.gather(futures)))
+    done.update(dict(_results(client, futures)))
     return done, len(todo)
 
 
@@ -679,15 +766,40 @@ DISK_ERRORS = {errno.ENOSPC: ("no space left on the device", "free space or poin
                errno.EROFS: ("read-only file system", "choose a data.path on a writable disk")}
 
 
-def _disk_error(e: OSError, paths: Paths) -> Exception:
-    """A one-line UserError for a full or unwritable disk; other OSErrors stay as they are."""
-    if e.errno not in DISK_ERRORS:
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e`: itself, or one it was raised from (Zarr's and Dask's wrappers)."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def _free_space(path: Path) -> str:
+    """Free space on the file system that holds `path` (its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB are free there"
+    except OSError:
+        return "the free space is unknown"
+
+
+def _disk_error(e: BaseException, paths: Paths, need: int = 0) -> BaseException:
+    """A one-line UserError for a full or unwritable disk; other errors stay as they are."""
+    os_error = _os_error(e)
+    if os_error is None or os_error.errno not in DISK_ERRORS:
         return e
-    what, fix = DISK_ERRORS[e.errno]
-    where = e.filename or paths.partial
+    what, fix = DISK_ERRORS[os_error.errno]
+    where = os_error.filename or paths.partial
     state = (f"the store stays incomplete in {paths.partial}: rerun the same command to resume"
              if paths.partial.exists() else "nothing was written")
-    return UserError(f"writing {where}: {what} (errno {e.errno}); {fix}; {state}")
+    if os_error.errno in (errno.ENOSPC, errno.EDQUOT):
+        state += (f"; this prepare needs up to ~{2 * need / 2**20:.1f} MiB ({need / 2**20:.1f} MiB "
+                  f"of pass-1 scratch, and the store, at most as much again) and "
+                  f"{_free_space(paths.final)}")
+    return UserError(f"writing {where}: {what} (errno {os_error.errno}); {fix}; {state}")
 
 
 def prepare(cfg: DataConfig, resolved: dict[str, Any], log=print) -> Path:
@@ -698,9 +810,16 @@ def prepare(cfg: DataConfig, resolved: dict[str, Any], log=print) -> Path:
     make_layout(cfg, n, 1)  # bad sizes and fractions fail here, before any work
     variables = SOURCES[cfg.source].variables(cfg.params)
     try:
-        return _run(cfg, resolved, paths, n, variables, log)
-    except OSError as e:
-        raise _disk_error(e, paths) from None
+        with store_lock(paths.lock, paths.final, log):
+            _check_target(paths, cfg)  # again: a prepare that held the lock may have finished it
+            return _run(cfg, resolved, paths, n, variables, log)
+    except UserError:
+        raise
+    except Exception as e:
+        error = _disk_error(e, paths, n * sample_bytes(variables))
+        if error is e:
+            raise
+        raise error from None
 
 
 def _run(cfg: DataConfig, resolved: dict, paths: Paths, n: int, variables: dict, log) -> Path:
@@ -710,6 +829,7 @@ def _run(cfg: DataConfig, resolved: dict, paths: Paths, n: int, variables: dict,
     state = _resume_state(paths, cfg, content, log)
     with dask_client(cfg.dask, log) as client:
         workers, slots = shape(cfg.dask, client)
+        client.register_plugin(QuietCancel())
         if state is None:
             per_task = task_memory(cfg, workers, slots)
             check_chunks(cfg, variables, per_task)
@@ -749,6 +869,11 @@ def _finish(paths: Paths, meta: dict) -> Path:
     root.attrs["hpcforge"] = {**root.attrs["hpcforge"], "complete": True}
     if paths.final.exists():
         old = paths.final.with_name(paths.final.name + ".old")
+        if old.exists():   # a run killed between the two renames below left it
+            if _hpcforge_meta(old) is None:
+                raise UserError(f"{old} is in the way of replacing {paths.final} and is not an "
+                                f"hpcforge store; move it away and run the same command again")
+            shutil.rmtree(old)
         os.replace(paths.final, old)
         os.replace(paths.partial, paths.final)
         shutil.rmtree(old)

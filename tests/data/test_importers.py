@@ -222,3 +222,58 @@ def test_nan_inf_fill_replaces_values(tmp_path, dask_address):
     assert len(got["field"]) == 50 and np.isfinite(got["field"]).all()
     assert (got["field"] == -1.5).sum() == 3
     assert store.meta["invalid"]["variables"]["field"]["values"] == 3
+
+
+# --------------------------------------------------------------------------- NetCDF-3, (N, 1) labels
+@pytest.mark.parametrize("fmt", ["NETCDF3_CLASSIC", "NETCDF3_64BIT"])
+def test_netcdf3_file_imports_with_the_values_of_its_netcdf4_twin(fmt, tmp_path, dask_address):
+    """NetCDF-3 (what xarray's scipy engine and many archives write) has no HDF5 inside: h5netcdf
+    cannot open it; the importer tells the families apart by their first bytes."""
+    import xarray as xr
+    parts = _parts()
+    stores = {}
+    for engine, kw in (("h5netcdf", {}), ("scipy", {"format": fmt})):
+        folder = tmp_path / engine
+        folder.mkdir()
+        for i, p in enumerate(parts):
+            xr.Dataset({"field": (("time", "y", "x"), p["field"]), "label": (("time",), p["label"])}
+                       ).to_netcdf(folder / f"part{i}.nc", engine=engine, **kw)
+        cfg = import_config(tmp_path / f"out-{engine}", "netcdf", folder / "*.nc",
+                            "data.params.dtypes={label: int64}",   # NetCDF-3 holds no int64
+                            address=dask_address)
+        stores[engine] = open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None))
+    assert (tmp_path / "scipy" / "part0.nc").read_bytes()[:4] in (b"CDF\x01", b"CDF\x02")
+    three, four = stored(stores["scipy"]), stored(stores["h5netcdf"])
+    assert three["label"].dtype == np.int64 and three["field"].dtype == np.float32
+    for k in four:
+        np.testing.assert_array_equal(three[k], four[k])
+    assert stores["scipy"].meta["checksums"] == stores["h5netcdf"].meta["checksums"]
+    expected = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    assert sample_hashes(three) == sample_hashes(expected)
+
+
+def test_a_file_that_is_not_netcdf_is_refused_with_its_first_bytes(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.nc").write_text("hello, world")
+    with pytest.raises(UserError, match=r"notes\.nc is not a NetCDF file \(it starts with "
+                                        r"b'hell'; expected CDF\\x01, CDF\\x02 or an HDF5"):
+        _scan(tmp_path, "netcdf", tmp_path / "in")
+
+
+def test_label_stored_as_n_by_1_imports_as_n_scalars(tmp_path, dask_address):
+    """Many HDF5 files keep a per-event value as (N, 1); it is one value per sample."""
+    import h5py
+    parts = _parts()
+    (tmp_path / "in").mkdir()
+    for i, p in enumerate(parts):
+        with h5py.File(tmp_path / "in" / f"part{i}.h5", "w") as f:
+            f.create_dataset("field", data=p["field"])
+            f.create_dataset("label", data=p["label"].reshape(-1, 1))      # (N, 1)
+    cfg = import_config(tmp_path, "hdf5", tmp_path / "in", address=dask_address)
+    assert SOURCES["hdf5"].variables(cfg.data.params)["label"].shape == ()
+    store = open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None))
+    got = stored(store)
+    assert got["label"].shape == (50,)
+    expected = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    assert sample_hashes(got) == sample_hashes(expected)
+    assert sum(store.stats("train", "label")["class_counts"].values()) == 40

@@ -91,3 +91,32 @@ def test_partial_of_another_config_is_refused_then_discarded_with_overwrite(tmp_
     done = open_store(prepare(other.data, other.to_dict(), log=lines.append))
     assert any("discarding" in line and "data.seed" in line for line in lines)
     assert done.meta["content"]["seed"] == 1
+
+
+@pytest.mark.slow
+def test_partial_and_scratch_of_two_configs_are_discarded_never_mixed(tmp_path, dask_address):
+    """What two racing prepares (seed 0, then seed 1 with overwrite) used to leave: the scratch of
+    a killed seed-0 run under a `.partial` that says seed 1. The seed-1 command then "resumed"
+    from seed-0 chunks, and failed (or wrote a wrong store) on every rerun."""
+    import zarr
+
+    from pipeline.data.store import FORMAT, FORMAT_VERSION
+    out = tmp_path / "raced"
+    paths = Paths.of(str(out / "data" / "ising2d.zarr"))
+    _kill_after_shards(_cli(out, "data.dask.n_workers=1"), paths.scratch / "shards", 2)
+    seed1 = [f"output_dir={out}", *SMALL, "data.seed=1", "data.overwrite=true",
+             f"data.dask.scheduler={dask_address}"]
+    cfg = load_config("demo", seed1)
+    zarr.open_group(str(paths.partial), mode="w").attrs["hpcforge"] = {   # the racing seed-1 run
+        "format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
+        "content": content_config(cfg.data), "shard_size": 32, "arrays": False}
+    lines: list[str] = []
+    got = open_store(prepare(cfg.data, cfg.to_dict(), log=lines.append))
+    assert any(f"discarding {paths.partial} and {paths.scratch}: they do not belong together"
+               in line for line in lines), lines
+    clean = load_config("demo", [f"output_dir={tmp_path / 'clean'}", *seed1[1:]])
+    want = open_store(prepare(clean.data, clean.to_dict(), log=lambda *a: None))
+    assert got.meta["content"]["seed"] == 1
+    assert got.meta["checksums"] == want.meta["checksums"]
+    for k, a in want.split("train").items():
+        assert np.array_equal(got.split("train")[k][:], a[:]), k

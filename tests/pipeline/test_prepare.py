@@ -126,3 +126,23 @@ def test_split_fractions_partition_samples():
     for split in SPLITS:
         covered = sorted((a, b) for s, _, a, b in shards if s == split)
         assert sum(b - a for a, b in covered) == layout.splits[split]
+
+
+def test_prepare_help_lists_every_source_and_importer_with_an_example_that_composes():
+    """The epilog comes from the registry; each example's overrides load as a config."""
+    import shlex
+
+    from helpers import hpcforge
+    from pipeline.data.sources import IMPORTERS, SOURCES
+    run = hpcforge("prepare", "--help", timeout=60)
+    assert run.returncode == 0, run.stderr
+    examples = [line.split("hpcforge prepare ", 1)[1] for line in run.stdout.splitlines()
+                if line.strip().startswith("hpcforge prepare ")]
+    assert len(examples) == len(SOURCES)                   # one example each
+    for name in SOURCES:
+        assert f"\n  {name:<9} " in run.stdout, name
+        (example,) = [e for e in examples if f"data={name}" in e.split()
+                      or f"data.source={name}" in e.split()]
+        cfg = load_config("demo", shlex.split(example))
+        assert cfg.data.source == name
+    assert "(N, 1)" in run.stdout and "NetCDF-3" in run.stdout and len(IMPORTERS) == 4

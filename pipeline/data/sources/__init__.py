@@ -28,3 +28,34 @@ SOURCES = {
     "npy": IMPORTERS["npy"],
     "zarr": IMPORTERS["zarr"],
 }
+
+
+def describe() -> str:
+    """The sources and importers, one example command each: the epilog of `hpcforge prepare
+    --help`, built from SOURCES so that it names every one, whatever is added later."""
+    from pipeline.config import CONFIG_DIR
+    from pipeline.data.importers import EXAMPLES, SUFFIXES
+    lines = ["sources (data.source; each has a config group, configs/data/NAME.yaml):"]
+    for name, source in SOURCES.items():
+        if name in IMPORTERS:
+            continue
+        group = (CONFIG_DIR / "data" / f"{name}.yaml").is_file()
+        lines += [f"  {name:<9} {_summary(source.__doc__ or '')}",
+                  f"            hpcforge prepare data={name}" if group else
+                  f"            hpcforge prepare data.source={name}"]
+    lines += ["", "importers (your own files; data.params.labels of shape (N, 1) are taken as N "
+              "scalars):"]
+    for name in IMPORTERS:
+        lines += [f"  {name:<9} {'/'.join(SUFFIXES[name])} files, a folder of them or a glob",
+                  f"            hpcforge prepare data=import_netcdf data.source={name} "
+                  f"{EXAMPLES[name]}"]
+    return "\n".join(lines + ["", "NetCDF-3 and NetCDF-4 are both read; see "
+                              "pipeline/data/importers.py for the .npy layouts."])
+
+
+def _summary(doc: str, width: int = 120) -> str:
+    """The first line of a docstring, or its first sentence if that runs on (cut to `width`)."""
+    first = doc.strip().split("\n\n")[0].replace("\n", " ")
+    line = doc.strip().splitlines()[0]
+    text = line if line.endswith(".") else first.split(". ")[0] + "."
+    return text if len(text) <= width else text[:width - 3] + "..."
