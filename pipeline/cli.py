@@ -15,6 +15,7 @@ Bad input prints one line (`hpcforge: error: ...`) and exits 2; nothing is start
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -310,6 +311,14 @@ def main(argv: list[str] | None = None) -> int:
                 "logs": cmd_logs, "cancel": cmd_cancel}[args.command](args)
     except UserError as e:
         print(f"hpcforge: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk anywhere is the user's to fix, not a traceback
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"hpcforge: error: disk full{where} ({e.strerror}); free space on that filesystem "
+              f"(df -h) or point output_dir / data.path at one with room, then run the same "
+              f"command again", file=sys.stderr)
         return 2
 
 
