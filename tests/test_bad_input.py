@@ -104,3 +104,15 @@ def test_every_numeric_setting_has_a_range():
     assert sorted(keys) == sorted(RANGES), (
         f"give these a range in pipeline.config.RANGES: {sorted(set(keys) - set(RANGES))}; "
         f"no such setting: {sorted(set(RANGES) - set(keys))}")
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--task", "train.seed=1 model.channels='[8"], "--task \"train.seed=1 model.channels='[8\": "
+                                                    "No closing quotation"),
+    (["cluster=local_slurm", "--grid", "train.seed=0,1", "--parallel", "0"], "--parallel 0"),
+    (["--grid", "train.lr=[1,", "train.epochs=1"], "'train.lr=[1,'"),
+])
+def test_bad_sweep_input_is_one_line_before_anything(tmp_path, args, named):
+    r = hpcforge("sweep", "-e", "demo", f"output_dir={tmp_path / 'out'}", *args, timeout=120)
+    _one_line_refusal(r, named)
+    assert not (tmp_path / "out").exists()
