@@ -26,7 +26,7 @@ from jobs import records
 from jobs.executor import make_executor, resolve_backend, submit_error, validate
 from jobs.submit import record_for, resolved, slurm_ranks
 from jobs.tasks import TrainJob
-from pipeline.config import LoggerConfig
+from pipeline.config import LoggerConfig, parse_overrides
 from pipeline.errors import UserError
 from pipeline.provenance import git_revision
 
@@ -54,7 +54,7 @@ def expand(grid: list[str], tasks: list[str]) -> list[list[str]]:
         if not sep or not split_values(values):
             raise UserError(f"--grid {axis!r}: expected key=v1,v2,... (e.g. --grid train.seed=0,1,2)")
         axes.append([f"{key}={v}" for v in split_values(values)])
-    extra = [shlex.split(t) for t in tasks] or [[]]
+    extra = [_task_words(t) for t in tasks] or [[]]
     combos = [list(c) + e for c in itertools.product(*axes) for e in extra]
     if combos == [[]]:
         raise UserError("hpcforge sweep: nothing to sweep; give --grid key=v1,v2 and/or --task "
@@ -62,22 +62,34 @@ def expand(grid: list[str], tasks: list[str]) -> list[list[str]]:
     return combos
 
 
+def _task_words(task: str) -> list[str]:
+    """`--task "k=v k2='a b'"`: the overrides of one task, split as a shell would."""
+    try:
+        return shlex.split(task)
+    except ValueError as e:  # an unclosed quote
+        raise UserError(f"--task {task!r}: {e}; expected 'key=value key=value', quoting a value "
+                        f"with spaces (e.g. --task \"train.seed=1 model.channels='[8, 16]'\")") from None
+
+
 def sweep(experiment: str, overrides: list[str], grid: list[str], tasks: list[str],
           name: str | None = None, parallel: int | None = None) -> dict[str, Any]:
     """Validate every task's config, then submit the array and its summary job."""
+    task_overrides = expand(grid, tasks)  # a malformed --grid/--task is named before anything
+    for t in task_overrides:
+        parse_overrides(t)
     base = resolved(experiment, overrides)
     backend = resolve_backend(base.cluster)
     if backend != "slurm":
         raise UserError(f"hpcforge sweep runs one Slurm job array, but cluster.executor resolves to "
                         f"{backend}; use a Slurm cluster profile (e.g. cluster=local_slurm)")
     if parallel is not None:
+        if parallel < 1:  # cluster.array_parallelism itself is checked as the config loads
+            raise UserError(f"--parallel {parallel}: expected at least 1 task at once; pass "
+                            f"--parallel 1 or more")
         base.cluster.array_parallelism = parallel
-    if base.cluster.array_parallelism < 1:
-        raise UserError(f"cluster.array_parallelism={base.cluster.array_parallelism}: expected >= 1")
     name = name or base.train.logger.group or \
         f"sweep-{base.experiment}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     sweep_dir = Path(base.output_dir) / "sweeps" / name
-    task_overrides = expand(grid, tasks)
     for t in task_overrides:
         bad = [o for o in t if o.startswith("cluster")]
         if bad:

@@ -15,11 +15,20 @@ Bad input prints one line (`hpcforge: error: ...`) and exits 2; nothing is start
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
 from pipeline.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its refusals on one line, like every other bad input (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"hpcforge: error: {message}; see `{self.prog} --help`\n")
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-e", "--experiment", default="demo",
@@ -43,7 +52,7 @@ class _SourcesEpilog(argparse.RawDescriptionHelpFormatter):
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="hpcforge", description="Distributed HPC training pipeline: "
+    ap = _Parser(prog="hpcforge", description="Distributed HPC training pipeline: "
                                  "Dask -> Zarr -> Horovod/MPI -> W&B, on Slurm through submitit.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("prepare", help="generate/import a dataset with Dask into a sharded Zarr store",
@@ -69,7 +78,20 @@ def parser() -> argparse.ArgumentParser:
                    help="a run's output_dir, its train/ folder, or a W&B run folder")
     p.add_argument("--out", default="report.html", help="the HTML file to write")
     _add_job_commands(sub)
+    ap.commands = sub.choices  # name -> its parser, for parse()
     return ap
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with options and key=value overrides in any order (`sweep --grid a=1,2
+    train.epochs=1 --grid b=3,4`): each command's own parser reads it intermixed."""
+    ap = parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in ap.commands:
+        return ap.parse_args(argv)  # --help, or a refusal that lists the commands
+    args = ap.commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
 
 
 def _add_job_commands(sub) -> None:
@@ -124,14 +146,36 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_one_step(cfg, ranks: int) -> None:
+    """Refuse a store too small for one optimizer step, before any rank starts. The rule is the
+    loader's (pipeline/data/loader.py): each rank gets (n // ranks) samples of the train split, cut
+    into full batches (the tail is dropped), and a step sums `accumulate` of them."""
+    from pipeline.data.store import open_store
+    t = cfg.train
+    store = open_store(cfg.data.path)  # reads the metadata only; names a missing store
+    n = store.meta["splits"].get("train", 0)
+    if (n // ranks) // t.batch_size >= t.accumulate:
+        return
+    acc = f" x train.accumulate={t.accumulate}" if t.accumulate > 1 else ""
+    raise UserError(f"train.batch_size={t.batch_size}{acc} on {ranks} rank(s) needs "
+                    f"{t.batch_size * t.accumulate} training samples per rank, but {store.path} has "
+                    f"{n} ({n // ranks} per rank); lower train.batch_size (or the ranks), or prepare "
+                    f"more samples (data.n_samples)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: expected at least 1 rank; pass --nproc 1 or more")
     extra = [f"train.dist.nproc={args.nproc}"] if args.nproc is not None else []
     cfg = _config(args, extra)  # validate before starting any rank
     from pipeline.launch import needs_launch, relaunch
-    if needs_launch(cfg.train.dist.nproc):
-        if cfg.train.dist.backend == "none":
-            raise UserError(f"train.dist.nproc={cfg.train.dist.nproc} needs a distributed backend; "
-                            f"set train.dist.backend=horovod")
+    from pipeline.dist import detect_launcher
+    launch = needs_launch(cfg.train.dist.nproc)
+    if launch and cfg.train.dist.backend == "none":
+        raise UserError(f"train.dist.nproc={cfg.train.dist.nproc} needs a distributed backend; "
+                        f"set train.dist.backend=horovod")
+    _check_one_step(cfg, cfg.train.dist.nproc if launch else detect_launcher().size)
+    if launch:
         argv = ["train", "-e", args.experiment, *args.overrides, *extra]
         return relaunch(cfg.train.dist.nproc, argv, cfg.train.dist.launcher,
                         cfg.train.dist.timeout_s, Path(cfg.output_dir) / "train" / "checkpoints")
@@ -276,7 +320,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     try:
         return {"prepare": cmd_prepare, "train": cmd_train, "config": cmd_config,
                 "bench": cmd_bench, "evaluate": cmd_evaluate, "report": cmd_report,
@@ -284,6 +328,14 @@ def main(argv: list[str] | None = None) -> int:
                 "logs": cmd_logs, "cancel": cmd_cancel}[args.command](args)
     except UserError as e:
         print(f"hpcforge: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk anywhere is the user's to fix, not a traceback
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"hpcforge: error: disk full{where} ({e.strerror}); free space on that filesystem "
+              f"(df -h) or point output_dir / data.path at one with room, then run the same "
+              f"command again", file=sys.stderr)
         return 2
 
 

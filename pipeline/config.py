@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -261,11 +262,27 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[tuple[str, An
             raise ConfigError(f"override {arg!r}: expected key=value (e.g. train.epochs=3) "
                               f"or group=name (groups: experiment, {', '.join(GROUPS)})")
         key, text = arg.split("=", 1)
+        if not key or "" in key.split("."):
+            raise ConfigError(f"override {arg!r}: {key!r} is not a key; expected key=value with a "
+                              f"dotted key such as train.epochs=3")
         if key in GROUPS + ("experiment",) and "." not in key:
             groups[key] = text
         else:
-            keys.append((key, yaml.safe_load(text) if text else ""))
+            keys.append((key, _yaml_value(arg, key, text)))
     return groups, keys
+
+
+def _yaml_value(arg: str, key: str, text: str) -> Any:
+    """An override's value, parsed as YAML; a malformed one is named with the forms that work."""
+    if not text:
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"override {arg!r}: {text!r} is not a YAML value ({problem}); expected "
+                          f"{key}=<YAML value>: a number (3), a list ([1, 2]), a mapping ({{a: 1}}) "
+                          f"or text; quote the whole override for your shell") from None
 
 
 def compose(experiment: str = "demo", overrides: list[str] | None = None) -> dict[str, Any]:
@@ -292,6 +309,7 @@ def compose(experiment: str = "demo", overrides: list[str] | None = None) -> dic
 def load_config(experiment: str = "demo", overrides: list[str] | None = None) -> Config:
     """Compose and type the config; the only entry from YAML into the code."""
     cfg = build(Config, compose(experiment, overrides), "")
+    check_ranges(cfg)
     if not cfg.output_dir:
         cfg.output_dir = f"outputs/{cfg.experiment}"
     if not cfg.data.path:
@@ -309,7 +327,113 @@ def config_from_dict(resolved: dict[str, Any], overrides: list[str] | None = Non
     raw = json.loads(json.dumps(resolved))  # a private copy
     for key, value in keys:
         _set_dotted(raw, key, value)
-    return build(Config, raw, "")
+    cfg = build(Config, raw, "")
+    check_ranges(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- value ranges
+@dataclass(frozen=True)
+class Range:
+    """A numeric setting's valid interval (finite numbers only); `unit` words the message."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False          # lo itself is not allowed (lr > 0)
+    hi_open: bool = False          # hi itself is not allowed (a split's fraction < 1)
+    unit: str = ""
+
+    def holds(self, v: float) -> bool:
+        above = self.lo is None or v > self.lo or (v == self.lo and not self.lo_open)
+        below = self.hi is None or v < self.hi or (v == self.hi and not self.hi_open)
+        return math.isfinite(v) and above and below
+
+    def expected(self) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        if self.lo is None:
+            return "a finite number"
+        if self.hi is not None:
+            return (f"a number in {'(' if self.lo_open else '['}{self.lo}, {self.hi}"
+                    f"{')' if self.hi_open else ']'}{unit}")
+        return f"more than {self.lo}{unit}" if self.lo_open else f"at least {self.lo}{unit}"
+
+    def fix(self, key: str) -> str:
+        if self.lo is not None and self.hi is None and not self.lo_open:
+            return f"set {key}={self.lo} or more"
+        return f"pass {key}=<value> with a value in that range"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, lo_open=True)
+UNIT_INTERVAL = Range(0, 1)
+FRACTION = Range(0, 1, hi_open=True)   # a split's share of the samples: train keeps some
+# Every int and float setting of the schema above, with its valid range (a test keeps this table
+# complete). Checked once by `check_ranges` when a config is loaded: a bad value is refused before
+# any Dask worker, rank or Slurm job starts, with one line that names it. The variant params
+# (data.params, model.params) are checked by their own sources and models.
+RANGES: dict[str, Range] = {
+    "data.n_samples": AT_LEAST_0,          # 0: importers take every sample
+    "data.chunk_size": AT_LEAST_1,
+    "data.shard_size": AT_LEAST_0,         # 0: from data.memory_budget
+    "data.val_fraction": FRACTION,
+    "data.test_fraction": FRACTION,
+    "data.seed": AT_LEAST_0,               # numpy seeds are non-negative
+    "data.fill_value": Range(),
+    "data.dask.n_workers": Range(1, unit="worker"),
+    "data.dask.threads_per_worker": AT_LEAST_1,
+    "data.dask.slurm.jobs": AT_LEAST_1,
+    "data.dask.slurm.cores": AT_LEAST_1,
+    "data.dask.slurm.processes": AT_LEAST_1,
+    "data.dask.slurm.wait_s": POSITIVE,
+    "train.epochs": AT_LEAST_1,
+    "train.max_steps": AT_LEAST_0,         # 0: all epochs
+    "train.batch_size": Range(1, unit="sample per rank"),
+    "train.lr": POSITIVE,
+    "train.accumulate": AT_LEAST_1,
+    "train.grad_clip": AT_LEAST_0,         # 0: no clipping
+    "train.seed": AT_LEAST_0,
+    "train.threads": AT_LEAST_0,           # 0: cores / ranks
+    "train.prefetch": AT_LEAST_1,
+    "train.val_every": AT_LEAST_0,         # 0: at epoch ends
+    "train.max_nonfinite": AT_LEAST_1,
+    "train.inject_nan_at": AT_LEAST_1,     # each item: a step, counted from 1
+    "train.optim.weight_decay": AT_LEAST_0,
+    "train.optim.momentum": UNIT_INTERVAL,
+    "train.schedule.warmup_steps": AT_LEAST_0,
+    "train.schedule.step_size": AT_LEAST_1,
+    "train.schedule.gamma": POSITIVE,
+    "train.schedule.min_lr_ratio": UNIT_INTERVAL,
+    "train.checkpoint.every_steps": AT_LEAST_0,   # 0: at epoch ends only
+    "train.checkpoint.keep": AT_LEAST_1,
+    "train.early_stopping.patience": AT_LEAST_1,
+    "train.early_stopping.min_delta": AT_LEAST_0,
+    "train.dist.nproc": Range(1, unit="rank"),
+    "train.dist.bucket_mb": POSITIVE,
+    "train.dist.timeout_s": AT_LEAST_1,
+    "train.dist.signal_check_s": AT_LEAST_0,      # 0: every step
+    "train.logger.log_every": AT_LEAST_1,
+    "train.logger.images_every": AT_LEAST_0,      # 0: no images
+    "cluster.nodes": Range(1, unit="node"),
+    "cluster.gpus_per_node": AT_LEAST_0,
+    "cluster.tasks_per_node": AT_LEAST_0,         # 0: one per GPU
+    "cluster.cpus_per_task": AT_LEAST_1,
+    "cluster.mem_gb": AT_LEAST_0,                 # 0: the partition's default
+    "cluster.timeout_min": AT_LEAST_1,
+    "cluster.signal_delay_s": AT_LEAST_0,
+    "cluster.max_requeues": AT_LEAST_0,
+    "cluster.array_parallelism": AT_LEAST_1,
+}
+
+
+def check_ranges(cfg: Config) -> None:
+    """Refuse the first value outside its RANGES entry, naming it, the range and the fix."""
+    for key, rng in RANGES.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, v in items:
+            if not rng.holds(v):
+                name = key if i is None else f"{key}[{i}]"
+                raise ConfigError(f"{name}={v}: expected {rng.expected()}; {rng.fix(name)}")
 
 
 # --------------------------------------------------------------------------- typing

@@ -588,7 +588,7 @@ class Trainer:
             summary.update(checkpoint=str(ckpt), metrics=str(self.tracker.metrics_path),
                            wandb_run=self.tracker.run_path)
             self.tracker.finish(dict(self.history[-1]) if self.history else {})
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.tracker.write_json(self.run_dir / "summary.json", summary)
         self.dist.barrier()
         self.heartbeat.beat("done")
         return summary
