@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -38,7 +39,16 @@ def test_gpu_profile_asks_one_rank_per_gpu_under_srun_pmix():
     assert "export OMPI_MCA_btl=self,tcp" in local["slurm_setup"] and "gpus_per_node" not in local
 
 
-def test_sbatch_script_carries_every_resource_setting(tmp_path):
+def test_slurm_commands_fixture_installs_the_client_tools(slurm_commands):
+    """The install-only fixture the two tests below rely on gives a real, runnable `srun`."""
+    assert os.path.basename(slurm_commands) == "srun" and os.access(slurm_commands, os.X_OK)
+    # srun itself cannot run without a slurm.conf; ask dpkg which package owns it instead
+    r = subprocess.run(["dpkg-query", "-S", os.path.realpath(slurm_commands)], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("slurm-client: "), r.stdout + r.stderr
+
+
+def test_sbatch_script_carries_every_resource_setting(tmp_path, slurm_commands):
     c = cluster("cluster=gpu_cluster", "cluster.qos=high", "cluster.constraint=a100",
                 "cluster.mem_gb=64", "cluster.sbatch_extra.comment=hpcforge")
     ex = make_executor(c, "slurm", tmp_path, "train", binds=[])
@@ -50,7 +60,7 @@ def test_sbatch_script_carries_every_resource_setting(tmp_path):
     assert "srun --unbuffered" in text and "--mpi=pmix" in text and "export NCCL_DEBUG=WARN" in text
 
 
-def test_container_runs_ranks_under_apptainer_with_data_and_outputs_bound(tmp_path):
+def test_container_runs_ranks_under_apptainer_with_data_and_outputs_bound(tmp_path, slurm_commands):
     image = tmp_path / "hpcforge.sif"
     image.write_text("")
     c = cluster("cluster=gpu_cluster", f"cluster.container={image}", "cluster.binds=[/scratch]")
