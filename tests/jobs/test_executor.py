@@ -141,3 +141,27 @@ def test_debug_executor_trains_in_process(small_store, tmp_path):
     assert (tmp_path / "run" / "train" / "summary.json").is_file()
     record = json.loads(open(job["record"]).read())
     assert record["config"]["output_dir"] == str(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_job_record_and_run_hold_no_planted_secret(small_store, tmp_path):
+    """Secrets in setup lines and secret-named keys reach the job (it needs them) but not its
+    record (job.json, which `hpcforge status` reads) nor any file the run writes."""
+    from helpers import files_holding
+    store, overrides = small_store
+    secrets = ["setup-s3cr3t-01", "key-s3cr3t-02", "token-s3cr3t-03"]
+    r = subprocess.run([sys.executable, "-m", "pipeline", "submit", *overrides[1:],
+                        f"data.path={store}", f"output_dir={tmp_path / 'run'}", "cluster=debug",
+                        f"cluster.jobs_dir={tmp_path / 'jobs'}", "train.dist.nproc=1",
+                        "train.max_steps=2", "train.batch_size=16", "train.logger.mode=offline",
+                        f"cluster.setup=[export WANDB_API_KEY={secrets[0]}]",
+                        f"cluster.sbatch_extra.api_key={secrets[1]}",
+                        f"cluster.sbatch_extra.token={secrets[2]}", "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    [job] = json.loads(r.stdout.strip().splitlines()[-1])
+    record = json.loads(open(job["record"]).read())
+    assert record["cluster"]["sbatch_extra"] == {"api_key": "***", "token": "***"}
+    assert any("WANDB_API_KEY=***" in a for a in record["command"])
+    assert files_holding(tmp_path / "run", secrets) == []
+    assert files_holding(tmp_path / "jobs", secrets) == []
