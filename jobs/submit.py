@@ -18,6 +18,7 @@ from jobs.tasks import EvaluateJob, PrepareJob, TrainJob
 from pipeline.config import ClusterConfig, Config, load_config
 from pipeline.errors import UserError
 from pipeline.provenance import git_revision
+from pipeline.redaction import redact
 
 STAGES = ("prepare", "train", "evaluate")
 
@@ -119,9 +120,11 @@ def submit_one(stage: str, cfg: Config, cluster: ClusterConfig, backend: str, fn
 
 def record_for(stage: str, job_id: str, backend: str, cfg: Config, cluster: ClusterConfig,
                dependency: str | None, extra: dict[str, Any], folder: Path) -> dict[str, Any]:
-    return {"job_id": job_id, "stage": stage, "backend": backend, "folder": str(folder),
-            "submitted": records.now(), "command": records.command_line(),
-            "git_revision": git_revision(), "depends_on": dependency,
-            "ranks": cluster.nodes * tasks_per_node(cluster), "nodes": cluster.nodes,
-            "output_dir": cfg.output_dir, **extra,
-            "cluster": dataclasses.asdict(cluster), "config": cfg.to_dict()}
+    """The job's record (job.json), secrets redacted: the job itself gets them, the record not."""
+    record = {"job_id": job_id, "stage": stage, "backend": backend, "folder": str(folder),
+              "submitted": records.now(), "command": records.command_line(),
+              "git_revision": git_revision(), "depends_on": dependency,
+              "ranks": cluster.nodes * tasks_per_node(cluster), "nodes": cluster.nodes,
+              "output_dir": cfg.output_dir, **extra,
+              "cluster": dataclasses.asdict(cluster), "config": cfg.to_dict()}
+    return redact(record)

@@ -29,6 +29,7 @@ from jobs.tasks import TrainJob
 from pipeline.config import LoggerConfig, parse_overrides
 from pipeline.errors import UserError
 from pipeline.provenance import git_revision
+from pipeline.redaction import redact
 
 
 def split_values(text: str) -> list[str]:
@@ -143,7 +144,7 @@ def _submit_array(base, backend: str, jobs: list[TrainJob], task_overrides: list
     summary_job = summary_ex.submit(SweepSummary(record, base.train.logger))
     record["summary_job"] = str(summary_job.job_id)
     record["summary"] = str(sweep_dir / "summary.json")
-    records.write_json(jobs_dir / array_id / "sweep.json", record)
+    records.write_json(jobs_dir / array_id / "sweep.json", redact(record))
     record["_jobs"] = submitted
     record["_summary_job"] = summary_job
     return record

@@ -9,7 +9,6 @@ import errno
 import json
 import logging
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,23 +18,7 @@ import torch
 
 from pipeline.config import LoggerConfig
 from pipeline.errors import UserError
-
-SECRET_MARKERS = ("key", "token", "password", "secret")
-# `export WANDB_API_KEY=...` in cluster.setup lines, `--token abc`, `password: x`
-SECRET_IN_TEXT = re.compile(r"(?i)([\w.-]*(?:api[_-]?key|token|password|secret)[\w.-]*\s*[=:\s]\s*)(\S+)")
-
-
-def redact(obj: Any) -> Any:
-    """The config with secrets replaced: values of secret-looking keys (api_key, token, ...) and
-    secret-looking assignments inside strings (setup lines such as `export WANDB_API_KEY=...`)."""
-    if isinstance(obj, dict):
-        return {k: "***" if any(m in k.lower() for m in SECRET_MARKERS) and v else redact(v)
-                for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    if isinstance(obj, str):
-        return SECRET_IN_TEXT.sub(lambda m: m.group(1) + "***", obj)
-    return obj
+from pipeline.redaction import redact
 
 
 def image_grid(images: torch.Tensor, ncol: int = 8, pad: int = 1, zoom: int = 4) -> np.ndarray:

@@ -35,6 +35,7 @@ from pipeline.errors import UserError
 from pipeline.launch import REQUEUE_EXIT_CODE  # 75 (EX_TEMPFAIL): "checkpointed, run me again"
 from pipeline.provenance import git_revision, versions
 from pipeline.optim import build_optimizer, build_scheduler, load_optimizer_state, rank_scale
+from pipeline.redaction import redact
 from pipeline.tracking import Tracker
 from pipeline.watchdog import Heartbeat, NoHeartbeat
 
@@ -211,7 +212,7 @@ class Trainer:
                                 f"or a path to a .pt file")
             ckpt = load(path)
         self.heartbeat.beat("setup")  # (loading a large checkpoint takes a while)
-        check_compatible(ckpt, self.cfg.to_dict(), path)
+        check_compatible(ckpt, redact(self.cfg.to_dict()), path)  # as saved: redacted
         self.model.load_state_dict(ckpt["model"])
         for name, opt in self.optimizers.items():
             load_optimizer_state(opt, ckpt["optimizers"][name])
@@ -525,7 +526,7 @@ class Trainer:
                 "nonfinite": [self.nonfinite_total, self.nonfinite_run],
                 "early_stop": [self.stop_best, self.stop_bad],
                 "best_value": self.checkpoints.best_value,
-                "model_name": self.cfg.model.name, "config": self.cfg.to_dict(),
+                "model_name": self.cfg.model.name, "config": redact(self.cfg.to_dict()),
                 "dataset": self.store_meta, "wandb_run_id": self.tracker.run_id,
                 **self.provenance}
 

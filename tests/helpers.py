@@ -29,3 +29,22 @@ def hpcforge(*args: str, timeout: float = 300, env: dict | None = None) -> subpr
     """Run the real CLI in a subprocess, as a user would."""
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def files_holding(root: Path, secrets: list[str]) -> list[str]:
+    """'path: secret' for every file under `root` that holds one of `secrets`: in its bytes, in a
+    member of a zip (a torch checkpoint is one) or in a checkpoint's unpickled config."""
+    import json
+    import zipfile
+    hits = []
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        blobs = [path.read_bytes()]
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                blobs += [z.read(name) for name in z.namelist()]
+        if path.suffix == ".pt":
+            from pipeline.checkpoint import load
+            blobs.append(json.dumps(load(path).get("config"), default=str).encode())
+        hits += [f"{path.relative_to(root)}: {s}" for s in secrets
+                 if any(s.encode() in b for b in blobs)]
+    return hits

@@ -45,6 +45,7 @@ from pipeline.data.lock import store_lock
 from pipeline.data.sources import SOURCES
 from pipeline.data.sources.base import Variable
 from pipeline.data.store import FORMAT, FORMAT_VERSION, SPLITS, open_store, shard_checksum
+from pipeline.redaction import redact
 from pipeline.errors import UserError
 from pipeline.provenance import versions
 
@@ -856,7 +857,7 @@ def _run(cfg: DataConfig, resolved: dict, paths: Paths, n: int, variables: dict,
                     "chunks": layout.n_chunks, "shards": len(checksums)},
         "invalid": _combine_invalid(results, cfg.invalid), "content": content, "arrays": True,
         "stats": _combine([r["stats"] for r in results]), "checksums": dict(sorted(checksums.items())),
-        "memory_budget": cfg.memory_budget, "versions": versions(), "config": resolved,
+        "memory_budget": cfg.memory_budget, "versions": versions(), "config": redact(resolved),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.time() - t0, 2)}
     return _finish(paths, meta)
 

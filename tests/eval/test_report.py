@@ -1,6 +1,7 @@
 """`hpcforge report` opened in a real headless Chromium: every plot decodes, nothing is fetched."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -19,12 +20,21 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    """Debian's chromium, installed with apt when missing (the test needs the real browser)."""
+    """Debian's chromium, installed with apt when missing (the test needs the real browser).
+
+    A fresh machine may have empty or stale package lists (`make setup` refreshes them only when it
+    installs OpenMPI itself), so a failed install is retried once after `apt-get update`."""
     if shutil.which("chromium") is None:
-        r = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
-                           capture_output=True, text=True, timeout=600)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"]
+        r = subprocess.run(install, capture_output=True, text=True, timeout=600, env=env)
+        if r.returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600, env=env)
+            r = subprocess.run(install, capture_output=True, text=True, timeout=600, env=env)
         assert r.returncode == 0, f"could not install chromium with apt: {r.stderr[-1500:]}"
-    return shutil.which("chromium")
+    path = shutil.which("chromium")
+    assert path, "apt installed chromium but `chromium` is not on PATH"
+    return path
 
 
 def browse(chromium: str, tmp: Path, page: Path, *args: str) -> subprocess.CompletedProcess:

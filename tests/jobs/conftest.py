@@ -1,6 +1,10 @@
 """A real Slurm cluster for tests/jobs: two fake nodes (n1, n2) with accounting, started once per
 session by scripts/slurm_cluster.py (apt-installs Debian's Slurm if missing) and stopped by pid.
 
+Tests that need Slurm's commands but no running cluster (submitit refuses to build a Slurm executor
+without `srun` on PATH) ask for `slurm_commands`, which only installs the packages: a fresh machine
+passes them whichever test runs first.
+
 Set HPCFORGE_SLURM_CONF=<slurm.conf of a cluster you started with `scripts/slurm_cluster.py up`>
 to reuse it while iterating; the session then leaves it running.
 """
@@ -31,7 +35,16 @@ def _cluster_module():
 
 
 @pytest.fixture(scope="session")
-def slurm():
+def slurm_commands() -> str:
+    """Path of `srun`, after apt-installing Debian's Slurm packages if any is missing (~15 s once)."""
+    _cluster_module().install()
+    missing = [c for c in ("srun", "sbatch", "scontrol", "sacct") if shutil.which(c) is None]
+    assert not missing, f"Slurm's packages are installed but {missing} are not on PATH"
+    return shutil.which("srun")
+
+
+@pytest.fixture(scope="session")
+def slurm(slurm_commands):
     """SLURM_CONF of a running two-node cluster, set in os.environ for submitit and the CLI."""
     before = os.environ.get("SLURM_CONF")
     reuse = os.environ.get("HPCFORGE_SLURM_CONF")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -38,7 +39,16 @@ def test_gpu_profile_asks_one_rank_per_gpu_under_srun_pmix():
     assert "export OMPI_MCA_btl=self,tcp" in local["slurm_setup"] and "gpus_per_node" not in local
 
 
-def test_sbatch_script_carries_every_resource_setting(tmp_path):
+def test_slurm_commands_fixture_installs_the_client_tools(slurm_commands):
+    """The install-only fixture the two tests below rely on gives a real, runnable `srun`."""
+    assert os.path.basename(slurm_commands) == "srun" and os.access(slurm_commands, os.X_OK)
+    # srun itself cannot run without a slurm.conf; ask dpkg which package owns it instead
+    r = subprocess.run(["dpkg-query", "-S", os.path.realpath(slurm_commands)], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("slurm-client: "), r.stdout + r.stderr
+
+
+def test_sbatch_script_carries_every_resource_setting(tmp_path, slurm_commands):
     c = cluster("cluster=gpu_cluster", "cluster.qos=high", "cluster.constraint=a100",
                 "cluster.mem_gb=64", "cluster.sbatch_extra.comment=hpcforge")
     ex = make_executor(c, "slurm", tmp_path, "train", binds=[])
@@ -50,7 +60,7 @@ def test_sbatch_script_carries_every_resource_setting(tmp_path):
     assert "srun --unbuffered" in text and "--mpi=pmix" in text and "export NCCL_DEBUG=WARN" in text
 
 
-def test_container_runs_ranks_under_apptainer_with_data_and_outputs_bound(tmp_path):
+def test_container_runs_ranks_under_apptainer_with_data_and_outputs_bound(tmp_path, slurm_commands):
     image = tmp_path / "hpcforge.sif"
     image.write_text("")
     c = cluster("cluster=gpu_cluster", f"cluster.container={image}", "cluster.binds=[/scratch]")
@@ -131,3 +141,27 @@ def test_debug_executor_trains_in_process(small_store, tmp_path):
     assert (tmp_path / "run" / "train" / "summary.json").is_file()
     record = json.loads(open(job["record"]).read())
     assert record["config"]["output_dir"] == str(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_job_record_and_run_hold_no_planted_secret(small_store, tmp_path):
+    """Secrets in setup lines and secret-named keys reach the job (it needs them) but not its
+    record (job.json, which `hpcforge status` reads) nor any file the run writes."""
+    from helpers import files_holding
+    store, overrides = small_store
+    secrets = ["setup-s3cr3t-01", "key-s3cr3t-02", "token-s3cr3t-03"]
+    r = subprocess.run([sys.executable, "-m", "pipeline", "submit", *overrides[1:],
+                        f"data.path={store}", f"output_dir={tmp_path / 'run'}", "cluster=debug",
+                        f"cluster.jobs_dir={tmp_path / 'jobs'}", "train.dist.nproc=1",
+                        "train.max_steps=2", "train.batch_size=16", "train.logger.mode=offline",
+                        f"cluster.setup=[export WANDB_API_KEY={secrets[0]}]",
+                        f"cluster.sbatch_extra.api_key={secrets[1]}",
+                        f"cluster.sbatch_extra.token={secrets[2]}", "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    [job] = json.loads(r.stdout.strip().splitlines()[-1])
+    record = json.loads(open(job["record"]).read())
+    assert record["cluster"]["sbatch_extra"] == {"api_key": "***", "token": "***"}
+    assert any("WANDB_API_KEY=***" in a for a in record["command"])
+    assert files_holding(tmp_path / "run", secrets) == []
+    assert files_holding(tmp_path / "jobs", secrets) == []

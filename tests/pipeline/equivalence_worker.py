@@ -6,7 +6,11 @@ Feeds the real Trainer.train_step fixed batches cut from one global batch per st
   halves  one process takes the global batch as 2 accumulated halves (batch norm then sees the
           same per-rank batches as in `ranks`: CPU has no SyncBatchNorm).
 The models' Gaussian noise comes from one seeded stream per call, cut the same way, so the three
-modes draw identical noise per sample. Writes {model: {param: tensor}} from rank 0.
+modes draw identical noise per sample. Plain SGD (Adam's update hardly changes when every gradient
+doubles, so it cannot tell a sum over ranks from a mean). Batch-norm running statistics are
+compared too: each rank keeps its own, averaged over ranks at the end (as the trainer does); the
+`halves` reference keeps one set per half. Writes {model: {"param/..", "buffer/.."}, model/start:
+initial parameters} from rank 0.
 """
 from __future__ import annotations
 
@@ -22,10 +26,12 @@ from pipeline.trainer import Trainer
 
 RANDN, RANDN_LIKE = torch.randn, torch.randn_like
 
-MODELS = {  # model, overrides, batch keys
-    "mlp": ["model=mlp", "model.in_features=256", "model.out_features=2", "data.inputs={x: spins, y: phase}"],
-    "vae": ["model=vae", "model.image_size=16"],
-    "gan": ["model=gan", "model.data_shape=[1,16,16]"],
+SGD = ["train.optim.name=sgd", "train.optim.momentum=0"]
+MODELS = {  # model, overrides (lr: each moves its weights well past the tolerance in 4 steps)
+    "mlp": ["model=mlp", "model.in_features=256", "model.out_features=2",
+            "data.inputs={x: spins, y: phase}", "train.lr=0.1", *SGD],
+    "vae": ["model=vae", "model.image_size=16", "train.lr=0.001", *SGD],
+    "gan": ["model=gan", "model.data_shape=[1,16,16]", "train.lr=0.05", *SGD],
 }
 
 
@@ -70,12 +76,20 @@ def main(backend: str, mode: str, out: str, overrides: list[str], steps: int = 4
         trainer = Trainer(cfg, dist)
         noise = SlicedNoise(slots=dist.size if mode == "ranks" else (2 if mode == "halves" else 1))
         torch.randn, torch.randn_like = noise, noise.like
+        start = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+        buffers = list(trainer.model.buffers())
+        slots = [[b.clone() for b in buffers] for _ in range(2)]  # halves: one set per half
         if mode == "halves":  # tell the noise which half each micro-batch is
             orig = trainer.model.losses
 
             def losses(b, phase, orig=orig):
-                noise.slot = b["half"]
-                return orig({k: v for k, v in b.items() if k != "half"}, phase)
+                noise.slot = h = b["half"]
+                for live, mine in zip(buffers, slots[h]):
+                    live.copy_(mine)
+                out = orig({k: v for k, v in b.items() if k != "half"}, phase)
+                for live, mine in zip(buffers, slots[h]):
+                    mine.copy_(live)
+                return out
             trainer.model.losses = losses
         elif mode == "ranks":
             noise.slot = dist.rank
@@ -89,7 +103,15 @@ def main(backend: str, mode: str, out: str, overrides: list[str], steps: int = 4
                 trainer.train_step([{**{k: v[h * batch:(h + 1) * batch] for k, v in g.items()},
                                      "half": h} for h in (0, 1)])
         torch.randn, torch.randn_like = RANDN, RANDN_LIKE
-        results[name] = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+        if mode == "ranks":
+            dist.average_buffers(trainer.model)
+        elif mode == "halves":
+            for b, a, c in zip(buffers, *slots):
+                b.copy_((a + c) / 2 if b.is_floating_point() else a)
+        results[name] = {**{f"param/{k}": v.detach().clone()
+                            for k, v in trainer.model.named_parameters()},
+                         **{f"buffer/{k}": v.clone() for k, v in trainer.model.named_buffers()}}
+        results[f"{name}/start"] = start
     dist = results.pop("_dist")
     if dist.is_main:
         torch.save(results, out)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import hpcforge
+from helpers import files_holding, hpcforge
 from pipeline.checkpoint import load
 from pipeline.wandb_files import history, run_config
 
@@ -77,7 +77,8 @@ def test_offline_wandb_run_holds_metrics_images_and_config(run):
     cfg = run_config(run_file)
     assert cfg["train"]["epochs"] == 3 and cfg["model"]["name"] == "vae"
     assert cfg["cluster"]["setup"] == ["export WANDB_API_KEY=***"]       # secrets redacted
-    assert "s3cr3t-value" not in run_file.read_bytes().decode("latin-1")
+    # not in any file of the run either: W&B's files/ and logs/, checkpoints, metrics, summary
+    assert files_holding(out, ["s3cr3t-value"]) == []
     assert cfg["dataset"]["source"] == "ising2d" and cfg["versions"]["horovod"] == "0.28.1"
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["step"] == 4

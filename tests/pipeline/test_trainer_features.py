@@ -1,11 +1,15 @@
 """Trainer features on one process (backend none): schedules, precision, clipping, checkpoints."""
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
 
 import pytest
 import torch
 
+from helpers import hpcforge
 from pipeline.checkpoint import load
 from pipeline.config import ScheduleConfig, load_config
 from pipeline.dist import init_distributed
@@ -91,18 +95,43 @@ def test_resume_keeps_this_runs_kernels_not_the_checkpoints():
     assert back.param_groups[0]["fused"] is None and back.param_groups[0]["foreach"] is False
 
 
-def test_linear_lr_scaling_and_schedule_reach_the_optimizer(small_store, tmp_path):
-    t = _trainer(small_store, tmp_path, "train.lr=0.01", "train.schedule.name=step",
-                 "train.schedule.step_size=2", "train.schedule.gamma=0.5", "train.max_steps=4")
-    assert t.optimizers["model"].param_groups[0]["lr"] == pytest.approx(0.01)  # 1 rank: no scaling
-    t.fit()
-    assert t.optimizers["model"].param_groups[0]["lr"] == pytest.approx(0.01 * 0.25)
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_linear_lr_scaling_on_two_ranks_doubles_the_lr_the_optimizer_uses(small_store, tmp_path):
+    """2 real ranks with lr_scaling=linear: every step uses 2 x base lr (times the step schedule),
+    read from what the optimizer logged and from its state in the final checkpoint."""
+    path, overrides = small_store
+    r = hpcforge("train", "--nproc", "2", *overrides[1:], f"data.path={path}",
+                 f"output_dir={tmp_path}", "train.batch_size=16", "train.lr=0.01",
+                 "train.lr_scaling=linear", "train.schedule.name=step", "train.schedule.step_size=2",
+                 "train.schedule.gamma=0.5", "train.max_steps=4", "train.logger.log_every=1",
+                 "train.logger.mode=disabled")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
+    used = {row["step"]: row["opt/model/lr"] for row in rows if "opt/model/lr" in row}
+    assert used == pytest.approx({1: 0.02, 2: 0.02, 3: 0.01, 4: 0.01})  # 2 ranks x 0.01, halved at 2
+    ck = load(tmp_path / "train" / "checkpoints" / "final.pt")
+    assert ck["ranks"] == 2
+    group = ck["optimizers"]["model"]["param_groups"][0]
+    assert group["initial_lr"] == pytest.approx(0.02) and group["lr"] == pytest.approx(0.005)
 
 
-def test_bf16_autocast_on_cpu_trains_with_finite_losses(small_store, tmp_path):
-    t = _trainer(small_store, tmp_path, "train.precision=bf16", "train.max_steps=3")
+def _activation_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
+    """Dtypes of every Linear/Conv output in the forwards run after this call."""
+    seen: set[torch.dtype] = set()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            m.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype))
+    return seen
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_bf16_autocast_on_cpu_runs_the_forward_in_bfloat16(small_store, tmp_path, precision, dtype):
+    t = _trainer(small_store, tmp_path, f"train.precision={precision}", "train.max_steps=3")
+    seen = _activation_dtypes(t.model)
     summary = t.fit()
     assert summary["steps"] == 3 and summary["nonfinite_steps"] == 0
+    assert seen == {dtype}                                   # every matmul/conv ran in bf16 (or not)
     assert t.model.encoder.mu.weight.dtype == torch.float32  # autocast keeps fp32 master weights
 
 
@@ -123,10 +152,33 @@ def test_gradient_clipping_bounds_the_update(small_store, tmp_path):
     assert step.item() == pytest.approx(0.5, rel=1e-3)   # lr 1 x clipped norm 0.5
 
 
-def test_gradient_accumulation_sums_batches_into_one_step(small_store, tmp_path):
-    t = _trainer(small_store, tmp_path, "train.accumulate=2", "train.max_steps=3")
-    assert t.steps_per_epoch == len(t.loader) // 2
-    assert t.fit()["steps"] == 3
+MLP = ["model=mlp", "model.in_features=256", "model.out_features=2",
+       "data.inputs={x: spins, y: phase}", "train.optim.name=sgd", "train.optim.momentum=0",
+       "train.lr=0.5"]
+
+
+def test_gradient_accumulation_of_two_batches_equals_one_step_on_both(small_store, tmp_path):
+    """SGD without momentum: the weights after 2 accumulated micro-batches equal one step on the
+    two concatenated (a sum instead of a mean would double the update)."""
+    store = (small_store[0], [o for o in small_store[1] if not o.startswith("model.")])
+    acc = _trainer(store, tmp_path / "acc", *MLP, "train.accumulate=2")
+    one = _trainer(store, tmp_path / "one", *MLP)
+    assert acc.steps_per_epoch == len(acc.loader) // 2
+    start = {k: v.clone() for k, v in one.model.state_dict().items()}
+    for k, v in acc.model.state_dict().items():
+        torch.testing.assert_close(v, start[k], rtol=0, atol=0)   # same seed: same initial weights
+    batches = []
+    for batch in one.loader:
+        batches.append(batch)
+        if len(batches) == 2:
+            break
+    acc.train_step(batches)
+    one.train_step([{k: torch.cat([b[k] for b in batches]) for k in batches[0]}])
+    moved = 0.0
+    for k, v in one.model.state_dict().items():
+        torch.testing.assert_close(acc.model.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+        moved = max(moved, (v - start[k]).abs().max().item())
+    assert moved > 1e-3                                          # the step did move the weights
 
 
 def test_early_stopping_after_patience_validations(small_store, tmp_path):
@@ -177,7 +229,8 @@ def test_a_signal_is_agreed_on_at_the_next_check_spaced_by_signal_check_s(
         small_store, tmp_path, monkeypatch, check_s, acted_at):
     """Ranks agree at steps 1 and 2, then every signal_check_s by rank 0's measured step time. A
     clock advancing 0.1 s per agreement makes that 1 step per 0.1 s: with check_s 1.0 the third
-    agreement is 10 steps after the second, at step 12; check_s 0 agrees at every step."""
+    agreement is 10 steps after the second, at step 12; check_s 0 agrees at every step. The
+    SIGTERM is real: sent to this process, caught by the trainer's own handler."""
     import types
 
     import pipeline.trainer as trainer_module
@@ -186,14 +239,41 @@ def test_a_signal_is_agreed_on_at_the_next_check_spaced_by_signal_check_s(
     clock = iter(range(1, 1000))
     monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(
         perf_counter=lambda: 0.1 * next(clock)))
-    t._flag = types.SimpleNamespace(signum=None)
     acted = None
-    for step in range(1, 20):
-        if step == 5:
-            t._flag.signum = 15  # SIGTERM arrives before step 5
-        t.train_step([batch])
-        t.step = step
-        if t.preempt:
-            acted = step
-            break
-    assert acted == acted_at
+    with trainer_module.PreemptionFlag() as flag:
+        t._flag = flag
+        for step in range(1, 20):
+            if step == 5:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives before step 5
+            t.train_step([batch])
+            t.step = step
+            if t.preempt:
+                acted = step
+                break
+    assert acted == acted_at and flag.signum == signal.SIGTERM
+
+
+def test_real_sigusr1_during_step_5_checkpoints_step_5_and_exits_75(small_store, tmp_path,
+                                                                     monkeypatch, capsys):
+    """`hpcforge train` (one process, in this one): a hook sends this process a real SIGUSR1 as
+    step 5 starts; the trainer checkpoints step 5 and the command returns 75 (requeue me)."""
+    from pipeline import cli
+    from pipeline.trainer import Trainer
+    step = Trainer.train_step
+
+    def train_step(self, batches):
+        if self.step + 1 == 5:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return step(self, batches)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    path, overrides = small_store
+    code = cli.main(["train", *overrides[1:], f"data.path={path}", f"output_dir={tmp_path}",
+                     "train.dist.backend=none", "train.dist.nproc=1", "train.batch_size=16",
+                     "train.max_steps=40", "train.dist.signal_check_s=0",
+                     "train.logger.mode=disabled"])
+    out = capsys.readouterr()
+    assert code == 75, out.out[-2000:] + out.err[-2000:]
+    last = tmp_path / "train" / "checkpoints" / "last.pt"
+    assert load(last)["step"] == 5
+    assert "SIGUSR1: checkpointed step 5 to " in out.out and "exit 75 (requeue me)" in out.out
+    assert not (tmp_path / "train" / "checkpoints" / "final.pt").exists()
