@@ -329,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"hpcforge: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (the first asks for a checkpoint while training)
+        print("hpcforge: interrupted; the same command resumes a prepare (a training run with "
+              "train.resume=auto)", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
     except OSError as e:  # a full disk anywhere is the user's to fix, not a traceback
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

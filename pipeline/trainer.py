@@ -604,20 +604,28 @@ def train(cfg: Config) -> dict[str, Any]:
         heartbeat.watch_collectives(dist)
         try:
             return Trainer(cfg, dist, heartbeat).fit(flag)
+        except UserError as e:
+            if dist.size > 1:  # (damaged data, a full disk) on one rank: its line, then leave
+                _exit_without_finalize(f"hpcforge: error: {e}", status=2)
+            raise
         except Exception:
             if heartbeat.failed and dist.size > 1:
                 _exit_without_finalize()
             raise
 
 
-def _exit_without_finalize() -> None:
-    """A collective failed (gloo timed out, a peer died or stopped): print why and leave now. A
-    normal exit would call MPI_Finalize (Horovod's MPI, or mpi4py's for ddp's rendezvous), which
-    waits for the failed peer for ever, holding the allocation. Other errors exit normally: the
-    ranks that are left then meet in MPI_Finalize, or the backend's timeout brings them here."""
+def _exit_without_finalize(line: str = "", status: int = 1) -> None:
+    """A collective failed (gloo timed out, a peer died or stopped), or this rank met a fault the
+    user must fix while its peers wait in a collective: print why and leave now. A normal exit
+    would call MPI_Finalize (Horovod's MPI, or mpi4py's for ddp's rendezvous), which waits for the
+    failed peer for ever, or aborts with status 1 where the user's fix needs status 2; mpirun ends
+    the other ranks when this one exits non-zero."""
     import sys
     import traceback
-    traceback.print_exc()
+    if line:
+        print(line, file=sys.stderr)
+    else:
+        traceback.print_exc()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)
+    os._exit(status)

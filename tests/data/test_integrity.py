@@ -106,7 +106,7 @@ def test_on_two_ranks_the_rank_that_meets_the_damage_says_so_once(small_store, t
     r = hpcforge("train", *small(tmp_path / "out", f"data.path={store}", "train.epochs=1",
                                  "train.dist.nproc=2"))
     damage = [line for line in r.stderr.splitlines() if "hpcforge: error: damaged data" in line]
-    assert r.returncode != 0 and len(damage) == 1, r.stderr[-3000:]
+    assert r.returncode == 2 and len(damage) == 1, r.stderr[-3000:]  # 2: the user's to fix
     assert f"store {store}: array train/spins, shard {j}" in damage[0]
     assert "Traceback" not in r.stderr and "RuntimeError" not in r.stderr, r.stderr[-3000:]
 

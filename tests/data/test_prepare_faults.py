@@ -105,8 +105,9 @@ def test_ctrl_c_releases_the_lock_and_the_same_command_then_resumes(tmp_path):
         time.sleep(0.05)
     assert paths.lock.exists(), proc.stderr.read() if proc.poll() is not None else "no lock"
     os.kill(proc.pid, signal.SIGINT)                # Ctrl-C: to the CLI process
-    proc.communicate(timeout=120)
-    assert proc.returncode != 0 and not paths.lock.exists()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and not paths.lock.exists(), err[-1500:]
+    assert "hpcforge: interrupted" in err and "Traceback" not in err, err[-1500:]
     again = subprocess.run(_cli(out), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-1500:]
     assert "resuming the interrupted prepare" in again.stdout
