@@ -5,6 +5,7 @@ conftest.py files of their own and only one module can be imported as `conftest`
 """
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,3 +23,16 @@ def small_store(tmp_path_factory) -> tuple[Path, list[str]]:
     overrides = small(out)
     cfg = load_config("demo", overrides)
     return prepare(cfg.data, cfg.to_dict(), log=lambda *a: None), overrides
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A real 8 MiB filesystem of its own (a tmpfs: the tests run as root), for full-disk faults;
+    unmounted afterwards whatever happens (lazily: a killed child may still hold a file there)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)

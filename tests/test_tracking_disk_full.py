@@ -4,7 +4,6 @@ tmpfs (the tests run as root)."""
 from __future__ import annotations
 
 import hashlib
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,18 +11,6 @@ import pytest
 from helpers import hpcforge
 from pipeline.config import LoggerConfig
 from pipeline.errors import UserError
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """An 8 MiB filesystem of its own, unmounted afterwards whatever happens."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 def fill(disk: Path) -> Path:

@@ -115,20 +115,6 @@ def test_ctrl_c_releases_the_lock_and_the_same_command_then_resumes(tmp_path):
 
 
 # --------------------------------------------------------------------------- a real full disk
-@pytest.fixture
-def small_disk(tmp_path):
-    """An 8 MiB tmpfs mounted at tmp_path/disk (root only), unmounted after the test."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
 def _npy_input(folder: Path, n: int) -> Path:
     """n random float32 samples of 4 KiB (incompressible) and an int label, as .npy files."""
     folder.mkdir()
