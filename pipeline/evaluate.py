@@ -345,8 +345,11 @@ def evaluate(checkpoint: str | Path, overrides: list[str] | None = None) -> dict
     return result
 
 
-def log_to_wandb(cfg: Config, path: Path, ckpt: dict[str, Any], ev: Evaluation) -> str | None:
-    """Append the metrics and figures to the checkpoint's W&B run (same id, resume="allow")."""
+def log_to_wandb(cfg: Config, path: Path, ckpt: dict[str, Any], ev: Evaluation,
+                 prefix: str = "eval") -> str | None:
+    """Append the metrics and figures to the checkpoint's W&B run (same id, resume="allow"),
+    under `<prefix>/` and `<prefix>_figures/`. `ev` is an Evaluation or any object with the same
+    metrics, figures and notes (pipeline.probe.Results, for explain and attack)."""
     from pipeline.tracking import open_run, resolve_mode
     run_id, mode = ckpt.get("wandb_run_id"), resolve_mode(cfg.train.logger.mode)
     if not run_id or mode == "disabled":
@@ -355,8 +358,8 @@ def log_to_wandb(cfg: Config, path: Path, ckpt: dict[str, Any], ev: Evaluation) 
     import wandb
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     run = open_run(cfg.train.logger, mode, run_dir, run_id)
-    metrics = {f"eval/{k}": v for k, v in ev.metrics.items()}
-    run.log({**metrics, **{f"eval_figures/{k}": wandb.Image(figures.to_array(f))
+    metrics = {f"{prefix}/{k}": v for k, v in ev.metrics.items()}
+    run.log({**metrics, **{f"{prefix}_figures/{k}": wandb.Image(figures.to_array(f))
                            for k, f in ev.figures.items()}})
     run.summary.update(metrics)
     run_path = str(Path(run.dir).parent)
