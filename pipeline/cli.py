@@ -8,6 +8,8 @@
     hpcforge sweep   [-e EXPERIMENT] --grid key=v1,v2 [--task "k=v ..."] [key=value ...]
     hpcforge status|logs|cancel JOBID [--jobs-dir DIR]
     hpcforge evaluate CHECKPOINT [key=value ...]
+    hpcforge explain CHECKPOINT [--n 8] [--methods saliency,...] [key=value ...]
+    hpcforge attack  CHECKPOINT [--eps 0,0.01,0.02,0.05] [--steps 10] [key=value ...]
     hpcforge report  RUN_DIR... [--out report.html]
 
 Bad input prints one line (`hpcforge: error: ...`) and exits 2; nothing is started.
@@ -73,6 +75,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .pt file written by `hpcforge train`")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="change the stored config, e.g. data.path=... (a moved store)")
+    _add_probe_commands(sub)
     p = sub.add_parser("report", help="write one self-contained HTML page of one or more runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="a run's output_dir, its train/ folder, or a W&B run folder")
@@ -92,6 +95,32 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = ap.commands[argv[0]].parse_intermixed_args(argv[1:])
     args.command = argv[0]
     return args
+
+
+# pipeline.explain.METHODS, spelled out: importing it (torch, Captum's users) would slow every command
+EXPLAIN_METHODS = ("saliency", "guided_backprop", "integrated_gradients", "gradient_shap")
+
+
+def _add_probe_commands(sub) -> None:
+    p = sub.add_parser("explain", help="attribution maps (Captum) of a supervised checkpoint on "
+                       "test samples: JSON + figures + W&B")
+    p.add_argument("checkpoint", help="a .pt file written by `hpcforge train`")
+    p.add_argument("--n", type=int, default=8, help="test samples to attribute (default: 8)")
+    p.add_argument("--methods", default=",".join(EXPLAIN_METHODS), metavar="M[,M]",
+                   help=f"comma-separated subset of {','.join(EXPLAIN_METHODS)} (default: all)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="change the stored config, e.g. data.path=... (a moved store)")
+    p = sub.add_parser("attack", help="FGSM and PGD on the test split of a supervised checkpoint: "
+                       "accuracy (or relative error) against eps")
+    p.add_argument("checkpoint", help="a .pt file written by `hpcforge train`")
+    p.add_argument("--eps", default="0,0.01,0.02,0.05", metavar="E[,E]",
+                   help="L-inf radii in the model's input units, i.e. the store's inputs after "
+                        "data.normalize (for minmax Ising spins 1 = one spin flip) "
+                        "(default: 0,0.01,0.02,0.05)")
+    p.add_argument("--steps", type=int, default=10, help="PGD steps of 2.5*eps/steps (default: 10)")
+    p.add_argument("--n", type=int, default=1024, help="test samples at most (default: 1024)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="change the stored config, e.g. data.path=... (a moved store)")
 
 
 def _add_job_commands(sub) -> None:
@@ -225,6 +254,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_probe(result: dict) -> None:
+    width = max(map(len, result["metrics"]), default=0)
+    for k, v in result["metrics"].items():
+        print(f"  {k:<{width}}  {v:.6g}")
+    for note in result["notes"]:
+        print(f"[hpcforge] note: {note}")
+    print(f"[hpcforge] {result['kind']}: {result['json']}")
+    if result["wandb_run"]:
+        print(f"[hpcforge] W&B run: {result['wandb_run']} (run id {result['wandb_run_id']})")
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pipeline.explain import explain
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    _print_probe(explain(args.checkpoint, list(args.overrides), args.n, methods))
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from pipeline.attack import attack, parse_eps
+    _print_probe(attack(args.checkpoint, parse_eps(args.eps), args.steps, args.n,
+                        list(args.overrides)))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import report
     out = report(args.run_dirs, args.out)
@@ -323,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
         return {"prepare": cmd_prepare, "train": cmd_train, "config": cmd_config,
-                "bench": cmd_bench, "evaluate": cmd_evaluate, "report": cmd_report,
+                "bench": cmd_bench, "evaluate": cmd_evaluate, "explain": cmd_explain,
+                "attack": cmd_attack, "report": cmd_report,
                 "submit": cmd_submit, "sweep": cmd_sweep, "status": cmd_status,
                 "logs": cmd_logs, "cancel": cmd_cancel}[args.command](args)
     except UserError as e:

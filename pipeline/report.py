@@ -4,7 +4,8 @@ Compute nodes of many clusters have no internet, so the page needs none: every f
 inlined as base64, the style is inline, nothing is fetched. Per run it reads the offline W&B run
 files (pipeline.wandb_files: history and config, every file of the run's id, so an evaluation that
 resumed the run is included) or, with no W&B run, the trainer's metrics.jsonl; plus the
-`<checkpoint>.eval.json` files of `hpcforge evaluate` and their figures.
+`<checkpoint>.eval.json` files of `hpcforge evaluate`, the `.explain.json` and `.attack.json` of
+`hpcforge explain` and `hpcforge attack`, and their figures.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ from typing import Any
 from pipeline import figures
 from pipeline.errors import UserError
 from pipeline.wandb_files import history, run_config
+
+
+PROBES = ("eval", "explain", "attack")   # <checkpoint stem>.<kind>.json, from those commands
+PROBE_FIGURES = tuple(f"{kind}_figures/" for kind in PROBES)
 
 
 @dataclass
@@ -61,7 +66,7 @@ def images_of(rows: list[dict[str, Any]], files_dir: Path) -> dict[str, Path]:
     for row in rows:
         for key, value in row.items():
             if (key.endswith("/path") and row.get(key[:-5] + "/_type") == "image-file"
-                    and not key.startswith("eval_figures/")):  # those come from the eval JSON
+                    and not key.startswith(PROBE_FIGURES)):  # those come from their JSON
                 out[key[:-5]] = files_dir / value
     return out
 
@@ -89,7 +94,8 @@ def read_run(arg: str | Path) -> Run:
     if not rows:
         raise UserError(f"{path}: no W&B run files (wandb/*/run-*.wandb) and no metrics.jsonl; "
                         f"point at the folder `hpcforge train` wrote (output_dir or output_dir/train)")
-    evals = [json.loads(p.read_text()) for p in sorted(train_dir.glob("checkpoints/*.eval.json"))]
+    evals = [json.loads(p.read_text()) for kind in PROBES
+             for p in sorted(train_dir.glob(f"checkpoints/*.{kind}.json"))]
     config = config or _checkpoint_config(train_dir)
     model = config.get("model", {}).get("name", "?") if isinstance(config.get("model"), dict) else "?"
     name = f"{train_dir.parent.name} ({model})" if train_dir.name == "train" else f"{train_dir.name} ({model})"
@@ -117,7 +123,8 @@ def final_values(run: Run) -> dict[str, float]:
     steps = [r["_step"] for r in run.rows if "_step" in r]
     out["steps"] = max(steps) if steps else 0
     for ev in run.evals:
-        out.update({f"eval/{k}": v for k, v in ev["metrics"].items() if isinstance(v, (int, float))})
+        kind = ev.get("kind", "eval")
+        out.update({f"{kind}/{k}": v for k, v in ev["metrics"].items() if isinstance(v, (int, float))})
     return out
 
 
@@ -155,7 +162,8 @@ def run_section(run: Run) -> str:
                   if p.is_file()]
     for ev in run.evals:
         pngs = [(k, Path(p)) for k, p in ev.get("figures", {}).items() if Path(p).is_file()]
-        parts.append(f"<h3>Evaluation of {html.escape(Path(ev['checkpoint']).name)} "
+        what = {"explain": "Attributions", "attack": "Attacks"}.get(ev.get("kind"), "Evaluation")
+        parts.append(f"<h3>{what} of {html.escape(Path(ev['checkpoint']).name)} "
                      f"(step {ev['step']}, {html.escape(ev['split'])} split)</h3>")
         parts += [img(p.read_bytes(), k) for k, p in pngs]
         parts += [f"<p class=note>{html.escape(n)}</p>" for n in ev.get("notes", [])]
