@@ -58,11 +58,16 @@ def attributions(p: Probed, x: torch.Tensor, methods: list[str]) -> dict[str, to
     }
     out = {}
     x.requires_grad_()
+    numpy_state = np.random.get_state()
     for name in tqdm(methods, desc="explain", dynamic_ncols=True, mininterval=1.0):
-        torch.manual_seed(p.cfg.train.seed)  # gradient SHAP draws baselines and noise
+        # gradient SHAP draws baselines with torch and path points with NumPy's global generator:
+        # both seeded, so the same checkpoint gives the same maps
+        torch.manual_seed(p.cfg.train.seed)
+        np.random.seed(p.cfg.train.seed)
         with warnings.catch_warnings():  # Captum says it hooks ReLUs (guided backprop): expected
             warnings.filterwarnings("ignore", "Setting backward hooks on ReLU", UserWarning)
             out[name] = make[name]().detach()
+    np.random.set_state(numpy_state)
     x.requires_grad_(False)
     return out
 
