@@ -57,3 +57,30 @@ def ae_run(small_store, tmp_path_factory):
     ckpt = train(small_store, tmp_path_factory.mktemp("ae"), "model=autoencoder",
                  "model.image_size=16", "train.epochs=3", "train.logger.mode=disabled")
     return (ckpt, *evaluate(ckpt))
+
+
+@pytest.fixture(scope="session")
+def classifier_run(small_store, tmp_path_factory) -> Path:
+    """A small CNN phase classifier (ordered / disordered Ising lattices) with an offline W&B
+    run, trained ~15 s on the small store; its final checkpoint. For explain and attack."""
+    store, overrides = small_store
+    data = [o for o in overrides if o.startswith("data.")]   # the cnn has no model.image_size
+    out = tmp_path_factory.mktemp("cnn")
+    r = run_cli("train", f"output_dir={out}", *data, f"data.path={store}", *ONE_PROCESS,
+                "model=cnn", "model.channels=[8,16]", "model.n_outputs=2", "train.epochs=3",
+                "train.lr=0.01")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return out / "train" / "checkpoints" / "final.pt"
+
+
+@pytest.fixture(scope="session")
+def generative_checkpoint(small_store, tmp_path_factory) -> Path:
+    """A VAE checkpoint in the trainer's format (weights of the untrained net: explain and attack
+    refuse it before reading any weight)."""
+    from pipeline.checkpoint import save_atomic
+    from pipeline.config import load_config
+    from pipeline.trainer import build_model
+    store, overrides = small_store
+    cfg = load_config("demo", [*overrides, f"data.path={store}"])
+    path = tmp_path_factory.mktemp("vae") / "final.pt"
+    return save_atomic({"model": build_model(cfg).state_dict(), "config": cfg.to_dict(), "step": 0}, path)
