@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from helpers import ROOT, hpcforge
-COMMANDS = ["prepare", "train", "config", "bench", "evaluate", "report", "submit", "sweep",
-            "status", "logs", "cancel"]
+COMMANDS = ["prepare", "train", "config", "bench", "evaluate", "explain", "attack", "report",
+            "submit", "sweep", "status", "logs", "cancel"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
