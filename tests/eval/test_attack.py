@@ -24,7 +24,9 @@ EPS = [0.0, 0.05, 0.2]   # 0.2 of a spin flip (minmax spins: 0 = down, 1 = up) p
 
 @pytest.fixture(scope="module")
 def attacked(classifier_run, cli):
-    r = cli("attack", str(classifier_run), "--eps", ",".join(map(str, EPS)), "--steps", "5")
+    # W&B logging is tested by test_explain; here off (a key=value override), which saves ~8 s
+    r = cli("attack", str(classifier_run), "--eps", ",".join(map(str, EPS)), "--steps", "5",
+            "train.logger.mode=disabled")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return r, json.loads(classifier_run.with_name("final.attack.json").read_text())
 
@@ -72,6 +74,7 @@ def test_attack_writes_the_curve_and_example_figures(attacked, classifier_run):
         assert png.parent == classifier_run.with_name("final.attack")
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(classifier_run.with_name("final.attack.json")) in r.stdout
+    assert result["wandb_run"] is None and "no W&B run to log to" in " ".join(result["notes"])
 
 
 def test_perturbations_stay_in_the_eps_ball(classifier_run):
