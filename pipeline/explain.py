@@ -81,10 +81,13 @@ def domain_walls(x: torch.Tensor) -> torch.Tensor:
 
 
 def summary(p: Probed, x: torch.Tensor, attr: torch.Tensor) -> dict[str, Any]:
-    """Mean |attribution| per input channel; for Ising spins the domain-wall shares."""
+    """Mean |attribution| per input channel (axis 1 of a (B, C, H, W) field: e.g. a calorimeter's
+    layers; the last axis of a (B, T, D) sequence or (B, D) vector); for Ising spins the
+    domain-wall shares."""
     mag = attr.abs()
-    per_channel = mag.mean(dim=[d for d in range(mag.dim()) if d != 1]) if mag.dim() > 2 else mag.mean(0)
-    out: dict[str, Any] = {"mean_abs_per_channel": per_channel.flatten().tolist()}
+    axis = 1 if mag.dim() == 4 else mag.dim() - 1
+    per_channel = mag.mean(dim=[d for d in range(mag.dim()) if d != axis])
+    out: dict[str, Any] = {"mean_abs_per_channel": per_channel.tolist()}
     if p.store.meta["source"] == "ising2d" and x.dim() == 4 and x.shape[1] == 1:
         walls = domain_walls(x)
         mass = (mag * walls).flatten(1).sum(1) / mag.flatten(1).sum(1).clamp_min(1e-30)
