@@ -52,9 +52,10 @@ class Probed:
         return self.model.cfg.loss in ("ce", "hinge", "bce")
 
     def samples(self, n: int, split: str | None = None) -> dict[str, torch.Tensor]:
-        """The first n samples of a split (default: the evaluation split) as the loader gives
-        them to the model: normalised like in training, labels as int64. One batch, so no sample
-        of the first n is dropped."""
+        """n samples of a split (default: the evaluation split; all of it when n >= its size) as
+        the loader gives them to the model: normalised like in training, labels as int64. The
+        loader's first batch of size n (its blocks in the seeded order of epoch 0), so none is
+        dropped and the same checkpoint always gets the same samples."""
         split = split or self.split
         n = min(n, self.store.meta["splits"][split])
         loader = ShardedLoader(self.store, split, self.cfg.data.inputs, n,
