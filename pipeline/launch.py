@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pipeline.dist import apply_cpu_mpi_defaults, detect_launcher
 from pipeline.errors import UserError
-from pipeline.watchdog import (POLL_S, WATCH_DIR_ENV, WATCHDOG_EXIT_CODE, Watchdog, kill_all,
-                               latest_checkpoint, session_pids)
+from pipeline.watchdog import (PARENT_DEATH_ENV, POLL_S, WATCH_DIR_ENV, WATCHDOG_EXIT_CODE,
+                               Watchdog, kill_all, latest_checkpoint, session_pids)
 
 REQUEUE_EXIT_CODE = 75  # the trainer's "checkpointed after a preemption signal" status
 
@@ -73,6 +73,7 @@ def relaunch(nproc: int, argv: list[str], launcher: str = "mpirun", timeout_s: f
     env = mpi_env()
     watch = Path(tempfile.mkdtemp(prefix="hpcforge-watch-"))
     env[WATCH_DIR_ENV] = str(watch)
+    env[PARENT_DEATH_ENV] = "1"
     cmd = mpirun_command(nproc, argv, launcher)
     print(f"[hpcforge] launching {nproc} ranks: {' '.join(cmd)}", flush=True)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)

@@ -17,6 +17,7 @@ silent rank that is not waiting (or, if all wait, the one silent longest): the s
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+PARENT_DEATH_ENV = "HPCFORGE_END_WITH_PARENT"  # set by our --nproc launcher: ranks die with mpirun
 WATCH_DIR_ENV = "HPCFORGE_WATCH_DIR"  # set by whoever watches; ranks beat only when it is set
 RECORD_BYTES = 256                    # one fixed-size record, rewritten in place by one pwrite
 STARTUP_GRACE_S = 60  # added to timeout_s before a rank's first step: imports, W&B's start-up
@@ -61,7 +63,11 @@ class Heartbeat:
     @classmethod
     def from_env(cls, rank: int) -> Heartbeat:
         folder = os.environ.get(WATCH_DIR_ENV)
-        return cls(folder, rank) if folder else NoHeartbeat()
+        if not folder:
+            return NoHeartbeat()
+        if os.environ.get(PARENT_DEATH_ENV):
+            end_with_parent()
+        return cls(folder, rank)
 
     def beat(self, state: str | None = None, step: int | None = None) -> None:
         self.state = state if state is not None else self.state
@@ -110,6 +116,22 @@ class NoHeartbeat(Heartbeat):
         pass
 
 
+def end_with_parent() -> None:
+    """Have the kernel SIGKILL this rank when the process that started it (our mpirun) is gone.
+    When the launcher is killed, mpirun gets SIGTERM (its own PDEATHSIG) and exits as soon as one
+    rank has left; a rank still inside a collective with the departed one then spins for
+    `timeout_s` with nobody left to watch it (seen: one of 2 Horovod ranks alive 30 s after a
+    SIGKILL to the launcher, reparented to init). A polling thread cannot help: Horovod's wait
+    holds the GIL. PDEATHSIG fires when mpirun's forking thread ends, which for mpirun is its main
+    thread (its event loop forks the ranks), i.e. when mpirun exits; only our launcher asks for it
+    (PARENT_DEATH_ENV), never a site's launcher or slurmstepd."""
+    parent = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # mpirun was gone before the request: nobody would signal us
+        os._exit(1)
+
+
 def preempted_status(requeue: int) -> int:
     """A rank's exit status after a clean preemption checkpoint. Under our launcher, 0 (so mpirun
     prints no "non-zero exit code" block) with the rank's record saying "preempted": the
@@ -145,6 +167,9 @@ class Watchdog:
         self.seen: dict[int, tuple[dict[str, Any], float]] = {}  # rank -> (record, changed at)
         self.trained: set[int] = set()  # ranks that reached their first step
         self.gaps: dict[int, tuple[dict[str, Any], float, float]] = {}  # rank -> last silence
+        # rank -> its beat count when a poll saw it stopped (T) or in a disk wait (D): remembered,
+        # because when gloo times out first mpirun's exit ends that evidence before we look
+        self.frozen: dict[int, int] = {}
 
     def read(self) -> None:
         now = time.monotonic()
@@ -160,6 +185,8 @@ class Watchdog:
                     self.gaps[rec["rank"]] = (*old, now)
             if rec["trained"]:
                 self.trained.add(rec["rank"])
+            if _frozen_now(rec):
+                self.frozen[rec["rank"]] = rec["n"]
 
     def stalled(self, timeout_s: float | None = None, ended: bool = False) -> Stall | None:
         """The rank the others wait for, once it is silent for `timeout_s` and not waiting
@@ -178,7 +205,7 @@ class Watchdog:
         over = [r for r in silent if silent[r] > timeout]
         stuck = ended or any(not view[r][0]["state"].startswith("wait:") for r in over)
         if over and (stuck or (len(over) == len(silent) and len(self.seen) == self.ranks)):
-            r = min(over, key=lambda r: _behind(view[r][0], silent[r]))
+            r = min(over, key=lambda r: _behind(view[r][0], silent[r], self._frozen(view[r][0])))
             return Stall(*view[r])
         missing = sorted(set(range(self.ranks)) - set(self.seen))
         if missing and now - self.started > timeout + STARTUP_GRACE_S:
@@ -188,18 +215,25 @@ class Watchdog:
     def pids(self) -> list[int]:
         return [rec["pid"] for rec, _ in self.seen.values()]
 
+    def _frozen(self, rec: dict[str, Any]) -> bool:
+        """Stopped or in a disk wait now, or seen so at a poll since this record was written."""
+        return self.frozen.get(rec["rank"]) == rec["n"] or _frozen_now(rec)
+
     def preempted(self) -> bool:
         self.read()
         return any(rec["state"] == "preempted" for rec, _ in self.seen.values())
 
 
-def _behind(rec: dict[str, Any], silent: float) -> tuple[bool, int, bool, float]:
+def _frozen_now(rec: dict[str, Any]) -> bool:
+    return rec["host"] == _HOST and _proc_state(rec["pid"]) in ("T", "t", "D")
+
+
+def _behind(rec: dict[str, Any], silent: float, frozen: bool) -> tuple[bool, int, bool, float]:
     """Sort key: the rank to blame comes first. A process of this host that the kernel shows
     stopped (T) or in an uninterruptible wait (D: a stuck filesystem read) first; then the one
     furthest behind: every rank enters the same collectives in the same order, so the one that
     entered the fewest is the one the others wait for; on a tie, one not waiting, then the one
     that arrived last (the others were already waiting for it)."""
-    frozen = rec["host"] == _HOST and _proc_state(rec["pid"]) in ("T", "t", "D")
     return not frozen, rec["calls"], rec["state"].startswith("wait:"), silent
 
 
