@@ -242,25 +242,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate
-    result = evaluate(args.checkpoint, list(args.overrides))
-    width = max(map(len, result["metrics"]), default=0)
-    for k, v in result["metrics"].items():
-        print(f"  {k:<{width}}  {v:.6g}")
-    for note in result["notes"]:
-        print(f"[hpcforge] note: {note}")
-    print(f"[hpcforge] metrics: {result['json']}")
-    if result["wandb_run"]:
-        print(f"[hpcforge] W&B run: {result['wandb_run']} (run id {result['wandb_run_id']})")
+    _print_result(evaluate(args.checkpoint, list(args.overrides)), "metrics")
     return 0
 
 
-def _print_probe(result: dict) -> None:
+def _print_result(result: dict, label: str) -> None:
+    """What evaluate, explain and attack print: the metrics, notes, the JSON file, the W&B run."""
     width = max(map(len, result["metrics"]), default=0)
     for k, v in result["metrics"].items():
         print(f"  {k:<{width}}  {v:.6g}")
     for note in result["notes"]:
         print(f"[hpcforge] note: {note}")
-    print(f"[hpcforge] {result['kind']}: {result['json']}")
+    print(f"[hpcforge] {label}: {result['json']}")
     if result["wandb_run"]:
         print(f"[hpcforge] W&B run: {result['wandb_run']} (run id {result['wandb_run_id']})")
 
@@ -268,14 +261,15 @@ def _print_probe(result: dict) -> None:
 def cmd_explain(args: argparse.Namespace) -> int:
     from pipeline.explain import explain
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    _print_probe(explain(args.checkpoint, list(args.overrides), args.n, methods))
+    result = explain(args.checkpoint, list(args.overrides), args.n, methods)
+    _print_result(result, result["kind"])
     return 0
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
     from pipeline.attack import attack, parse_eps
-    _print_probe(attack(args.checkpoint, parse_eps(args.eps), args.steps, args.n,
-                        list(args.overrides)))
+    result = attack(args.checkpoint, parse_eps(args.eps), args.steps, args.n, list(args.overrides))
+    _print_result(result, result["kind"])
     return 0
 
 
