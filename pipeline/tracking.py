@@ -52,7 +52,7 @@ W_AND_B_ROOM = 1 << 20
 def disk_full(path: Path | str, e: OSError) -> UserError:
     """The one line for a full disk (or quota): the path, and what keeps the run's work."""
     return UserError(f"disk full writing {path} ({e.strerror}); free space on that filesystem "
-                     f"(df -h {Path(path).parent}) or set train.output_dir to one with room, then "
+                     f"(df -h {Path(path).parent}) or set output_dir to one with room, then "
                      f"run again with train.resume=auto: the checkpoints written so far are kept")
 
 
