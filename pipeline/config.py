@@ -6,6 +6,24 @@
 
 Below `load_config` nothing reads dicts of settings. A wrong key, type or missing value raises
 ConfigError naming the key, the expected type and the valid keys.
+
+Why hand-written and not OmegaConf structured configs (issue #17). Tried side by side, OmegaConf
+2.4.0 loading these same dataclasses (`OmegaConf.merge(OmegaConf.structured(Config), dotlist)`):
+
+    input                   OmegaConf                                  here
+    train.epoch=3           Key 'epoch' not in 'Train'. Did you mean:  unknown key train.epoch; valid
+                            'epochs'? + full_key/reference_type/       keys under train: accumulate,
+                            object_type lines                          batch_size, ... (all of them)
+    train.epochs=true       Value 'True' of type 'bool' could not be   train.epochs: expected int, got
+                            converted to Integer (+ 3 lines)           True (bool); fix the YAML or ...
+    data.params.lattce=3    accepted: `params` is typed by data.source unknown key data.params.lattce;
+                            in the same file, a static schema sees Any  valid keys under data.params: ...
+    train.lr=0              accepted (no value ranges)                 train.lr=0.0: expected more than 0
+
+Type errors are as good in both (OmegaConf also knows Literal); but the params chosen by another
+key (data.source, model.name: the registries' dataclasses), the ranges and the one-line messages
+would all still be code of ours around OmegaConf, and group composition (`model=dcgan`) would be
+Hydra's on top. ~200 lines of our own stay shorter than that wrapping.
 """
 from __future__ import annotations
 
