@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks"
 RUNS = "outputs/quality"          # run directories, one per experiment
 DOMAINS_DIR = "outputs/data/ising2d-domains"
-CLI = [".venv/bin/hpcforge"]      # as written in the commands; run as `python -m pipeline`
+CLI = [".venv/bin/hpcforge"]      # as written in the commands; run as `python -m hpcforge`
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def run_cli(args: list[str], timeout: float = 900) -> tuple[subprocess.Completed
     """`hpcforge ARGS` in a subprocess from the repository root; (result, wall seconds)."""
     t0 = time.perf_counter()
     env = {**os.environ, "WANDB_SILENT": "true"}
-    r = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "hpcforge", *args], cwd=ROOT, capture_output=True,
                        text=True, timeout=timeout, env=env)
     return r, time.perf_counter() - t0
 
@@ -181,7 +181,7 @@ def train_within(args: list[str], cpu_s: float, timeout: float = 1800) -> Budget
     import psutil
     t0 = time.perf_counter()
     env = {**os.environ, "WANDB_SILENT": "true"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "hpcforge", *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     ps, used, signalled = psutil.Process(proc.pid), 0.0, False
     chunks: list[str] = []

@@ -4,22 +4,33 @@
     <jobs_dir>/<job id>/<id>_<rank>_log.out|err, *_submitted.pkl, *_result.pkl   (submitit's files)
     <jobs_dir>/<array id>/sweep.json  a sweep: its tasks' ids, overrides and output dirs
 
-Job state comes from Slurm's accounting (sacct), the result from submitit's result pickle.
+Submitit's `Job`, rebuilt from the record's folder and id (`job_of`), names the logs and result
+files (`job.paths`) and reads results (`job.result()`). Slurm is asked directly only for what
+submitit cannot see:
+  * `sacct` for the status table: submitit's watcher asks sacct for JobID, State and NodeList
+    only, and `status` also shows ExitCode and Elapsed, one row per array task;
+  * `scontrol show job` for the controller's live JobState: a cancelled job is COMPLETING there
+    before accounting says CANCELLED, which is how a requeue tells scancel from a preemption;
+  * `scancel` itself, so that its refusal becomes one line naming the job (submitit's `cancel`
+    raises CalledProcessError and leaves scancel's message on the terminal).
+A local job's state is its result file, else whether its process lives (submitit's LocalJob
+knows its process only in the process that submitted it).
 """
 from __future__ import annotations
 
 import datetime
 import json
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
+import submitit
+from submitit.core.utils import pickle_load
+from submitit.local.local import LocalJob
 
-ROOT = Path(__file__).resolve().parent.parent
+from pipeline.errors import UserError
 
 
 def command_line() -> list[str]:
@@ -101,18 +112,31 @@ def states(record: dict[str, Any]) -> list[dict[str, str]]:
     return [{"JobID": record["job_id"], "State": local_state(record)}]
 
 
+def job_of(record: dict[str, Any], rank: int = 0) -> submitit.Job:
+    """Submitit's handle on one rank (task) of a recorded job, as any process can rebuild it."""
+    cls = submitit.SlurmJob if record["backend"] == "slurm" else LocalJob
+    job = cls(folder=record["folder"], job_id=record["job_id"],
+              tasks=tuple(range(max(record.get("ranks", 1), rank + 1))))
+    return job.task(rank)
+
+
 def result_of(record: dict[str, Any], rank: int = 0) -> tuple[str, Any] | None:
-    """Submitit's ("success", value) or ("error", traceback) for one rank, once the job ended."""
-    path = Path(record["folder"]) / f"{record['job_id']}_{rank}_result.pkl"
-    if not path.is_file():
+    """("success", value) or ("error", traceback) for one rank once it wrote its result, else
+    None (submitit's `result()` would wait). A success is `job.result()`; a failure is the
+    traceback as submitit stored it, since its FailedJobError wraps that in a frame and log paths
+    and `status` shows the traceback's last line."""
+    job = job_of(record, rank)
+    if not job.paths.result_pickle.is_file():
         return None
-    with open(path, "rb") as f:
-        return pickle.load(f)
+    if job.exception() is None:
+        return "success", job.result()
+    return "error", pickle_load(job.paths.result_pickle)[1]
 
 
 def log_paths(record: dict[str, Any], rank: int = 0) -> tuple[Path, Path]:
-    folder, job_id = Path(record["folder"]), record["job_id"]
-    return folder / f"{job_id}_{rank}_log.out", folder / f"{job_id}_{rank}_log.err"
+    """One rank's stdout and stderr, where submitit writes them."""
+    paths = job_of(record, rank).paths
+    return paths.stdout, paths.stderr
 
 
 def cancel(record: dict[str, Any]) -> str:

@@ -8,6 +8,21 @@ the common overrides. Each task is a full (multi-rank) training run in its own o
 logging to one W&B group; the array runs at most `cluster.array_parallelism` tasks at once. A
 summary job (`afterany` on the array) writes the table — one row per task: overrides, state, final
 metrics — as summary.json/csv/md next to the sweep's record, and as a W&B table in the same group.
+
+The grammar beside Hydra's multirun (`python train.py -m ...`, hydra-submitit-launcher), which
+users of this field know; the values are the same, the flags differ:
+
+    Hydra multirun                                  hpcforge sweep
+    -m model=vae,autoencoder train.seed=0,1         --grid model=vae,autoencoder --grid train.seed=0,1
+    -m 'model.channels=[8,16],[16,32]'              --grid model.channels=[8,16],[16,32]
+    -m train.lr=range(1,4)  (sweep functions)       --grid train.lr=1,2,3   (values listed)
+    (no list of hand-picked combinations)           --task "model=gan train.lr=2e-4" --task model=vae
+    a job per combination (submitit launcher)       one Slurm array, at most cluster.array_parallelism
+                                                    at once, plus the summary table job
+
+Kept rather than Hydra's: the swept keys are the ones after `--grid`, so a common override never
+becomes an axis by holding a comma (under `-m` Hydra sweeps any `key=a,b`); `--task` lists
+combinations a grid cannot; and the configs are composed by pipeline/config.py, not by Hydra.
 """
 from __future__ import annotations
 

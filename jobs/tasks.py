@@ -1,8 +1,10 @@
 """The callables submitit runs on the cluster: one class per pipeline stage.
 
-Every srun task of a job calls the same object; each task is one rank (rank, world and local rank
-come from srun, read by pipeline/dist.py). Submitit pickles the object into the job folder, so a
-requeued job calls it again with the same config.
+Every srun task of a job calls the same object; each task is one rank. Rank, world size, local
+rank and node come from pipeline/dist.py alone (`detect_launcher`, `node_name`), here as in the
+trainer; what this module knows is Slurm's side: requeues, job ids, and the rendezvous address
+of a torch.distributed job (`export_rendezvous`, from submitit). Submitit pickles the object
+into the job folder, so a requeued job calls it again with the same config.
 
 Preemption and time limits (the two handlers, and who wins):
   * Slurm sends USR2 `cluster.signal_delay_s` before the limit (submitit's `--signal`), and a
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -47,16 +48,22 @@ def restarts() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
 
 
-def node_name() -> str:
-    """The Slurm node name (n1, n2 for fake nodes on one host), else the host name."""
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-
-
 def placement() -> dict[str, Any]:
-    """This task's rank and place, as srun (or nothing: rank 0 of 1) set them."""
-    return {"rank": int(os.environ.get("SLURM_PROCID", 0)), "node": node_name(),
-            "local_rank": int(os.environ.get("SLURM_LOCALID", 0)),
+    """This task's rank and place, as pipeline.dist reads them from srun (or nothing: rank 0 of 1)."""
+    from pipeline.dist import detect_launcher, node_name  # torch: not in `hpcforge submit`
+    place = detect_launcher()
+    return {"rank": place.rank, "node": node_name(), "local_rank": place.local_rank,
             "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "none"), "pid": os.getpid()}
+
+
+def export_rendezvous() -> None:
+    """MASTER_ADDR and MASTER_PORT for a torch.distributed job (train.dist.backend=ddp): the job's
+    first node and a port drawn from the job id, as submitit's TorchDistributedEnvironment
+    computes them (every task gets the same), for pipeline.dist to use. Values already set (by
+    the user, cluster.setup) are kept. Horovod needs none: it wires up through MPI."""
+    env = submitit.helpers.TorchDistributedEnvironment()
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
 
 
 def announce_ranks(folder: Path) -> dict[str, Any]:
@@ -65,8 +72,9 @@ def announce_ranks(folder: Path) -> dict[str, Any]:
     A file per rank, not a collective: the backend (Horovod or DDP) is the trainer's to start,
     and the job folder is on a filesystem every node sees (submitit needs that anyway).
     """
+    from pipeline.dist import detect_launcher
     me = placement()
-    world = int(os.environ.get("SLURM_NTASKS", 1))
+    world = detect_launcher().size
     d = folder / f"ranks-{os.environ.get('SLURM_JOB_ID', os.getpid())}-{restarts()}"
     records.write_json(d / f"{me['rank']}.json", me)
     if me["rank"] != 0:
@@ -92,12 +100,13 @@ def watch_ranks(folder: Path, cfg: Config) -> threading.Event:
     event to stop watching. Every task watches (any of them may be the frozen one) but only the
     lowest rank other than the silent one acts, so the line is printed once. A thread is enough
     here: it needs the GIL only every POLL_S, and a rank blocked in a collective has given it up."""
+    from pipeline.dist import detect_launcher
     from pipeline.watchdog import WATCH_DIR_ENV, Watchdog
     d = folder / f"heartbeats-{os.environ.get('SLURM_JOB_ID', os.getpid())}-{restarts()}"
     d.mkdir(parents=True, exist_ok=True)
     os.environ[WATCH_DIR_ENV] = str(d)  # the trainer beats there (pipeline.watchdog.Heartbeat)
     stop = threading.Event()
-    dog = Watchdog(d, int(os.environ.get("SLURM_NTASKS", 1)), cfg.train.dist.timeout_s)
+    dog = Watchdog(d, detect_launcher().size, cfg.train.dist.timeout_s)
     threading.Thread(target=_watch, args=(dog, stop, Path(cfg.output_dir) / "train" / "checkpoints"),
                      daemon=True, name="hpcforge-watchdog").start()
     return stop
@@ -140,6 +149,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         if not under_slurm and detect_launcher().size == 1 and cfg.train.dist.nproc > 1:
             return self._relaunch_locally(cfg)  # local executor: start the ranks with mpirun
         from pipeline.trainer import Preempted, train
+        if under_slurm and cfg.train.dist.backend == "ddp":
+            export_rendezvous()
         me = announce_ranks(job_folder())
         stop = watch_ranks(job_folder(), cfg)
         try:
@@ -158,7 +169,8 @@ class TrainJob(submitit.helpers.Checkpointable):
                                f"is in {Path(self.cfg.output_dir) / 'train' / 'checkpoints'}: "
                                f"resubmit to continue from it")
         job_id = os.environ.get("SLURM_JOB_ID")
-        rank = int(os.environ.get("SLURM_PROCID", "0"))
+        from pipeline.dist import detect_launcher
+        rank = detect_launcher().rank
         if job_id is None:
             raise RuntimeError("preempted outside Slurm: nothing requeues this run; the checkpoint "
                                "is written, resubmit with train.resume=auto to continue")

@@ -22,3 +22,11 @@ MODELS = {
     "cyclegan": (cyclegan.CycleGANConfig, cyclegan.build),
     "aae": (aae.AAEConfig, aae.build),
 }
+
+
+def config_class(name: str) -> type:
+    """The dataclass that types `model.params` for family `name`. The registry owns its names, so
+    an unknown one is refused here, listing the families (pipeline/config.py adds the key)."""
+    if name not in MODELS:
+        raise LookupError(f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")
+    return MODELS[name][0]

@@ -62,6 +62,13 @@ def detect_launcher(env: Mapping[str, str] | None = None) -> Placement:
     return Placement("single process", 0, 1, 0, 1)
 
 
+def node_name(env: Mapping[str, str] | None = None) -> str:
+    """The node this process runs on: Slurm's name for it under srun (two nodes of a test cluster
+    may share one host), else the host name."""
+    env = os.environ if env is None else env
+    return env.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 class Dist:
     """One process, no communication. Subclasses average over ranks. Rank 0 owns side effects."""
     backend = "none"
@@ -439,16 +446,12 @@ def _let_gloo_threads_finish() -> None:
 
 
 def _rendezvous(place: Placement) -> tuple[str, str]:
-    """MASTER_ADDR/PORT for torch.distributed: from the environment (torchrun sets them), else
-    Slurm's first node and a port derived from the job id, else rank 0's free port shared over MPI."""
+    """MASTER_ADDR/PORT for torch.distributed, as the launcher gave them (torchrun; `hpcforge
+    submit`'s jobs, where jobs/tasks.py exports submitit's TorchDistributedEnvironment), else,
+    under mpirun, rank 0's host and a free port of its, shared over MPI."""
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if addr and port:
         return addr, port
-    if "SLURM_JOB_ID" in os.environ and place.launcher.startswith("srun"):
-        import subprocess
-        nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-                               capture_output=True, text=True, check=True).stdout.split()
-        return addr or nodes[0], port or str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000)
     if place.launcher.startswith("mpirun"):
         from mpi4py import MPI
         free = None
@@ -460,7 +463,8 @@ def _rendezvous(place: Placement) -> tuple[str, str]:
         host, free = MPI.COMM_WORLD.bcast((host, free), root=0)
         return addr or (host if place.local_size < place.size else "127.0.0.1"), port or str(free)
     raise UserError(f"train.dist.backend=ddp under {place.launcher}: set MASTER_ADDR and "
-                    f"MASTER_PORT, or start the ranks with mpirun, srun or torchrun")
+                    f"MASTER_PORT (`hpcforge submit` sets them in its Slurm jobs), or start the "
+                    f"ranks with mpirun (hpcforge train --nproc N) or torchrun")
 
 
 # OpenMPI, for ranks whose threads fill the CPU cores (training on CPU): a rank waiting in MPI

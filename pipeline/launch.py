@@ -22,7 +22,7 @@ REQUEUE_EXIT_CODE = 75  # the trainer's "checkpointed after a preemption signal"
 
 
 def mpirun_command(nproc: int, argv: list[str], launcher: str = "mpirun",
-                   module: str = "pipeline") -> list[str]:
+                   module: str = "hpcforge") -> list[str]:
     """The command line that runs `python -m <module> <argv>` on `nproc` local ranks."""
     py = [sys.executable, "-m", module, *argv]
     if launcher == "horovodrun":

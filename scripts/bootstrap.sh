@@ -38,7 +38,7 @@ install_apt() {
 # The venv is rebuilt when pyproject.toml changes: its hash is the stamp.
 stamp_of() { sha256sum "$ROOT/pyproject.toml" "$ROOT/scripts/bootstrap.sh" | sha256sum | cut -c1-16; }
 
-# Horovod 0.28.1 does not build against PyTorch >= 2.1 as released (see DESIGN.md):
+# Horovod 0.28.1 does not build against PyTorch >= 2.1 as released:
 #  - CMake 4 rejects its bundled Gloo -> build with cmake<4 in the venv;
 #  - torch headers need C++17, Horovod asks for C++14 (horovod#3996, fix #3998 never released).
 build_horovod_wheel() {

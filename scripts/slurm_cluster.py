@@ -5,9 +5,8 @@
 
 Debian 12's munge, slurmctld, slurmd, slurm-client, slurmdbd and MariaDB (installed with apt if
 missing), each daemon started by hand in the foreground (no systemd) with private sockets, ports,
-state and logs under one directory, so it never touches a system Slurm or MariaDB. The settings are
-the ones DESIGN.md ("Slurm, for real, on one machine") records as working here; the reasons are
-next to each. Stopping kills only the pids this module started, never by name.
+state and logs under one directory, so it never touches a system Slurm or MariaDB. Each setting
+has its reason next to it. Stopping kills only the pids this module started, never by name.
 """
 from __future__ import annotations
 

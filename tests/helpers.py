@@ -27,7 +27,7 @@ def small(tmp: Path, *extra: str) -> list[str]:
 
 def hpcforge(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess, as a user would."""
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "hpcforge", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 

@@ -56,7 +56,7 @@ def test_bad_train_input_is_one_line_and_starts_no_rank(small_store, tmp_path, a
 
 def test_override_after_grid_is_taken_as_an_override(tmp_path):
     """`sweep ... --grid a=1,2 train.epochs=1`: overrides on both sides of the options."""
-    from pipeline.cli import parse
+    from hpcforge.cli import parse
     args = parse(["sweep", "-e", "demo", "cluster=local_slurm", "--grid", "train.seed=0,1",
                   "train.epochs=1", "--grid", "train.lr=0.1,0.2", "--task", "model=vae"])
     assert args.overrides == ["cluster=local_slurm", "train.epochs=1"]
@@ -73,7 +73,7 @@ def test_override_after_grid_is_taken_as_an_override(tmp_path):
     ["config", "train.epochs=2", "-e", "demo", "model=vae"],
 ])
 def test_options_and_overrides_in_any_order(argv):
-    from pipeline.cli import parse
+    from hpcforge.cli import parse
     args = parse(argv)
     assert args.experiment == "demo" and args.overrides == ["train.epochs=2", "model=vae"]
 

@@ -27,7 +27,7 @@ SMALL = ["data.params.lattice=16", "data.params.burn_in=40", "data.params.decorr
 
 
 def _cli(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "prepare", f"output_dir={out}", *SMALL, *extra]
+    return [sys.executable, "-m", "hpcforge", "prepare", f"output_dir={out}", *SMALL, *extra]
 
 
 def _errors(stderr: str) -> list[str]:

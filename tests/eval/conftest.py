@@ -20,7 +20,7 @@ ONE_PROCESS = ["train.dist.backend=none", "train.dist.nproc=1", "train.batch_siz
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """The real `hpcforge` command in a subprocess, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "hpcforge", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "WANDB_SILENT": "true"})
 
 

@@ -11,7 +11,7 @@ import pytest
 import scipy.stats
 import torch
 
-from pipeline.cli import EXPLAIN_METHODS
+from hpcforge.cli import EXPLAIN_METHODS
 from pipeline.errors import UserError
 from pipeline.explain import METHODS, attributions, domain_walls, explain
 from pipeline.probe import open_probed
@@ -105,7 +105,7 @@ def test_saliency_of_trained_and_reinitialised_nets_differ_while_repeats_agree(c
 @pytest.mark.parametrize("command", ["explain", "attack"])
 def test_generative_checkpoint_is_refused_with_one_line(generative_checkpoint, capsys, command):
     """The CLI's own entry point, in this process (a subprocess would add ~6 s of imports)."""
-    from pipeline.cli import main
+    from hpcforge.cli import main
     assert main([command, str(generative_checkpoint)]) == 2
     out, err = capsys.readouterr()
     (line,) = err.strip().splitlines()

@@ -77,7 +77,7 @@ def jobs_dir(tmp_path) -> Path:
 def cli():
     """Run the real `hpcforge` CLI in a subprocess (environment included: SLURM_CONF)."""
     def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT,
+        return subprocess.run([sys.executable, "-m", "hpcforge", *args], cwd=ROOT,
                               capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
     return run
 

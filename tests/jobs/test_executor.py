@@ -101,7 +101,7 @@ def test_sweep_grid_times_tasks():
 
 
 def test_sweep_refuses_a_bad_task_before_submitting(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "cluster=local_slurm",
+    r = subprocess.run([sys.executable, "-m", "hpcforge", "sweep", "cluster=local_slurm",
                         f"cluster.jobs_dir={tmp_path}", "--grid", "train.epochz=1,2"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "unknown key train.epochz" in r.stderr and "Traceback" not in r.stderr
@@ -110,19 +110,19 @@ def test_sweep_refuses_a_bad_task_before_submitting(tmp_path):
 
 @pytest.mark.parametrize("command", ["submit", "sweep", "status", "logs", "cancel"])
 def test_job_commands_answer_help(command):
-    r = subprocess.run([sys.executable, "-m", "pipeline", command, "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "hpcforge", command, "--help"], capture_output=True,
                        text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.startswith(f"usage: hpcforge {command}")
 
 
 def test_status_of_unknown_job_lists_what_exists(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pipeline", "status", "999", "--jobs-dir", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "hpcforge", "status", "999", "--jobs-dir", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "job 999: no record" in r.stderr
 
 
 def test_chaining_needs_slurm(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pipeline", "submit", "cluster=local",
+    r = subprocess.run([sys.executable, "-m", "hpcforge", "submit", "cluster=local",
                         "--stages", "prepare,train"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "chaining needs Slurm" in r.stderr
 
@@ -130,7 +130,7 @@ def test_chaining_needs_slurm(tmp_path):
 @pytest.mark.slow
 def test_debug_executor_trains_in_process(small_store, tmp_path):
     store, overrides = small_store
-    r = subprocess.run([sys.executable, "-m", "pipeline", "submit", *overrides[1:],
+    r = subprocess.run([sys.executable, "-m", "hpcforge", "submit", *overrides[1:],
                         f"data.path={store}", f"output_dir={tmp_path / 'run'}", "cluster=debug",
                         f"cluster.jobs_dir={tmp_path / 'jobs'}", "train.dist.nproc=1",
                         "train.max_steps=3", "train.batch_size=16", "--json"],
@@ -150,7 +150,7 @@ def test_job_record_and_run_hold_no_planted_secret(small_store, tmp_path):
     from helpers import files_holding
     store, overrides = small_store
     secrets = ["setup-s3cr3t-01", "key-s3cr3t-02", "token-s3cr3t-03"]
-    r = subprocess.run([sys.executable, "-m", "pipeline", "submit", *overrides[1:],
+    r = subprocess.run([sys.executable, "-m", "hpcforge", "submit", *overrides[1:],
                         f"data.path={store}", f"output_dir={tmp_path / 'run'}", "cluster=debug",
                         f"cluster.jobs_dir={tmp_path / 'jobs'}", "train.dist.nproc=1",
                         "train.max_steps=2", "train.batch_size=16", "train.logger.mode=offline",

@@ -77,6 +77,24 @@ def test_two_nodes_four_horovod_ranks_agree(slurm, small_store, tmp_path, jobs_d
     assert bad.returncode == 2 and "ranks 0..3" in bad.stderr
 
 
+def test_ddp_job_on_two_nodes_meets_where_submitit_says(slurm, small_store, tmp_path, jobs_dir,
+                                                        submit, slurm_tools):
+    """train.dist.backend=ddp as a Slurm job: jobs/tasks.py exports submitit's MASTER_PORT (from
+    the job id) and pipeline/dist asks Slurm nothing itself; without the export its srun ranks
+    are refused for want of MASTER_PORT. The fake nodes' names (n1) resolve to no address, so
+    cluster.setup gives MASTER_ADDR, which the export keeps; on a real cluster it is the first
+    node, as submitit's TorchDistributedEnvironment says."""
+    setup = "cluster.setup=['export OMPI_MCA_btl=self,tcp', 'export MASTER_ADDR=127.0.0.1']"
+    [job] = submit(*job_args(small_store, tmp_path / "run", jobs_dir, "cluster.nodes=2",
+                             "train.dist.backend=ddp", "train.epochs=1", setup))
+    assert slurm_tools.wait(job["job_id"], ENDED) == "COMPLETED", log_of(job)
+    out = results(json.loads(Path(job["record"]).read_text()), 2)
+    assert [(r["rank"], r["node"]) for r in out] == [(0, "n1"), (1, "n2")]
+    assert {r["summary"]["ranks"] for r in out} == {2}
+    digests = out[0]["summary"]["weights_sha256_per_rank"]
+    assert len(digests) == 2 and len(set(digests)) == 1, "ranks ended with different weights"
+
+
 def _wait_steps(metrics: Path, steps: int, timeout: float = 240) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:

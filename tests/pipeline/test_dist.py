@@ -27,7 +27,7 @@ def test_launcher_detection(env, expected):
 def test_mpirun_line_needs_no_user_flags():
     cmd = mpirun_command(2, ["train", "-e", "demo"])
     assert cmd[1:5] == ["-np", "2", "--oversubscribe", "--bind-to"]
-    assert cmd[-5:] == ["-m", "pipeline", "train", "-e", "demo"]
+    assert cmd[-5:] == ["-m", "hpcforge", "train", "-e", "demo"]
 
 
 def test_cpu_ranks_yield_in_mpi_waits_and_gpu_ranks_keep_polling_gpu_mocked(monkeypatch):
@@ -157,3 +157,28 @@ def test_sync_batchnorm_swaps_every_batch_norm_keeping_its_state_gpu_mocked(back
     after = out.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert all(m.training == n.startswith("decoder") for n, m in swapped.items())
+
+
+def test_ddp_rendezvous_takes_the_address_it_is_given_and_knows_no_scheduler(monkeypatch):
+    """dist asks no scheduler (no scontrol): MASTER_ADDR/PORT come from the launcher, or from
+    `hpcforge submit`'s jobs (jobs/tasks.py, submitit); without them srun ranks are refused."""
+    from pipeline.dist import _rendezvous
+    from pipeline.errors import UserError
+    srun = detect_launcher({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+                            "SLURM_STEP_ID": "0", "SLURM_NTASKS_PER_NODE": "1(x2)"})
+    monkeypatch.setenv("MASTER_ADDR", "n1")
+    monkeypatch.setenv("MASTER_PORT", "29512")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    assert _rendezvous(srun) == ("n1", "29512")
+    monkeypatch.delenv("MASTER_ADDR")
+    with pytest.raises(UserError, match=r"backend=ddp under srun \(Slurm\): set MASTER_ADDR and "
+                                        r"MASTER_PORT \(`hpcforge submit` sets them"):
+        _rendezvous(srun)
+
+
+def test_node_is_slurms_name_for_it_else_the_host():
+    import socket
+
+    from pipeline.dist import node_name
+    assert node_name({"SLURMD_NODENAME": "n2"}) == "n2"
+    assert node_name({}) == socket.gethostname()

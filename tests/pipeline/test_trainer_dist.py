@@ -108,7 +108,7 @@ def test_preemption_signal_checkpoints_then_resume_finishes_like_uninterrupted(s
     args = ("train.max_steps=40", "train.epochs=100", "train.dist.signal_check_s=0")  # act at once
     whole = _train(tmp_path / "whole", ov, *args)
     assert whole.returncode == 0
-    cmd = [sys.executable, "-m", "pipeline", "train", "--nproc", "2", *ov[1][1:],
+    cmd = [sys.executable, "-m", "hpcforge", "train", "--nproc", "2", *ov[1][1:],
            f"data.path={ov[0]}", f"output_dir={tmp_path / 'cut'}", "train.batch_size=16", "train.logger.log_every=2", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "cut" / "train" / "metrics.jsonl"
@@ -130,7 +130,7 @@ def test_preemption_signal_checkpoints_then_resume_finishes_like_uninterrupted(s
 
 def test_killed_rank_ends_the_run_quickly_and_keeps_the_last_checkpoint(small_store, tmp_path):
     ov = small_store
-    cmd = [sys.executable, "-m", "pipeline", "train", "--nproc", "2", *ov[1][1:],
+    cmd = [sys.executable, "-m", "hpcforge", "train", "--nproc", "2", *ov[1][1:],
            f"data.path={ov[0]}", f"output_dir={tmp_path}", "train.batch_size=16", "train.epochs=1000",
            "train.checkpoint.every_steps=2", "train.dist.timeout_s=30"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -25,7 +25,7 @@ def start_training(store: tuple, out: Path, *extra: str) -> subprocess.Popen:
     """`hpcforge train --nproc 2` for ever, checkpointing every 2 steps, in a session of its own
     (so a test can signal its whole process group, as `timeout` or Ctrl-C would)."""
     path, overrides = store
-    cmd = [sys.executable, "-m", "pipeline", "train", "--nproc", "2", *overrides[1:],
+    cmd = [sys.executable, "-m", "hpcforge", "train", "--nproc", "2", *overrides[1:],
            f"data.path={path}", f"output_dir={out}", "train.batch_size=16", "train.epochs=1000",
            "train.checkpoint.every_steps=2", "train.logger.images_every=0", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -30,6 +30,14 @@ SOURCES = {
 }
 
 
+def params_class(name: str) -> type:
+    """The dataclass that types `data.params` for source `name`. The registry owns its names, so
+    an unknown one is refused here, listing the sources (pipeline/config.py adds the key)."""
+    if name not in SOURCES:
+        raise LookupError(f"unknown source {name!r}; valid: {', '.join(sorted(SOURCES))}")
+    return SOURCES[name].Params
+
+
 def describe() -> str:
     """The sources and importers, one example command each: the epilog of `hpcforge prepare
     --help`, built from SOURCES so that it names every one, whatever is added later."""

@@ -1,4 +1,5 @@
-"""The `hpcforge` command (also `python -m pipeline`).
+"""The `hpcforge` command (also `python -m hpcforge`): the top layer, the one module that may
+import `jobs` and `benchmarks` as well as `pipeline`.
 
     hpcforge prepare [-e EXPERIMENT] [key=value ...]
     hpcforge train   [-e EXPERIMENT] [--nproc N] [key=value ...]
