@@ -246,7 +246,7 @@ def ensure_store(experiment: str, extra: list[str]) -> tuple[list[str], float]:
             write_ising_domains(cfg.data.params.path)
             spent += time.perf_counter() - t0
     if path.exists():
-        stored = open_store(path).meta["content"]
+        stored = open_store(path).meta.content
         if stored != content_config(cfg.data):
             raise RuntimeError(f"{cfg.data.path} holds other data settings than {experiment}'s; "
                                f"experiments sharing a data.path must agree on them")

@@ -88,12 +88,12 @@ def feature_extractor(store: Store, variable: str, normalize: str, passes: int =
 
     Trained for about `passes` sample presentations (3 to 20 epochs): ~10 s on one CPU core.
     """
-    source = store.meta["source"]
+    source = store.meta.source
     if source not in FEATURE_LABELS:
         raise UserError(f"no label variable to train a feature extractor on for source {source!r}; "
                         f"known: {', '.join(FEATURE_LABELS)}")
     key = {"variable": variable, "normalize": normalize, "label": FEATURE_LABELS[source],
-           "checksums": store.meta["checksums"]}
+           "checksums": store.meta.checksums}
     path = store.path.with_name(store.path.name + ".features.pt")
     if path.exists():
         cached = load(path)
@@ -140,7 +140,7 @@ def _per_channel(a: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def eval_split(store: Store) -> str:
-    if store.meta["splits"].get("test", 0):
+    if store.meta.splits.get("test", 0):
         return "test"
     print(f"[hpcforge] note: {store.path} has no test split (data.test_fraction=0); "
           f"evaluating on the val split instead")
@@ -200,7 +200,7 @@ class Evaluation:
     def run(self) -> None:
         torch.manual_seed(self.cfg.train.seed)
         self.model.eval()
-        n = self.store.meta["splits"][self.split]
+        n = self.store.meta.splits[self.split]
         loader = ShardedLoader(self.store, self.split, self.cfg.data.inputs,
                                min(self.cfg.train.batch_size, n), normalize=self.cfg.data.normalize,
                                seed=self.cfg.train.seed)
@@ -227,7 +227,7 @@ class Evaluation:
 
     @torch.no_grad()
     def generative(self, sample: Callable, arrays: dict[str, np.ndarray]) -> None:
-        source = self.store.meta["source"]
+        source = self.store.meta.source
         if source not in physics.OBSERVABLES:
             self.notes.append(f"no physical observables defined for source {source!r}; "
                               f"W1 and Fréchet distances skipped")
@@ -268,7 +268,7 @@ class Evaluation:
     def anomaly(self, x: np.ndarray) -> None:
         inliers = self.model.anomaly_score(torch.as_tensor(x)).numpy()
         self.metrics["reconstruction_error"] = float(inliers.mean())
-        source = self.store.meta["source"]
+        source = self.store.meta.source
         if source not in OUT_OF_DISTRIBUTION:
             self.notes.append(f"no out-of-distribution set defined for source {source!r}; "
                               f"anomaly ROC AUC skipped")
@@ -333,7 +333,7 @@ def evaluate(checkpoint: str | Path, overrides: list[str] | None = None) -> dict
         pngs[name] = out_dir / f"{name}.png"
         pngs[name].write_bytes(figures.to_png(fig))
     result = {"checkpoint": str(path), "step": ckpt["step"], "model": cfg.model.name,
-              "source": store.meta["source"], "split": split, "metrics": ev.metrics,
+              "source": store.meta.source, "split": split, "metrics": ev.metrics,
               "figures": {k: str(v) for k, v in pngs.items()}, "notes": ev.notes,
               "wandb_run_id": ckpt.get("wandb_run_id")}
     result["wandb_run"] = log_to_wandb(cfg, path, ckpt, ev)

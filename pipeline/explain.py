@@ -88,7 +88,7 @@ def summary(p: Probed, x: torch.Tensor, attr: torch.Tensor) -> dict[str, Any]:
     axis = 1 if mag.dim() == 4 else mag.dim() - 1
     per_channel = mag.mean(dim=[d for d in range(mag.dim()) if d != axis])
     out: dict[str, Any] = {"mean_abs_per_channel": per_channel.tolist()}
-    if p.store.meta["source"] == "ising2d" and x.dim() == 4 and x.shape[1] == 1:
+    if p.store.meta.source == "ising2d" and x.dim() == 4 and x.shape[1] == 1:
         walls = domain_walls(x)
         mass = (mag * walls).flatten(1).sum(1) / mag.flatten(1).sum(1).clamp_min(1e-30)
         out["wall_mass_fraction"] = float(mass.mean())          # mean over samples
