@@ -304,7 +304,7 @@ def translation_metrics(checkpoint: Path) -> dict[str, float]:
              for d, v in domains.items()}
     affine = {d: normalization(store.stats("train", v), cfg.data.normalize)
               for d, v in domains.items()}
-    ising = physics.OBSERVABLES["ising2d"].scalars
+    ising = physics.ising_scalars
     for src, dst in (("a", "b"), ("b", "a")):
         (shift, scale), g = affine[src], model.generators[src + dst]
         with torch.no_grad():
