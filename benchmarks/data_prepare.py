@@ -94,7 +94,7 @@ def bench_shuffle(quick: bool) -> list[dict]:
             ours = time.perf_counter() - t0
             base, base_tasks = plain_copy(client, npy, chunk, store.split("train")["field"],
                                           tmp / "copy.zarr")
-            shuffle = store.meta["shuffle"]
+            shuffle = store.meta.shuffle
             tasks, shards = shuffle["tasks"], shuffle["shards"]
             rows.append(row("data-shuffle", f"{chunks} in -> {shards} shards", ours, base,
                             "s", f"<= 2.0; tasks {tasks} <= {chunks + shards}",

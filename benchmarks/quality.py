@@ -246,7 +246,7 @@ def ensure_store(experiment: str, extra: list[str]) -> tuple[list[str], float]:
             write_ising_domains(cfg.data.params.path)
             spent += time.perf_counter() - t0
     if path.exists():
-        stored = open_store(path).meta["content"]
+        stored = open_store(path).meta.content
         if stored != content_config(cfg.data):
             raise RuntimeError(f"{cfg.data.path} holds other data settings than {experiment}'s; "
                                f"experiments sharing a data.path must agree on them")
@@ -304,7 +304,7 @@ def translation_metrics(checkpoint: Path) -> dict[str, float]:
              for d, v in domains.items()}
     affine = {d: normalization(store.stats("train", v), cfg.data.normalize)
               for d, v in domains.items()}
-    ising = physics.OBSERVABLES["ising2d"].scalars
+    ising = physics.ising_scalars
     for src, dst in (("a", "b"), ("b", "a")):
         (shift, scale), g = affine[src], model.generators[src + dst]
         with torch.no_grad():

@@ -167,12 +167,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     path = prepare(cfg.data, cfg.to_dict())
     from pipeline.data.store import open_store
     meta = open_store(path).meta
-    sh = meta["shuffle"]
-    print(f"[hpcforge] dataset: {path}  splits {meta['splits']}  shards of {meta['shard_size']}  "
-          f"({sh['tasks']} Dask tasks, {sh['tasks_run']} run, {meta['seconds']} s)")
-    for name, bad in meta["invalid"]["variables"].items():
+    sh = meta.shuffle
+    print(f"[hpcforge] dataset: {path}  splits {meta.splits}  shards of {meta.shard_size}  "
+          f"({sh['tasks']} Dask tasks, {sh['tasks_run']} run, {meta.seconds} s)")
+    for name, bad in meta.invalid["variables"].items():
         print(f"[hpcforge] {name}: {bad['values']} NaN/Inf values in {bad['samples']} samples, "
-              f"first at {bad['first']} ({meta['invalid']['policy']})")
+              f"first at {bad['first']} ({meta.invalid['policy']})")
     return 0
 
 
@@ -183,7 +183,7 @@ def _check_one_step(cfg, ranks: int) -> None:
     from pipeline.data.store import open_store
     t = cfg.train
     store = open_store(cfg.data.path)  # reads the metadata only; names a missing store
-    n = store.meta["splits"].get("train", 0)
+    n = store.meta.splits.get("train", 0)
     if (n // ranks) // t.batch_size >= t.accumulate:
         return
     acc = f" x train.accumulate={t.accumulate}" if t.accumulate > 1 else ""

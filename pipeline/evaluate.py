@@ -16,7 +16,6 @@ checkpoint's W&B run (resumed by id).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -34,12 +33,22 @@ from pipeline.checkpoint import load, save_atomic
 from models.base import sampler
 from pipeline.config import Config, config_from_dict
 from pipeline.data.loader import ShardedLoader
+from pipeline.data.sources import SOURCES
 from pipeline.data.store import Store, normalization, open_store
 from pipeline.errors import UserError
 
 MAX_SAMPLES = 2048        # cap on real and generated samples per distance (W1, Fréchet)
 OOD_SAMPLES = 256         # out-of-distribution samples for the anomaly ROC AUC
-FEATURE_LABELS = {"ising2d": "temperature", "calo": "incident_energy", "digits": "label"}
+
+
+def declared(source: str, name: str) -> Any:
+    """What the source module declares under `name` (FEATURE_LABEL, out_of_distribution; see
+    pipeline/data/sources/__init__.py), or None: the evaluator never names a source itself."""
+    return getattr(SOURCES.get(source), name, None)
+
+
+def declaring(name: str) -> str:
+    return ", ".join(k for k in SOURCES if declared(k, name) is not None)
 
 
 # --------------------------------------------------------------------------- feature extractor
@@ -88,12 +97,12 @@ def feature_extractor(store: Store, variable: str, normalize: str, passes: int =
 
     Trained for about `passes` sample presentations (3 to 20 epochs): ~10 s on one CPU core.
     """
-    source = store.meta["source"]
-    if source not in FEATURE_LABELS:
+    source, label = store.meta.source, declared(store.meta.source, "FEATURE_LABEL")
+    if label is None:
         raise UserError(f"no label variable to train a feature extractor on for source {source!r}; "
-                        f"known: {', '.join(FEATURE_LABELS)}")
-    key = {"variable": variable, "normalize": normalize, "label": FEATURE_LABELS[source],
-           "checksums": store.meta["checksums"]}
+                        f"known: {declaring('FEATURE_LABEL')}")
+    key = {"variable": variable, "normalize": normalize, "label": label,
+           "checksums": store.meta.checksums}
     path = store.path.with_name(store.path.name + ".features.pt")
     if path.exists():
         cached = load(path)
@@ -103,14 +112,14 @@ def feature_extractor(store: Store, variable: str, normalize: str, passes: int =
             return net
     t0 = time.perf_counter()
     x = normalized(store, "train", variable, normalize, max_samples)
-    y = class_labels(store.variable("train", FEATURE_LABELS[source])[:len(x)])
+    y = class_labels(store.variable("train", label)[:len(x)])
     shape = {"in_channels": x.shape[1], "n_classes": int(y.max()) + 1}
     torch.manual_seed(0)  # the same store gives the same extractor
     net = _fit(FeatureNet(**shape), torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y),
                epochs=min(20, max(3, passes // len(x))))
     save_atomic({"model": net.state_dict(), "shape": shape, "key": key}, path)
     log(f"[hpcforge] feature extractor: trained on {len(x)} samples ({shape['n_classes']} classes "
-        f"of {FEATURE_LABELS[source]}) in {time.perf_counter() - t0:.1f} s -> {path}")
+        f"of {label}) in {time.perf_counter() - t0:.1f} s -> {path}")
     return net
 
 
@@ -140,7 +149,7 @@ def _per_channel(a: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def eval_split(store: Store) -> str:
-    if store.meta["splits"].get("test", 0):
+    if store.meta.splits.get("test", 0):
         return "test"
     print(f"[hpcforge] note: {store.path} has no test split (data.test_fraction=0); "
           f"evaluating on the val split instead")
@@ -175,15 +184,6 @@ def relative_l2(prediction: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(np.linalg.norm(p - t, axis=1) / np.maximum(np.linalg.norm(t, axis=1), 1e-12)))
 
 
-def _ising_hot(p: Any) -> Any:
-    """Ising samples hotter than any training temperature: T in [t_max + 1, t_max + 3]."""
-    return dataclasses.replace(p, t_min=p.t_max + 1.0, t_max=p.t_max + 3.0)
-
-
-# source -> params of a labelled out-of-distribution set for the anomaly ROC AUC
-OUT_OF_DISTRIBUTION = {"ising2d": _ising_hot}
-
-
 # --------------------------------------------------------------------------- evaluation
 class Evaluation:
     """The metrics and figures of one checkpoint on one split."""
@@ -200,7 +200,7 @@ class Evaluation:
     def run(self) -> None:
         torch.manual_seed(self.cfg.train.seed)
         self.model.eval()
-        n = self.store.meta["splits"][self.split]
+        n = self.store.meta.splits[self.split]
         loader = ShardedLoader(self.store, self.split, self.cfg.data.inputs,
                                min(self.cfg.train.batch_size, n), normalize=self.cfg.data.normalize,
                                seed=self.cfg.train.seed)
@@ -227,28 +227,26 @@ class Evaluation:
 
     @torch.no_grad()
     def generative(self, sample: Callable, arrays: dict[str, np.ndarray]) -> None:
-        source = self.store.meta["source"]
-        if source not in physics.OBSERVABLES:
+        """W1 of the source's observables (physics.compare) and the Fréchet distance, each next
+        to the same distance between two real samples of the same size: the floor a perfect
+        model reaches."""
+        source = self.store.meta.source
+        if (obs := physics.observables_for(source)) is None:
             self.notes.append(f"no physical observables defined for source {source!r}; "
                               f"W1 and Fréchet distances skipped")
             return
-        obs = physics.OBSERVABLES[source]
         real_norm = arrays["x"][:MAX_SAMPLES]
         n = len(real_norm)
         cond = {k: torch.as_tensor(arrays[k][:n]) for k in ("cond",) if k in arrays}
-        gen_phys = physics.denormalize(sample(n, cond).cpu().numpy(), self.affine)
-        real_phys = np.asarray(self.store.variable(self.split, self.var)[:n], np.float64)
-        if obs.binary:  # sample the two-level variable from the model's probabilities
-            gen_phys = physics.to_spins(gen_phys, self.rng)
-        train_phys = np.asarray(self.store.variable("train", self.var)[:n], np.float64)
-        r, g, t = (obs.scalars(a) for a in (real_phys, gen_phys, train_phys))
-        w1 = {f"w1/{k}": physics.wasserstein1(r[k], g[k]) for k in r}
-        self.metrics.update(w1)
-        # the same distance between two real samples of the same size: the floor a perfect model reaches
-        self.metrics.update({f"w1_reference/{k}": physics.wasserstein1(r[k], t[k]) for k in r})
-        self.figures["observables"] = figures.observable_histograms(r, g, w1)
-        if (r_prof := obs.profiles(real_phys)):
-            self.figures["profiles"] = figures.profile_figure(r_prof, obs.profiles(gen_phys))
+        # sample the two-level variable from the model's probabilities (rng), not by sign
+        gen_phys = physics.physical(obs, sample(n, cond).cpu().numpy(), self.affine, self.rng)
+        real_phys, train_phys = (np.asarray(self.store.variable(split, self.var)[:n], np.float64)
+                                 for split in (self.split, "train"))
+        cmp = physics.compare(obs, real_phys, gen_phys)
+        self.metrics.update(cmp.distances)
+        self.metrics.update({k.replace("w1/", "w1_reference/", 1): v for k, v in
+                             physics.compare(obs, real_phys, train_phys).distances.items()})
+        self.figures.update(figures.comparison_figures(cmp))
         self.frechet(real_norm, self._renormalize(gen_phys), self._renormalize(train_phys))
 
     def _renormalize(self, phys: np.ndarray) -> np.ndarray:
@@ -268,15 +266,13 @@ class Evaluation:
     def anomaly(self, x: np.ndarray) -> None:
         inliers = self.model.anomaly_score(torch.as_tensor(x)).numpy()
         self.metrics["reconstruction_error"] = float(inliers.mean())
-        source = self.store.meta["source"]
-        if source not in OUT_OF_DISTRIBUTION:
+        source = self.store.meta.source
+        if (outliers_of := declared(source, "out_of_distribution")) is None:
             self.notes.append(f"no out-of-distribution set defined for source {source!r}; "
                               f"anomaly ROC AUC skipped")
             return
-        from pipeline.data.sources import SOURCES
-        params = OUT_OF_DISTRIBUTION[source](self.cfg.data.params)
-        ood = SOURCES[source].generate(params, seed=self.cfg.data.seed + 1, chunk_index=0, start=0,
-                                       n=OOD_SAMPLES)[self.var]
+        ood = SOURCES[source].generate(outliers_of(self.cfg.data.params), seed=self.cfg.data.seed + 1,
+                                       chunk_index=0, start=0, n=OOD_SAMPLES)[self.var]
         shift, scale = self.affine
         ood = ((ood - _per_channel(shift, ood)) / _per_channel(scale, ood)).astype(np.float32)
         outliers = self.model.anomaly_score(torch.as_tensor(ood)).numpy()
@@ -333,7 +329,7 @@ def evaluate(checkpoint: str | Path, overrides: list[str] | None = None) -> dict
         pngs[name] = out_dir / f"{name}.png"
         pngs[name].write_bytes(figures.to_png(fig))
     result = {"checkpoint": str(path), "step": ckpt["step"], "model": cfg.model.name,
-              "source": store.meta["source"], "split": split, "metrics": ev.metrics,
+              "source": store.meta.source, "split": split, "metrics": ev.metrics,
               "figures": {k: str(v) for k, v in pngs.items()}, "notes": ev.notes,
               "wandb_run_id": ckpt.get("wandb_run_id")}
     result["wandb_run"] = log_to_wandb(cfg, path, ckpt, ev)

@@ -77,29 +77,34 @@ def profile_figure(real: physics.Arrays, generated: physics.Arrays) -> Figure:
     return fig
 
 
+def comparison_figures(cmp: physics.Comparison) -> dict[str, Figure]:
+    """Histograms of the scalar observables with their W1, and the mean profiles when the source
+    declares any: the figures of `physics.compare`, for training and evaluation alike."""
+    out = {"observables": observable_histograms(cmp.real_scalars, cmp.generated_scalars,
+                                                 cmp.distances)}
+    r_prof, g_prof = cmp.profiles()
+    if r_prof:
+        out["profiles"] = profile_figure(r_prof, g_prof)
+    return out
+
+
 def physics_figures(source_name: str, real_batch: dict[str, np.ndarray], generated: np.ndarray,
                     affine: tuple[np.ndarray, np.ndarray] | None = None,
                     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Histograms of observables and mean profiles of real vs generated samples, and the W1
-    distance of each observable ("w1/<name>").
+    """The training run's physics figures: `comparison_figures` of real vs generated samples as
+    RGB uint8 images, and the W1 distance of each observable ("w1/<name>"); ({}, {}) for a
+    source that declares no observables.
 
     real_batch["x"] and `generated` are (N, ...) in the loader's normalised space when `affine`
     (pipeline.data.store.normalization of the store's train statistics) is given, else in physical units.
-    Two-level variables (Ising spins) are taken by sign. Returns (name -> RGB uint8 image, distances).
+    Two-level variables (Ising spins) are taken by sign.
     """
     obs = physics.observables_for(source_name)
-    real, gen = np.asarray(real_batch["x"]), np.asarray(generated)
-    if affine is not None:
-        real, gen = physics.denormalize(real, affine), physics.denormalize(gen, affine)
-    if obs.binary:
-        real, gen = physics.to_spins(real), physics.to_spins(gen)
-    r_scalars, g_scalars = obs.scalars(real), obs.scalars(gen)
-    dists = {f"w1/{k}": physics.wasserstein1(r_scalars[k], g_scalars[k]) for k in r_scalars}
-    images = {"observables": to_array(observable_histograms(r_scalars, g_scalars, dists))}
-    r_prof = obs.profiles(real)
-    if r_prof:
-        images["profiles"] = to_array(profile_figure(r_prof, obs.profiles(gen)))
-    return images, dists
+    if obs is None:
+        return {}, {}
+    real, gen = (physics.physical(obs, a, affine) for a in (real_batch["x"], generated))
+    cmp = physics.compare(obs, real, gen)
+    return {k: to_array(f) for k, f in comparison_figures(cmp).items()}, cmp.distances
 
 
 # --------------------------------------------------------------------------- runs

@@ -1,9 +1,13 @@
 """Physical observables of generated and real samples, and the distances between their distributions.
 
-Pure NumPy (SciPy only for the matrix square root of the Fréchet distance). Every function takes
-samples in physical units, the sample axis first. `OBSERVABLES[source]` names, for each dataset
-source, the per-sample scalars whose distributions are compared (1-Wasserstein) and the per-sample
-profiles whose means are drawn (figures.py), so callers never branch on the source themselves.
+NumPy for the observables; SciPy (W1, the Fréchet matrix square root) and scikit-learn (ROC AUC)
+for the distances. Every observable takes samples in physical units, the sample axis first.
+
+Each data source declares its own `OBSERVABLES` (an `Observables` built from the functions here)
+next to its generator, in pipeline/data/sources/<name>.py: the per-sample scalars whose
+distributions are compared (1-Wasserstein) and the per-sample profiles whose means are drawn
+(figures.py). `compare` is the one chain denormalise -> observables -> W1 that training figures
+and `hpcforge evaluate` share (issue 17), so callers never branch on the source themselves.
 """
 from __future__ import annotations
 
@@ -119,18 +123,13 @@ def field_std(fields: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- distances
 def wasserstein1(u: np.ndarray, v: np.ndarray) -> float:
-    """1-Wasserstein distance between the empirical distributions of two 1-D samples.
-
-    W1 = integral |F_u(x) - F_v(x)| dx, exact for step CDFs: between consecutive values of the
-    pooled, sorted samples both CDFs are constant (the same algorithm as scipy.stats).
-    """
-    u, v = np.sort(np.ravel(u).astype(np.float64)), np.sort(np.ravel(v).astype(np.float64))
+    """1-Wasserstein distance between the empirical distributions of two 1-D samples
+    (`scipy.stats.wasserstein_distance`, exact for step CDFs)."""
+    from scipy.stats import wasserstein_distance
+    u, v = np.ravel(u).astype(np.float64), np.ravel(v).astype(np.float64)
     if not (len(u) and len(v)):
         raise ValueError(f"wasserstein1: empty sample (sizes {len(u)} and {len(v)})")
-    pooled = np.sort(np.concatenate([u, v]))
-    cdf_u = np.searchsorted(u, pooled[:-1], side="right") / len(u)
-    cdf_v = np.searchsorted(v, pooled[:-1], side="right") / len(v)
-    return float(np.sum(np.abs(cdf_u - cdf_v) * np.diff(pooled)))
+    return float(wasserstein_distance(u, v))
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
@@ -154,72 +153,110 @@ def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve: the probability that a random positive (label 1) scores above a
-    random negative, ties counting one half (Mann-Whitney U with mid-ranks)."""
+    """Area under the ROC curve (scikit-learn's `roc_auc_score`): the probability that a random
+    positive (label 1) scores above a random negative, ties counting one half."""
+    from sklearn.metrics import roc_auc_score
     scores, labels = np.ravel(scores).astype(np.float64), np.ravel(labels).astype(bool)
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if not (n_pos and n_neg):
         raise ValueError(f"roc_auc: need both classes, got {n_pos} positives and {n_neg} negatives")
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    mid = first + (counts + 1) / 2                     # 1-based mid-rank of each tie group
-    ranks = np.empty(len(scores))
-    ranks[order] = np.repeat(mid, counts)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(labels, scores))
 
 
 # --------------------------------------------------------------------------- per source
+def no_profiles(x: np.ndarray) -> Arrays:
+    return {}
+
+
 @dataclass(frozen=True)
 class Observables:
-    """What to compare for one source's main variable (samples in physical units)."""
+    """What to compare for one source's main variable (samples in physical units); a source
+    module declares it as its OBSERVABLES."""
     scalars: Callable[[np.ndarray], Arrays]    # name -> (N,) per-sample values, compared by W1
-    profiles: Callable[[np.ndarray], Arrays]   # name -> (N, K) per-sample curves, mean drawn
+    profiles: Callable[[np.ndarray], Arrays] = no_profiles  # name -> (N, K) curves, mean drawn
     binary: bool = False                       # two-level variable (spins): sample it, see to_spins
 
 
-def _ising_scalars(s: np.ndarray) -> Arrays:
+def ising_scalars(s: np.ndarray) -> Arrays:
     m = ising_magnetization(s)
     return {"magnetization": m, "abs_magnetization": np.abs(m), "energy": ising_energy(s)}
 
 
-def _calo_scalars(d: np.ndarray) -> Arrays:
+def shower_scalars(d: np.ndarray) -> Arrays:
     return {"total_energy": shower_total_energy(d), "shower_depth": shower_depth(d),
             "shower_width": shower_width(d)}
 
 
-def _field_scalars(f: np.ndarray) -> Arrays:
+def shower_profiles(d: np.ndarray) -> Arrays:
+    return {"longitudinal_profile": longitudinal_profile(d), "radial_profile": radial_profile(d)}
+
+
+def field_scalars(f: np.ndarray) -> Arrays:
     return {"mean": field_mean(f), "std": field_std(f)}
 
 
-def _sequence_scalars(x: np.ndarray) -> Arrays:
-    """Lorenz-96 windows (N, T, sites): mean state and mean energy x^2 / 2."""
+def field_profiles(f: np.ndarray) -> Arrays:
+    return {"power_spectrum": power_spectrum(f)}
+
+
+def sequence_scalars(x: np.ndarray) -> Arrays:
+    """Sequences (N, T, sites): mean state and mean energy x^2 / 2 (Lorenz-96's)."""
     x = np.asarray(x, np.float64).reshape(len(x), -1)
     return {"mean": x.mean(1), "energy": 0.5 * (x ** 2).mean(1)}
 
 
-OBSERVABLES: dict[str, Observables] = {
-    "ising2d": Observables(_ising_scalars, lambda s: {"power_spectrum": power_spectrum(s)}, True),
-    "calo": Observables(_calo_scalars, lambda d: {"longitudinal_profile": longitudinal_profile(d),
-                                                  "radial_profile": radial_profile(d)}),
-    "darcy2d": Observables(_field_scalars, lambda f: {"power_spectrum": power_spectrum(f)}),
-    "digits": Observables(_field_scalars, lambda f: {"power_spectrum": power_spectrum(f)}),
-    "lorenz96": Observables(_sequence_scalars, lambda x: {}),
-}
+def observables_for(source: str) -> Observables | None:
+    """What `source` declared (its module's OBSERVABLES), or None if it declared nothing.
+
+    The registry is imported here, not at the top: the source modules import this module for the
+    observable functions they declare."""
+    from pipeline.data.sources import SOURCES
+    if source not in SOURCES:
+        raise ValueError(f"unknown data source {source!r}; known: {', '.join(sorted(SOURCES))}")
+    return getattr(SOURCES[source], "OBSERVABLES", None)
 
 
-def observables_for(source: str) -> Observables:
-    if source not in OBSERVABLES:
-        raise ValueError(f"no physical observables for source {source!r}; "
-                         f"known: {', '.join(sorted(OBSERVABLES))}")
-    return OBSERVABLES[source]
+def __getattr__(name: str) -> dict[str, Observables]:
+    """`OBSERVABLES` {source: Observables} of every source that declares them, for pipeline/trainer.py
+    until it takes `figures.physics_figures`' empty result as "no observables" (issue 17)."""
+    if name != "OBSERVABLES":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from pipeline.data.sources import SOURCES
+    return {k: obs for k in SOURCES if (obs := observables_for(k)) is not None}
 
 
-def distances(source: str, real: np.ndarray, generated: np.ndarray) -> dict[str, float]:
-    """W1 between real and generated per-sample observables, "w1/<observable>"."""
-    obs = observables_for(source)
+# --------------------------------------------------------------------------- comparison
+@dataclass(frozen=True)
+class Comparison:
+    """Real and generated samples of one source in physical units, their per-sample scalar
+    observables and the W1 distance of each ("w1/<name>")."""
+    observables: Observables
+    real: np.ndarray
+    generated: np.ndarray
+    real_scalars: Arrays
+    generated_scalars: Arrays
+    distances: dict[str, float]
+
+    def profiles(self) -> tuple[Arrays, Arrays]:
+        """(real, generated) per-sample profiles; empty when the source declares none."""
+        return self.observables.profiles(self.real), self.observables.profiles(self.generated)
+
+
+def physical(obs: Observables, x: np.ndarray, affine: tuple[np.ndarray, np.ndarray] | None = None,
+             rng: np.random.Generator | None = None) -> np.ndarray:
+    """Samples in physical units: denormalised when `affine` (the loader's normalisation) is
+    given; a two-level variable (spins) taken by sign, or drawn from its probabilities with `rng`."""
+    x = denormalize(x, affine) if affine is not None else np.asarray(x)
+    return to_spins(x, rng) if obs.binary else x
+
+
+def compare(obs: Observables, real: np.ndarray, generated: np.ndarray) -> Comparison:
+    """W1 between the distributions of each scalar observable of `real` and `generated`
+    (both in physical units, see `physical`): the one chain behind training figures and
+    `hpcforge evaluate` (issue 17)."""
     r, g = obs.scalars(real), obs.scalars(generated)
-    return {f"w1/{k}": wasserstein1(r[k], g[k]) for k in r}
+    w1 = {f"w1/{k}": wasserstein1(r[k], g[k]) for k in r}
+    return Comparison(obs, np.asarray(real), np.asarray(generated), r, g, w1)
 
 
 # --------------------------------------------------------------------------- units

@@ -57,7 +57,7 @@ class Probed:
         loader's first batch of size n (its blocks in the seeded order of epoch 0), so none is
         dropped and the same checkpoint always gets the same samples."""
         split = split or self.split
-        n = min(n, self.store.meta["splits"][split])
+        n = min(n, self.store.meta.splits[split])
         loader = ShardedLoader(self.store, split, self.cfg.data.inputs, n,
                                normalize=self.cfg.data.normalize, seed=self.cfg.train.seed,
                                read_ahead=False)
@@ -102,7 +102,7 @@ def write_results(p: Probed, kind: str, res: Results, extra: dict[str, Any]) -> 
         pngs[name] = out_dir / f"{name}.png"
         pngs[name].write_bytes(figures.to_png(fig))
     result = {"kind": kind, "checkpoint": str(p.path), "step": p.ckpt["step"],
-              "model": p.cfg.model.name, "source": p.store.meta["source"], "split": p.split,
+              "model": p.cfg.model.name, "source": p.store.meta.source, "split": p.split,
               **extra, "metrics": res.metrics, "figures": {k: str(v) for k, v in pngs.items()},
               "wandb_run_id": p.ckpt.get("wandb_run_id")}
     result["wandb_run"] = log_to_wandb(p.cfg, p.path, p.ckpt, res, prefix=kind)

@@ -1,11 +1,13 @@
 """`hpcforge report RUN_DIR...`: one self-contained HTML page of one or more runs, made offline.
 
 Compute nodes of many clusters have no internet, so the page needs none: every figure is a PNG
-inlined as base64, the style is inline, nothing is fetched. Per run it reads the offline W&B run
-files (pipeline.wandb_files: history and config, every file of the run's id, so an evaluation that
-resumed the run is included) or, with no W&B run, the trainer's metrics.jsonl; plus the
-`<checkpoint>.eval.json` files of `hpcforge evaluate`, the `.explain.json` and `.attack.json` of
-`hpcforge explain` and `hpcforge attack`, and their figures.
+inlined as base64, the style is inline, nothing is fetched. Per run it reads the trainer's
+metrics.jsonl (every row it also logged to W&B, with or without a W&B run), the config of its
+checkpoint (redacted, as W&B got it), the latest image of each key the offline W&B run saved as a
+file (every run folder of the run's id, so an evaluation that resumed the run is included); plus
+the `<checkpoint>.eval.json` files of `hpcforge evaluate`, the `.explain.json` and `.attack.json` of
+`hpcforge explain` and `hpcforge attack`, and their figures. W&B's binary run files are not parsed:
+W&B has no public reader for them (issue 17).
 """
 from __future__ import annotations
 
@@ -13,13 +15,13 @@ import base64
 import html
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline import figures
 from pipeline.errors import UserError
-from pipeline.wandb_files import history, run_config
 
 
 PROBES = ("eval", "explain", "attack")   # <checkpoint stem>.<kind>.json, from those commands
@@ -60,15 +62,29 @@ def wandb_files(train_dir: Path, run_dir: Path | None) -> list[Path]:
     return [f for f in files if f.stem == run_id]
 
 
-def images_of(rows: list[dict[str, Any]], files_dir: Path) -> dict[str, Path]:
-    """Latest image file per logged image key ("images/samples" -> .../samples_24_<hash>.png)."""
-    out = {}
-    for row in rows:
-        for key, value in row.items():
-            if (key.endswith("/path") and row.get(key[:-5] + "/_type") == "image-file"
-                    and not key.startswith(PROBE_FIGURES)):  # those come from their JSON
-                out[key[:-5]] = files_dir / value
-    return out
+MEDIA = re.compile(r"(?P<name>.+)_(?P<step>\d+)_[0-9a-f]+\.png")   # W&B: <name>_<step>_<hash>.png
+
+
+def images_of(wandb_runs: list[Path]) -> dict[str, Path]:
+    """Latest image file per logged image key ("images/samples" -> .../images/samples_24_<hash>.png)
+    in the W&B run folders, later folders winning ties; evaluation figures come from their JSON."""
+    found: dict[str, tuple[int, Path]] = {}
+    for run in wandb_runs:
+        media = run / "files" / "media" / "images"
+        for png in sorted(media.rglob("*.png")):
+            m = MEDIA.fullmatch(png.name)
+            key = str(png.relative_to(media).parent / m["name"]) if m else ""
+            if not m or key.startswith(PROBE_FIGURES):
+                continue
+            if key not in found or int(m["step"]) >= found[key][0]:
+                found[key] = (int(m["step"]), png)
+    return {k: p for k, (_, p) in found.items()}
+
+
+def metric_rows(train_dir: Path) -> list[dict[str, Any]]:
+    """The trainer's metrics.jsonl, one row per logged step, "step" also as W&B's "_step"."""
+    lines = (train_dir / "metrics.jsonl").read_text().splitlines()
+    return [{"_step": r.get("step", i), **r} for i, r in enumerate(map(json.loads, lines))]
 
 
 def read_run(arg: str | Path) -> Run:
@@ -77,38 +93,33 @@ def read_run(arg: str | Path) -> Run:
         raise UserError(f"no run folder at {path}; pass an experiment's output_dir, its train/ "
                         f"folder or a W&B run folder (e.g. outputs/demo or outputs/demo/train)")
     train_dir, run_dir = train_dir_of(path)
-    rows: list[dict[str, Any]] = []
-    config: dict[str, Any] = {}
-    images: dict[str, Path] = {}
     files = wandb_files(train_dir, run_dir)
-    for f in files:  # the training run, then evaluations that resumed it
-        part = history(f)
-        rows += part
-        config.update(run_config(f))
-        images.update(images_of(part, f.parent / "files"))
-    origin = f"W&B offline run {files[0].stem.removeprefix('run-')}" if files else ""
-    if not rows and (train_dir / "metrics.jsonl").exists():
-        rows = [{"_step": r.get("step", i), **r} for i, r in
-                enumerate(map(json.loads, (train_dir / "metrics.jsonl").read_text().splitlines()))]
-        origin = "metrics.jsonl (no W&B run)"
-    if not rows:
-        raise UserError(f"{path}: no W&B run files (wandb/*/run-*.wandb) and no metrics.jsonl; "
+    if not (train_dir / "metrics.jsonl").exists():
+        raise UserError(f"{path}: no metrics.jsonl and no W&B run files (wandb/*/run-*.wandb); "
                         f"point at the folder `hpcforge train` wrote (output_dir or output_dir/train)")
+    rows = metric_rows(train_dir)
+    origin = (f"metrics.jsonl, images of W&B offline run {files[0].stem.removeprefix('run-')}"
+              if files else "metrics.jsonl (no W&B run)")
     evals = [json.loads(p.read_text()) for kind in PROBES
              for p in sorted(train_dir.glob(f"checkpoints/*.{kind}.json"))]
-    config = config or _checkpoint_config(train_dir)
+    config = _checkpoint_config(train_dir)
     model = config.get("model", {}).get("name", "?") if isinstance(config.get("model"), dict) else "?"
     name = f"{train_dir.parent.name} ({model})" if train_dir.name == "train" else f"{train_dir.name} ({model})"
-    return Run(name, train_dir, origin, rows, config, images, evals)
+    return Run(name, train_dir, origin, rows, config, images_of([f.parent for f in files]), evals)
+
+
+RUN_CONFIG = ("dataset", "versions", "code_version")   # what the trainer adds to W&B's config
 
 
 def _checkpoint_config(train_dir: Path) -> dict[str, Any]:
+    """The config the W&B run got: the checkpoint's (redacted) config, its data and versions."""
     from pipeline.checkpoint import load
-    for ckpt in sorted(train_dir.glob("checkpoints/*.pt")):
+    for path in sorted(train_dir.glob("checkpoints/*.pt")):
         try:
-            return load(ckpt).get("config", {})
+            ckpt = load(path)
         except Exception:  # a corrupt checkpoint only costs the report its config section
             continue
+        return {**ckpt.get("config", {}), **{k: ckpt[k] for k in RUN_CONFIG if k in ckpt}}
     return {}
 
 

@@ -7,7 +7,7 @@ that does not divide evenly is dropped, like DistributedSampler with drop_last).
 rank shuffles a buffer of `buffer_blocks` blocks at a time with a stream from (seed, epoch, rank).
 
 Each buffer is converted to torch, normalised and, when CUDA is present, pinned once as a whole by
-the prefetch thread; its batches are slices of it. Pinned, `to_device` can copy a batch with
+the prefetch thread; its batches are slices of it. Pinned, the trainer copies a batch with
 non_blocking=True and the copy overlaps the step (pinned pages are what make async H2D copies
 possible). `data_wait_fraction()` is the share of the consumer's time spent waiting for batches.
 
@@ -27,7 +27,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -78,14 +78,6 @@ class ShardedLoader:
         """Time waited for data / (waited + time spent on each batch), since the last reset."""
         total = self.wait_s + self.busy_s
         return self.wait_s / total if total > 0 else 0.0
-
-    def reset_timing(self) -> None:
-        self.wait_s = self.busy_s = 0.0
-
-    def to_device(self, batch: dict[str, torch.Tensor], device: torch.device | str
-                  ) -> dict[str, torch.Tensor]:
-        """The batch on `device`; asynchronous when its memory is pinned."""
-        return {k: v.to(device, non_blocking=self.pin_memory) for k, v in batch.items()}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.start_batch = epoch, 0
@@ -199,65 +191,78 @@ class ShardedLoader:
         When it has queued an epoch's last group it reads the next epoch's first, so a new epoch
         does not start with the training thread waiting for a read."""
         q: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
-        epoch, skip, bs = self.epoch, self.start_batch, self.batch_size
+        epoch, skip = self.epoch, self.start_batch
         stop = threading.Event()
-        stream = self._stream(epoch)
-
-        def produce() -> None:
-            try:
-                first = 0  # index of the group's first batch in the epoch
-                for group in stream:
-                    if first >= len(self) or stop.is_set():
-                        break
-                    n = len(next(iter(group.values()))) // bs
-                    if first + n > skip:  # a resumed epoch skips the groups it already trained on
-                        q.put((first, group))
-                    first += n
-                q.put(_DONE)
-            except BaseException as e:  # surfaced in the consumer, not lost in the thread
-                q.put(e)
-                return
-            if self.read_ahead and not stop.is_set():
-                self._read_ahead(epoch + 1)
-
-        thread = threading.Thread(target=produce, daemon=True, name="hpcforge-loader")
+        thread = threading.Thread(target=self._produce, args=(self._stream(epoch), epoch, skip, q, stop),
+                                  daemon=True, name="hpcforge-loader")
         thread.start()
-        handed = None  # when the last batch went to the consumer
         finished = False
         try:
-            while True:
-                t0 = time.perf_counter()
-                if handed is not None:
-                    self.busy_s += t0 - handed
-                item = q.get()
-                handed = time.perf_counter()
-                self.wait_s += handed - t0
-                if item is _DONE:  # epoch finished: the state now points at the next one
-                    self.epoch, self.start_batch = epoch + 1, 0
-                    finished = True
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                first, group = item
-                n = len(next(iter(group.values()))) // bs
-                for i in range(max(first, skip), min(first + n, len(self))):
-                    j = (i - first) * bs
-                    batch = {k: v[j:j + bs] for k, v in group.items()}
-                    self.start_batch = i + 1
-                    yield batch
-                    t = time.perf_counter()
-                    self.busy_s += t - handed
-                    handed = t
+            finished = yield from self._consume(q, epoch, skip)
         finally:
-            if finished:  # the thread goes on to read the next epoch's first group
-                self._ahead_thread = thread
-            else:
-                stop.set()
-                while thread.is_alive():  # unblock a producer waiting on a full queue
-                    try:
-                        q.get_nowait()
-                    except queue.Empty:
-                        thread.join(0.01)
+            self._release(thread, q, stop, finished)
+
+    def _produce(self, stream: Iterator[dict[str, torch.Tensor]], epoch: int, skip: int,
+                 q: queue.Queue, stop: threading.Event) -> None:
+        """The prefetch thread: queue (index of its first batch, group) for each group that holds
+        a batch at or after `skip`, then _DONE (or the exception), then read the next epoch ahead."""
+        try:
+            first = 0
+            for group in stream:
+                if first >= len(self) or stop.is_set():
+                    break
+                n = len(next(iter(group.values()))) // self.batch_size
+                if first + n > skip:  # a resumed epoch skips the groups it already trained on
+                    q.put((first, group))
+                first += n
+            q.put(_DONE)
+        except BaseException as e:  # surfaced in the consumer, not lost in the thread
+            q.put(e)
+            return
+        if self.read_ahead and not stop.is_set():
+            self._read_ahead(epoch + 1)
+
+    def _consume(self, q: queue.Queue, epoch: int, skip: int
+                 ) -> Generator[dict[str, torch.Tensor], None, bool]:
+        """The batches of the queued groups, timing the waits (wait_s) and the steps (busy_s);
+        returns True once the epoch is finished (the state then points at the next one)."""
+        bs, handed = self.batch_size, None  # handed: when the last batch went to the consumer
+        while True:
+            t0 = time.perf_counter()
+            if handed is not None:
+                self.busy_s += t0 - handed
+            item = q.get()
+            handed = time.perf_counter()
+            self.wait_s += handed - t0
+            if item is _DONE:
+                self.epoch, self.start_batch = epoch + 1, 0
+                return True
+            if isinstance(item, BaseException):
+                raise item
+            first, group = item
+            n = len(next(iter(group.values()))) // bs
+            for i in range(max(first, skip), min(first + n, len(self))):
+                j = (i - first) * bs
+                batch = {k: v[j:j + bs] for k, v in group.items()}
+                self.start_batch = i + 1
+                yield batch
+                t = time.perf_counter()
+                self.busy_s += t - handed
+                handed = t
+
+    def _release(self, thread: threading.Thread, q: queue.Queue, stop: threading.Event,
+                 finished: bool) -> None:
+        """A finished epoch leaves its thread reading the next epoch's first group; an epoch left
+        early stops the thread, unblocking it if it waits on a full queue."""
+        if finished:
+            self._ahead_thread = thread
+            return
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
 
 
 def _zarr_job(array: Any, start: int, stop: int, dest: np.ndarray) -> Callable[[], None]:

@@ -391,13 +391,6 @@ def _read_piece(path: Path, rows: int, first: int, count: int,
 
 
 # --------------------------------------------------------------------------- pass 2
-def _kept(n_split: int, dropped: np.ndarray, lo: int, hi: int) -> np.ndarray | None:
-    """Pre-drop positions of post-drop positions [lo, hi) (None: nothing dropped, they agree)."""
-    if not len(dropped):
-        return None
-    return np.delete(np.arange(n_split), dropped)[lo:hi]
-
-
 _SPLIT_KEY = 1 << 40  # piece keys: split index * _SPLIT_KEY + destination bucket
 
 

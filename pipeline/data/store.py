@@ -11,7 +11,7 @@ at the final path is always whole; readers still check the marker, and refuse st
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +25,73 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 
 
+PROVENANCE = ("source", "splits", "checksums", "shuffle")   # what a checkpoint records of its data
+LATER = ("invalid", "n_read", "content", "memory_budget", "arrays")  # absent in the first v1 stores
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """attrs["hpcforge"] of a complete store, typed: the one place its keys are read (issue 17).
+
+    `to_dict()` gives back the attrs as written, keys this version does not know included, so a
+    store or checkpoint made by another version keeps what it had."""
+    source: str                                   # data.source that made it
+    splits: dict[str, int]                        # samples per split (0: none)
+    n_samples: int
+    shard_size: int                               # samples per shard (outer chunk)
+    chunk_size: int                               # samples per generated chunk
+    shuffle: dict[str, Any]                       # algorithm, seed, Dask tasks of the shuffle
+    stats: dict[str, dict[str, dict[str, Any]]]   # split -> variable -> min/max/mean/std
+    checksums: dict[str, str]                     # "<split>/<shard>" -> sha256 (shard_checksum)
+    config: dict[str, Any]                        # the resolved config, redacted
+    versions: dict[str, str]
+    created: str
+    seconds: float                                # wall time of the prepare
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    complete: bool = False
+    # written since importers came (stores of the first v1 version lack them: None)
+    invalid: dict[str, Any] | None = None         # NaN/Inf policy and what it found per variable
+    n_read: int | None = None                     # samples read from the source, before drops
+    content: dict[str, Any] | None = None         # the config keys that decide the content
+    memory_budget: str | None = None
+    arrays: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)   # keys this version does not know
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], where: Path | str = "store") -> "StoreMeta":
+        known = {f.name for f in fields(cls)} - {"extra"}
+        missing = [f.name for f in fields(cls) if f.default is MISSING
+                   and f.default_factory is MISSING and f.name not in attrs]
+        if missing:
+            raise UserError(f"{where}: its metadata (attrs['hpcforge']) lacks {', '.join(missing)}; "
+                            f"prepare it again with `hpcforge prepare` and data.overwrite=true")
+        return cls(**{k: v for k, v in attrs.items() if k in known},
+                   extra={k: v for k, v in attrs.items() if k not in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The attrs as written (keys of later versions that this store lacks left out)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**{k: v for k, v in out.items() if not (k in LATER and v is None)}, **self.extra}
+
+    def provenance(self) -> dict[str, Any]:
+        """What a checkpoint records of the data it was trained on (its `dataset` entry)."""
+        return {k: getattr(self, k) for k in PROVENANCE}
+
+    def __getitem__(self, key: str) -> Any:
+        """`meta[key]`, for pipeline/trainer.py until it reads attributes (issue 17); remove then."""
+        return self.to_dict()[key]
+
+
 @dataclass
 class Store:
     path: Path
     root: zarr.Group
-    meta: dict[str, Any]
+    meta: StoreMeta
 
     def split(self, name: str) -> dict[str, zarr.Array]:
-        if self.meta["splits"].get(name, 0) == 0:
-            have = [s for s, n in self.meta["splits"].items() if n]
+        if self.meta.splits.get(name, 0) == 0:
+            have = [s for s, n in self.meta.splits.items() if n]
             raise UserError(f"{self.path}: split {name!r} is empty or absent; it has {have}. "
                             f"Set data.val_fraction / data.test_fraction and prepare again")
         group = self.root[name]
@@ -47,7 +105,7 @@ class Store:
         return arrays[name]
 
     def stats(self, split: str, name: str) -> dict[str, Any]:
-        return self.meta["stats"][split][name]
+        return self.meta.stats[split][name]
 
 
 def open_store(path: str | Path) -> Store:
@@ -73,7 +131,7 @@ def open_store(path: str | Path) -> Store:
     if not meta.get("complete"):
         raise UserError(f"{path} is incomplete (its prepare did not finish); run `hpcforge "
                         f"prepare` again with data.overwrite=true to redo it")
-    return Store(path, root, meta)
+    return Store(path, root, StoreMeta.from_attrs(meta, path))
 
 
 def normalization(stats: dict[str, Any], how: str) -> tuple[np.ndarray, np.ndarray]:

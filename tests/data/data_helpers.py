@@ -29,5 +29,5 @@ def sample_hashes(arrays: dict[str, np.ndarray]) -> list[str]:
 
 def stored(store, splits=("train", "val", "test")) -> dict[str, np.ndarray]:
     """Every split of a store concatenated, per variable."""
-    have = [s for s in splits if store.meta["splits"][s]]
+    have = [s for s in splits if store.meta.splits[s]]
     return {k: np.concatenate([store.split(s)[k][:] for s in have]) for k in store.split("train")}

@@ -21,7 +21,7 @@ def test_scheduler_address_joins_the_running_cluster_and_sets_zarr_concurrency(t
                                f"data.dask.scheduler={dask_address}"])
     lines: list[str] = []
     store = open_store(prepare(cfg.data, cfg.to_dict(), log=lines.append))
-    assert store.meta["splits"]["train"] + store.meta["splits"]["val"] == 256
+    assert store.meta.splits["train"] + store.meta.splits["val"] == 256
     assert "dask: address cluster, 2 workers" in lines[0]
     with Client(dask_address) as client:                     # the cluster outlives the prepare
         inside = client.run(lambda: (zarr.config.get("threading.max_workers"),

@@ -77,7 +77,7 @@ def test_import_holds_every_input_sample_once(kind, tmp_path, dask_address):
     cfg = import_config(tmp_path, SOURCE.get(kind, kind), path, address=dask_address)
     store = open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None))
     expected = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    assert store.meta["n_samples"] == 50 and store.meta["splits"] == {"train": 40, "val": 10,
+    assert store.meta.n_samples == 50 and store.meta.splits == {"train": 40, "val": 10,
                                                                       "test": 0}
     got = stored(store)
     assert got["field"].dtype == np.float32 and got["label"].dtype == np.int64
@@ -203,14 +203,14 @@ def test_nan_inf_drop_removes_those_samples_and_records_counts(tmp_path, dask_ad
     cfg = import_config(tmp_path, "npy", _with_nans(tmp_path), "data.invalid=drop",
                         address=dask_address)
     store = open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None))
-    assert store.meta["n_samples"] == 47 and sum(store.meta["splits"].values()) == 47
+    assert store.meta.n_samples == 47 and sum(store.meta.splits.values()) == 47
     got = stored(store)
     assert np.isfinite(got["field"]).all()
     keep = np.setdiff1d(np.arange(50), [3, 4, 40])
     parts = _parts()
     expected = {k: np.concatenate([p[k] for p in parts])[keep] for k in parts[0]}
     assert sample_hashes(got) == sample_hashes(expected)
-    assert store.meta["invalid"] == {"policy": "drop", "variables": {
+    assert store.meta.invalid == {"policy": "drop", "variables": {
         "field": {"values": 3, "samples": 3, "first": [3, 1, 2]}}}
 
 
@@ -221,7 +221,7 @@ def test_nan_inf_fill_replaces_values(tmp_path, dask_address):
     got = stored(store)
     assert len(got["field"]) == 50 and np.isfinite(got["field"]).all()
     assert (got["field"] == -1.5).sum() == 3
-    assert store.meta["invalid"]["variables"]["field"]["values"] == 3
+    assert store.meta.invalid["variables"]["field"]["values"] == 3
 
 
 # --------------------------------------------------------------------------- NetCDF-3, (N, 1) labels
@@ -247,7 +247,7 @@ def test_netcdf3_file_imports_with_the_values_of_its_netcdf4_twin(fmt, tmp_path,
     assert three["label"].dtype == np.int64 and three["field"].dtype == np.float32
     for k in four:
         np.testing.assert_array_equal(three[k], four[k])
-    assert stores["scipy"].meta["checksums"] == stores["h5netcdf"].meta["checksums"]
+    assert stores["scipy"].meta.checksums == stores["h5netcdf"].meta.checksums
     expected = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     assert sample_hashes(three) == sample_hashes(expected)
 

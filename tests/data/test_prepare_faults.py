@@ -58,7 +58,7 @@ def test_two_prepares_of_one_path_started_together_one_refuses_naming_the_holder
         f"{socket.gethostname()} since {_errors(loser[2])[0].split(' since ')[1].split(' ')[0]} "
         f"(lock {store}.lock); wait for it to finish or stop it, or choose another data.path"]
     assert loser[1] == ""                                   # it started nothing
-    assert open_store(store).meta["complete"] is True
+    assert open_store(store).meta.complete is True
     paths = Paths.of(str(store))
     assert not any(p.exists() for p in (paths.partial, paths.scratch, paths.lock))
 
@@ -73,7 +73,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, dask_address):
                                       "since": "2026-01-01T00:00:00+0000", "token": "0"}))
     lines: list[str] = []
     store = open_store(prepare(cfg.data, cfg.to_dict(), log=lines.append))
-    assert store.meta["complete"] is True
+    assert store.meta.complete is True
     assert f"taking over {paths.lock} from pid {dead} on host {socket.gethostname()} since " \
            f"2026-01-01T00:00:00+0000, which is no longer running" in lines
     assert not paths.lock.exists()
@@ -160,7 +160,7 @@ def test_disk_full_in_pass_one_is_one_line_then_more_space_resumes(tmp_path, sma
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming the interrupted prepare" in again.stdout
     got = open_store(store)
-    assert got.meta["n_samples"] == 5000 and got.meta["complete"] is True
+    assert got.meta.n_samples == 5000 and got.meta.complete is True
 
 
 @pytest.mark.slow
@@ -202,7 +202,7 @@ def test_an_old_store_left_by_a_kill_between_the_final_renames_is_cleared(tmp_pa
     old = store.with_name(store.name + ".old")
     shutil.copytree(store, old)                              # as the kill left it
     cfg = load_config("demo", [*base, "data.seed=1", "data.overwrite=true"])
-    assert open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None)).meta["content"][
+    assert open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None)).meta.content[
         "seed"] == 1
     assert not old.exists()
     old.mkdir()

@@ -59,7 +59,7 @@ def test_killed_prepare_resumes_redoing_only_missing_shards_bit_identical(tmp_pa
     assert "resuming the interrupted prepare" in again.stdout
     assert f"kept 10 of 10 chunks and {kept} of 20 shards" in again.stdout
     resumed = open_store(store)
-    shuffle = resumed.meta["shuffle"]
+    shuffle = resumed.meta.shuffle
     assert (shuffle["chunks"], shuffle["shards"]) == (10, 20)
     assert shuffle["tasks"] == 5 + 20                 # 1 slot: tiny chunks two per pass-1 task
     assert shuffle["tasks_run"] == 20 - kept          # pass 1 was all recorded: none rerun
@@ -67,8 +67,8 @@ def test_killed_prepare_resumes_redoing_only_missing_shards_bit_identical(tmp_pa
     # an uninterrupted run (2 workers, in this process) writes the same bytes
     cfg = load_config("demo", [f"output_dir={tmp_path / 'whole'}", *SMALL])
     whole = open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None))
-    assert resumed.meta["checksums"] == whole.meta["checksums"]
-    assert resumed.meta["stats"] == whole.meta["stats"]
+    assert resumed.meta.checksums == whole.meta.checksums
+    assert resumed.meta.stats == whole.meta.stats
     for split in ("train", "val"):
         for k, a in whole.split(split).items():
             assert np.array_equal(resumed.split(split)[k][:], a[:]), (split, k)
@@ -90,7 +90,7 @@ def test_partial_of_another_config_is_refused_then_discarded_with_overwrite(tmp_
                                  "data.overwrite=true", f"data.dask.scheduler={dask_address}"])
     done = open_store(prepare(other.data, other.to_dict(), log=lines.append))
     assert any("discarding" in line and "data.seed" in line for line in lines)
-    assert done.meta["content"]["seed"] == 1
+    assert done.meta.content["seed"] == 1
 
 
 @pytest.mark.slow
@@ -116,7 +116,7 @@ def test_partial_and_scratch_of_two_configs_are_discarded_never_mixed(tmp_path, 
                in line for line in lines), lines
     clean = load_config("demo", [f"output_dir={tmp_path / 'clean'}", *seed1[1:]])
     want = open_store(prepare(clean.data, clean.to_dict(), log=lambda *a: None))
-    assert got.meta["content"]["seed"] == 1
-    assert got.meta["checksums"] == want.meta["checksums"]
+    assert got.meta.content["seed"] == 1
+    assert got.meta.checksums == want.meta.checksums
     for k, a in want.split("train").items():
         assert np.array_equal(got.split("train")[k][:], a[:]), k

@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 from pipeline.checkpoint import load
 from pipeline.config import Config, build
 from pipeline.data.store import open_store
-from pipeline.wandb_files import history, records
+from wandb_records import history, records
 
 pytestmark = pytest.mark.slow  # trains and evaluates real models through the CLI (~1 min)
 
@@ -77,7 +77,6 @@ def test_autoencoder_reconstruction_error_and_anomaly_auc_equal_direct_computati
     """Rebuild the model, score the same val samples and the same out-of-distribution samples
     (hotter Ising lattices) directly, and compare with the JSON."""
     from pipeline.data.sources import ising2d
-    from pipeline.evaluate import _ising_hot
     from pipeline.trainer import build_model
     ckpt, _, result = ae_run
     state = load(ckpt)
@@ -87,8 +86,8 @@ def test_autoencoder_reconstruction_error_and_anomaly_auc_equal_direct_computati
     model.eval()
     store = open_store(cfg.data.path)
     x = (store.variable("val", "spins")[:].astype(np.float32) + 1) / 2     # minmax of -1/+1 spins
-    ood = ising2d.generate(_ising_hot(cfg.data.params), seed=cfg.data.seed + 1, chunk_index=0,
-                           start=0, n=256)["spins"].astype(np.float32)
+    ood = ising2d.generate(ising2d.out_of_distribution(cfg.data.params), seed=cfg.data.seed + 1,
+                           chunk_index=0, start=0, n=256)["spins"].astype(np.float32)
     ood = (ood + 1) / 2
     with torch.no_grad():
         rec = torch.sigmoid(model(torch.as_tensor(x))[0]).numpy()

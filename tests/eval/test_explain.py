@@ -16,7 +16,7 @@ from pipeline.errors import UserError
 from pipeline.explain import METHODS, attributions, domain_walls, explain
 from pipeline.probe import open_probed
 from pipeline.trainer import build_model
-from pipeline.wandb_files import history
+from wandb_records import history
 
 pytestmark = pytest.mark.slow  # trains the shared classifier (~20 s) the first time
 

@@ -113,9 +113,120 @@ def test_denormalize_inverts_the_loaders_normalisation():
                                    x, atol=1e-5)
 
 
-def test_every_simulated_source_has_observables():
+def test_every_simulated_source_declares_consistent_observables_label_and_outliers():
+    """What a source module declares (pipeline/data/sources/__init__.py) fits what it generates:
+    observables give one value per sample (profiles one curve per sample), FEATURE_LABEL names a
+    scalar variable, out_of_distribution returns the source's own Params."""
     from pipeline.data.sources import SOURCES
-    simulated = {name for name, mod in SOURCES.items() if not hasattr(mod, "n_available")}
-    assert simulated and simulated <= set(physics.OBSERVABLES)
+    simulated = {name: mod for name, mod in SOURCES.items() if not hasattr(mod, "n_available")}
+    assert set(simulated) == {"ising2d", "darcy2d", "calo", "lorenz96", "digits"}
+    for name, mod in simulated.items():
+        obs, p = physics.observables_for(name), mod.Params()
+        assert obs is mod.OBSERVABLES and isinstance(obs, physics.Observables), name
+        variables = mod.variables(p)
+        main = next(k for k, v in variables.items() if len(v.shape) > 1)   # the sample, not a label
+        x = np.abs(RNG.normal(size=(5, *variables[main].shape)))
+        x = physics.physical(obs, x * RNG.choice([-1, 1], size=x.shape))
+        for k, v in obs.scalars(x).items():
+            assert v.shape == (5,) and np.isfinite(v).all(), (name, k)
+        for k, v in obs.profiles(x).items():
+            assert v.ndim == 2 and len(v) == 5, (name, k)
+        if (label := getattr(mod, "FEATURE_LABEL", None)) is not None:
+            assert variables[label].shape == (), (name, label)
+        if (outliers := getattr(mod, "out_of_distribution", None)) is not None:
+            assert isinstance(outliers(p), mod.Params) and outliers(p) != p
+    assert physics.observables_for("netcdf") is None          # an importer declares nothing
     with pytest.raises(ValueError, match="known: calo"):
         physics.observables_for("nope")
+
+
+def _toy_source():
+    """A source written as a user would add one: its module, nothing else touched."""
+    import types
+    from dataclasses import dataclass
+    from pipeline.data.sources.base import Variable
+
+    @dataclass
+    class Params:
+        size: int = 8
+        scale: float = 1.0
+
+    mod = types.ModuleType("toy")
+    mod.Params = Params
+    mod.variables = lambda p: {"field": Variable((1, p.size, p.size), "float32"),
+                               "kind": Variable((), "int64")}
+    mod.generate = lambda p, seed, chunk_index, start, n: {
+        "field": (p.scale * np.random.default_rng([seed, chunk_index]).normal(
+            size=(n, 1, p.size, p.size))).astype(np.float32), "kind": np.zeros(n, np.int64)}
+    mod.OBSERVABLES = physics.Observables(lambda f: {"peak": f.reshape(len(f), -1).max(1)},
+                                          physics.field_profiles)
+    mod.FEATURE_LABEL = "kind"
+    mod.out_of_distribution = lambda p: Params(p.size, p.scale * 3)
+    return mod
+
+
+def test_a_new_source_declaring_observables_is_picked_up_by_figures_and_evaluate(monkeypatch):
+    from pipeline import evaluate, figures
+    from pipeline.data.sources import SOURCES
+    toy = _toy_source()
+    monkeypatch.setitem(SOURCES, "toy", toy)
+    assert physics.observables_for("toy") is toy.OBSERVABLES
+    assert evaluate.declared("toy", "FEATURE_LABEL") == "kind"
+    assert "toy" in evaluate.declaring("FEATURE_LABEL").split(", ")
+    assert evaluate.declared("toy", "out_of_distribution")(toy.Params()).scale == 3.0
+    real = toy.generate(toy.Params(), 0, 0, 0, 64)["field"]
+    wide = toy.generate(toy.out_of_distribution(toy.Params()), 1, 0, 0, 64)["field"]
+    affine = (np.array([0.5]), np.array([2.0]))                  # normalised = (x - 0.5) / 2
+    images, dists = figures.physics_figures("toy", {"x": (real - 0.5) / 2}, (wide - 0.5) / 2, affine)
+    peak = lambda f: f.reshape(len(f), -1).max(1)
+    assert dists == {"w1/peak": pytest.approx(scipy.stats.wasserstein_distance(peak(real), peak(wide)),
+                                              rel=1e-6)}
+    assert set(images) == {"observables", "profiles"} and images["profiles"].dtype == np.uint8
+    assert figures.physics_figures("netcdf", {"x": real}, wide) == ({}, {})
+
+
+def test_compare_is_the_chain_evaluate_and_training_figures_share():
+    """Denormalise -> observables -> W1 by hand equals physics.compare on physical samples."""
+    p = ising2d.Params(lattice=8, burn_in=10, decorrelation=2, chains=8)
+    spins = ising2d.generate(p, seed=0, chunk_index=0, start=0, n=64)["spins"].astype(np.float64)
+    probs = np.clip(spins * 0.6 + RNG.normal(0, 0.3, spins.shape), -1, 1)   # a model's means in [-1, 1]
+    affine = (np.array([-1.0]), np.array([2.0]))                           # minmax of -1/+1 spins
+    gen = physics.physical(ising2d.OBSERVABLES, (probs + 1) / 2, affine, np.random.default_rng(0))
+    assert set(np.unique(gen)) <= {-1, 1}
+    cmp = physics.compare(ising2d.OBSERVABLES, spins, gen)
+    for k in ("magnetization", "abs_magnetization", "energy"):
+        assert cmp.distances[f"w1/{k}"] == pytest.approx(scipy.stats.wasserstein_distance(
+            physics.ising_scalars(spins)[k], physics.ising_scalars(gen)[k]), rel=1e-12)
+    real_prof, gen_prof = cmp.profiles()
+    np.testing.assert_allclose(real_prof["power_spectrum"], physics.power_spectrum(spins))
+    np.testing.assert_allclose(gen_prof["power_spectrum"], physics.power_spectrum(gen))
+
+
+def _w1_by_cdfs(u, v):
+    """The hand-written W1 this module had before SciPy: the integral of |F_u - F_v|."""
+    u, v = np.sort(u), np.sort(v)
+    pooled = np.sort(np.concatenate([u, v]))
+    cdf_u = np.searchsorted(u, pooled[:-1], side="right") / len(u)
+    cdf_v = np.searchsorted(v, pooled[:-1], side="right") / len(v)
+    return float(np.sum(np.abs(cdf_u - cdf_v) * np.diff(pooled)))
+
+
+def _auc_by_mid_ranks(scores, labels):
+    """The hand-written ROC AUC this module had before scikit-learn: Mann-Whitney U, mid-ranks."""
+    labels = labels.astype(bool)
+    ranks = scipy.stats.rankdata(scores)
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def test_library_w1_and_auc_keep_the_values_of_the_hand_written_ones():
+    for n, m in ((300, 300), (200, 517), (1, 40)):
+        u, v = RNG.gamma(2.0, size=n), np.round(RNG.normal(1.0, 3.0, size=m))   # ties in v
+        assert physics.wasserstein1(u, v) == pytest.approx(_w1_by_cdfs(u, v), rel=1e-12, abs=1e-15)
+        labels = RNG.integers(0, 2, size=n + m)
+        scores = np.round(RNG.normal(size=n + m) + labels, 1)                   # ties
+        assert physics.roc_auc(scores, labels) == pytest.approx(_auc_by_mid_ranks(scores, labels),
+                                                                abs=1e-12)
+    assert physics.wasserstein1([0.0, 1.0], [0.5]) == 0.5                  # exact: |0.5| twice, halved
+    with pytest.raises(ValueError, match="empty sample"):
+        physics.wasserstein1([], [1.0])

@@ -97,3 +97,22 @@ def test_report_of_a_folder_without_runs_is_one_line(cli, tmp_path):
     assert r.returncode == 2 and "no W&B run files" in r.stderr and "Traceback" not in r.stderr
     r = cli("report", str(tmp_path / "nope"))
     assert r.returncode == 2 and "no run folder at" in r.stderr
+
+
+def test_wandb_record_reader_checks_each_chunks_crc(tmp_path):
+    """tests/wandb_records.py (what the tests use to see what reached W&B) refuses a damaged chunk."""
+    import struct
+    import zlib
+    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb_records import HEADER, history
+    rec = pb.Record()
+    item = rec.history.item.add()
+    item.key, item.value_json = "train/loss", "0.25"
+    data = rec.SerializeToString()
+    chunk = struct.pack("<IHB", zlib.crc32(bytes([1]) + data), len(data), 1) + data
+    path = tmp_path / "run-x.wandb"
+    path.write_bytes(HEADER + chunk)
+    assert history(path) == [{"train/loss": 0.25}]
+    path.write_bytes(HEADER + chunk[:-1] + bytes([chunk[-1] ^ 1]))
+    with pytest.raises(ValueError, match="CRC mismatch"):
+        history(path)

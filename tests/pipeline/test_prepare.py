@@ -27,17 +27,17 @@ def test_store_has_arrays_shapes_splits_and_attributes(small_store):
     path, overrides = small_store
     store = open_store(path)
     meta = store.meta
-    assert meta["complete"] is True and meta["format"] == "hpcforge-zarr"
-    assert meta["splits"] == {"train": 512, "val": 128, "test": 0}
-    assert meta["config"]["data"]["params"]["lattice"] == 16     # resolved config stored
-    assert meta["shuffle"]["seed"] == 0 and meta["shuffle"]["tasks"] == 10 + 5  # n_in + n_out
-    assert set(meta["checksums"]) == {"train/0", "train/1", "train/2", "train/3", "val/0"}
+    assert meta.complete is True and meta.format == "hpcforge-zarr"
+    assert meta.splits == {"train": 512, "val": 128, "test": 0}
+    assert meta.config["data"]["params"]["lattice"] == 16     # resolved config stored
+    assert meta.shuffle["seed"] == 0 and meta.shuffle["tasks"] == 10 + 5  # n_in + n_out
+    assert set(meta.checksums) == {"train/0", "train/1", "train/2", "train/3", "val/0"}
     train = store.split("train")
     assert set(train) == {"spins", "temperature", "phase", "magnetization", "energy"}
     assert train["spins"].shape == (512, 1, 16, 16) and train["spins"].dtype == np.int8
     assert train["spins"].shards == (128, 1, 16, 16)
     assert zarr.open_group(str(path), mode="r").metadata.zarr_format == 3
-    assert "spins" in meta["stats"]["train"] and meta["versions"]["zarr"] == zarr.__version__
+    assert "spins" in meta.stats["train"] and meta.versions["zarr"] == zarr.__version__
 
 
 def test_shuffle_is_a_permutation_of_the_generated_samples(small_store):
@@ -75,19 +75,19 @@ def test_same_seed_same_store_whatever_the_worker_count(small_store, tmp_path):
     path, _ = small_store
     cfg = load_config("demo", small(tmp_path, "data.dask.n_workers=1"))
     again = open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None))
-    assert again.meta["checksums"] == open_store(path).meta["checksums"]
+    assert again.meta.checksums == open_store(path).meta.checksums
     cfg = load_config("demo", small(tmp_path, "data.seed=1", "data.overwrite=true"))
     other = open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None))
-    assert other.meta["checksums"] != open_store(path).meta["checksums"]
+    assert other.meta.checksums != open_store(path).meta.checksums
 
 
 def test_existing_store_is_refused_without_overwrite_and_kept(small_store):
     path, overrides = small_store
-    before = json.dumps(open_store(path).meta["checksums"])
+    before = json.dumps(open_store(path).meta.checksums)
     cfg = load_config("demo", overrides)
     with pytest.raises(UserError, match="already exists; pass data.overwrite=true"):
         prepare(cfg.data, cfg.to_dict())
-    assert json.dumps(open_store(path).meta["checksums"]) == before
+    assert json.dumps(open_store(path).meta.checksums) == before
 
 
 def test_incomplete_or_foreign_stores_are_refused(small_store, tmp_path):

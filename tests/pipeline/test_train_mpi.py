@@ -8,7 +8,7 @@ import pytest
 
 from helpers import files_holding, hpcforge
 from pipeline.checkpoint import load
-from pipeline.wandb_files import history, run_config
+from wandb_records import history, run_config
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 

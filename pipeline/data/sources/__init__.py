@@ -10,6 +10,13 @@ Each source module provides:
                     chunk_rng(seed, chunk_index) and may ignore `start`; sources with a fixed
                     order (digits, importers) read positions from `start`.
   n_available(p)    (importers only) how many samples the input holds.
+
+and may declare, for `hpcforge evaluate` and the training figures (a source without them gets
+none of what they enable; nothing outside the module names the source):
+  OBSERVABLES       pipeline.physics.Observables of its main variable: W1 and figures;
+  FEATURE_LABEL     the variable the Fréchet feature CNN is trained to predict;
+  out_of_distribution(p) -> Params   a labelled outlier set for the anomaly ROC AUC.
+Adding a source is its module plus one line in SOURCES.
 """
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline import physics
 from pipeline.data.sources.base import Variable, chunk_rng
 from pipeline.errors import ConfigError
 
@@ -51,6 +52,11 @@ class Params:
     core_growth: float = 0.1            # ... plus this times tau = t / T
     tail_radius: float = 0.6            # r_t in R_M
     tail_fraction: float = 0.15         # w, energy share of the tail
+
+
+# What pipeline.evaluate and the training figures read from a source (pipeline/data/sources/__init__.py)
+OBSERVABLES = physics.Observables(physics.shower_scalars, physics.shower_profiles)
+FEATURE_LABEL = "incident_energy"   # the variable the Fréchet feature CNN learns to predict
 
 
 def variables(p: Params) -> dict[str, Variable]:

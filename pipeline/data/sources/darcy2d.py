@@ -28,6 +28,7 @@ import scipy.fft
 import scipy.sparse
 import scipy.sparse.linalg
 
+from pipeline import physics
 from pipeline.data.sources.base import Variable, chunk_rng
 from pipeline.errors import ConfigError
 
@@ -40,6 +41,10 @@ A_HIGH, A_LOW = 12.0, 3.0  # psi: permeability where z >= 0, and where z < 0
 class Params:
     resolution: int = 32    # s: nodes per side, boundary included (FNO: 421, 241, 85)
     forcing: float = 1.0    # f, constant source term (FNO: 1)
+
+
+# What pipeline.evaluate and the training figures read from a source (pipeline/data/sources/__init__.py)
+OBSERVABLES = physics.Observables(physics.field_scalars, physics.field_profiles)
 
 
 def variables(p: Params) -> dict[str, Variable]:

@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 
+from pipeline import physics
 from pipeline.data.sources.base import Variable
 from pipeline.errors import ConfigError
 
@@ -30,6 +31,11 @@ NATIVE = 8   # sklearn's images are 8 x 8
 class Params:
     size: int = 8                  # output side in pixels: 8 (native), 16, 32, ...
     interpolation: Literal["nearest", "bilinear"] = "nearest"   # when size != 8
+
+
+# What pipeline.evaluate and the training figures read from a source (pipeline/data/sources/__init__.py)
+OBSERVABLES = physics.Observables(physics.field_scalars, physics.field_profiles)
+FEATURE_LABEL = "label"   # the variable the Fréchet feature CNN learns to predict
 
 
 def variables(p: Params) -> dict[str, Variable]:

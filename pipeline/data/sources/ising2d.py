@@ -9,14 +9,20 @@ does not freeze domain walls; above, from random spins.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline import physics
 from pipeline.data.sources.base import Variable, chunk_rng
 
 T_CRITICAL = 2.0 / math.log(1.0 + math.sqrt(2.0))
+
+# What pipeline.evaluate and the training figures read from a source (pipeline/data/sources/__init__.py)
+OBSERVABLES = physics.Observables(physics.ising_scalars, physics.field_profiles, binary=True)
+FEATURE_LABEL = "temperature"   # the variable the Fréchet feature CNN learns to predict
 
 
 @dataclass
@@ -42,6 +48,12 @@ def variables(p: Params) -> dict[str, Variable]:
 
 def temperatures(p: Params) -> np.ndarray:
     return np.linspace(p.t_min, p.t_max, p.n_temperatures)
+
+
+def out_of_distribution(p: Params) -> Params:
+    """Lattices hotter than any training temperature, T in [t_max + 1, t_max + 3]: the labelled
+    outliers of `hpcforge evaluate`'s anomaly ROC AUC."""
+    return dataclasses.replace(p, t_min=p.t_max + 1.0, t_max=p.t_max + 3.0)
 
 
 def energy_per_spin(s: np.ndarray) -> np.ndarray:

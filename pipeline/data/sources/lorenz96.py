@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 
+from pipeline import physics
 from pipeline.data.sources.base import Variable, chunk_rng
 from pipeline.errors import ConfigError
 
@@ -43,6 +44,10 @@ def _frames(p: Params) -> tuple[int, int]:
     if p.mode == "windows":
         return p.window_in, p.window_out
     return p.trajectory_length, p.trajectory_length
+
+
+# What pipeline.evaluate and the training figures read from a source (pipeline/data/sources/__init__.py)
+OBSERVABLES = physics.Observables(physics.sequence_scalars)
 
 
 def variables(p: Params) -> dict[str, Variable]:

@@ -1,14 +1,17 @@
-"""Read a W&B run file (`run-<id>.wandb`) without a network or a W&B server.
+"""Read a W&B run file (`run-<id>.wandb`) without a network or a W&B server: for the tests that
+check what hpcforge sent to W&B (`hpcforge report` reads the trainer's metrics.jsonl instead).
 
-The file is W&B's LevelDB-style log: a 7-byte header (":W&B", magic 0xBEE1, version 0), then 32 KiB
-blocks of chunks, each `crc32c (4) | length (2, LE) | type (1) | data`; type FULL=1 holds a whole
-record, FIRST=2 / MIDDLE=3 / LAST=4 a record split over blocks. Each record is a protobuf
-`wandb.proto.wandb_internal_pb2.Record`. Used by tests and by `hpcforge report` on air-gapped clusters.
+W&B (0.31) has no public reader of its offline files: its own reader lives inside the wandb-core
+binary. The file is W&B's LevelDB-style log: a 7-byte header (":W&B", magic 0xBEE1, version 0),
+then 32 KiB blocks of chunks, each `crc32 (4, LE) | length (2, LE) | type (1) | data`, the CRC-32
+(zlib's) of the type byte and the data; type FULL=1 holds a whole record, FIRST=2 / MIDDLE=3 /
+LAST=4 a record split over blocks. Each record is a protobuf `wandb.proto.wandb_internal_pb2.Record`.
 """
 from __future__ import annotations
 
 import json
 import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +30,10 @@ def _payloads(data: bytes) -> Iterator[bytes]:
         if room < 7:  # the rest of a block too small for a chunk header is padding
             pos += room
             continue
-        length, kind = struct.unpack_from("<HB", data, pos + 4)
+        crc, length, kind = struct.unpack_from("<IHB", data, pos)
         chunk = data[pos + 7:pos + 7 + length]
+        if kind and zlib.crc32(bytes([kind]) + chunk) != crc:
+            raise ValueError(f"corrupt W&B run file at byte {pos}: CRC mismatch")
         pos += 7 + length
         if kind == FULL:
             yield chunk
