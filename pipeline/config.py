@@ -163,6 +163,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16 needs a GPU (gradient scaler)
     seed: int = 0
     deterministic: bool = False    # torch deterministic algorithms (slower)
+    compile: bool = False          # torch.compile the model's losses (benchmarks/compile.py)
     threads: int = 0               # torch threads per rank; 0: cores / ranks on this node
     prefetch: int = 2              # batches read ahead by the loader's thread
     val_every: int = 0             # validate every N steps (0: at each epoch end)
