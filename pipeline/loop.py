@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import signal
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -25,8 +24,10 @@ from pipeline.checkpoint import link_atomic
 from pipeline.dist import only_grads_of
 from pipeline.hooks import draw_all
 from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted
-from pipeline.run import Phase, Run, weights_digest
-from pipeline.state import averaged_buffers, save
+from pipeline.run import Phase, Run, autocast, weights_digest
+from pipeline.state import save
+from pipeline.validation import after_validation, validate
+from pipeline.window import Window
 
 Batch = dict[str, torch.Tensor]
 
@@ -230,14 +231,6 @@ def _count_nonfinite(run: Run, bad: bool) -> None:
                              f"train.grad_clip")
 
 
-def autocast(run: Run):
-    precision = run.cfg.train.precision
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(run.dist.device.type, dtype=dtype)
-
-
 def inject_nan(run: Run, batches: list[Batch]) -> None:
     """Fault injection (train.inject_nan_at): rank 0's first float input becomes NaN."""
     if run.progress.step + 1 in run.cfg.train.inject_nan_at and run.dist.is_main:
@@ -248,44 +241,6 @@ def inject_nan(run: Run, batches: list[Batch]) -> None:
 
 
 # ---------------------------------------------------------------------------- step end
-class Window:
-    """The losses since the last log line, and the time, samples and data wait they took."""
-
-    def __init__(self, run: Run):
-        self.losses: dict[str, list[float]] = defaultdict(list)
-        self.samples_per_step = run.cfg.train.batch_size * run.cfg.train.accumulate * run.dist.size
-        self._restart(run)
-
-    def _restart(self, run: Run) -> None:
-        self.t0, self.steps, self.wait0 = time.perf_counter(), 0, run.loader.wait_s
-
-    def add(self, losses: dict[str, float]) -> None:
-        self.steps += 1
-        for k, v in losses.items():
-            self.losses[k].append(v)
-
-    def log(self, run: Run, bar: tqdm) -> None:
-        """Rank-averaged losses and throughput, to the tracker and the progress bar."""
-        elapsed, dist = time.perf_counter() - self.t0, run.dist
-        metrics = dist.mean({f"train/{k}" if "/" in k and not k.startswith("opt/") else k:
-                             float(np.mean(v)) for k, v in self.losses.items()})
-        metrics.update({"perf/samples_per_s": self.steps * self.samples_per_step / elapsed,
-                        "perf/step_time_s": elapsed / run.cfg.train.logger.log_every,
-                        "perf/data_wait_fraction": (run.loader.wait_s - self.wait0) / elapsed,
-                        "train/nonfinite_steps": float(run.progress.nonfinite_total),
-                        "dist/ranks": float(dist.size),
-                        "dist/nodes": float(max(1, dist.size // dist.local_size)),
-                        "epoch": float(run.progress.epoch)})
-        if dist.device.type == "cuda":
-            metrics["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2 ** 30
-        run.tracker.log(metrics, run.progress.step)
-        key = f"train/{run.phases[0].name}/loss"
-        if key in metrics:
-            bar.set_postfix(loss=f"{metrics[key]:.4g}")
-        self.losses.clear()
-        self._restart(run)
-
-
 def log_images(run: Run, batches: list[Batch]) -> None:
     """Rank 0: what the run's image hooks draw from the group's first batch (pipeline.hooks)."""
     if not (run.dist.is_main and run.tracker.records_images):
@@ -295,45 +250,6 @@ def log_images(run: Run, batches: list[Batch]) -> None:
     run.tracker.images(images, run.progress.step)
     if metrics:
         run.tracker.log(metrics, run.progress.step)
-
-
-def validate(run: Run) -> dict[str, float]:
-    """Mean losses of the first phase over the validation split, averaged over ranks."""
-    if run.val_loader is None:
-        return {}
-    # fork_rng: training's RNG stays untouched; the ranks' mean batch-norm statistics
-    with torch.no_grad(), torch.random.fork_rng(devices=[]), averaged_buffers(run):
-        run.model.eval()
-        sums: dict[str, float] = defaultdict(float)
-        run.val_loader.set_epoch(0)
-        n = 0
-        for n, batch in enumerate(run.val_loader, 1):
-            run.heartbeat.beat("validation")
-            batch = {k: v.to(run.dist.device) for k, v in batch.items()}
-            with autocast(run):
-                for k, v in run.losses(batch, run.phases[0].name).items():
-                    sums[k] += v.item()
-        return run.dist.mean({f"val/{k}": v / max(n, 1) for k, v in sums.items()})
-
-
-def after_validation(run: Run, metrics: dict[str, float]) -> bool:
-    """Record the validation metrics; returns whether early stopping says stop."""
-    metrics = {**metrics, "step": float(run.progress.step)}
-    run.progress.history.append(metrics)
-    run.tracker.log(metrics, run.progress.step)
-    return _early_stop(run, metrics)
-
-
-def _early_stop(run: Run, metrics: dict[str, float]) -> bool:
-    es, p = run.cfg.train.early_stopping, run.progress
-    if not es.metric or es.metric not in metrics:
-        return False
-    value = metrics[es.metric]
-    better = (p.stop_best is None or
-              (value < p.stop_best - es.min_delta if es.mode == "min"
-               else value > p.stop_best + es.min_delta))
-    p.stop_best, p.stop_bad = (value, 0) if better else (p.stop_best, p.stop_bad + 1)
-    return p.stop_bad >= es.patience
 
 
 # ---------------------------------------------------------------------------- the end

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import socket
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,6 +270,15 @@ def _check_disjoint(model_name: str, specs: list) -> None:
                                 f"{spec.name!r} share parameters; each network must belong to "
                                 f"one optimizer for data-parallel training")
             seen[id(p)] = spec.name
+
+
+def autocast(run: Run):
+    """The forward's precision (train.precision); fp32 runs without autocast."""
+    precision = run.cfg.train.precision
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(run.dist.device.type, dtype=dtype)
 
 
 def announce_ranks(run: Run) -> None:
