@@ -28,7 +28,7 @@ def _setup(experiment: str):
     cfg = load_config(experiment)
     torch.manual_seed(0)
     model = build_model(cfg)
-    b, side = cfg.train.batch_size, cfg.data.params["lattice"]
+    b, side = cfg.train.batch_size, cfg.data.params.lattice
     batch = {"x": torch.rand(b, 1, side, side).round(), "y": torch.randint(0, 2, (b,))}
     phases = [(s.name, list(s.module.parameters()),
                torch.optim.Adam(s.module.parameters(), cfg.train.lr)) for s in model.optimizers()]

@@ -278,3 +278,26 @@ def test_real_sigusr1_during_step_5_checkpoints_step_5_and_exits_75(small_store,
     assert load(last)["step"] == 5
     assert "SIGUSR1: checkpointed step 5 to " in out.out and "exit 75 (requeue me)" in out.out
     assert not (tmp_path / "train" / "checkpoints" / "final.pt").exists()
+
+
+def test_image_hooks_add_physics_only_for_a_model_that_samples_on_a_source_with_observables():
+    """The loop draws whatever hooks `build` chose; a VAE on Ising data gets the physics plots
+    and their W1 distances, a classifier or a source without observables only its figures."""
+    from models import MODELS
+    from pipeline.hooks import draw_all, image_hooks, model_figures
+    torch.manual_seed(0)
+    vae = MODELS["vae"][1](MODELS["vae"][0](image_size=16))
+    mlp = MODELS["mlp"][1](MODELS["mlp"][0]())
+    assert image_hooks(mlp, "ising2d", True, None) == [model_figures]
+    assert image_hooks(vae, "no-such-source", True, None) == [model_figures]
+    assert image_hooks(vae, "ising2d", False, None) == [model_figures]   # no samples to compare
+    hooks = image_hooks(vae, "ising2d", True, None)
+    assert len(hooks) == 2
+    vae.train()
+    batch = {"x": torch.rand(8, 1, 16, 16).round()}
+    state = torch.get_rng_state()
+    images, metrics = draw_all(hooks, vae, batch)
+    assert torch.equal(torch.get_rng_state(), state)           # training's RNG untouched
+    assert not vae.training                                     # drawn in eval mode
+    assert set(images) >= set(vae.figures(batch)) and len(images) > len(vae.figures(batch))
+    assert metrics and all(k.startswith("physics/") and math.isfinite(v) for k, v in metrics.items())
