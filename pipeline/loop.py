@@ -92,12 +92,12 @@ def _epoch(run: Run, window: Window, last: list[Batch] | None) -> tuple[bool, li
 
 
 def batch_groups(run: Run) -> Iterator[list[Batch]]:
-    """The loader's batches on the device, `accumulate` at a time."""
+    """The loader's batches on the device, one step's worth (`batches_per_step`) at a time."""
     group: list[Batch] = []
     for batch in run.loader:
         run.heartbeat.beat("training", run.progress.step)
         group.append({k: v.to(run.dist.device, non_blocking=True) for k, v in batch.items()})
-        if len(group) == run.cfg.train.accumulate:
+        if len(group) == run.batches_per_step:
             yield group
             group = []
 
@@ -131,14 +131,15 @@ def _epoch_end(run: Run, epoch: int, epoch_losses: dict[str, list[float]]) -> bo
 
 def _progress_bar(run: Run, epoch: int) -> tqdm:
     train_cfg = run.cfg.train
-    return tqdm(total=run.steps_per_epoch, initial=run.loader.start_batch // train_cfg.accumulate,
+    return tqdm(total=run.steps_per_epoch, initial=run.loader.start_batch // run.batches_per_step,
                 desc=f"epoch {epoch + 1}/{train_cfg.epochs}", disable=not run.dist.is_main,
                 dynamic_ncols=True, mininterval=1.0)  # redrawn once a second at most
 
 
 # ---------------------------------------------------------------------------- one step
 def train_step(run: Run, batches: list[Batch]) -> dict[str, float]:
-    """One step of every phase, in the model's order. A phase whose gradients are not finite is
+    """One step of every phase, in the model's order; repetition r of a phase trains on the r-th
+    `accumulate` batches of `batches`. A phase whose gradients are not finite is
     skipped, and the step's batch-norm updates are undone with it. When a vote is due, the ranks
     vote on preemption while the last phase computes its gradients (a collective of its own
     after the step cost 2 ranks ~10 % of their steps/s); `run.preemption.agreed` has the result."""
@@ -147,11 +148,13 @@ def train_step(run: Run, batches: list[Batch]) -> dict[str, float]:
     run.buffer_guard.save()
     metrics: dict[str, float] = {}
     order, step, any_bad, vote = run.phase_order, run.progress.step, False, None
-    for i, phase in enumerate(order):
+    acc = run.cfg.train.accumulate
+    assert len(batches) == run.batches_per_step, (len(batches), run.batches_per_step)
+    for i, (phase, rep) in enumerate(order):
         last = i == len(order) - 1
         if last and run.preemption.vote_due(step + 1):
             vote = run.preemption.begin_vote(step)
-        grads = phase_gradients(run, phase, batches)
+        grads = phase_gradients(run, phase, batches[rep * acc:(rep + 1) * acc])
         metrics.update(grads.metrics)
         any_bad |= not grads.finite
         if vote is not None:

@@ -80,8 +80,9 @@ class BufferGuard:
 @dataclass
 class Phase:
     """One network's update: its parameters, optimizer (already wrapped to average gradients over
-    ranks) and lr schedule. A step runs the phases in the model's order, each `repeats` times
-    (n_critic critic updates per generator update, Gulrajani et al. 2017, arXiv:1704.00028)."""
+    ranks) and lr schedule. A step runs the phases in the model's order, each `repeats` times,
+    each repetition on a batch group of its own (n_critic critic updates per generator update,
+    each on a fresh real batch: Algorithm 1 of Gulrajani et al. 2017, arXiv:1704.00028)."""
     name: str
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -120,6 +121,7 @@ class Run:
     buffer_guard: BufferGuard
     scaler: torch.amp.GradScaler | None = None
     tracker: Tracker | None = None
+    draws: int = 1                 # batch groups per step: the most repeats of any phase
     progress: Progress = field(default_factory=Progress)
 
     @property
@@ -131,13 +133,19 @@ class Run:
         return Path(self.cfg.output_dir) / "train"
 
     @property
-    def steps_per_epoch(self) -> int:
-        return len(self.loader) // self.cfg.train.accumulate
+    def batches_per_step(self) -> int:
+        """`accumulate` batches for each of `draws` phase repetitions."""
+        return self.cfg.train.accumulate * self.draws
 
     @property
-    def phase_order(self) -> list[Phase]:
-        """Each phase `repeats` times, in the model's order (e.g. critic x5, then generator)."""
-        return [p for p in self.phases for _ in range(p.repeats)]
+    def steps_per_epoch(self) -> int:
+        return len(self.loader) // self.batches_per_step
+
+    @property
+    def phase_order(self) -> list[tuple[Phase, int]]:
+        """(phase, repetition) for each update of a step, in the model's order (e.g. critic x5,
+        then generator); repetition r trains on the step's r-th batch group."""
+        return [(p, r) for p in self.phases for r in range(p.repeats)]
 
     def losses(self, batch: Batch, phase: str) -> dict[str, torch.Tensor]:
         """The model's named losses for `phase` (looked up at each call: tests wrap it)."""
@@ -170,6 +178,7 @@ def build(cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None,
               provenance={"versions": versions(), "code_version": git_revision()},
               buffer_guard=BufferGuard(model),
               scaler=torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None)
+    run.draws = max(model.schedule.values())
     run.phases = build_phases(run)
     resumed_run_id = resume(run)
     if resumed_run_id is None:
@@ -255,9 +264,10 @@ def build_phases(run: Run) -> list[Phase]:
                              spec.module, prefix=spec.name, accumulate=train_cfg.accumulate)
         # parameters looked up once: walking the module tree every step costs more than the
         # small models' math
+        repeats = model.schedule[spec.name]  # its scheduler counts updates: `repeats` a step
         phases.append(Phase(spec.name, list(spec.module.parameters()), opt,
-                            build_scheduler(opt, train_cfg.schedule, total, scale),
-                            model.schedule[spec.name]))
+                            build_scheduler(opt, train_cfg.schedule, total * repeats, scale),
+                            repeats))
     return phases
 
 

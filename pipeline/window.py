@@ -17,7 +17,7 @@ class Window:
 
     def __init__(self, run: Run):
         self.losses: dict[str, list[float]] = defaultdict(list)
-        self.samples_per_step = run.cfg.train.batch_size * run.cfg.train.accumulate * run.dist.size
+        self.samples_per_step = run.cfg.train.batch_size * run.batches_per_step * run.dist.size
         self._restart(run)
 
     def _restart(self, run: Run) -> None:

@@ -301,3 +301,35 @@ def test_image_hooks_add_physics_only_for_a_model_that_samples_on_a_source_with_
     assert not vae.training                                     # drawn in eval mode
     assert set(images) >= set(vae.figures(batch)) and len(images) > len(vae.figures(batch))
     assert metrics and all(k.startswith("physics/") and math.isfinite(v) for k, v in metrics.items())
+
+
+def test_each_critic_update_draws_its_own_batch_and_each_schedule_counts_its_updates(small_store,
+                                                                                    tmp_path):
+    """WGAN-GP, n_critic=2 (Gulrajani et al. 2017, Algorithm 1): a step takes two batches, one per
+    critic update, and the critic's cosine schedule spans its 2 updates a step, so after one of
+    three steps both networks are a third of the way down their schedules."""
+    from pipeline.loop import batch_groups
+    from pipeline.optim import lr_factor
+    store = (small_store[0], [o for o in small_store[1] if not o.startswith("model.")])
+    t = _trainer(store, tmp_path, "model=wgan_gp", "model.image_size=16", "model.channels=[32,16]",
+                 "model.n_critic=2", "train.schedule.name=cosine", "train.schedule.warmup_steps=0",
+                 "train.schedule.min_lr_ratio=0.1", "train.max_steps=3")
+    assert t.steps_per_epoch == len(t.loader) // 2
+    seen: dict[str, list[bytes]] = {"critic": [], "generator": []}
+    model_losses = t.model.losses
+
+    def losses(batch, phase):
+        seen[phase].append(batch["x"].numpy().tobytes())
+        return model_losses(batch, phase)
+    t.model.losses = losses
+    group = next(batch_groups(t))
+    assert len(group) == 2
+    train_step(t, group)
+    assert seen["critic"] == [b["x"].numpy().tobytes() for b in group]  # one fresh batch each
+    assert seen["critic"][0] != seen["critic"][1] and len(seen["generator"]) == 1
+    critic, generator = t.phases
+    third = lr_factor(t.cfg.train.schedule, 1, 3, 1.0)
+    for phase in (critic, generator):
+        group_lr = phase.optimizer.param_groups[0]
+        assert group_lr["lr"] == pytest.approx(third * group_lr["initial_lr"]), phase.name
+    assert (critic.scheduler.last_epoch, generator.scheduler.last_epoch) == (2, 1)
