@@ -133,8 +133,14 @@ def bench_data_loader(quick: bool) -> list[dict]:
     return run(quick)
 
 
+def bench_compile(quick: bool) -> list[dict]:
+    from benchmarks.torch_compile import bench_compile as run
+    return run(quick)
+
+
 BENCHMARKS = {"allreduce": bench_allreduce, "trainer": bench_trainer,
-              "data_prepare": bench_data_prepare, "data_loader": bench_data_loader}
+              "data_prepare": bench_data_prepare, "data_loader": bench_data_loader,
+              "compile": bench_compile}
 
 
 def table(rows: list[dict]) -> str:

@@ -40,12 +40,13 @@ def _config(store: str, backend: str, steps: int, model: str):
 
 
 def _fit(cfg, dist) -> float:
-    """Trainer.fit's steps/s: all of it (loader start, checkpoints, the final save), not set-up."""
-    from pipeline.trainer import Trainer
-    trainer = Trainer(cfg, dist)
+    """fit's steps/s: all of it (loader start, checkpoints, the final save), not set-up (build)."""
+    from pipeline.loop import fit
+    from pipeline.run import build
+    run = build(cfg, dist)
     dist.barrier()
     t0 = time.perf_counter()
-    trainer.fit()
+    fit(run)
     return cfg.train.max_steps / (time.perf_counter() - t0)
 
 

@@ -148,7 +148,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         under_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"  # ranks are srun's tasks
         if not under_slurm and detect_launcher().size == 1 and cfg.train.dist.nproc > 1:
             return self._relaunch_locally(cfg)  # local executor: start the ranks with mpirun
-        from pipeline.trainer import Preempted, train
+        from pipeline.preemption import Preempted
+        from pipeline.trainer import train
         if under_slurm and cfg.train.dist.backend == "ddp":
             export_rendezvous()
         me = announce_ranks(job_folder())
@@ -190,7 +191,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                   f"(requeue {n + 1} of at most {self.max_requeues})", flush=True)
             # Requeue may already be under way (Slurm's own preemption requeue): not an error.
             subprocess.run(["scontrol", "requeue", job_id], timeout=60, check=False)
-        from pipeline.trainer import REQUEUE_EXIT_CODE
+        from pipeline.preemption import REQUEUE_EXIT_CODE
         sys.exit(REQUEUE_EXIT_CODE)  # SystemExit: submitit writes no result; the requeued job will
 
     def checkpoint(self, *args: Any, **kwargs: Any):
@@ -200,7 +201,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
     def _relaunch_locally(self, cfg: Config) -> dict[str, Any]:
-        from pipeline.launch import REQUEUE_EXIT_CODE, relaunch
+        from pipeline.launch import relaunch
+        from pipeline.preemption import REQUEUE_EXIT_CODE
         rc = relaunch(cfg.train.dist.nproc, ["train", *self.argv], cfg.train.dist.launcher,
                       cfg.train.dist.timeout_s, Path(cfg.output_dir) / "train" / "checkpoints")
         if rc == REQUEUE_EXIT_CODE:  # the ranks checkpointed after a preemption signal

@@ -181,6 +181,10 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16 needs a GPU (gradient scaler)
     seed: int = 0
     deterministic: bool = False    # torch deterministic algorithms (slower)
+    # torch.compile the model's losses. Off: on CPU (`hpcforge bench --only compile`) a compiled
+    # Ising VAE / ResNet / DCGAN step ran at 0.71x / 1.84x / 0.85x eager, and their own runs
+    # (510-1530 steps) took longer with the 94-338 s of compiling than eager (0.52x-0.87x).
+    compile: bool = False
     threads: int = 0               # torch threads per rank; 0: cores / ranks on this node
     prefetch: int = 2              # batches read ahead by the loader's thread
     val_every: int = 0             # validate every N steps (0: at each epoch end)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from pipeline.dist import apply_cpu_mpi_defaults, detect_launcher
 from pipeline.errors import UserError
+from pipeline.preemption import FORWARDED_SIGNAL, REQUEUE_EXIT_CODE, SIGNALS
 from pipeline.watchdog import (PARENT_DEATH_ENV, POLL_S, WATCH_DIR_ENV, WATCHDOG_EXIT_CODE,
                                Watchdog, kill_all, latest_checkpoint, session_pids)
 
-REQUEUE_EXIT_CODE = 75  # the trainer's "checkpointed after a preemption signal" status
+__all__ = ["REQUEUE_EXIT_CODE", "mpirun_command", "mpi_env", "needs_launch", "relaunch"]
 
 
 def mpirun_command(nproc: int, argv: list[str], launcher: str = "mpirun",
@@ -60,15 +61,11 @@ def relaunch(nproc: int, argv: list[str], launcher: str = "mpirun", timeout_s: f
              checkpoints: Path | None = None) -> int:
     """Run this command again on `nproc` ranks, watch them, and return the run's exit status.
 
-    The requeue contract (one place for it): a preemption signal (SIGUSR1/USR2/TERM, SIGINT)
-    reaches the launcher, alone or with its whole process group: mpirun runs in a session of its
-    own, so only the launcher hears it and passes it on as SIGUSR1 (a SIGTERM to mpirun would kill
-    the ranks before they checkpoint). Each rank's PreemptionFlag sets a flag; the ranks agree on
-    it at a step boundary (`Trainer._begin_agreement`); rank 0 writes the checkpoint and waits for
-    it to be on disk; every rank raises `Preempted` and exits 0 with its heartbeat record saying
-    "preempted" (so mpirun prints no error block); the launcher returns 75 (EX_TEMPFAIL: "requeue
-    me"). Under srun (jobs.tasks.TrainJob) the ranks exit 75 themselves, after `scontrol requeue`.
-    A failure is never 75: a rank's error gives its status, a silent rank the watchdog's 124.
+    This is the launcher's side of the preemption contract (pipeline.preemption, point 2):
+    mpirun runs in a session of its own, so a signal to our process group reaches only us, and
+    each of `SIGNALS` is passed on to mpirun as `FORWARDED_SIGNAL`. The ranks checkpoint and exit
+    0 with their heartbeat saying "preempted"; we return `REQUEUE_EXIT_CODE`. A failure is never
+    that: a rank's error gives its status, a silent rank the watchdog's 124.
     """
     env = mpi_env()
     watch = Path(tempfile.mkdtemp(prefix="hpcforge-watch-"))
@@ -77,9 +74,8 @@ def relaunch(nproc: int, argv: list[str], launcher: str = "mpirun", timeout_s: f
     cmd = mpirun_command(nproc, argv, launcher)
     print(f"[hpcforge] launching {nproc} ranks: {' '.join(cmd)}", flush=True)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
-    forward = lambda signum, frame: proc.send_signal(signal.SIGUSR1)  # noqa: E731
-    previous = {sig: signal.signal(sig, forward)
-                for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}
+    forward = lambda signum, frame: proc.send_signal(FORWARDED_SIGNAL)  # noqa: E731
+    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
     try:
         dog = Watchdog(watch, nproc, timeout_s)
         code = _watch(proc, dog, checkpoints)

@@ -75,11 +75,12 @@ def prepared(lab, name: str):
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_prepares_and_trains(lab, name):
     from pipeline.dist import init_distributed
-    from pipeline.trainer import Trainer
+    from pipeline.loop import fit
+    from pipeline.run import build
     cfg = prepared(lab, name)
-    trainer = Trainer(cfg, init_distributed(cfg.train.dist))
-    phases = [s.name for s in trainer.specs]
-    summary = trainer.fit()
+    run = build(cfg, init_distributed(cfg.train.dist))
+    phases = [p.name for p in run.phases]
+    summary = fit(run)
     assert summary["steps"] == STEPS and summary["nonfinite_steps"] == 0
     rows = [json.loads(line) for line in Path(summary["metrics"]).read_text().splitlines()]
     logged = [r for r in rows if any(k.endswith("/loss") for k in r)]

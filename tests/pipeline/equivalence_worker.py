@@ -1,6 +1,6 @@
 """Run by tests/pipeline/test_trainer_dist.py under mpirun (2 ranks) or alone (the reference).
 
-Feeds the real Trainer.train_step fixed batches cut from one global batch per step:
+Feeds the real pipeline.loop.train_step fixed batches cut from one global batch per step:
   ranks   each of 2 ranks takes its half (the data-parallel run under test);
   global  one process takes the whole global batch;
   halves  one process takes the global batch as 2 accumulated halves (batch norm then sees the
@@ -22,7 +22,8 @@ import torch
 from pipeline.config import load_config
 from pipeline.data.store import open_store
 from pipeline.dist import init_distributed
-from pipeline.trainer import Trainer
+from pipeline.loop import train_step
+from pipeline.run import build
 
 RANDN, RANDN_LIKE = torch.randn, torch.randn_like
 
@@ -73,7 +74,7 @@ def main(backend: str, mode: str, out: str, overrides: list[str], steps: int = 4
                                                        "train.logger.mode=disabled"])
         dist = results.get("_dist") or init_distributed(cfg.train.dist)
         results["_dist"] = dist
-        trainer = Trainer(cfg, dist)
+        trainer = build(cfg, dist)
         noise = SlicedNoise(slots=dist.size if mode == "ranks" else (2 if mode == "halves" else 1))
         torch.randn, torch.randn_like = noise, noise.like
         start = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
@@ -96,11 +97,11 @@ def main(backend: str, mode: str, out: str, overrides: list[str], steps: int = 4
         for g in global_batches(open_store(cfg.data.path), steps, 2 * batch):
             if mode == "ranks":
                 part = {k: v[dist.rank * batch:(dist.rank + 1) * batch] for k, v in g.items()}
-                trainer.train_step([part])
+                train_step(trainer, [part])
             elif mode == "global":
-                trainer.train_step([g])
+                train_step(trainer, [g])
             else:
-                trainer.train_step([{**{k: v[h * batch:(h + 1) * batch] for k, v in g.items()},
+                train_step(trainer, [{**{k: v[h * batch:(h + 1) * batch] for k, v in g.items()},
                                      "half": h} for h in (0, 1)])
         torch.randn, torch.randn_like = RANDN, RANDN_LIKE
         if mode == "ranks":

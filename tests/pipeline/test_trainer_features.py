@@ -17,15 +17,16 @@ from pipeline.errors import UserError
 from models.base import OptimizerSpec
 from pipeline.config import OptimConfig
 from pipeline.optim import build_optimizer, load_optimizer_state, lr_factor
-from pipeline.trainer import Trainer
+from pipeline.loop import fit, train_step
+from pipeline.run import Run, build
 
 
-def _trainer(store, tmp_path, *extra: str) -> Trainer:
+def _trainer(store, tmp_path, *extra: str) -> Run:
     path, overrides = store
     cfg = load_config("demo", overrides[1:] + [f"output_dir={tmp_path}", f"data.path={path}",
                                                "train.dist.backend=none", "train.batch_size=32",
                                                "train.logger.mode=disabled", *extra])
-    return Trainer(cfg, init_distributed(cfg.train.dist))
+    return build(cfg, init_distributed(cfg.train.dist))
 
 
 def test_warmup_goes_from_unscaled_lr_to_scaled_peak_then_cosine_to_floor():
@@ -129,7 +130,7 @@ def _activation_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
 def test_bf16_autocast_on_cpu_runs_the_forward_in_bfloat16(small_store, tmp_path, precision, dtype):
     t = _trainer(small_store, tmp_path, f"train.precision={precision}", "train.max_steps=3")
     seen = _activation_dtypes(t.model)
-    summary = t.fit()
+    summary = fit(t)
     assert summary["steps"] == 3 and summary["nonfinite_steps"] == 0
     assert seen == {dtype}                                   # every matmul/conv ran in bf16 (or not)
     assert t.model.encoder.mu.weight.dtype == torch.float32  # autocast keeps fp32 master weights
@@ -145,7 +146,7 @@ def test_gradient_clipping_bounds_the_update(small_store, tmp_path):
                  "train.optim.momentum=0", "train.lr=1.0")
     batch = next(iter(t.loader))
     before = [p.detach().clone() for p in t.model.parameters()]
-    metrics = t.train_step([batch])
+    metrics = train_step(t, [batch])
     assert metrics["opt/model/grad_norm"] > 0.5          # the raw norm is logged
     step = torch.linalg.vector_norm(torch.cat([(p.detach() - b).flatten()
                                                for p, b in zip(t.model.parameters(), before)]))
@@ -172,8 +173,8 @@ def test_gradient_accumulation_of_two_batches_equals_one_step_on_both(small_stor
         batches.append(batch)
         if len(batches) == 2:
             break
-    acc.train_step(batches)
-    one.train_step([{k: torch.cat([b[k] for b in batches]) for k in batches[0]}])
+    train_step(acc, batches)
+    train_step(one, [{k: torch.cat([b[k] for b in batches]) for k in batches[0]}])
     moved = 0.0
     for k, v in one.model.state_dict().items():
         torch.testing.assert_close(acc.model.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
@@ -184,7 +185,7 @@ def test_gradient_accumulation_of_two_batches_equals_one_step_on_both(small_stor
 def test_early_stopping_after_patience_validations(small_store, tmp_path):
     t = _trainer(small_store, tmp_path, "train.epochs=10", "train.early_stopping.metric=val/loss",
                  "train.early_stopping.patience=2", "train.early_stopping.min_delta=1e9")
-    summary = t.fit()
+    summary = fit(t)
     assert len(summary["history"]) == 3     # best at the first, then 2 without improvement
     assert summary["steps"] == 3 * t.steps_per_epoch
 
@@ -192,7 +193,7 @@ def test_early_stopping_after_patience_validations(small_store, tmp_path):
 def test_keeps_last_k_step_checkpoints_plus_last_best_final(small_store, tmp_path):
     t = _trainer(small_store, tmp_path, "train.max_steps=6", "train.checkpoint.every_steps=1",
                  "train.checkpoint.keep=2", "train.val_every=2")
-    t.fit()
+    fit(t)
     names = sorted(p.name for p in (tmp_path / "train" / "checkpoints").iterdir())
     assert names == ["best.pt", "final.pt", "last.pt", "step-00000005.pt", "step-00000006.pt"]
     ck = load(tmp_path / "train" / "checkpoints" / "last.pt")
@@ -201,11 +202,11 @@ def test_keeps_last_k_step_checkpoints_plus_last_best_final(small_store, tmp_pat
 
 
 def test_resume_auto_skips_a_corrupt_newest_checkpoint(small_store, tmp_path, capsys):
-    _trainer(small_store, tmp_path, "train.max_steps=4", "train.checkpoint.every_steps=2").fit()
+    fit(_trainer(small_store, tmp_path, "train.max_steps=4", "train.checkpoint.every_steps=2"))
     folder = tmp_path / "train" / "checkpoints"
     (folder / "step-00000099.pt").write_bytes(b"truncated")
     t = _trainer(small_store, tmp_path, "train.max_steps=6", "train.resume=auto")
-    assert t.step == 4
+    assert t.progress.step == 4
     assert "skipping unreadable checkpoint" in capsys.readouterr().out
 
 
@@ -219,7 +220,7 @@ def test_a_model_whose_optimizers_share_parameters_is_refused(small_store, tmp_p
 
 
 def test_seeds_differ_per_rank_and_repeat_per_run():
-    from pipeline.trainer import seed_for
+    from pipeline.run import seed_for
     assert seed_for(0, 0) == seed_for(0, 0) and seed_for(0, 0) != seed_for(0, 1)
     assert seed_for(0, 0, 1) != seed_for(0, 0, 0) and not math.isnan(seed_for(1, 2))
 
@@ -233,21 +234,21 @@ def test_a_signal_is_agreed_on_at_the_next_check_spaced_by_signal_check_s(
     SIGTERM is real: sent to this process, caught by the trainer's own handler."""
     import types
 
-    import pipeline.trainer as trainer_module
+    import pipeline.preemption as preemption_module
     t = _trainer(small_store, tmp_path, f"train.dist.signal_check_s={check_s}")
     batch = next(iter(t.loader))
     clock = iter(range(1, 1000))
-    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(
+    monkeypatch.setattr(preemption_module, "time", types.SimpleNamespace(
         perf_counter=lambda: 0.1 * next(clock)))
     acted = None
-    with trainer_module.PreemptionFlag() as flag:
-        t._flag = flag
+    with preemption_module.PreemptionFlag() as flag:
+        t.preemption.flag = flag
         for step in range(1, 20):
             if step == 5:
                 os.kill(os.getpid(), signal.SIGTERM)  # arrives before step 5
-            t.train_step([batch])
-            t.step = step
-            if t.preempt:
+            train_step(t, [batch])
+            t.progress.step = step
+            if t.preemption.agreed:
                 acted = step
                 break
     assert acted == acted_at and flag.signum == signal.SIGTERM
@@ -258,14 +259,14 @@ def test_real_sigusr1_during_step_5_checkpoints_step_5_and_exits_75(small_store,
     """`hpcforge train` (one process, in this one): a hook sends this process a real SIGUSR1 as
     step 5 starts; the trainer checkpoints step 5 and the command returns 75 (requeue me)."""
     from pipeline import cli
-    from pipeline.trainer import Trainer
-    step = Trainer.train_step
+    from pipeline import loop
+    step = loop.train_step
 
-    def train_step(self, batches):
-        if self.step + 1 == 5:
+    def train_step(run, batches):
+        if run.progress.step + 1 == 5:
             os.kill(os.getpid(), signal.SIGUSR1)
-        return step(self, batches)
-    monkeypatch.setattr(Trainer, "train_step", train_step)
+        return step(run, batches)
+    monkeypatch.setattr(loop, "train_step", train_step)
     path, overrides = small_store
     code = cli.main(["train", *overrides[1:], f"data.path={path}", f"output_dir={tmp_path}",
                      "train.dist.backend=none", "train.dist.nproc=1", "train.batch_size=16",
@@ -277,3 +278,58 @@ def test_real_sigusr1_during_step_5_checkpoints_step_5_and_exits_75(small_store,
     assert load(last)["step"] == 5
     assert "SIGUSR1: checkpointed step 5 to " in out.out and "exit 75 (requeue me)" in out.out
     assert not (tmp_path / "train" / "checkpoints" / "final.pt").exists()
+
+
+def test_image_hooks_add_physics_only_for_a_model_that_samples_on_a_source_with_observables():
+    """The loop draws whatever hooks `build` chose; a VAE on Ising data gets the physics plots
+    and their W1 distances, a classifier or a source without observables only its figures."""
+    from models import MODELS
+    from pipeline.hooks import draw_all, image_hooks, model_figures
+    torch.manual_seed(0)
+    vae = MODELS["vae"][1](MODELS["vae"][0](image_size=16))
+    mlp = MODELS["mlp"][1](MODELS["mlp"][0]())
+    assert image_hooks(mlp, "ising2d", True, None) == [model_figures]
+    assert image_hooks(vae, "no-such-source", True, None) == [model_figures]
+    assert image_hooks(vae, "ising2d", False, None) == [model_figures]   # no samples to compare
+    hooks = image_hooks(vae, "ising2d", True, None)
+    assert len(hooks) == 2
+    vae.train()
+    batch = {"x": torch.rand(8, 1, 16, 16).round()}
+    state = torch.get_rng_state()
+    images, metrics = draw_all(hooks, vae, batch)
+    assert torch.equal(torch.get_rng_state(), state)           # training's RNG untouched
+    assert not vae.training                                     # drawn in eval mode
+    assert set(images) >= set(vae.figures(batch)) and len(images) > len(vae.figures(batch))
+    assert metrics and all(k.startswith("physics/") and math.isfinite(v) for k, v in metrics.items())
+
+
+def test_each_critic_update_draws_its_own_batch_and_each_schedule_counts_its_updates(small_store,
+                                                                                    tmp_path):
+    """WGAN-GP, n_critic=2 (Gulrajani et al. 2017, Algorithm 1): a step takes two batches, one per
+    critic update, and the critic's cosine schedule spans its 2 updates a step, so after one of
+    three steps both networks are a third of the way down their schedules."""
+    from pipeline.loop import batch_groups
+    from pipeline.optim import lr_factor
+    store = (small_store[0], [o for o in small_store[1] if not o.startswith("model.")])
+    t = _trainer(store, tmp_path, "model=wgan_gp", "model.image_size=16", "model.channels=[32,16]",
+                 "model.n_critic=2", "train.schedule.name=cosine", "train.schedule.warmup_steps=0",
+                 "train.schedule.min_lr_ratio=0.1", "train.max_steps=3")
+    assert t.steps_per_epoch == len(t.loader) // 2
+    seen: dict[str, list[bytes]] = {"critic": [], "generator": []}
+    model_losses = t.model.losses
+
+    def losses(batch, phase):
+        seen[phase].append(batch["x"].numpy().tobytes())
+        return model_losses(batch, phase)
+    t.model.losses = losses
+    group = next(batch_groups(t))
+    assert len(group) == 2
+    train_step(t, group)
+    assert seen["critic"] == [b["x"].numpy().tobytes() for b in group]  # one fresh batch each
+    assert seen["critic"][0] != seen["critic"][1] and len(seen["generator"]) == 1
+    critic, generator = t.phases
+    third = lr_factor(t.cfg.train.schedule, 1, 3, 1.0)
+    for phase in (critic, generator):
+        group_lr = phase.optimizer.param_groups[0]
+        assert group_lr["lr"] == pytest.approx(third * group_lr["initial_lr"]), phase.name
+    assert (critic.scheduler.last_epoch, generator.scheduler.last_epoch) == (2, 1)

@@ -14,7 +14,7 @@ import pytest
 
 from helpers import ROOT
 from pipeline.launch import mpi_env, mpirun_command
-from pipeline.trainer import PreemptionFlag
+from pipeline.preemption import PreemptionFlag
 from pipeline.watchdog import WATCHDOG_EXIT_CODE, Heartbeat, Watchdog
 
 TIMEOUT_S = 12   # train.dist.timeout_s for these runs

@@ -1,0 +1,291 @@
+"""The data-parallel training loop, the same for every model family (nanoGPT's train.py shape).
+
+Per step: fetch a group of `accumulate` batches; for each phase the model declares (in order,
+`repeats` times) let only that network make gradients, average them over ranks, clip them, skip
+the update if they are not finite, and step; then the step's end: log, draw, validate,
+checkpoint, and stop if the ranks voted to (pipeline.preemption). Rank 0 logs and writes
+checkpoints; every rank computes. The parts come from pipeline.run.build.
+"""
+from __future__ import annotations
+
+import math
+import signal
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.checkpoint import link_atomic
+from pipeline.dist import only_grads_of
+from pipeline.hooks import draw_all
+from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted
+from pipeline.run import Phase, Run, autocast, weights_digest
+from pipeline.state import save
+from pipeline.validation import after_validation, validate
+from pipeline.window import Window
+
+Batch = dict[str, torch.Tensor]
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps (or one, with train.nonfinite=fail)."""
+
+
+class Gradients(NamedTuple):
+    """One phase's averaged, clipped gradients are in its parameters' .grad; this is what the
+    step learned about them: the named losses, norm and lr to log, and whether they are finite
+    (decided on averaged gradients, so every rank decides the same)."""
+    metrics: dict[str, float]
+    finite: bool
+
+
+# ---------------------------------------------------------------------------- the run
+def fit(run: Run) -> dict[str, Any]:
+    """Train until the epochs, train.max_steps or early stopping end it; return the summary."""
+    flag = run.preemption.flag
+    with nullcontext() if flag.catching else flag:
+        try:
+            return _train(run)
+        finally:  # whatever ends the run, the last checkpoint handed to the writer is on disk
+            run.checkpoints.wait()
+
+
+def _train(run: Run) -> dict[str, Any]:
+    window, last, stop = Window(run), None, False
+    while run.progress.epoch < run.cfg.train.epochs and not stop:
+        stop, last = _epoch(run, window, last)
+    every = run.cfg.train.logger.images_every
+    if last is not None and not (every and run.progress.step % every == 0):
+        log_images(run, last)  # the final state, unless just logged
+    return finish(run)
+
+
+def _epoch(run: Run, window: Window, last: list[Batch] | None) -> tuple[bool, list[Batch] | None]:
+    train_cfg, progress = run.cfg.train, run.progress
+    epoch, stop = progress.epoch, False
+    if run.loader.epoch != epoch:
+        run.loader.set_epoch(epoch)
+    bar = _progress_bar(run, epoch)
+    run.model.reset_state()  # stateful RNNs start each epoch from a zero state
+    epoch_losses: dict[str, list[float]] = defaultdict(list)
+    for group in batch_groups(run):
+        inject_nan(run, group)
+        losses, last = train_step(run, group), group
+        progress.step += 1
+        bar.update(1)
+        window.add(losses)
+        for k, v in losses.items():
+            epoch_losses[k].append(v)
+        stop = _step_end(run, window, group, bar)
+        if stop or (train_cfg.max_steps and progress.step >= train_cfg.max_steps):
+            stop = True
+            break
+    bar.close()
+    if not stop:
+        stop = _epoch_end(run, epoch, epoch_losses)
+    return stop, last
+
+
+def batch_groups(run: Run) -> Iterator[list[Batch]]:
+    """The loader's batches on the device, one step's worth (`batches_per_step`) at a time."""
+    group: list[Batch] = []
+    for batch in run.loader:
+        run.heartbeat.beat("training", run.progress.step)
+        group.append({k: v.to(run.dist.device, non_blocking=True) for k, v in batch.items()})
+        if len(group) == run.batches_per_step:
+            yield group
+            group = []
+
+
+def _step_end(run: Run, window: Window, group: list[Batch], bar: tqdm) -> bool:
+    """Log, draw, validate and checkpoint as configured; act on an agreed preemption. Returns
+    whether early stopping says stop."""
+    train_cfg, step, stop = run.cfg.train, run.progress.step, False
+    if step % train_cfg.logger.log_every == 0:
+        window.log(run, bar)
+    if train_cfg.logger.images_every and step % train_cfg.logger.images_every == 0:
+        log_images(run, group)
+    if train_cfg.val_every and step % train_cfg.val_every == 0:
+        stop = after_validation(run, validate(run))
+    if train_cfg.checkpoint.every_steps and step % train_cfg.checkpoint.every_steps == 0:
+        save(run)
+    if run.preemption.agreed:  # by every rank, at the end of train_step
+        preempted(run)
+    return stop
+
+
+def _epoch_end(run: Run, epoch: int, epoch_losses: dict[str, list[float]]) -> bool:
+    run.progress.epoch = epoch + 1
+    means = run.dist.mean({f"train/{k}": float(np.mean(v)) for k, v in epoch_losses.items()
+                           if not k.startswith("opt/")})
+    val = validate(run) if not run.cfg.train.val_every else {}
+    stop = after_validation(run, {"epoch": float(epoch), **means, **val})
+    save(run)
+    return stop
+
+
+def _progress_bar(run: Run, epoch: int) -> tqdm:
+    train_cfg = run.cfg.train
+    return tqdm(total=run.steps_per_epoch, initial=run.loader.start_batch // run.batches_per_step,
+                desc=f"epoch {epoch + 1}/{train_cfg.epochs}", disable=not run.dist.is_main,
+                dynamic_ncols=True, mininterval=1.0)  # redrawn once a second at most
+
+
+# ---------------------------------------------------------------------------- one step
+def train_step(run: Run, batches: list[Batch]) -> dict[str, float]:
+    """One step of every phase, in the model's order; repetition r of a phase trains on the r-th
+    `accumulate` batches of `batches`. A phase whose gradients are not finite is
+    skipped, and the step's batch-norm updates are undone with it. When a vote is due, the ranks
+    vote on preemption while the last phase computes its gradients (a collective of its own
+    after the step cost 2 ranks ~10 % of their steps/s); `run.preemption.agreed` has the result."""
+    if not run.model.training:  # walking the module tree costs ~0.2 ms: only after eval
+        run.model.train()
+    run.buffer_guard.save()
+    metrics: dict[str, float] = {}
+    order, step, any_bad, vote = run.phase_order, run.progress.step, False, None
+    acc = run.cfg.train.accumulate
+    assert len(batches) == run.batches_per_step, (len(batches), run.batches_per_step)
+    for i, (phase, rep) in enumerate(order):
+        last = i == len(order) - 1
+        if last and run.preemption.vote_due(step + 1):
+            vote = run.preemption.begin_vote(step)
+        grads = phase_gradients(run, phase, batches[rep * acc:(rep + 1) * acc])
+        metrics.update(grads.metrics)
+        any_bad |= not grads.finite
+        if vote is not None:
+            run.preemption.end_vote(vote, step)
+        if last and any_bad:
+            run.buffer_guard.restore()
+        _update(run, phase, grads.finite)
+    if run.scaler is not None:
+        run.scaler.update()
+    _count_nonfinite(run, any_bad)
+    return metrics
+
+
+def phase_gradients(run: Run, phase: Phase, batches: list[Batch]) -> Gradients:
+    """`phase`'s gradients over the group's batches, averaged over ranks and clipped."""
+    opt = phase.optimizer
+    opt.zero_grad()
+    # one network among several: freeze the others (a lone network needs no toggling)
+    scope = only_grads_of(run.model, phase.params) if len(run.phases) > 1 else nullcontext()
+    with scope:
+        losses = _backward(run, phase.name, batches)
+    run.dist.synchronize(opt)  # gradients now averaged over ranks: the same on every rank
+    if run.scaler is not None:
+        run.scaler.unscale_(opt)
+    norm = _clip(phase.params, run.cfg.train.grad_clip)
+    metrics = {f"{phase.name}/{k}": v for k, v in losses.items()}
+    metrics[f"opt/{phase.name}/grad_norm"] = norm
+    metrics[f"opt/{phase.name}/lr"] = opt.param_groups[0]["lr"]
+    return Gradients(metrics, math.isfinite(norm))
+
+
+def _backward(run: Run, phase: str, batches: list[Batch]) -> dict[str, float]:
+    """Backward of the mean loss over the group's batches (accumulation); their mean losses."""
+    means: dict[str, float] = defaultdict(float)
+    n = len(batches)
+    for batch in batches:
+        with autocast(run):
+            losses = run.losses(batch, phase)
+        loss = losses["loss"].float()
+        if n > 1:
+            loss = loss / n
+        (run.scaler.scale(loss) if run.scaler else loss).backward()
+        for k, v in losses.items():
+            means[k] += v.item() / n
+    return means
+
+
+def _clip(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """The gradients' global norm (before clipping), clipped to `max_norm` if set and finite."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    norm = float(total)
+    if max_norm and math.isfinite(norm):  # (with the norm just taken, not again)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return norm
+
+
+def _update(run: Run, phase: Phase, finite: bool) -> None:
+    if not finite:
+        phase.optimizer.zero_grad()
+        return
+    run.dist.step(phase.optimizer, run.scaler)
+    phase.scheduler.step()
+
+
+def _count_nonfinite(run: Run, bad: bool) -> None:
+    progress, train_cfg = run.progress, run.cfg.train
+    progress.nonfinite_total += bad
+    progress.nonfinite_run = progress.nonfinite_run + 1 if bad else 0
+    if bad and (train_cfg.nonfinite == "fail" or progress.nonfinite_run >= train_cfg.max_nonfinite):
+        raise NonFiniteError(f"{progress.nonfinite_run} non-finite step(s) in a row at step "
+                             f"{progress.step + 1} (train.nonfinite={train_cfg.nonfinite}, "
+                             f"train.max_nonfinite={train_cfg.max_nonfinite}); the last good "
+                             f"checkpoint is in {run.checkpoints.folder}. Lower train.lr or set "
+                             f"train.grad_clip")
+
+
+def inject_nan(run: Run, batches: list[Batch]) -> None:
+    """Fault injection (train.inject_nan_at): rank 0's first float input becomes NaN."""
+    if run.progress.step + 1 in run.cfg.train.inject_nan_at and run.dist.is_main:
+        for k, v in batches[0].items():
+            if v.is_floating_point():
+                batches[0][k] = torch.full_like(v, float("nan"))
+                break
+
+
+# ---------------------------------------------------------------------------- step end
+def log_images(run: Run, batches: list[Batch]) -> None:
+    """Rank 0: what the run's image hooks draw from the group's first batch (pipeline.hooks)."""
+    if not (run.dist.is_main and run.tracker.records_images):
+        return
+    run.heartbeat.beat("images")
+    images, metrics = draw_all(run.hooks, run.model, batches[0])
+    run.tracker.images(images, run.progress.step)
+    if metrics:
+        run.tracker.log(metrics, run.progress.step)
+
+
+# ---------------------------------------------------------------------------- the end
+def preempted(run: Run) -> None:
+    """The contract's steps 4-5 (pipeline.preemption): checkpoint on disk, then `Preempted`."""
+    path = save(run)
+    run.checkpoints.wait()  # on disk before anyone hears "requeue me"
+    signum = run.preemption.signum
+    run.print(f"[hpcforge] {signal.Signals(signum).name}: checkpointed step {run.progress.step} to "
+              f"{path}; exit {REQUEUE_EXIT_CODE} (requeue me)")
+    run.tracker.finish({"preempted_at_step": run.progress.step}, exit_code=REQUEUE_EXIT_CODE)
+    run.dist.barrier()  # rank 0's files are complete before any rank exits
+    run.heartbeat.beat("preempted")  # the launcher's cue for 75 (pipeline.launch.relaunch)
+    raise Preempted(signum, path)
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """The final checkpoint (also final.pt), every rank's weight digest, the summary."""
+    final, p, dist = save(run), run.progress, run.dist
+    dist.average_buffers(run.model)  # training is over: every rank ends with the mean
+    digests = dist.gather_object(weights_digest(run.model))
+    summary: dict[str, Any] = {"steps": p.step, "ranks": dist.size, "launcher": dist.place.launcher,
+                               "nonfinite_steps": p.nonfinite_total,
+                               "weights_sha256_per_rank": digests, "history": p.history}
+    run.checkpoints.wait()
+    if dist.is_main:
+        ckpt = run.checkpoints.folder / "final.pt"
+        if final:
+            link_atomic(Path(final), ckpt)
+        summary.update(checkpoint=str(ckpt), metrics=str(run.tracker.metrics_path),
+                       wandb_run=run.tracker.run_path)
+        run.tracker.finish(dict(p.history[-1]) if p.history else {})
+        run.tracker.write_json(run.run_dir / "summary.json", summary)
+    dist.barrier()
+    run.heartbeat.beat("done")
+    return summary

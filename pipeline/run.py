@@ -1,0 +1,307 @@
+"""`build(cfg, dist) -> Run`: everything a training run is made of, assembled once.
+
+The loop (pipeline.loop) only reads and steps these parts; all set-up lives here, in the order it
+must happen: seeds and threads, the store and its loaders, the model and one optimizer phase per
+network, checkpoints (and resume from one), the tracker, the preemption vote, the image hooks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models import MODELS
+from models.base import Batch, Trainable
+from pipeline.checkpoint import Checkpoints
+from pipeline.config import Config, TrainConfig
+from pipeline.data.loader import ShardedLoader
+from pipeline.data.store import Store, normalization, open_store
+from pipeline.dist import Dist
+from pipeline.errors import UserError
+from pipeline.hooks import ImageHook, image_hooks
+from pipeline.optim import build_optimizer, build_scheduler, rank_scale
+from pipeline.preemption import Preemption, PreemptionFlag
+from pipeline.provenance import git_revision, versions
+from pipeline.tracking import Tracker
+from pipeline.watchdog import Heartbeat, NoHeartbeat
+
+
+def seed_for(seed: int, rank: int, epoch: int = 0) -> int:
+    """The one place seeds come from: distinct per (seed, rank, epoch), stable across runs."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
+def build_model(cfg: Config) -> Trainable:
+    _, build = MODELS[cfg.model.name]
+    return build(cfg.model.params)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer, in name order: equal digests, equal weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def float_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The model's batch-norm statistics (and any other floating-point buffers)."""
+    return [b for b in model.buffers() if b.is_floating_point()]
+
+
+class BufferGuard:
+    """Batch-norm statistics as they were before the step: a non-finite batch poisons them too,
+    so a skipped step is undone in them as well. The buffers are looked up once (walking the
+    module tree every step costs more than the small models' math) and copied in one batched
+    call into the same memory."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.buffers = float_buffers(model)
+        self.saved = [b.clone() for b in self.buffers]
+
+    def save(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
+
+    def restore(self) -> None:
+        for b, old in zip(self.buffers, self.saved):
+            b.copy_(old)
+
+
+@dataclass
+class Phase:
+    """One network's update: its parameters, optimizer (already wrapped to average gradients over
+    ranks) and lr schedule. A step runs the phases in the model's order, each `repeats` times,
+    each repetition on a batch group of its own (n_critic critic updates per generator update,
+    each on a fresh real batch: Algorithm 1 of Gulrajani et al. 2017, arXiv:1704.00028)."""
+    name: str
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    repeats: int = 1
+
+
+@dataclass
+class Progress:
+    """Where the run is; a checkpoint holds all of it, so a resumed run goes on exactly."""
+    step: int = 0
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    nonfinite_total: int = 0        # skipped steps in the whole run
+    nonfinite_run: int = 0          # skipped steps in a row, ending now
+    stop_best: float | None = None  # early stopping: the best value so far
+    stop_bad: int = 0               # early stopping: validations since it
+
+
+@dataclass
+class Run:
+    """The parts of one training run on this rank; pipeline.loop.fit trains it."""
+    cfg: Config
+    dist: Dist
+    heartbeat: Heartbeat
+    model: Trainable               # the raw module: checkpoints hold its state_dict
+    compiled_losses: Any           # model.losses through torch.compile (train.compile), or None
+    phases: list[Phase]
+    loader: ShardedLoader
+    val_loader: ShardedLoader | None
+    checkpoints: Checkpoints
+    preemption: Preemption
+    hooks: list[ImageHook]
+    store_meta: dict[str, Any]     # the dataset's identity, kept in checkpoints and W&B
+    provenance: dict[str, Any]     # versions and git revision, asked once per run
+    buffer_guard: BufferGuard
+    scaler: torch.amp.GradScaler | None = None
+    tracker: Tracker | None = None
+    draws: int = 1                 # batch groups per step: the most repeats of any phase
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def train_cfg(self) -> TrainConfig:
+        return self.cfg.train
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.output_dir) / "train"
+
+    @property
+    def batches_per_step(self) -> int:
+        """`accumulate` batches for each of `draws` phase repetitions."""
+        return self.cfg.train.accumulate * self.draws
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader) // self.batches_per_step
+
+    @property
+    def phase_order(self) -> list[tuple[Phase, int]]:
+        """(phase, repetition) for each update of a step, in the model's order (e.g. critic x5,
+        then generator); repetition r trains on the step's r-th batch group."""
+        return [(p, r) for p in self.phases for r in range(p.repeats)]
+
+    def losses(self, batch: Batch, phase: str) -> dict[str, torch.Tensor]:
+        """The model's named losses for `phase` (looked up at each call: tests wrap it)."""
+        return (self.compiled_losses or self.model.losses)(batch, phase)
+
+    def print(self, msg: str) -> None:
+        """Rank 0 owns the terminal."""
+        if self.dist.is_main:
+            print(msg, flush=True)
+
+
+def build(cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None,
+          flag: PreemptionFlag | None = None) -> Run:
+    """Assemble a run on this rank, resumed as train.resume asks. `flag` catches preemption
+    signals from before the build (pipeline.trainer.train); without one, fit() installs its own."""
+    from pipeline.state import resume
+    heartbeat = heartbeat or NoHeartbeat()  # for the watchdog (pipeline.watchdog)
+    heartbeat.beat("setup")
+    _check_train_config(cfg.train, dist)
+    _seed_and_threads(cfg.train, dist)
+    store = open_store(cfg.data.path)
+    loader, val_loader = _loader(cfg, dist, store, "train"), _val_loader(cfg, dist, store)
+    model = dist.sync_batchnorm(build_model(cfg).to(dist.device))
+    run = Run(cfg=cfg, dist=dist, heartbeat=heartbeat, model=model,
+              compiled_losses=compiled_losses(model, cfg.train.compile), phases=[], loader=loader,
+              val_loader=val_loader, checkpoints=_checkpoints(cfg), hooks=_hooks(cfg, model, store),
+              preemption=Preemption(flag or PreemptionFlag(), dist.begin_sum, dist.is_main,
+                                    cfg.train.dist.signal_check_s),
+              store_meta={k: store.meta[k] for k in ("source", "splits", "checksums", "shuffle")},
+              provenance={"versions": versions(), "code_version": git_revision()},
+              buffer_guard=BufferGuard(model),
+              scaler=torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None)
+    run.draws = max(model.schedule.values())
+    run.phases = build_phases(run)
+    resumed_run_id = resume(run)
+    if resumed_run_id is None:
+        dist.broadcast(model, *(p.optimizer for p in run.phases))
+    run.tracker = Tracker(cfg.train.logger, run.run_dir,
+                          {**cfg.to_dict(), "dataset": run.store_meta, **run.provenance},
+                          active=dist.is_main, run_id=resumed_run_id)
+    announce_ranks(run)
+    return run
+
+
+def _check_train_config(train_cfg: TrainConfig, dist: Dist) -> None:
+    if train_cfg.precision == "fp16" and dist.device.type != "cuda":
+        raise UserError("train.precision=fp16 needs a GPU (it trains with a gradient scaler); "
+                        "use train.precision=bf16 on CPU")
+    if train_cfg.accumulate < 1:
+        raise UserError(f"train.accumulate={train_cfg.accumulate}: expected an integer >= 1")
+
+
+def _seed_and_threads(train_cfg: TrainConfig, dist: Dist) -> None:
+    torch.manual_seed(seed_for(train_cfg.seed, dist.rank))
+    torch.set_num_threads(train_cfg.threads or max(1, (os.cpu_count() or 1) // dist.local_size))
+    if train_cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+def _loader(cfg: Config, dist: Dist, store: Store, split: str, **extra: Any) -> ShardedLoader:
+    return ShardedLoader(store, split, inputs=cfg.data.inputs, batch_size=cfg.train.batch_size,
+                         rank=dist.rank, world=dist.size, seed=cfg.train.seed,
+                         normalize=cfg.data.normalize, prefetch=cfg.train.prefetch, **extra)
+
+
+def _val_loader(cfg: Config, dist: Dist, store: Store) -> ShardedLoader | None:
+    """Validation reads epoch 0 every time; none when the split cannot fill one batch per rank."""
+    if store.meta["splits"]["val"] < dist.size * cfg.train.batch_size:
+        return None
+    return _loader(cfg, dist, store, "val", read_ahead=False)
+
+
+def _checkpoints(cfg: Config) -> Checkpoints:
+    ck = cfg.train.checkpoint
+    return Checkpoints(Path(cfg.output_dir) / "train" / "checkpoints", ck.keep, ck.best_metric,
+                       ck.best_mode, background=ck.background)
+
+
+def _hooks(cfg: Config, model: Trainable, store: Store) -> list[ImageHook]:
+    x_var = cfg.data.inputs.get("x")
+    stats = store.stats("train", x_var) if x_var in store.meta["stats"]["train"] else None
+    affine = normalization(stats, cfg.data.normalize) if stats else None
+    return image_hooks(model, cfg.data.source, "x" in cfg.data.inputs, affine)
+
+
+def compiled_losses(model: Trainable, compile: bool) -> Any:
+    """`model.losses`, through torch.compile with train.compile=true. The method is compiled, not
+    the module: the module stays the raw one, so checkpoints keep its state_dict's own keys.
+    Inductor compiles at the first call; a machine where it cannot (no C++ compiler, say) gets
+    one line naming the cause and the fix instead of a compiler traceback."""
+    if not compile:
+        return None
+    compiled = torch.compile(model.losses)
+
+    def losses(batch: Batch, phase: str) -> dict[str, torch.Tensor]:
+        try:
+            return compiled(batch, phase)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            cause = (str(e).strip().splitlines() or ["unknown"])[0]
+            raise UserError(f"train.compile=true: torch.compile could not compile "
+                            f"{type(model).__name__}.losses here ({cause}); set "
+                            f"train.compile=false") from None
+    return losses
+
+
+def build_phases(run: Run) -> list[Phase]:
+    """One phase per optimizer the model declares, in its order; each network in exactly one."""
+    train_cfg, dist, model = run.cfg.train, run.dist, run.model
+    specs = model.optimizers()
+    _check_disjoint(run.cfg.model.name, specs)
+    scale = rank_scale(train_cfg.lr_scaling, dist.size)
+    total = train_cfg.max_steps or train_cfg.epochs * run.steps_per_epoch
+    phases = []
+    for spec in specs:
+        opt = dist.optimizer(build_optimizer(spec, train_cfg.optim, train_cfg.lr * scale),
+                             spec.module, prefix=spec.name, accumulate=train_cfg.accumulate)
+        # parameters looked up once: walking the module tree every step costs more than the
+        # small models' math
+        repeats = model.schedule[spec.name]  # its scheduler counts updates: `repeats` a step
+        phases.append(Phase(spec.name, list(spec.module.parameters()), opt,
+                            build_scheduler(opt, train_cfg.schedule, total * repeats, scale),
+                            repeats))
+    return phases
+
+
+def _check_disjoint(model_name: str, specs: list) -> None:
+    seen: dict[int, str] = {}
+    for spec in specs:
+        for p in spec.module.parameters():
+            if id(p) in seen:
+                raise UserError(f"model {model_name}: optimizers {seen[id(p)]!r} and "
+                                f"{spec.name!r} share parameters; each network must belong to "
+                                f"one optimizer for data-parallel training")
+            seen[id(p)] = spec.name
+
+
+def autocast(run: Run):
+    """The forward's precision (train.precision); fp32 runs without autocast."""
+    precision = run.cfg.train.precision
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(run.dist.device.type, dtype=dtype)
+
+
+def announce_ranks(run: Run) -> None:
+    """Rank/host/device map, printed once by rank 0 and kept in ranks.json."""
+    dist = run.dist
+    me = {"rank": dist.rank, "local_rank": dist.local_rank, "pid": os.getpid(),
+          # Slurm's node name tells fake nodes on one host apart (and matches squeue)
+          "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+          "device": str(dist.device)}
+    ranks = dist.gather_object(me)
+    if dist.is_main:
+        run.print(f"[hpcforge] {dist.describe()}")
+        for r in ranks:
+            run.print(f"[hpcforge]   rank {r['rank']} on {r['host']} (local {r['local_rank']}, "
+                      f"pid {r['pid']}, {r['device']})")
+        (run.run_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))

@@ -1,0 +1,135 @@
+"""A run's checkpoint: what `save` writes on rank 0 and `resume` reads back on every rank.
+
+A checkpoint holds the raw model, every phase's optimizer and schedule, the loader's position,
+the run's progress, each rank's RNG state and batch-norm statistics (so a resume on the same
+world size goes on as if never stopped), the redacted config and the dataset's identity.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.checkpoint import check_compatible, load
+from pipeline.errors import UserError
+from pipeline.optim import load_optimizer_state
+from pipeline.redaction import redact
+from pipeline.run import Progress, Run, float_buffers
+
+
+def finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+def _state(run: Run) -> dict[str, Any]:
+    p = run.progress
+    return {"model": run.model.state_dict(),
+            "optimizers": {ph.name: ph.optimizer.state_dict() for ph in run.phases},
+            "schedulers": {ph.name: ph.scheduler.state_dict() for ph in run.phases},
+            "scaler": run.scaler.state_dict() if run.scaler else None,
+            "step": p.step, "epoch": p.epoch, "ranks": run.dist.size,
+            "loader": run.loader.state_dict(), "history": p.history,
+            "nonfinite": [p.nonfinite_total, p.nonfinite_run],
+            "early_stop": [p.stop_best, p.stop_bad],
+            "best_value": run.checkpoints.best_value,
+            "model_name": run.cfg.model.name, "config": redact(run.cfg.to_dict()),
+            "dataset": run.store_meta, "wandb_run_id": run.tracker.run_id,
+            **run.provenance}
+
+
+def save(run: Run) -> str | None:
+    """Checkpoint on rank 0; never non-finite weights. The model holds the ranks' mean
+    batch-norm statistics; each rank's own, and its RNG state, are kept for an exact resume.
+    Returns the path on every rank (None when skipped)."""
+    run.heartbeat.beat("checkpoint", run.progress.step)
+    with averaged_buffers(run) as own:
+        rng, buffers = zip(*run.dist.gather_object((torch.get_rng_state(), own)))
+        path = None
+        if run.dist.is_main:
+            if not finite(run.model.state_dict().values()):
+                run.print(f"[hpcforge] step {run.progress.step}: weights are not finite, "
+                          f"checkpoint skipped; the last good one stays in "
+                          f"{run.checkpoints.folder}")
+            else:
+                state = {**_state(run), "rng": list(rng), "rank_buffers": list(buffers)}
+                metrics = run.progress.history[-1] if run.progress.history else {}
+                path = str(run.checkpoints.save(state, run.progress.step, metrics))
+    return run.dist.broadcast_object(path)
+
+
+@contextmanager
+def averaged_buffers(run: Run) -> Iterator[list[torch.Tensor]]:
+    """The ranks' mean batch-norm statistics in the model for the block (validation, a
+    checkpoint); yields this rank's own (on the CPU), which it gets back afterwards. Training
+    goes on from each rank's own, whether or not a checkpoint was written: that is what keeps
+    resume exact. (Their updates are linear, so the mean at any step equals what averaging
+    after every step would give, without a collective per step.)"""
+    mine = float_buffers(run.model)
+    own = [b.detach().to("cpu", copy=True) for b in mine]
+    run.dist.average_buffers(run.model)
+    try:
+        yield own
+    finally:
+        for b, kept in zip(mine, own):
+            b.copy_(kept)
+
+
+def resume(run: Run) -> str | None:
+    """Load the checkpoint train.resume asks for on every rank; return its W&B run id."""
+    found = _find(run)
+    if found is None:
+        return None
+    path, ckpt = found
+    run.heartbeat.beat("setup")  # (loading a large checkpoint takes a while)
+    check_compatible(ckpt, redact(run.cfg.to_dict()), path)  # as saved: redacted
+    run.model.load_state_dict(ckpt["model"])
+    for phase in run.phases:
+        load_optimizer_state(phase.optimizer, ckpt["optimizers"][phase.name])
+        phase.scheduler.load_state_dict(ckpt["schedulers"][phase.name])
+    if run.scaler is not None and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.checkpoints.best_value = ckpt.get("best_value")
+    run.progress = Progress(step=ckpt["step"], history=ckpt["history"],
+                            nonfinite_total=ckpt["nonfinite"][0], nonfinite_run=ckpt["nonfinite"][1],
+                            stop_best=ckpt["early_stop"][0], stop_bad=ckpt["early_stop"][1])
+    _restore_position(run, ckpt)
+    run.progress.epoch = run.loader.epoch
+    run.print(f"[hpcforge] resumed from {path} at step {run.progress.step}")
+    return ckpt.get("wandb_run_id")
+
+
+def _find(run: Run) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint of train.resume: none (never), the newest valid one (auto), or a path."""
+    how = run.cfg.train.resume
+    if how == "never":
+        return None
+    if how == "auto":
+        found = run.checkpoints.latest_valid(log=run.print)
+        if found is None:
+            run.print(f"[hpcforge] resume=auto: no checkpoint in {run.checkpoints.folder}, "
+                      f"starting fresh")
+        return found
+    path = Path(how)
+    if not path.is_file():
+        raise UserError(f"train.resume={how}: no such checkpoint file; use auto, never, "
+                        f"or a path to a .pt file")
+    return path, load(path)
+
+
+def _restore_position(run: Run, ckpt: dict[str, Any]) -> None:
+    """The same world size goes on from the very batch, RNG and statistics of each rank; another
+    splits the epoch differently across ranks, so it restarts that epoch."""
+    rank, size = run.dist.rank, run.dist.size
+    if ckpt["ranks"] == size:
+        run.loader.load_state_dict(ckpt["loader"])
+        torch.set_rng_state(ckpt["rng"][rank])
+        own = ckpt.get("rank_buffers") or [[]] * size  # (older ones: the mean)
+        for b, mine in zip(float_buffers(run.model), own[rank]):
+            b.copy_(mine)
+    else:
+        run.loader.load_state_dict({"epoch": ckpt["loader"]["epoch"], "batch": 0})
+        run.print(f"[hpcforge] checkpoint has {ckpt['ranks']} ranks, this run {size}: "
+                  f"restarting epoch {ckpt['loader']['epoch']}")
