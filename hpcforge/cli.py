@@ -209,7 +209,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         argv = ["train", "-e", args.experiment, *args.overrides, *extra]
         return relaunch(cfg.train.dist.nproc, argv, cfg.train.dist.launcher,
                         cfg.train.dist.timeout_s, Path(cfg.output_dir) / "train" / "checkpoints")
-    from pipeline.trainer import REQUEUE_EXIT_CODE, NonFiniteError, Preempted, train
+    from pipeline.loop import NonFiniteError
+    from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted
+    from pipeline.trainer import train
     from pipeline.watchdog import preempted_status
     try:
         summary = train(cfg)

@@ -6,18 +6,11 @@ trainer; what this module knows is Slurm's side: requeues, job ids, and the rend
 of a torch.distributed job (`export_rendezvous`, from submitit). Submitit pickles the object
 into the job folder, so a requeued job calls it again with the same config.
 
-Preemption and time limits (the two handlers, and who wins):
-  * Slurm sends USR2 `cluster.signal_delay_s` before the limit (submitit's `--signal`), and a
-    preemption sends TERM (+ USR2 from `job._interrupt()`).
-  * While `train()` runs, the trainer's own handlers replace submitit's: all ranks agree at the next
-    step boundary, rank 0 writes `<output_dir>/train/checkpoints/last.pt`, and `train()` raises
-    `Preempted` on every rank. `TrainJob` then requeues the job itself (`scontrol requeue`, rank 0)
-    and every rank exits with 75 (EX_TEMPFAIL) and no result, so submitit keeps waiting.
-  * Outside `train()` (start-up, the final write) submitit's handler is in place: it calls
-    `checkpoint()`, which resubmits the same job (it resumes from last.pt if there is one).
-  * The requeued job runs with `train.resume=auto`: it loads last.pt, whose W&B run id it reuses.
-  * Requeues are bounded by `cluster.max_requeues` (Slurm counts them in SLURM_RESTART_COUNT);
-    any other exception fails the job, never requeues it.
+Preemption and time limits follow the one contract written in pipeline/preemption.py (signals,
+the step-boundary vote, checkpoint on disk before exit 75); what is Slurm's side of it lives here:
+`TrainJob` requeues the job itself (`scontrol requeue`, rank 0) when `train()` raises `Preempted`,
+bounded by `cluster.max_requeues` (Slurm counts them in SLURM_RESTART_COUNT), and outside `train()`
+submitit's own handler calls `checkpoint()`, which resubmits the same job (it resumes from last.pt).
 
 A frozen rank (pipeline.watchdog): every task runs a watchdog thread over all ranks' heartbeats in
 the job folder; when a rank is silent longer than `train.dist.timeout_s`, the lowest other rank

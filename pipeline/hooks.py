@@ -25,7 +25,7 @@ def model_figures(model: Trainable, batch: Batch) -> tuple[dict[str, Any], dict[
 
 def source_has_observables(source: str) -> bool:
     from pipeline import physics
-    return source in physics.OBSERVABLES
+    return physics.observables_for(source) is not None
 
 
 def physics_hook(source: str, affine: tuple[np.ndarray, np.ndarray] | None) -> ImageHook:

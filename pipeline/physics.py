@@ -216,15 +216,6 @@ def observables_for(source: str) -> Observables | None:
     return getattr(SOURCES[source], "OBSERVABLES", None)
 
 
-def __getattr__(name: str) -> dict[str, Observables]:
-    """`OBSERVABLES` {source: Observables} of every source that declares them, for pipeline/trainer.py
-    until it takes `figures.physics_figures`' empty result as "no observables" (issue 17)."""
-    if name != "OBSERVABLES":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from pipeline.data.sources import SOURCES
-    return {k: obs for k in SOURCES if (obs := observables_for(k)) is not None}
-
-
 # --------------------------------------------------------------------------- comparison
 @dataclass(frozen=True)
 class Comparison:

@@ -1,6 +1,6 @@
 """The preemption contract: how a signalled run stops with its work on disk and asks to be rerun.
 
-Everything that must agree on it imports it from here (pipeline.launch, pipeline.cli, the loop,
+Everything that must agree on it imports it from here (pipeline.launch, hpcforge.cli, the loop,
 jobs.tasks); nothing restates the numbers.
 
 1. Signals. A batch system warns a job before it ends it: Slurm sends SIGUSR2 `signal_delay_s`

@@ -174,7 +174,7 @@ def build(cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None,
               val_loader=val_loader, checkpoints=_checkpoints(cfg), hooks=_hooks(cfg, model, store),
               preemption=Preemption(flag or PreemptionFlag(), dist.begin_sum, dist.is_main,
                                     cfg.train.dist.signal_check_s),
-              store_meta={k: store.meta[k] for k in ("source", "splits", "checksums", "shuffle")},
+              store_meta=store.meta.provenance(),
               provenance={"versions": versions(), "code_version": git_revision()},
               buffer_guard=BufferGuard(model),
               scaler=torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None)
@@ -213,7 +213,7 @@ def _loader(cfg: Config, dist: Dist, store: Store, split: str, **extra: Any) -> 
 
 def _val_loader(cfg: Config, dist: Dist, store: Store) -> ShardedLoader | None:
     """Validation reads epoch 0 every time; none when the split cannot fill one batch per rank."""
-    if store.meta["splits"]["val"] < dist.size * cfg.train.batch_size:
+    if store.meta.splits["val"] < dist.size * cfg.train.batch_size:
         return None
     return _loader(cfg, dist, store, "val", read_ahead=False)
 
@@ -226,7 +226,7 @@ def _checkpoints(cfg: Config) -> Checkpoints:
 
 def _hooks(cfg: Config, model: Trainable, store: Store) -> list[ImageHook]:
     x_var = cfg.data.inputs.get("x")
-    stats = store.stats("train", x_var) if x_var in store.meta["stats"]["train"] else None
+    stats = store.stats("train", x_var) if x_var in store.meta.stats["train"] else None
     affine = normalization(stats, cfg.data.normalize) if stats else None
     return image_hooks(model, cfg.data.source, "x" in cfg.data.inputs, affine)
 

@@ -8,10 +8,6 @@ PIPELINE = Path(__file__).resolve().parent.parent / "pipeline"
 MAX_FUNCTION_LINES = 40
 MAX_LOOP_LINES = 300
 
-# Longer functions owned by other parts of issue #17 (pipeline/config.py's coercion, the loader's
-# iterator): listed by name so no new one slips in; to be emptied as those parts land.
-KNOWN_LONG = {("config.py", "_coerce"), ("data/loader.py", "__iter__")}
-
 
 def _long_functions() -> dict[tuple[str, str], int]:
     found = {}
@@ -26,13 +22,7 @@ def _long_functions() -> dict[tuple[str, str], int]:
 
 def test_no_function_in_pipeline_is_over_40_lines():
     long = _long_functions()
-    new = {k: v for k, v in long.items() if k not in KNOWN_LONG}
-    assert not new, f"functions over {MAX_FUNCTION_LINES} lines (split them): {new}"
-
-
-def test_the_known_long_functions_are_still_long_or_leave_the_list():
-    """A stale allow-list entry would let that function grow again unnoticed."""
-    assert set(_long_functions()) >= KNOWN_LONG, "shortened: remove it from KNOWN_LONG"
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them): {long}"
 
 
 def test_the_training_loop_file_stays_short():

@@ -78,10 +78,6 @@ class StoreMeta:
         """What a checkpoint records of the data it was trained on (its `dataset` entry)."""
         return {k: getattr(self, k) for k in PROVENANCE}
 
-    def __getitem__(self, key: str) -> Any:
-        """`meta[key]`, for pipeline/trainer.py until it reads attributes (issue 17); remove then."""
-        return self.to_dict()[key]
-
 
 @dataclass
 class Store:
