@@ -55,7 +55,7 @@ def run_trainer(store: str, backend: str, steps: int) -> dict:
     cfg = _config(store, backend, steps, "vae")
     dist = init_distributed(cfg.train.dist)
     rate = _fit(cfg, dist)
-    return {"steps_per_s": rate, "samples_per_s": rate * BATCH * dist.size, "rank": dist.rank}
+    return {"steps_per_s": rate, "samples_per_s": rate * BATCH * dist.world_size, "rank": dist.rank}
 
 
 def _loop(model_name: str, fused: bool = False):

@@ -181,14 +181,15 @@ def _check_one_step(cfg, ranks: int) -> None:
     loader's (pipeline/data/loader.py): each rank gets (n // ranks) samples of the train split, cut
     into full batches (the tail is dropped), and a step sums `accumulate` of them."""
     from pipeline.data.store import open_store
-    t = cfg.train
+    train_cfg = cfg.train
     store = open_store(cfg.data.path)  # reads the metadata only; names a missing store
     n = store.meta.splits.get("train", 0)
-    if (n // ranks) // t.batch_size >= t.accumulate:
+    if (n // ranks) // train_cfg.batch_size >= train_cfg.accumulate:
         return
-    acc = f" x train.accumulate={t.accumulate}" if t.accumulate > 1 else ""
-    raise UserError(f"train.batch_size={t.batch_size}{acc} on {ranks} rank(s) needs "
-                    f"{t.batch_size * t.accumulate} training samples per rank, but {store.path} has "
+    batch, accumulate = train_cfg.batch_size, train_cfg.accumulate
+    acc = f" x train.accumulate={accumulate}" if accumulate > 1 else ""
+    raise UserError(f"train.batch_size={batch}{acc} on {ranks} rank(s) needs "
+                    f"{batch * accumulate} training samples per rank, but {store.path} has "
                     f"{n} ({n // ranks} per rank); lower train.batch_size (or the ranks), or prepare "
                     f"more samples (data.n_samples)")
 
@@ -204,7 +205,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if launch and cfg.train.dist.backend == "none":
         raise UserError(f"train.dist.nproc={cfg.train.dist.nproc} needs a distributed backend; "
                         f"set train.dist.backend=horovod")
-    _check_one_step(cfg, cfg.train.dist.nproc if launch else detect_launcher().size)
+    _check_one_step(cfg, cfg.train.dist.nproc if launch else detect_launcher().world_size)
     if launch:
         argv = ["train", "-e", args.experiment, *args.overrides, *extra]
         return relaunch(cfg.train.dist.nproc, argv, cfg.train.dist.launcher,

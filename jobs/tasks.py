@@ -67,23 +67,24 @@ def announce_ranks(folder: Path) -> dict[str, Any]:
     """
     from pipeline.dist import detect_launcher
     me = placement()
-    world = detect_launcher().size
+    world_size = detect_launcher().world_size
     d = folder / f"ranks-{os.environ.get('SLURM_JOB_ID', os.getpid())}-{restarts()}"
     records.write_json(d / f"{me['rank']}.json", me)
     if me["rank"] != 0:
         return me
     t0 = time.monotonic()
-    while len(list(d.glob("*.json"))) < world and time.monotonic() - t0 < RANKS_WAIT_S:
+    while len(list(d.glob("*.json"))) < world_size and time.monotonic() - t0 < RANKS_WAIT_S:
         time.sleep(0.2)
     table = sorted((json.loads(p.read_text()) for p in d.glob("*.json")), key=lambda r: r["rank"])
     nodes = sorted({r["node"] for r in table})
-    lines = [f"[hpcforge] job {os.environ.get('SLURM_JOB_ID', '(local)')}: {world} rank(s) on "
+    lines = [f"[hpcforge] job {os.environ.get('SLURM_JOB_ID', '(local)')}: {world_size} rank(s) on "
              f"{len(nodes)} node(s) {','.join(nodes)}; restart {restarts()}",
              "[hpcforge]   rank  node        local  gpus"]
     lines += [f"[hpcforge]   {r['rank']:>4}  {r['node']:<10}  {r['local_rank']:>5}  {r['gpus']}"
               for r in table]
-    if len(table) < world:
-        lines.append(f"[hpcforge]   ({world - len(table)} rank(s) not reported within {RANKS_WAIT_S} s)")
+    if len(table) < world_size:
+        lines.append(f"[hpcforge]   ({world_size - len(table)} rank(s) not reported within "
+                     f"{RANKS_WAIT_S} s)")
     print("\n".join(lines), flush=True)
     return me
 
@@ -99,7 +100,7 @@ def watch_ranks(folder: Path, cfg: Config) -> threading.Event:
     d.mkdir(parents=True, exist_ok=True)
     os.environ[WATCH_DIR_ENV] = str(d)  # the trainer beats there (pipeline.watchdog.Heartbeat)
     stop = threading.Event()
-    dog = Watchdog(d, detect_launcher().size, cfg.train.dist.timeout_s)
+    dog = Watchdog(d, detect_launcher().world_size, cfg.train.dist.timeout_s)
     threading.Thread(target=_watch, args=(dog, stop, Path(cfg.output_dir) / "train" / "checkpoints"),
                      daemon=True, name="hpcforge-watchdog").start()
     return stop
@@ -139,7 +140,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         from pipeline.dist import detect_launcher
         cfg = resumable(self.cfg)
         under_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"  # ranks are srun's tasks
-        if not under_slurm and detect_launcher().size == 1 and cfg.train.dist.nproc > 1:
+        if not under_slurm and detect_launcher().world_size == 1 and cfg.train.dist.nproc > 1:
             return self._relaunch_locally(cfg)  # local executor: start the ranks with mpirun
         from pipeline.preemption import Preempted
         from pipeline.trainer import train

@@ -9,7 +9,7 @@
 Backends: `horovod` (hvd.DistributedOptimizer per optimizer over its prefixed parameters, gradients
 allreduced while backward runs), `ddp` (a torch.distributed process group, gloo on CPU and nccl on
 GPU; gradients all-reduced per optimizer in buckets while backward runs), `none` (one process).
-Rank, size and local rank come from the launcher's environment (OpenMPI's mpirun, MPICH-style PMI,
+Rank, world size and local rank come from the launcher's environment (OpenMPI's mpirun, MPICH PMI,
 Slurm's srun, horovodrun, torchrun); `place.launcher` says which one was found.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ _LAUNCHERS = (
 class Placement:
     launcher: str
     rank: int
-    size: int
+    world_size: int
     local_rank: int
     local_size: int
 
@@ -75,7 +75,7 @@ class Dist:
 
     def __init__(self, place: Placement, device: torch.device, cfg: DistConfig):
         self.place, self.device, self.cfg = place, device, cfg
-        self.rank, self.size = place.rank, place.size
+        self.rank, self.world_size = place.rank, place.world_size
         self.local_rank, self.local_size = place.local_rank, place.local_size
         self.is_main = self.rank == 0
 
@@ -102,7 +102,7 @@ class Dist:
         """With train.dist.sync_batchnorm on several ranks: every batch norm layer of `module`
         becomes the backend's SyncBatchNorm (same weights and statistics), which normalises with
         the statistics of the global batch. Call it before building the optimizers."""
-        if not self.cfg.sync_batchnorm or self.size == 1:
+        if not self.cfg.sync_batchnorm or self.world_size == 1:
             return module
         if self.device.type != "cuda":
             raise UserError(f"train.dist.sync_batchnorm=true: SyncBatchNorm (Horovod's and "
@@ -130,7 +130,7 @@ class Dist:
         when they are read (validation, checkpoints, the end) gives what averaging after every
         step would, without a collective per step."""
         bufs = [b for b in module.buffers() if b.is_floating_point()]
-        if self.size > 1 and bufs:
+        if self.world_size > 1 and bufs:
             for b, mean in zip(bufs, self._average(bufs, "hpcforge.buffers")):
                 b.copy_(mean)
 
@@ -162,7 +162,7 @@ class Dist:
         pass
 
     def describe(self) -> str:
-        return (f"backend={self.backend} launcher={self.place.launcher} ranks={self.size} "
+        return (f"backend={self.backend} launcher={self.place.launcher} ranks={self.world_size} "
                 f"local_ranks={self.local_size} device={self.device}")
 
 
@@ -173,7 +173,7 @@ class HorovodDist(Dist):
         import horovod.torch as hvd
         self.hvd = hvd
         super().__init__(place, device, cfg)
-        self._comm = _small_collectives_comm(hvd) if self.size > 1 else None
+        self._comm = _small_collectives_comm(hvd) if self.world_size > 1 else None
 
     def optimizer(self, opt, module, prefix, accumulate=1):
         named = [(f"{prefix}.{n}", p) for n, p in module.named_parameters()]
@@ -204,11 +204,11 @@ class HorovodDist(Dist):
         """The mean over ranks of each tensor: over our own communicator when there is one
         (`_small_collectives_comm`), else through Horovod."""
         if self._comm is not None:
-            return _mpi_average(self._comm, tensors, self.size)
+            return _mpi_average(self._comm, tensors, self.world_size)
         return self.hvd.grouped_allreduce(tensors, op=self.hvd.Average, name=name)
 
     def begin_sum(self, values):
-        if self.size == 1:
+        if self.world_size == 1:
             return super().begin_sum(values)
         if self._comm is not None:
             import numpy as np
@@ -233,14 +233,14 @@ class HorovodDist(Dist):
     # after the object's type unless told: rank 0's str and another rank's None would then never
     # meet. Fixed names keep the ranks matched.
     def gather_object(self, obj):
-        if self.size == 1:
+        if self.world_size == 1:
             return [obj]
         if self._comm is not None:
             return self._comm.allgather(obj)
         return self.hvd.allgather_object(obj, name="hpcforge.gather_object")
 
     def broadcast_object(self, obj):
-        if self.size == 1:
+        if self.world_size == 1:
             return obj
         if self._comm is not None:
             return self._comm.bcast(obj, root=0)
@@ -288,19 +288,19 @@ def _small_collectives_comm(hvd: Any) -> Any:
     return MPI.COMM_WORLD.Dup()
 
 
-def _mpi_average(comm: Any, tensors: list[torch.Tensor], size: int) -> list[torch.Tensor]:
+def _mpi_average(comm: Any, tensors: list[torch.Tensor], world_size: int) -> list[torch.Tensor]:
     from mpi4py import MPI
     return _flat_average(tensors, torch.device("cpu"),
-                         lambda flat: comm.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM), size)
+                         lambda flat: comm.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM), world_size)
 
 
 def _flat_average(tensors: list[torch.Tensor], device: torch.device,
-                  allreduce_sum: Callable[[torch.Tensor], Any], size: int) -> list[torch.Tensor]:
+                  allreduce_sum: Callable[[torch.Tensor], Any], world_size: int) -> list[torch.Tensor]:
     """The mean over ranks of each tensor (any float dtype, any device), in one in-place sum of
     their float64 concatenation on `device`."""
     flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in tensors])
     allreduce_sum(flat)
-    flat /= size
+    flat /= world_size
     parts = flat.split([t.numel() for t in tensors])
     return [p.view(t.shape).to(t.device, t.dtype) for p, t in zip(parts, tensors)]
 
@@ -320,8 +320,9 @@ class _GradientBuckets:
     """
 
     def __init__(self, params: list[torch.nn.Parameter], all_reduce: Callable[..., Any],
-                 size: int, accumulate: int, cap: int):
-        self.all_reduce, self.size, self.accumulate = all_reduce, size, max(1, accumulate)
+                 world_size: int, accumulate: int, cap: int):
+        self.all_reduce, self.world_size = all_reduce, world_size
+        self.accumulate = max(1, accumulate)
         self.buckets: list[list[torch.nn.Parameter]] = [[]]
         filled = 0
         params = [p for p in params if p.requires_grad]  # what Horovod updates, too
@@ -355,7 +356,7 @@ class _GradientBuckets:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in bucket]
         self.started += 1
-        flat = torch.cat([g.reshape(-1) for g in grads]) / self.size
+        flat = torch.cat([g.reshape(-1) for g in grads]) / self.world_size
         self.pending.append((self.all_reduce(flat, async_op=True), flat, grads))
 
     def finish(self) -> None:
@@ -385,7 +386,7 @@ class TorchDist(Dist):
 
     def optimizer(self, opt, module, prefix, accumulate=1):
         self._buckets[id(opt)] = _GradientBuckets(list(module.parameters()), self.td.all_reduce,
-                                                  self.size, accumulate,
+                                                  self.world_size, accumulate,
                                                   int(self.cfg.bucket_mb * 2 ** 20))
         return opt
 
@@ -412,10 +413,10 @@ class TorchDist(Dist):
         return finish
 
     def _average(self, tensors, name):
-        return _flat_average(tensors, self._dev, self.td.all_reduce, self.size)
+        return _flat_average(tensors, self._dev, self.td.all_reduce, self.world_size)
 
     def gather_object(self, obj):
-        out: list[Any] = [None] * self.size
+        out: list[Any] = [None] * self.world_size
         self.td.all_gather_object(out, obj)
         return out
 
@@ -461,7 +462,7 @@ def _rendezvous(place: Placement) -> tuple[str, str]:
                 free = s.getsockname()[1]
         host = socket.gethostname() if place.rank == 0 else None
         host, free = MPI.COMM_WORLD.bcast((host, free), root=0)
-        return addr or (host if place.local_size < place.size else "127.0.0.1"), port or str(free)
+        return addr or (host if place.local_size < place.world_size else "127.0.0.1"), port or str(free)
     raise UserError(f"train.dist.backend=ddp under {place.launcher}: set MASTER_ADDR and "
                     f"MASTER_PORT (`hpcforge submit` sets them in its Slurm jobs), or start the "
                     f"ranks with mpirun (hpcforge train --nproc N) or torchrun")
@@ -489,15 +490,15 @@ def init_distributed(cfg: DistConfig) -> Dist:
     if cuda:
         torch.cuda.set_device(device)  # one GPU per rank, pinned by local rank
     if cfg.backend == "none":
-        if place.size > 1:
+        if place.world_size > 1:
             raise UserError(f"train.dist.backend=none but the launcher ({place.launcher}) started "
-                            f"{place.size} ranks; use train.dist.backend=horovod or ddp")
+                            f"{place.world_size} ranks; use train.dist.backend=horovod or ddp")
         return Dist(place, device, cfg)
     if cfg.backend == "ddp":
         import torch.distributed as td
         addr, port = _rendezvous(place)
         td.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{addr}:{port}",
-                              rank=place.rank, world_size=place.size,
+                              rank=place.rank, world_size=place.world_size,
                               timeout=datetime.timedelta(seconds=cfg.timeout_s))
         return TorchDist(place, device, cfg)
     try:

@@ -54,7 +54,7 @@ def mpi_env() -> dict[str, str]:
 
 
 def needs_launch(nproc: int) -> bool:
-    return nproc > 1 and detect_launcher().size == 1
+    return nproc > 1 and detect_launcher().world_size == 1
 
 
 def relaunch(nproc: int, argv: list[str], launcher: str = "mpirun", timeout_s: float = 300,

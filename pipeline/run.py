@@ -179,6 +179,7 @@ def build(cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None,
               buffer_guard=BufferGuard(model),
               scaler=torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None)
     run.draws = max(model.schedule.values())
+    _check_one_step(run)
     run.phases = build_phases(run)
     resumed_run_id = resume(run)
     if resumed_run_id is None:
@@ -207,13 +208,13 @@ def _seed_and_threads(train_cfg: TrainConfig, dist: Dist) -> None:
 
 def _loader(cfg: Config, dist: Dist, store: Store, split: str, **extra: Any) -> ShardedLoader:
     return ShardedLoader(store, split, inputs=cfg.data.inputs, batch_size=cfg.train.batch_size,
-                         rank=dist.rank, world=dist.size, seed=cfg.train.seed,
+                         rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed,
                          normalize=cfg.data.normalize, prefetch=cfg.train.prefetch, **extra)
 
 
 def _val_loader(cfg: Config, dist: Dist, store: Store) -> ShardedLoader | None:
     """Validation reads epoch 0 every time; none when the split cannot fill one batch per rank."""
-    if store.meta.splits["val"] < dist.size * cfg.train.batch_size:
+    if store.meta.splits["val"] < dist.world_size * cfg.train.batch_size:
         return None
     return _loader(cfg, dist, store, "val", read_ahead=False)
 
@@ -256,7 +257,7 @@ def build_phases(run: Run) -> list[Phase]:
     train_cfg, dist, model = run.cfg.train, run.dist, run.model
     specs = model.optimizers()
     _check_disjoint(run.cfg.model.name, specs)
-    scale = rank_scale(train_cfg.lr_scaling, dist.size)
+    scale = rank_scale(train_cfg.lr_scaling, dist.world_size)
     total = train_cfg.max_steps or train_cfg.epochs * run.steps_per_epoch
     phases = []
     for spec in specs:
@@ -269,6 +270,18 @@ def build_phases(run: Run) -> list[Phase]:
                             build_scheduler(opt, train_cfg.schedule, total * repeats, scale),
                             repeats))
     return phases
+
+
+def _check_one_step(run: Run) -> None:
+    """The CLI refuses a store too small for `accumulate` batches; a model whose phase repeats
+    (WGAN-GP's n_critic) draws a batch group per repetition, which only the model knows."""
+    if run.steps_per_epoch == 0:
+        train_cfg = run.cfg.train
+        raise UserError(f"model {run.cfg.model.name} draws {run.batches_per_step} batches of "
+                        f"{train_cfg.batch_size} per step ({run.draws} updates x train.accumulate="
+                        f"{train_cfg.accumulate}), but each rank's train split gives "
+                        f"{len(run.loader)}; lower train.batch_size, or prepare more samples "
+                        f"(data.n_samples)")
 
 
 def _check_disjoint(model_name: str, specs: list) -> None:

@@ -30,7 +30,7 @@ def _state(run: Run) -> dict[str, Any]:
             "optimizers": {ph.name: ph.optimizer.state_dict() for ph in run.phases},
             "schedulers": {ph.name: ph.scheduler.state_dict() for ph in run.phases},
             "scaler": run.scaler.state_dict() if run.scaler else None,
-            "step": p.step, "epoch": p.epoch, "ranks": run.dist.size,
+            "step": p.step, "epoch": p.epoch, "ranks": run.dist.world_size,
             "loader": run.loader.state_dict(), "history": p.history,
             "nonfinite": [p.nonfinite_total, p.nonfinite_run],
             "early_stop": [p.stop_best, p.stop_bad],
@@ -122,7 +122,7 @@ def _find(run: Run) -> tuple[Path, dict[str, Any]] | None:
 def _restore_position(run: Run, ckpt: dict[str, Any]) -> None:
     """The same world size goes on from the very batch, RNG and statistics of each rank; another
     splits the epoch differently across ranks, so it restarts that epoch."""
-    rank, size = run.dist.rank, run.dist.size
+    rank, size = run.dist.rank, run.dist.world_size
     if ckpt["ranks"] == size:
         run.loader.load_state_dict(ckpt["loader"])
         torch.set_rng_state(ckpt["rng"][rank])

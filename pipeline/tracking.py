@@ -127,7 +127,7 @@ class Tracker:
         """Whether images logged now are kept (a W&B run is open): else don't draw them."""
         return self.active and self.run is not None
 
-    def _w(self, call: Callable[[], Any]) -> None:
+    def _call_wandb(self, call: Callable[[], Any]) -> None:
         """Run a W&B call; if W&B's service process is gone, keep training without it.
 
         Slurm sends its preemption signal to every process of the job step, W&B's background
@@ -178,7 +178,7 @@ class Tracker:
             return
         with self._named_if_full(self.metrics_path), open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._w(lambda: self.run.log(metrics, step=step))
+        self._call_wandb(lambda: self.run.log(metrics, step=step))
 
     def images(self, images: dict[str, torch.Tensor], step: int) -> None:
         if not (self.active and self.run is not None and images):
@@ -186,7 +186,7 @@ class Tracker:
         import wandb
         pictures = {f"images/{k}": wandb.Image(_picture(v), caption=f"{k} @ step {step}")
                     for k, v in images.items()}
-        self._w(lambda: self.run.log(pictures, step=step))
+        self._call_wandb(lambda: self.run.log(pictures, step=step))
 
     def finish(self, summary: dict[str, Any], exit_code: int = 0) -> None:
         def close() -> None:
@@ -198,5 +198,5 @@ class Tracker:
             except UserError:
                 self._close_quietly()
                 raise
-        self._w(close)
+        self._call_wandb(close)
         self.run = None

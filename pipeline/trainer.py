@@ -30,11 +30,11 @@ def train(cfg: Config) -> dict[str, Any]:
         try:
             return fit(build(cfg, dist, heartbeat, flag))
         except UserError as e:
-            if dist.size > 1:  # (damaged data, a full disk) on one rank: its line, then leave
+            if dist.world_size > 1:  # (damaged data, a full disk) on one rank: its line, then leave
                 _exit_without_finalize(f"hpcforge: error: {e}", status=2)
             raise
         except Exception:
-            if heartbeat.failed and dist.size > 1:
+            if heartbeat.failed and dist.world_size > 1:
                 _exit_without_finalize()
             raise
 

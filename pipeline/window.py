@@ -17,7 +17,7 @@ class Window:
 
     def __init__(self, run: Run):
         self.losses: dict[str, list[float]] = defaultdict(list)
-        self.samples_per_step = run.cfg.train.batch_size * run.batches_per_step * run.dist.size
+        self.samples_per_step = run.cfg.train.batch_size * run.batches_per_step * run.dist.world_size
         self._restart(run)
 
     def _restart(self, run: Run) -> None:
@@ -37,8 +37,8 @@ class Window:
                         "perf/step_time_s": elapsed / run.cfg.train.logger.log_every,
                         "perf/data_wait_fraction": (run.loader.wait_s - self.wait0) / elapsed,
                         "train/nonfinite_steps": float(run.progress.nonfinite_total),
-                        "dist/ranks": float(dist.size),
-                        "dist/nodes": float(max(1, dist.size // dist.local_size)),
+                        "dist/ranks": float(dist.world_size),
+                        "dist/nodes": float(max(1, dist.world_size // dist.local_size)),
                         "epoch": float(run.progress.epoch)})
         if dist.device.type == "cuda":
             metrics["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2 ** 30

@@ -1,7 +1,7 @@
 """Per-rank reader of a prepared store: contiguous block reads, a shuffle buffer, prefetch.
 
 Every epoch the store's blocks (its inner chunks: the efficient read unit, DESIGN.md) are put in an
-order that is a pure function of (seed, epoch); the resulting sample sequence is cut into `world`
+order that is a pure function of (seed, epoch); the resulting sample sequence is cut into `world_size`
 equal parts and rank r reads part r, so each sample is seen once per epoch across ranks (the tail
 that does not divide evenly is dropped, like DistributedSampler with drop_last). Within its part a
 rank shuffles a buffer of `buffer_blocks` blocks at a time with a stream from (seed, epoch, rank).
@@ -43,7 +43,7 @@ _WARNED: set[str] = set()  # stores already reported as unchecked, once per proc
 
 class ShardedLoader:
     def __init__(self, store: Store, split: str, inputs: dict[str, str], batch_size: int,
-                 rank: int = 0, world: int = 1, seed: int = 0, normalize: str = "none",
+                 rank: int = 0, world_size: int = 1, seed: int = 0, normalize: str = "none",
                  prefetch: int = 2, buffer_blocks: int = 4, pin_memory: bool | None = None,
                  read_threads: int | None = None, read_ahead: bool = True):
         self.arrays = {key: store.variable(split, var) for key, var in inputs.items()}
@@ -55,7 +55,7 @@ class ShardedLoader:
         self.block = max(a.chunks[0] for a in self.arrays.values())
         self.transforms = {key: _normalizer(store.stats("train", var), normalize)
                            for key, var in inputs.items() if self.arrays[key].ndim > 1}
-        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.prefetch, self.buffer_blocks = max(1, prefetch), buffer_blocks
         self.epoch, self.start_batch = 0, 0
         self.wait_s = 0.0  # time the consumer waited for data, for the data-wait fraction
@@ -68,11 +68,11 @@ class ShardedLoader:
         self._ahead: tuple[int, Iterator[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
         self._ahead_thread: threading.Thread | None = None
         if len(self) == 0:
-            raise ValueError(f"{split}: {self.n} samples over {world} ranks give no full batch "
+            raise ValueError(f"{split}: {self.n} samples over {world_size} ranks give no full batch "
                              f"of {batch_size}; lower train.batch_size or prepare more samples")
 
     def __len__(self) -> int:
-        return (self.n // self.world) // self.batch_size
+        return (self.n // self.world_size) // self.batch_size
 
     def data_wait_fraction(self) -> float:
         """Time waited for data / (waited + time spent on each batch), since the last reset."""
@@ -92,7 +92,7 @@ class ShardedLoader:
         """This rank's contiguous (start, stop) sample ranges for `epoch`, in reading order."""
         n_blocks = -(-self.n // self.block)
         order = np.random.default_rng([self.seed, epoch]).permutation(n_blocks)
-        per_rank = (self.n // self.world)
+        per_rank = (self.n // self.world_size)
         lo, hi = self.rank * per_rank, (self.rank + 1) * per_rank
         out, cursor = [], 0
         for b in order:

@@ -33,7 +33,7 @@ if __name__ == "__main__":
     started, grads = grads_after(net, dist, opt, x, 1)
     # the reference: this rank's own gradients, then one flat mean over the ranks
     ref(x).square().mean().backward()
-    flat = torch.cat([p.grad.reshape(-1) for p in ref.parameters()]) / dist.size
+    flat = torch.cat([p.grad.reshape(-1) for p in ref.parameters()]) / dist.world_size
     dist.td.all_reduce(flat)
     expected = list(flat.split([p.numel() for p in ref.parameters()]))
     # accumulation over 2 backward passes: nothing starts before the second

@@ -75,7 +75,7 @@ def main(backend: str, mode: str, out: str, overrides: list[str], steps: int = 4
         dist = results.get("_dist") or init_distributed(cfg.train.dist)
         results["_dist"] = dist
         trainer = build(cfg, dist)
-        noise = SlicedNoise(slots=dist.size if mode == "ranks" else (2 if mode == "halves" else 1))
+        noise = SlicedNoise(slots=dist.world_size if mode == "ranks" else (2 if mode == "halves" else 1))
         torch.randn, torch.randn_like = noise, noise.like
         start = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
         buffers = list(trainer.model.buffers())

@@ -21,7 +21,7 @@ from pipeline.launch import mpirun_command
 ])
 def test_launcher_detection(env, expected):
     p = detect_launcher(env)
-    assert (p.launcher, p.rank, p.size, p.local_rank, p.local_size) == expected
+    assert (p.launcher, p.rank, p.world_size, p.local_rank, p.local_size) == expected
 
 
 def test_mpirun_line_needs_no_user_flags():

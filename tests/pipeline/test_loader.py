@@ -11,8 +11,8 @@ from pipeline.data.store import open_store
 INPUTS = {"x": "spins", "e": "energy"}
 
 
-def _loader(store, rank=0, world=1, **kw):
-    args = dict(inputs=INPUTS, batch_size=32, rank=rank, world=world, seed=3, normalize="minmax")
+def _loader(store, rank=0, world_size=1, **kw):
+    args = dict(inputs=INPUTS, batch_size=32, rank=rank, world_size=world_size, seed=3, normalize="minmax")
     return ShardedLoader(store, "train", **{**args, **kw})
 
 

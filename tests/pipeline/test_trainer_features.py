@@ -333,3 +333,22 @@ def test_each_critic_update_draws_its_own_batch_and_each_schedule_counts_its_upd
         group_lr = phase.optimizer.param_groups[0]
         assert group_lr["lr"] == pytest.approx(third * group_lr["initial_lr"]), phase.name
     assert (critic.scheduler.last_epoch, generator.scheduler.last_epoch) == (2, 1)
+
+
+def test_a_store_too_small_for_the_critics_fresh_batches_is_refused_in_one_line(small_store,
+                                                                                 tmp_path, capsys):
+    """WGAN-GP draws a batch group per critic update (n_critic=5): 4 batches of 128 per rank pass
+    the CLI's one-batch check, and the run must then refuse them before training, not train for
+    zero steps."""
+    from hpcforge import cli
+    path, overrides = small_store
+    code = cli.main(["train", *overrides[1:], f"data.path={path}", f"output_dir={tmp_path}",
+                     "model=wgan_gp", "model.image_size=16", "model.channels=[16,8]", "train.dist.backend=none",
+                     "train.dist.nproc=1", "train.batch_size=128", "train.logger.mode=disabled"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0
+    assert "model wgan_gp draws 5 batches of 128 per step (5 updates x train.accumulate=1)" in err
+    assert "each rank's train split gives 4" in err
+    assert not (tmp_path / "train" / "checkpoints").exists() or \
+        not any((tmp_path / "train" / "checkpoints").iterdir())
