@@ -72,8 +72,13 @@ HEADLINES: dict[str, Headline] = {
                          "nats per shower under a Bernoulli decoder of minmax-scaled deposits"),
     "dcgan_ising2d": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
     "wgan_gp_ising2d": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
+    "dcgan_ising2d_cond": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
+    "wgan_gp_ising2d_cond": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
     "vae_ising2d": Headline("elbo", "higher", "", ("w1/energy", "w1_reference/energy"),
                             "nats per 32 x 32 configuration"),
+    "vae_ising2d_cond": Headline("w1/energy", "lower", "w1_reference/energy",
+                                 (*ISING_W1, "elbo"), "spins from the Bernoulli decoder, then "
+                                 "Metropolis sweeps at the sample's T (part of the model)"),
     "gan_ising2d": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
     "aae_ising2d": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
     "autoencoder_ising2d": Headline("anomaly_roc_auc", "higher", "baseline/chance",
