@@ -323,6 +323,64 @@ def translation_metrics(checkpoint: Path) -> dict[str, float]:
     return out
 
 
+# --------------------------------------------------------------------------- thermodynamic curves
+def held_out_temperatures(t_min: float = 1.6, t_max: float = 3.2, levels: int = 16) -> np.ndarray:
+    """The midpoints between the training grid's temperatures: never seen in training."""
+    half = (t_max - t_min) / (levels - 1) / 2
+    return np.linspace(t_min + half, t_max - half, levels - 1)
+
+
+def monte_carlo(temps: np.ndarray, per_t: int, lattice: int = 32, seed: int = 7) -> dict[str, np.ndarray]:
+    """`per_t` configurations at each temperature from the data's own sampler and settings
+    (configs/data/ising2d.yaml: burn-in 300, 20 sweeps apart)."""
+    from pipeline.data.sources import ising2d
+    p = ising2d.Params(lattice=lattice, t_min=float(temps[0]), t_max=float(temps[-1]),
+                       n_temperatures=len(temps), chains=2 * len(temps))
+    out = ising2d.generate(p, seed, 0, 0, per_t * len(temps))
+    return {"spins": out["spins"], "temperature": out["temperature"]}
+
+
+def thermo_metrics(checkpoint: Path, per_t: int = 64, figure: Path | None = None) -> dict[str, float]:
+    """A temperature-conditional generator's thermodynamic curves (pipeline/thermo.py) against the
+    Monte Carlo ones: on the test split's temperatures (the training grid) and on the held-out
+    midpoints between them. Each generated sample is made at a real sample's temperature and
+    turned into spins by the one conversion rule (thermo.spins_from_output)."""
+    import torch
+
+    from pipeline import physics, thermo
+    from pipeline.data.store import normalization, open_store
+    from pipeline.evaluate import checkpoint_config, eval_split, load_checkpoint
+    from pipeline.trainer import build_model
+    ckpt = load_checkpoint(checkpoint)
+    cfg = checkpoint_config(ckpt, [])
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    store = open_store(ROOT / cfg.data.path)
+    split, var = eval_split(store), cfg.data.inputs["x"]
+    affine, rng = normalization(store.stats("train", var), cfg.data.normalize), np.random.default_rng(0)
+    torch.manual_seed(0)
+    grid = {"spins": np.asarray(store.variable(split, var)[:]),
+            "temperature": np.asarray(store.variable(split, cfg.data.inputs["cond"])[:])}
+    held = monte_carlo(held_out_temperatures(), per_t)
+    out, curves = {}, {}
+    for name, real in (("grid", grid), ("held_out", held)):
+        with torch.no_grad():
+            x = model.sample(len(real["temperature"]), {"cond": torch.as_tensor(real["temperature"])})
+        spins = thermo.spins_from_output(physics.denormalize(x.numpy(), affine), rng)
+        r, g = (thermo.curves(s, real["temperature"]) for s in (real["spins"], spins))
+        out.update({f"{k}/{name}": v for k, v in thermo.curve_errors(r, g).items()})
+        curves[name] = (r, g)
+    if figure is not None:
+        both = {k: {q: np.concatenate([curves["grid"][i][q], curves["held_out"][i][q]])
+                    for q in curves["grid"][i]} for i, k in enumerate(("real", "generated"))}
+        order = np.argsort(both["real"]["T"])
+        fig = thermo.curve_figure(*({q: v[order] for q, v in c.items()} for c in both.values()),
+                                  held_out=held_out_temperatures())
+        fig.savefig(figure)
+    return out
+
+
 # --------------------------------------------------------------------------- one experiment
 def run_experiment(experiment: str, headline: Headline, nproc: int = 1, runs: str = RUNS,
                    cpu_s: float = CPU_BUDGET_S, extra: list[str] | None = None, log=print) -> Row:
@@ -470,7 +528,9 @@ def rescore(row: Row, runs: str = RUNS) -> Row:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.quality", description=__doc__.split("\n")[0])
-    p.add_argument("what", nargs="?", choices=["all", "domains"], default="all")
+    p.add_argument("what", nargs="?", choices=["all", "domains", "thermo"], default="all")
+    p.add_argument("--checkpoint", type=Path, help="thermo: a temperature-conditional Ising "
+                   "generator's checkpoint; its curves go to <checkpoint>.thermo.png")
     p.add_argument("--only", nargs="+", choices=sorted(HEADLINES), help="run these experiments")
     p.add_argument("--nproc", type=int, default=1, help="Horovod ranks per training run")
     p.add_argument("--rescore", action="store_true",
@@ -480,6 +540,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = [rescore(r) if r.value is None and r.steps else r for r in merge([])]
         write(rows, machine())
         return 0 if all(r.value is not None for r in rows) else 1
+    if args.what == "thermo":
+        print(json.dumps(thermo_metrics(args.checkpoint,
+                                        figure=args.checkpoint.with_suffix(".thermo.png")), indent=1))
+        return 0
     if args.what == "domains":
         print(f"[quality] domains: {write_ising_domains()}")
         return 0

@@ -74,15 +74,17 @@ def curve_errors(real: dict[str, np.ndarray], generated: dict[str, np.ndarray]) 
 
 def curve_figure(real: dict[str, np.ndarray], generated: dict[str, np.ndarray],
                  held_out: Sequence[float] = ()) -> Figure:
-    """Four panels, real (line) against generated (markers) over T, T_c dashed; temperatures
-    held out of training shaded."""
+    """Four panels, real (line) against generated (filled markers; hollow at temperatures held
+    out of training) over T, T_c dashed."""
     fig = Figure(figsize=(12.8, 2.8), dpi=100, layout="constrained")
+    held = np.isclose(generated["T"][:, None], np.asarray(held_out, np.float64)).any(axis=1)
     for ax, (key, label) in zip(fig.subplots(1, 4), QUANTITIES.items()):
         ax.plot(real["T"], real[key], "-", color="#1f77b4", label="real (Monte Carlo)")
-        ax.plot(generated["T"], generated[key], "o", ms=4, color="#d62728", label="generated")
+        for mask, face, name in ((~held, "#d62728", "generated"), (held, "none", "held-out T")):
+            if mask.any():
+                ax.plot(generated["T"][mask], generated[key][mask], "o", ms=4, color="#d62728",
+                        mfc=face, label=name)
         ax.axvline(T_CRITICAL, ls="--", color="grey", lw=0.8)
-        for t in held_out:
-            ax.axvspan(t - 0.02, t + 0.02, color="orange", alpha=0.3, lw=0)
         ax.set_xlabel("T")
         ax.set_title(label, fontsize=9)
     fig.axes[0].legend(fontsize=7)

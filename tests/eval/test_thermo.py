@@ -79,3 +79,6 @@ def test_figure_has_one_panel_per_quantity(monte_carlo):
     c = thermo.curves(spins, t)
     fig = thermo.curve_figure(c, c, held_out=[2.3])
     assert [ax.get_title() for ax in fig.axes] == list(thermo.QUANTITIES.values())
+    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    assert list(lines["held-out T"].get_xdata()) == pytest.approx([2.3])   # drawn hollow
+    assert len(lines["generated"].get_xdata()) == 10
