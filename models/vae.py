@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Batch, InputShapeError, Trainable, check_shape
+from models.base import Batch, Trainable, check_shape
 from models.layers import TemperatureCondition, as_images, conv_down, conv_up, refine_spins
 
 
@@ -87,12 +87,12 @@ class VAE(Trainable):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """t: (B,) temperatures, needed when cond_temperature."""
+        """t: (B,) temperatures when cond_temperature; None draws them from the training mix,
+        the rule for samples without a temperature (`hpcforge evaluate` calls forward(x) alone)."""
         c, s = self.cfg.in_channels, self.cfg.image_size
         check_shape("vae input x", x, (None, c, s, s))
         if self.cfg.cond_temperature and t is None:
-            raise InputShapeError("vae: cond_temperature is set but no temperatures came; pass "
-                                  "them as batch['cond'] (shape (B,))")
+            t = self.temperature.of({}, x.shape[0], x.device)
         mu, logvar = self.encoder(self.with_t_channel(x, t))
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)  # reparameterisation trick
         return self.decoder(self.with_t(z, t)), mu, logvar

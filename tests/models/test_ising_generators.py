@@ -134,3 +134,12 @@ def test_sampler_draws_temperatures_and_returns_exact_spins():
                refine_sweeps=2).eval()
     assert set(vae.sample(16).unique().tolist()) <= {0.0, 1.0}
     assert vae.sample(4, {"cond": torch.full((4,), 2.0)}).shape == (4, 1, 16, 16)
+
+
+def test_conditional_vae_forward_without_temperatures_draws_them():
+    """`hpcforge evaluate` calls forward(x) alone on every predictor; a conditional VAE then
+    reconstructs at temperatures from the training mix rather than failing."""
+    torch.manual_seed(0)
+    vae = make("vae", image_size=16, channels=(8, 16), latent_dim=4, cond_temperature=True)
+    out, mu, logvar = vae(torch.rand(4, 1, 16, 16).round())
+    assert out.shape == (4, 1, 16, 16) and mu.shape == logvar.shape == (4, 4)
