@@ -3,6 +3,8 @@
     .venv/bin/python -m benchmarks.quality                       # every configs/experiment/*.yaml
     .venv/bin/python -m benchmarks.quality --only cnn_digits unet_darcy2d
     .venv/bin/python -m benchmarks.quality domains               # only the CycleGAN's Ising domains
+    .venv/bin/python -m benchmarks.quality study --only dcgan_ising2d_cond --cpu-s 120 --seeds 0 1 2
+    .venv/bin/python -m benchmarks.quality thermo --checkpoint outputs/study/120s-seed0/dcgan_ising2d_cond/train/checkpoints/final.pt
 
 Each experiment runs through the real CLI in subprocesses, one after the other: `hpcforge prepare`
 (skipped when the shared store already holds the same data settings), `hpcforge train` on one rank
@@ -381,6 +383,32 @@ def thermo_metrics(checkpoint: Path, per_t: int = 64, figure: Path | None = None
     return out
 
 
+# --------------------------------------------------------------------------- budget studies
+STUDY = "outputs/study"           # run directories of `study`, one per (budget, seed)
+
+
+def study(experiment: str, cpu_s: float, seeds: list[int]) -> list[dict[str, Any]]:
+    """One experiment at one CPU budget over seeds (issue #15: ratio vs budget, stable over
+    seeds), as run_experiment runs it; quality.json and quality.md are left alone. Each result is
+    printed and appended to outputs/study.jsonl."""
+    out = []
+    for seed in seeds:
+        runs = f"{STUDY}/{int(cpu_s)}s-seed{seed}"
+        row = run_experiment(experiment, HEADLINES[experiment], runs=runs, cpu_s=cpu_s,
+                             extra=[f"train.seed={seed}"])
+        result = {k: v for k, v in asdict(row).items() if k not in ("metrics",)}
+        result["metrics"] = {k: v for k, v in row.metrics.items()
+                             if k.startswith(("w1", "elbo", "frechet"))}
+        for k in ("energy", "abs_magnetization"):
+            if f"w1/{k}" in row.metrics:
+                result[f"ratio/{k}"] = row.metrics[f"w1/{k}"] / row.metrics[f"w1_reference/{k}"]
+        print(json.dumps(result))
+        with open(ROOT / "outputs/study.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+        out.append(result)
+    return out
+
+
 # --------------------------------------------------------------------------- one experiment
 def run_experiment(experiment: str, headline: Headline, nproc: int = 1, runs: str = RUNS,
                    cpu_s: float = CPU_BUDGET_S, extra: list[str] | None = None, log=print) -> Row:
@@ -528,7 +556,9 @@ def rescore(row: Row, runs: str = RUNS) -> Row:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.quality", description=__doc__.split("\n")[0])
-    p.add_argument("what", nargs="?", choices=["all", "domains", "thermo"], default="all")
+    p.add_argument("what", nargs="?", choices=["all", "domains", "thermo", "study"], default="all")
+    p.add_argument("--cpu-s", type=float, default=CPU_BUDGET_S, help="study: the CPU budget")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="study: train.seed values")
     p.add_argument("--checkpoint", type=Path, help="thermo: a temperature-conditional Ising "
                    "generator's checkpoint; its curves go to <checkpoint>.thermo.png")
     p.add_argument("--only", nargs="+", choices=sorted(HEADLINES), help="run these experiments")
@@ -540,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = [rescore(r) if r.value is None and r.steps else r for r in merge([])]
         write(rows, machine())
         return 0 if all(r.value is not None for r in rows) else 1
+    if args.what == "study":
+        for name in args.only or []:
+            study(name, args.cpu_s, args.seeds)
+        return 0
     if args.what == "thermo":
         print(json.dumps(thermo_metrics(args.checkpoint,
                                         figure=args.checkpoint.with_suffix(".thermo.png")), indent=1))
