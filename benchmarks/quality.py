@@ -342,11 +342,13 @@ def monte_carlo(temps: np.ndarray, per_t: int, lattice: int = 32, seed: int = 7)
     return {"spins": out["spins"], "temperature": out["temperature"]}
 
 
-def thermo_metrics(checkpoint: Path, per_t: int = 64, figure: Path | None = None) -> dict[str, float]:
+def thermo_metrics(checkpoint: Path, per_t: int = 64, figure: Path | None = None,
+                   overrides: list[str] | None = None) -> dict[str, float]:
     """A temperature-conditional generator's thermodynamic curves (pipeline/thermo.py) against the
     Monte Carlo ones: on the test split's temperatures (the training grid) and on the held-out
     midpoints between them. Each generated sample is made at a real sample's temperature and
-    turned into spins by the one conversion rule (thermo.spins_from_output)."""
+    turned into spins by the one conversion rule (thermo.spins_from_output). `overrides` as
+    for `hpcforge evaluate` (e.g. model.refine_sweeps=40)."""
     import torch
 
     from pipeline import physics, thermo
@@ -354,7 +356,7 @@ def thermo_metrics(checkpoint: Path, per_t: int = 64, figure: Path | None = None
     from pipeline.evaluate import checkpoint_config, eval_split, load_checkpoint
     from pipeline.trainer import build_model
     ckpt = load_checkpoint(checkpoint)
-    cfg = checkpoint_config(ckpt, [])
+    cfg = checkpoint_config(ckpt, overrides or [])
     model = build_model(cfg)
     model.load_state_dict(ckpt["model"])
     model.eval()
@@ -561,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="study: train.seed values")
     p.add_argument("--checkpoint", type=Path, help="thermo: a temperature-conditional Ising "
                    "generator's checkpoint; its curves go to <checkpoint>.thermo.png")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="thermo: overrides of the checkpoint's config, as for hpcforge evaluate")
     p.add_argument("--only", nargs="+", choices=sorted(HEADLINES), help="run these experiments")
     p.add_argument("--nproc", type=int, default=1, help="Horovod ranks per training run")
     p.add_argument("--rescore", action="store_true",
@@ -575,8 +579,8 @@ def main(argv: list[str] | None = None) -> int:
             study(name, args.cpu_s, args.seeds)
         return 0
     if args.what == "thermo":
-        print(json.dumps(thermo_metrics(args.checkpoint,
-                                        figure=args.checkpoint.with_suffix(".thermo.png")), indent=1))
+        print(json.dumps(thermo_metrics(args.checkpoint, figure=args.checkpoint.with_suffix(
+            ".thermo.png"), overrides=args.set), indent=1))
         return 0
     if args.what == "domains":
         print(f"[quality] domains: {write_ising_domains()}")
