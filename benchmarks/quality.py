@@ -529,10 +529,17 @@ def machine() -> dict[str, Any]:
             "cpu_budget_s": CPU_BUDGET_S}
 
 
+STUDIES_MARK = "<!-- budget studies (benchmarks.quality study): kept when the table is rewritten -->"
+
+
 def write(rows: list[Row], meta: dict[str, Any]) -> None:
+    """quality.json and quality.md; a section of quality.md after STUDIES_MARK is kept."""
     OUT.joinpath("quality.json").write_text(json.dumps(
         {**meta, "rows": [asdict(r) for r in rows]}, indent=1))
-    OUT.joinpath("quality.md").write_text(markdown(rows, meta) + "\n")
+    md = OUT / "quality.md"
+    old = md.read_text() if md.exists() else ""
+    kept = old[old.index(STUDIES_MARK):] if STUDIES_MARK in old else ""
+    md.write_text(markdown(rows, meta) + "\n" + ("\n" + kept if kept else ""))
 
 
 def merge(rows: list[Row]) -> list[Row]:
