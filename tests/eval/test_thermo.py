@@ -82,3 +82,23 @@ def test_figure_has_one_panel_per_quantity(monte_carlo):
     lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
     assert list(lines["held-out T"].get_xdata()) == pytest.approx([2.3])   # drawn hollow
     assert len(lines["generated"].get_xdata()) == 10
+
+
+def test_held_out_temperatures_are_the_midpoints_of_the_training_grid():
+    from benchmarks.quality import held_out_temperatures
+    grid = np.linspace(1.6, 3.2, 16)                  # configs/data/ising2d.yaml
+    held = held_out_temperatures()
+    np.testing.assert_allclose(held, (grid[:-1] + grid[1:]) / 2)
+    assert np.abs(held[:, None] - grid).min() > 0.05  # none is a training temperature
+
+
+def test_rewriting_the_quality_table_keeps_the_study_section(tmp_path, monkeypatch):
+    from benchmarks import quality
+    monkeypatch.setattr(quality, "OUT", tmp_path)
+    study = f"{quality.STUDIES_MARK}\n## a study\n| measured | rows |\n"
+    (tmp_path / "quality.md").write_text("# old table\n\n" + study)
+    meta = {"date": "d", "machine": "m", "versions": "v", "cpu_budget_s": 60.0}
+    quality.write([], meta)
+    text = (tmp_path / "quality.md").read_text()
+    assert "# old table" not in text and text.startswith("# Quality after a fixed CPU budget")
+    assert text.endswith(study)
