@@ -3,6 +3,8 @@
     .venv/bin/python -m benchmarks.quality                       # every configs/experiment/*.yaml
     .venv/bin/python -m benchmarks.quality --only cnn_digits unet_darcy2d
     .venv/bin/python -m benchmarks.quality domains               # only the CycleGAN's Ising domains
+    .venv/bin/python -m benchmarks.quality study --only dcgan_ising2d_cond --cpu-s 120 --seeds 0 1 2
+    .venv/bin/python -m benchmarks.quality thermo --checkpoint outputs/study/120s-seed0/dcgan_ising2d_cond/train/checkpoints/final.pt
 
 Each experiment runs through the real CLI in subprocesses, one after the other: `hpcforge prepare`
 (skipped when the shared store already holds the same data settings), `hpcforge train` on one rank
@@ -72,8 +74,13 @@ HEADLINES: dict[str, Headline] = {
                          "nats per shower under a Bernoulli decoder of minmax-scaled deposits"),
     "dcgan_ising2d": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
     "wgan_gp_ising2d": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
+    "dcgan_ising2d_cond": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
+    "wgan_gp_ising2d_cond": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
     "vae_ising2d": Headline("elbo", "higher", "", ("w1/energy", "w1_reference/energy"),
                             "nats per 32 x 32 configuration"),
+    "vae_ising2d_cond": Headline("w1/energy", "lower", "w1_reference/energy",
+                                 (*ISING_W1, "elbo"), "spins from the Bernoulli decoder, then "
+                                 "Metropolis sweeps at the sample's T (part of the model)"),
     "gan_ising2d": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
     "aae_ising2d": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
     "autoencoder_ising2d": Headline("anomaly_roc_auc", "higher", "baseline/chance",
@@ -318,6 +325,92 @@ def translation_metrics(checkpoint: Path) -> dict[str, float]:
     return out
 
 
+# --------------------------------------------------------------------------- thermodynamic curves
+def held_out_temperatures(t_min: float = 1.6, t_max: float = 3.2, levels: int = 16) -> np.ndarray:
+    """The midpoints between the training grid's temperatures: never seen in training."""
+    half = (t_max - t_min) / (levels - 1) / 2
+    return np.linspace(t_min + half, t_max - half, levels - 1)
+
+
+def monte_carlo(temps: np.ndarray, per_t: int, lattice: int = 32, seed: int = 7) -> dict[str, np.ndarray]:
+    """`per_t` configurations at each temperature from the data's own sampler and settings
+    (configs/data/ising2d.yaml: burn-in 300, 20 sweeps apart)."""
+    from pipeline.data.sources import ising2d
+    p = ising2d.Params(lattice=lattice, t_min=float(temps[0]), t_max=float(temps[-1]),
+                       n_temperatures=len(temps), chains=2 * len(temps))
+    out = ising2d.generate(p, seed, 0, 0, per_t * len(temps))
+    return {"spins": out["spins"], "temperature": out["temperature"]}
+
+
+def thermo_metrics(checkpoint: Path, per_t: int = 64, figure: Path | None = None,
+                   overrides: list[str] | None = None) -> dict[str, float]:
+    """A temperature-conditional generator's thermodynamic curves (pipeline/thermo.py) against the
+    Monte Carlo ones: on the test split's temperatures (the training grid) and on the held-out
+    midpoints between them. Each generated sample is made at a real sample's temperature and
+    turned into spins by the one conversion rule (thermo.spins_from_output). `overrides` as
+    for `hpcforge evaluate` (e.g. model.refine_sweeps=40)."""
+    import torch
+
+    from pipeline import physics, thermo
+    from pipeline.data.store import normalization, open_store
+    from pipeline.evaluate import checkpoint_config, eval_split, load_checkpoint
+    from pipeline.trainer import build_model
+    ckpt = load_checkpoint(checkpoint)
+    cfg = checkpoint_config(ckpt, overrides or [])
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    store = open_store(ROOT / cfg.data.path)
+    split, var = eval_split(store), cfg.data.inputs["x"]
+    affine, rng = normalization(store.stats("train", var), cfg.data.normalize), np.random.default_rng(0)
+    torch.manual_seed(0)
+    grid = {"spins": np.asarray(store.variable(split, var)[:]),
+            "temperature": np.asarray(store.variable(split, cfg.data.inputs["cond"])[:])}
+    held = monte_carlo(held_out_temperatures(), per_t)
+    out, curves = {}, {}
+    for name, real in (("grid", grid), ("held_out", held)):
+        with torch.no_grad():
+            x = model.sample(len(real["temperature"]), {"cond": torch.as_tensor(real["temperature"])})
+        spins = thermo.spins_from_output(physics.denormalize(x.numpy(), affine), rng)
+        r, g = (thermo.curves(s, real["temperature"]) for s in (real["spins"], spins))
+        out.update({f"{k}/{name}": v for k, v in thermo.curve_errors(r, g).items()})
+        curves[name] = (r, g)
+    if figure is not None:
+        both = {k: {q: np.concatenate([curves["grid"][i][q], curves["held_out"][i][q]])
+                    for q in curves["grid"][i]} for i, k in enumerate(("real", "generated"))}
+        order = np.argsort(both["real"]["T"])
+        fig = thermo.curve_figure(*({q: v[order] for q, v in c.items()} for c in both.values()),
+                                  held_out=held_out_temperatures())
+        fig.savefig(figure)
+    return out
+
+
+# --------------------------------------------------------------------------- budget studies
+STUDY = "outputs/study"           # run directories of `study`, one per (budget, seed)
+
+
+def study(experiment: str, cpu_s: float, seeds: list[int]) -> list[dict[str, Any]]:
+    """One experiment at one CPU budget over seeds (issue #15: ratio vs budget, stable over
+    seeds), as run_experiment runs it; quality.json and quality.md are left alone. Each result is
+    printed and appended to outputs/study.jsonl."""
+    out = []
+    for seed in seeds:
+        runs = f"{STUDY}/{int(cpu_s)}s-seed{seed}"
+        row = run_experiment(experiment, HEADLINES[experiment], runs=runs, cpu_s=cpu_s,
+                             extra=[f"train.seed={seed}"])
+        result = {k: v for k, v in asdict(row).items() if k not in ("metrics",)}
+        result["metrics"] = {k: v for k, v in row.metrics.items()
+                             if k.startswith(("w1", "elbo", "frechet"))}
+        for k in ("energy", "abs_magnetization"):
+            if f"w1/{k}" in row.metrics:
+                result[f"ratio/{k}"] = row.metrics[f"w1/{k}"] / row.metrics[f"w1_reference/{k}"]
+        print(json.dumps(result))
+        with open(ROOT / "outputs/study.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+        out.append(result)
+    return out
+
+
 # --------------------------------------------------------------------------- one experiment
 def run_experiment(experiment: str, headline: Headline, nproc: int = 1, runs: str = RUNS,
                    cpu_s: float = CPU_BUDGET_S, extra: list[str] | None = None, log=print) -> Row:
@@ -436,10 +529,17 @@ def machine() -> dict[str, Any]:
             "cpu_budget_s": CPU_BUDGET_S}
 
 
+STUDIES_MARK = "<!-- budget studies (benchmarks.quality study): kept when the table is rewritten -->"
+
+
 def write(rows: list[Row], meta: dict[str, Any]) -> None:
+    """quality.json and quality.md; a section of quality.md after STUDIES_MARK is kept."""
     OUT.joinpath("quality.json").write_text(json.dumps(
         {**meta, "rows": [asdict(r) for r in rows]}, indent=1))
-    OUT.joinpath("quality.md").write_text(markdown(rows, meta) + "\n")
+    md = OUT / "quality.md"
+    old = md.read_text() if md.exists() else ""
+    kept = old[old.index(STUDIES_MARK):] if STUDIES_MARK in old else ""
+    md.write_text(markdown(rows, meta) + "\n" + ("\n" + kept if kept else ""))
 
 
 def merge(rows: list[Row]) -> list[Row]:
@@ -465,7 +565,13 @@ def rescore(row: Row, runs: str = RUNS) -> Row:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.quality", description=__doc__.split("\n")[0])
-    p.add_argument("what", nargs="?", choices=["all", "domains"], default="all")
+    p.add_argument("what", nargs="?", choices=["all", "domains", "thermo", "study"], default="all")
+    p.add_argument("--cpu-s", type=float, default=CPU_BUDGET_S, help="study: the CPU budget")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="study: train.seed values")
+    p.add_argument("--checkpoint", type=Path, help="thermo: a temperature-conditional Ising "
+                   "generator's checkpoint; its curves go to <checkpoint>.thermo.png")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="thermo: overrides of the checkpoint's config, as for hpcforge evaluate")
     p.add_argument("--only", nargs="+", choices=sorted(HEADLINES), help="run these experiments")
     p.add_argument("--nproc", type=int, default=1, help="Horovod ranks per training run")
     p.add_argument("--rescore", action="store_true",
@@ -475,6 +581,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = [rescore(r) if r.value is None and r.steps else r for r in merge([])]
         write(rows, machine())
         return 0 if all(r.value is not None for r in rows) else 1
+    if args.what == "study":
+        for name in args.only or []:
+            study(name, args.cpu_s, args.seeds)
+        return 0
+    if args.what == "thermo":
+        print(json.dumps(thermo_metrics(args.checkpoint, figure=args.checkpoint.with_suffix(
+            ".thermo.png"), overrides=args.set), indent=1))
+        return 0
     if args.what == "domains":
         print(f"[quality] domains: {write_ising_domains()}")
         return 0

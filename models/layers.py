@@ -68,9 +68,12 @@ def conv_block(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, dilation
     return nn.Sequential(conv, norm2d(norm, c_out), activation(act))
 
 
-def conv_down(c_in: int, c_out: int, norm: bool | str = True) -> nn.Sequential:
-    """Strided 4x4 convolution halving the resolution: (B, c_in, H, W) -> (B, c_out, H/2, W/2)."""
-    conv = nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=needs_bias(norm))
+def conv_down(c_in: int, c_out: int, norm: bool | str = True,
+              padding_mode: str = "zeros") -> nn.Sequential:
+    """Strided 4x4 convolution halving the resolution: (B, c_in, H, W) -> (B, c_out, H/2, W/2).
+    padding_mode "circular" wraps around, for periodic lattices."""
+    conv = nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=needs_bias(norm),
+                     padding_mode=padding_mode)
     return nn.Sequential(conv, norm2d(norm, c_out), nn.LeakyReLU(0.2))
 
 
@@ -80,10 +83,11 @@ def conv_up(c_in: int, c_out: int, norm: bool | str = True) -> nn.Sequential:
     return nn.Sequential(conv, norm2d(norm, c_out), nn.ReLU())
 
 
-def conv_encoder(channels: tuple[int, ...], norm: bool | str = True) -> nn.Sequential:
+def conv_encoder(channels: tuple[int, ...], norm: bool | str = True,
+                 padding_mode: str = "zeros") -> nn.Sequential:
     """Stack of conv_down, no norm on the input layer (Radford et al. 2015):
     (B, channels[0], S, S) -> (B, channels[-1], S / 2**n, S / 2**n), n = len(channels) - 1."""
-    return nn.Sequential(*[conv_down(a, b, norm=norm if i > 0 else False)
+    return nn.Sequential(*[conv_down(a, b, norm=norm if i > 0 else False, padding_mode=padding_mode)
                            for i, (a, b) in enumerate(zip(channels[:-1], channels[1:]))])
 
 
@@ -92,6 +96,20 @@ def conv_decoder(channels: tuple[int, ...], out_channels: int) -> nn.Sequential:
     (B, channels[0], s, s) -> (B, out_channels, s * 2**n, s * 2**n), n = len(channels)."""
     ups = [conv_up(a, b) for a, b in zip(channels[:-1], channels[1:])]
     return nn.Sequential(*ups, nn.ConvTranspose2d(channels[-1], out_channels, 4, 2, 1))
+
+
+def periodic_decoder(channels: tuple[int, ...], out_channels: int) -> nn.Sequential:
+    """conv_decoder for periodic lattices: nearest 2x upsampling then a 3x3 convolution with
+    circular padding per level (a transposed convolution cannot wrap around the boundary), so the
+    generator sees the lattice's left and right edges as neighbours, as the Hamiltonian does:
+    (B, channels[0], s, s) -> (B, out_channels, s * 2**n, s * 2**n), n = len(channels)."""
+    def up(c_in: int, c_out: int, bias: bool) -> list[nn.Module]:
+        return [nn.Upsample(scale_factor=2),
+                nn.Conv2d(c_in, c_out, 3, 1, 1, bias=bias, padding_mode="circular")]
+    layers: list[nn.Module] = []
+    for a, b in zip(channels[:-1], channels[1:]):
+        layers += [*up(a, b, bias=False), nn.BatchNorm2d(b), nn.ReLU()]
+    return nn.Sequential(*layers, *up(channels[-1], out_channels, bias=True))
 
 
 class BasicBlock(nn.Module):
@@ -288,3 +306,61 @@ class Supervised(Trainable):
 
     def losses(self, batch: Batch, phase: str) -> dict[str, torch.Tensor]:
         return supervised_losses(self(batch["x"]), batch["y"], self.cfg.loss)
+
+
+# --------------------------------------------------------------------------- Ising spins
+class TemperatureCondition:
+    """The temperature T that Ising generators are conditioned on (issue #15): batch["cond"]
+    when the batch carries it (the store's `cond: temperature`), else drawn uniformly from the
+    training grid of `levels` temperatures over `t_range` (configs/data/ising2d.yaml spreads its
+    chains evenly over that grid, so a uniform draw is the training mix). Networks see T mapped
+    onto [0, 1] over t_range."""
+
+    def __init__(self, t_range: tuple[float, float], levels: int):
+        lo, hi = t_range
+        if not 0 < lo < hi or levels < 1:
+            raise ValueError(f"t_range {t_range} with {levels} levels: expected 0 < lo < hi and "
+                             f"at least one level")
+        self.lo, self.hi, self.levels = float(lo), float(hi), int(levels)
+
+    def of(self, batch: Batch, n: int, device: torch.device) -> torch.Tensor:
+        """(n,) temperatures: the batch's, or draws from the training grid."""
+        if "cond" in batch:
+            check_shape("temperature cond", batch["cond"], (n,))
+            return batch["cond"].to(device=device, dtype=torch.float32)
+        grid = torch.linspace(self.lo, self.hi, self.levels, device=device)
+        return grid[torch.randint(self.levels, (n,), device=device)]
+
+    def unit(self, t: torch.Tensor) -> torch.Tensor:
+        return (t - self.lo) / (self.hi - self.lo)
+
+    def sweep(self, n: int, device: torch.device) -> torch.Tensor:
+        """n temperatures evenly over t_range, for figures from fixed noise."""
+        return torch.linspace(self.lo, self.hi, n, device=device)
+
+
+def metropolis_sweeps(spins: torch.Tensor, temperature: torch.Tensor, sweeps: int) -> torch.Tensor:
+    """`sweeps` checkerboard Metropolis sweeps (Metropolis et al. 1953) of +-1 spins (B, 1, L, L),
+    periodic, J = k_B = 1, each sample at its own temperature (B,): the dynamics that made the
+    training data (pipeline/data/sources/ising2d.py). A few sweeps equilibrate a generated
+    lattice's nearest-neighbour correlations, which a network that outputs independent spins
+    cannot make, and leave its large-scale order (|m|, domains), which relaxes over many more
+    sweeps near T_c, to the network. L must be even (two sublattices)."""
+    s = spins.clone()
+    size = s.shape[-1]
+    ij = torch.arange(size, device=s.device)
+    parity = (ij[:, None] + ij[None, :]) % 2
+    t = temperature.to(s.dtype).view(-1, 1, 1, 1)
+    for _ in range(sweeps):
+        for sublattice in (0, 1):
+            nb = s.roll(1, -1) + s.roll(-1, -1) + s.roll(1, -2) + s.roll(-1, -2)
+            accept = torch.rand_like(s) < torch.exp(-2 * s * nb / t)  # min(1, e^-dE/T)
+            s = torch.where((parity == sublattice) & accept, -s, s)
+    return s
+
+
+def refine_spins(p_up: torch.Tensor, temperature: torch.Tensor, sweeps: int) -> torch.Tensor:
+    """Spins drawn from a generator's P(s = +1) in [0, 1], then `sweeps` Metropolis sweeps at
+    each sample's temperature; returned as 0/1 (the minmax-scaled spins of the store)."""
+    spins = torch.where(torch.rand_like(p_up) < p_up, 1.0, -1.0)
+    return (metropolis_sweeps(spins, temperature, sweeps) + 1) / 2

@@ -2,6 +2,13 @@
 
 Gaussian encoder q(z|x), reparameterisation, KL to N(0, I) weighted by beta (Higgins et al. 2017),
 and a Bernoulli (binary fields such as Ising spins in [0, 1]) or Gaussian decoder p(x|z).
+
+For Ising lattices (issue #15), off by default: `cond_temperature` makes it a conditional VAE
+(Sohn et al. 2015): q(z|x, T) and p(x|z, T), T drawn from the training mix when a sample has none;
+`refine_sweeps` makes the sampler draw spins from the Bernoulli decoder and then run that many
+Metropolis sweeps at the sample's T (`models.layers.refine_spins`). A factorised Bernoulli decoder
+draws every spin independently and so cannot make nearest-neighbour correlations; the sweeps are
+the part of the model that does. The ELBO is that of the Bernoulli decoder alone.
 """
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import Batch, Trainable, check_shape
-from models.layers import as_images, conv_down, conv_up
+from models.layers import TemperatureCondition, as_images, conv_down, conv_up, refine_spins
 
 
 @dataclass
@@ -23,12 +30,16 @@ class VAEConfig:
     latent_dim: int = 16
     beta: float = 1.0           # weight of the KL term (beta-VAE)
     decoder: str = "bernoulli"  # "bernoulli" (targets in [0, 1]) or "gaussian" (unit variance)
+    cond_temperature: bool = False  # q(z|x, T), p(x|z, T) with T = batch["cond"]
+    t_range: tuple[float, float] = (1.6, 3.2)  # T mapped onto [0, 1]; the training grid's ends
+    t_levels: int = 16          # grid size: T drawn from it when a sample has none
+    refine_sweeps: int = 0      # Metropolis sweeps on sampled spins (Bernoulli decoder, needs T)
 
 
 class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        chans = (cfg.in_channels, *cfg.channels)
+        chans = (cfg.in_channels + int(cfg.cond_temperature), *cfg.channels)  # T as a channel
         # (B, C, S, S) -> (B, channels[-1], S / 2**n, S / 2**n)
         self.features = nn.Sequential(*[conv_down(a, b, norm=i > 0) for i, (a, b) in
                                         enumerate(zip(chans[:-1], chans[1:]))])
@@ -46,7 +57,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.start = cfg.image_size // 2 ** len(cfg.channels)
         rev = tuple(reversed(cfg.channels))
-        self.fc = nn.Linear(cfg.latent_dim, rev[0] * self.start ** 2)
+        self.fc = nn.Linear(cfg.latent_dim + int(cfg.cond_temperature), rev[0] * self.start ** 2)
         # (B, rev[0], s, s) -> ... -> (B, in_channels, S, S), logits (Bernoulli) or means (Gaussian)
         ups = [conv_up(a, b) for a, b in zip(rev[:-1], rev[1:])]
         self.features = nn.Sequential(*ups, nn.ConvTranspose2d(rev[-1], cfg.in_channels, 4, 2, 1))
@@ -65,20 +76,41 @@ class VAE(Trainable):
                              f"2**{len(cfg.channels)} (one halving per entry of channels)")
         if cfg.decoder not in ("bernoulli", "gaussian"):
             raise ValueError(f"vae: decoder {cfg.decoder!r}: expected 'bernoulli' or 'gaussian'")
+        if cfg.refine_sweeps < 0 or (cfg.refine_sweeps and not (cfg.cond_temperature and
+                                                                cfg.decoder == "bernoulli")):
+            raise ValueError(f"vae: refine_sweeps {cfg.refine_sweeps}: expected 0, or a positive "
+                             f"count with cond_temperature true and the bernoulli decoder")
         self.cfg = cfg
+        self.temperature = TemperatureCondition(cfg.t_range, cfg.t_levels)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """t: (B,) temperatures when cond_temperature; None draws them from the training mix,
+        the rule for samples without a temperature (`hpcforge evaluate` calls forward(x) alone)."""
         c, s = self.cfg.in_channels, self.cfg.image_size
         check_shape("vae input x", x, (None, c, s, s))
-        mu, logvar = self.encoder(x)
+        if self.cfg.cond_temperature and t is None:
+            t = self.temperature.of({}, x.shape[0], x.device)
+        mu, logvar = self.encoder(self.with_t_channel(x, t))
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)  # reparameterisation trick
-        return self.decoder(z), mu, logvar
+        return self.decoder(self.with_t(z, t)), mu, logvar
+
+    def with_t_channel(self, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        if not self.cfg.cond_temperature:
+            return x
+        return torch.cat([x, self.temperature.unit(t).view(-1, 1, 1, 1).expand_as(x[:, :1])], 1)
+
+    def with_t(self, z: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        if not self.cfg.cond_temperature:
+            return z
+        return torch.cat([z, self.temperature.unit(t)[:, None]], dim=1)
 
     def losses(self, batch: Batch, phase: str) -> dict[str, torch.Tensor]:
         x = batch["x"]
-        out, mu, logvar = self(x)
+        t = self.temperature.of(batch, x.shape[0], x.device) if self.cfg.cond_temperature else None
+        out, mu, logvar = self(x, t)
         if self.cfg.decoder == "bernoulli":
             rec = F.binary_cross_entropy_with_logits(out, x, reduction="sum") / x.shape[0]
         else:
@@ -87,22 +119,29 @@ class VAE(Trainable):
         return {"loss": rec + self.cfg.beta * kl, "recon": rec, "kl": kl, "elbo": -(rec + kl)}
 
     @torch.no_grad()
-    def sample(self, n: int) -> torch.Tensor:
-        """n decoded prior draws z ~ N(0, I): (n, C, S, S); probabilities for a Bernoulli decoder."""
+    def sample(self, n: int, batch: Batch | None = None) -> torch.Tensor:
+        """n decoded prior draws z ~ N(0, I): (n, C, S, S); probabilities for a Bernoulli decoder,
+        or exact 0/1 spins after refine_sweeps Metropolis sweeps at each sample's T (the batch's
+        cond, else drawn from the training mix)."""
         device = next(self.parameters()).device
-        return self.decode(torch.randn(n, self.cfg.latent_dim, device=device))
+        t = self.temperature.of(batch or {}, n, device) if self.cfg.cond_temperature else None
+        p = self.decode(torch.randn(n, self.cfg.latent_dim, device=device), t)
+        return refine_spins(p, t, self.cfg.refine_sweeps) if self.cfg.refine_sweeps else p
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.decoder(z)
+    def decode(self, z: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.decoder(self.with_t(z, t))
         return torch.sigmoid(out) if self.cfg.decoder == "bernoulli" else out
 
     @torch.no_grad()
     def figures(self, batch: Batch) -> dict[str, torch.Tensor]:
         x = batch["x"][:8]
-        mu, _ = self.encoder(x)
+        cond = self.cfg.cond_temperature
+        t = self.temperature.of(batch, len(batch["x"]), x.device)[:8] if cond else None
+        mu, _ = self.encoder(self.with_t_channel(x, t))
         z = torch.randn(16, self.cfg.latent_dim, generator=torch.Generator().manual_seed(0))
-        return {"reconstructions": as_images(torch.cat([x, self.decode(mu)]).clamp(0, 1)),
-                "samples": as_images(self.decode(z.to(x.device)).clamp(0, 1))}
+        t_sweep = self.temperature.sweep(16, x.device) if cond else None  # T evenly over t_range
+        return {"reconstructions": as_images(torch.cat([x, self.decode(mu, t)]).clamp(0, 1)),
+                "samples": as_images(self.decode(z.to(x.device), t_sweep).clamp(0, 1))}
 
 
 def build(cfg: VAEConfig) -> VAE:

@@ -51,6 +51,10 @@ def reconstruct(m: Trainable, b: Batch) -> torch.Tensor:
     return m(b["x"])[0]
 
 
+def reconstruct_at_t(m: Trainable, b: Batch) -> torch.Tensor:
+    return m(b["x"], b["cond"])[0]
+
+
 def generate(m: Trainable, b: Batch) -> torch.Tensor:
     return m.generate(torch.randn(B, m.latent_dim), b)
 
@@ -147,6 +151,10 @@ CASES = [
     Case("vae", "gaussian", dict(in_channels=2, image_size=8, channels=(8,), latent_dim=4,
                                  decoder="gaussian"),
          lambda: {"x": img(2, 8, 8)}, reconstruct, (B, 2, 8, 8), (B, 1, 8, 8), figure="samples"),
+    Case("vae", "ising-cond-refine", dict(image_size=16, channels=(8, 16), latent_dim=4,
+                                          cond_temperature=True, refine_sweeps=2),
+         lambda: {"x": img(1, 16, 16).round(), "cond": 1.6 + 1.6 * torch.rand(B)}, reconstruct_at_t,
+         (B, 1, 16, 16), (B, 1, 32, 32), figure="samples"),
     Case("gan", "image-tanh", dict(data_shape=(1, 8, 8), g_hidden=(32,), d_hidden=(32,),
                                    output="tanh"),
          lambda: {"x": img(1, 8, 8) * 2 - 1}, generate, (B, 1, 8, 8), (B, 64), figure="samples"),
@@ -165,6 +173,15 @@ CASES = [
                                      output="tanh"),
          lambda: {"x": img(2, 8, 8) * 2 - 1}, generate, (B, 2, 8, 8), (B, 2, 16, 16),
          figure="samples"),
+    Case("dcgan", "ising-cond-circular-refine", dict(image_size=16, channels=(16, 8), latent_dim=8,
+                                                     circular=True, cond_temperature=True,
+                                                     refine_sweeps=2),
+         lambda: {"x": img(1, 16, 16).round(), "cond": 1.6 + 1.6 * torch.rand(B)}, generate,
+         (B, 1, 16, 16), (B, 1, 32, 32), figure="samples"),
+    Case("wgan_gp", "ising-cond-circular", dict(image_size=16, channels=(16, 8), latent_dim=8,
+                                                n_critic=2, circular=True, cond_temperature=True),
+         lambda: {"x": img(1, 16, 16).round(), "cond": 1.6 + 1.6 * torch.rand(B)}, generate,
+         (B, 1, 16, 16), (B, 2, 16, 16), figure="samples"),
     Case("cgan", "class", dict(data_shape=(1, 8, 8), n_classes=3, g_hidden=(32,), d_hidden=(32,)),
          lambda: {"x": img(1, 8, 8), "cond": labels(3)}, generate, (B, 1, 8, 8), (B, 1, 8, 9),
          figure="samples"),
