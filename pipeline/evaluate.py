@@ -247,7 +247,19 @@ class Evaluation:
         self.metrics.update({k.replace("w1/", "w1_reference/", 1): v for k, v in
                              physics.compare(obs, real_phys, train_phys).distances.items()})
         self.figures.update(figures.comparison_figures(cmp))
+        if "cond" in arrays and (curves := declared(source, "conditional_curves")) is not None:
+            real_aligned = physics.physical(obs, real_norm, self.affine, self.rng)  # cond's order
+            self.conditional(curves, real_aligned, gen_phys, arrays["cond"][:n])
         self.frechet(real_norm, self._renormalize(gen_phys), self._renormalize(train_phys))
+
+    def conditional(self, curves: Callable, real: np.ndarray, generated: np.ndarray,
+                    cond: np.ndarray) -> None:
+        """The source's curves over its conditioning value (Ising: <|m|>, <E>, C and chi against T,
+        pipeline/thermo.py), real against generated at the same conditions: errors and a figure."""
+        from pipeline import thermo
+        real_curves, gen_curves = curves(real, cond), curves(generated, cond)
+        self.metrics.update(thermo.curve_errors(real_curves, gen_curves))
+        self.figures["thermo_curves"] = thermo.curve_figure(real_curves, gen_curves)
 
     def _renormalize(self, phys: np.ndarray) -> np.ndarray:
         shift, scale = self.affine

@@ -97,7 +97,8 @@ def physics_figures(source_name: str, real_batch: dict[str, np.ndarray], generat
 
     real_batch["x"] and `generated` are (N, ...) in the loader's normalised space when `affine`
     (pipeline.data.store.normalization of the store's train statistics) is given, else in physical units.
-    Two-level variables (Ising spins) are taken by sign.
+    Two-level variables (Ising spins) are drawn from their probabilities, as evaluate does
+    (physics.physical: the one spin-conversion rule).
     """
     obs = physics.observables_for(source_name)
     if obs is None:

@@ -236,9 +236,13 @@ class Comparison:
 def physical(obs: Observables, x: np.ndarray, affine: tuple[np.ndarray, np.ndarray] | None = None,
              rng: np.random.Generator | None = None) -> np.ndarray:
     """Samples in physical units: denormalised when `affine` (the loader's normalisation) is
-    given; a two-level variable (spins) taken by sign, or drawn from its probabilities with `rng`."""
+    given. A two-level variable (spins) follows the one spin-conversion rule of pipeline/thermo.py
+    whoever asks (training figures, evaluate): drawn with P(+1) = (x + 1) / 2, from `rng` or a
+    fixed-seed generator, never thresholded (exact +-1 values stay what they are)."""
     x = denormalize(x, affine) if affine is not None else np.asarray(x)
-    return to_spins(x, rng) if obs.binary else x
+    if not obs.binary:
+        return x
+    return to_spins(x, rng if rng is not None else np.random.default_rng(0))
 
 
 def compare(obs: Observables, real: np.ndarray, generated: np.ndarray) -> Comparison:

@@ -15,7 +15,7 @@ value x in [-1, 1] read as the probability P(s = +1) = (x + 1) / 2, and spins ar
 (`spins_from_output`, which is `physics.to_spins` with a generator). A model that decides its spins
 itself returns exactly -1 or +1, for which the draw is deterministic; thresholding at 0 is not used,
 because it turns a Bernoulli decoder's blurry probabilities into spuriously ordered lattices.
-Training figures and `hpcforge evaluate` should both convert through this function.
+Training figures and `hpcforge evaluate` both convert through `physics.physical`, which applies it.
 """
 from __future__ import annotations
 

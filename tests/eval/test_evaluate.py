@@ -16,6 +16,8 @@ from pipeline.config import Config, build
 from pipeline.data.store import open_store
 from wandb_records import history, records
 
+from tests.eval.conftest import evaluate, train
+
 pytestmark = pytest.mark.slow  # trains and evaluates real models through the CLI (~1 min)
 
 
@@ -146,3 +148,21 @@ def test_checkpoint_without_config_is_refused(tmp_path, cli):
     torch.save({"model": {}}, path)
     r = cli("evaluate", str(path))
     assert r.returncode == 2 and "missing config, step" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_a_temperature_conditional_generator_is_compared_on_the_thermodynamic_curves(small_store,
+                                                                                     tmp_path):
+    """A conditional DCGAN (issue #15) gets <|m|>, <E>, C and chi against T, real vs generated at
+    the test samples' own temperatures: one error per curve and the figure, beside the W1s."""
+    from pipeline import thermo
+    ckpt = train(small_store, tmp_path, "model=dcgan", "model.image_size=16",
+                 "model.channels=[16,8]", "model.cond_temperature=true", "model.circular=true",
+                 "model.refine_sweeps=2", "train.max_steps=6", "train.logger.mode=disabled")
+    _, result = evaluate(ckpt)
+    m = result["metrics"]
+    for q in thermo.QUANTITIES:
+        assert 0.0 <= m[f"thermo/{q}"] < float("inf"), (q, m)
+    assert "w1/energy" in m and "w1/abs_magnetization" in m
+    png = Path(result["figures"]["thermo_curves"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,9 @@ and may declare, for `hpcforge evaluate` and the training figures (a source with
 none of what they enable; nothing outside the module names the source):
   OBSERVABLES       pipeline.physics.Observables of its main variable: W1 and figures;
   FEATURE_LABEL     the variable the Fréchet feature CNN is trained to predict;
-  out_of_distribution(p) -> Params   a labelled outlier set for the anomaly ROC AUC.
+  out_of_distribution(p) -> Params   a labelled outlier set for the anomaly ROC AUC;
+  conditional_curves(x, cond) -> {name: array}   curves over the conditioning value (Ising: the
+                    thermodynamic curves against T) compared for a conditional generator.
 Adding a source is its module plus one line in SOURCES.
 """
 from __future__ import annotations

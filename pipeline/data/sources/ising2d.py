@@ -56,6 +56,13 @@ def out_of_distribution(p: Params) -> Params:
     return dataclasses.replace(p, t_min=p.t_max + 1.0, t_max=p.t_max + 3.0)
 
 
+def conditional_curves(spins: np.ndarray, temperatures: np.ndarray) -> dict[str, np.ndarray]:
+    """<|m|>, <E>, C and chi per temperature (pipeline.thermo): what `hpcforge evaluate` compares
+    for a temperature-conditional generator (its batch["cond"] is the temperature)."""
+    from pipeline import thermo  # (matplotlib: only when evaluating, not when preparing)
+    return thermo.curves(spins, temperatures)
+
+
 def energy_per_spin(s: np.ndarray) -> np.ndarray:
     """H / L^2 of each configuration in a (N, L, L) batch, periodic boundaries, each bond once."""
     s = s.astype(np.int32)
