@@ -1,6 +1,6 @@
 """Per-rank reader of a prepared store: contiguous block reads, a shuffle buffer, prefetch.
 
-Every epoch the store's blocks (its inner chunks: the efficient read unit, DESIGN.md) are put in an
+Every epoch the store's blocks (its inner chunks: the efficient read unit, one decode each) are put in an
 order that is a pure function of (seed, epoch); the resulting sample sequence is cut into `world_size`
 equal parts and rank r reads part r, so each sample is seen once per epoch across ranks (the tail
 that does not divide evenly is dropped, like DistributedSampler with drop_last). Within its part a

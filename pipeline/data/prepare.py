@@ -1,7 +1,7 @@
 """`hpcforge prepare`: generate (or import) a dataset with Dask, split, globally shuffle, write Zarr.
 
 The shuffle is two passes whose task count grows linearly with the data (at most n_in + n_out
-tasks; a Dask `x[perm]` builds ~2 n^2 tasks for n chunks, see DESIGN.md):
+tasks; a Dask `x[perm]` builds ~2 n^2 tasks for n chunks, and its scheduler time grows with them):
   pass 1, one task per input chunk (small chunks grouped a few per task, `group_chunks`):
           generate (or read) it, validate it, compute partial statistics, and write its samples
           to one scratch file, sorted by destination shard (n_in files, not n_in x n_out);
@@ -49,7 +49,8 @@ from pipeline.redaction import redact
 from pipeline.errors import UserError
 from pipeline.provenance import versions
 
-INNER_CHUNK_BYTES = 1 << 20  # ~1 MiB inner chunks read best (DESIGN.md, zarr reads)
+INNER_CHUNK_BYTES = 1 << 20  # ~1 MiB: large enough that per-read overhead is small, small enough
+#                              that a shuffle buffer of blocks mixes samples (bench data_loader)
 TASK_MIN_BYTES = 16 << 20    # pass-1 tasks group small chunks up to this much input ...
 TASKS_PER_SLOT = 4           # ... keeping at least this many tasks per Dask task slot
 # Memory model of the budget (checked by benchmarks/data_prepare.py, "peak RSS"):

@@ -2,8 +2,8 @@
 
 The loader's read unit is one inner chunk (about 1 MiB). Through `zarr.Array.__getitem__` each
 such read costs a round trip to zarr's event-loop thread and several hops to its executor, which
-on this machine held reads to ~450 MB/s while Blosc itself decodes at 2 GB/s or more from two
-threads (benchmarks/data_loader.py). For the one layout `hpcforge prepare` writes, a local Zarr v3
+holds reads to a fraction of what Blosc itself decodes from two threads (`hpcforge bench --only
+data_loader` measures both). For the one layout `hpcforge prepare` writes, a local Zarr v3
 array sharded along the sample axis (codec `sharding_indexed`, inner codecs `bytes` + `blosc` +
 `crc32c`, index `bytes` + `crc32c` at the end of each shard file), `ShardReader` reads the shard
 index once (checking its CRC32C), then `pread`s each chunk, checks its CRC32C and decodes it
