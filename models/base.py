@@ -55,6 +55,12 @@ class Trainable(nn.Module):
     # Optional capability of generative models: `sample(n) -> (n, *data_shape)` in the data's
     # normalised range. The trainer and `hpcforge evaluate` use it for physics plots and distances.
 
+    @property
+    def conditional(self) -> bool:
+        """Whether `sample(n, batch)` generates at the conditions in batch["cond"] (e.g. Ising
+        temperatures): evaluate then compares curves over the condition, real against generated."""
+        return False
+
     @torch.no_grad()
     def figures(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Images for rank 0 to log, each (N, C, H, W) in [0, 1] (e.g. samples, reconstructions)."""

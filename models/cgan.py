@@ -52,6 +52,8 @@ class Conditioned(nn.Module):
 
 
 class CGAN(GAN):
+    conditional = True  # (Trainable.conditional) generates at batch["cond"], class or value
+
     def __init__(self, cfg: CGANConfig):
         if cfg.cond not in ("class", "continuous"):
             raise ValueError(f"cgan: cond {cfg.cond!r}: expected 'class' or 'continuous'")

@@ -110,6 +110,10 @@ class TemperatureConditioned(GAN):
         t = self.temperature.unit(self.temperature.of(batch, x.shape[0], x.device))
         return self.discriminator(torch.cat([x, t.view(-1, 1, 1, 1).expand_as(x[:, :1])], dim=1))
 
+    @property
+    def conditional(self) -> bool:
+        return self.cfg.cond_temperature
+
     @torch.no_grad()
     def sample(self, n: int, batch: Batch | None = None) -> torch.Tensor:
         """n samples in G's output range; with refine_sweeps, exact spins after the sweeps at

@@ -118,6 +118,10 @@ class VAE(Trainable):
         kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / x.shape[0]
         return {"loss": rec + self.cfg.beta * kl, "recon": rec, "kl": kl, "elbo": -(rec + kl)}
 
+    @property
+    def conditional(self) -> bool:
+        return self.cfg.cond_temperature
+
     @torch.no_grad()
     def sample(self, n: int, batch: Batch | None = None) -> torch.Tensor:
         """n decoded prior draws z ~ N(0, I): (n, C, S, S); probabilities for a Bernoulli decoder,

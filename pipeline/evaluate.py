@@ -247,7 +247,8 @@ class Evaluation:
         self.metrics.update({k.replace("w1/", "w1_reference/", 1): v for k, v in
                              physics.compare(obs, real_phys, train_phys).distances.items()})
         self.figures.update(figures.comparison_figures(cmp))
-        if "cond" in arrays and (curves := declared(source, "conditional_curves")) is not None:
+        curves = declared(source, "conditional_curves")
+        if "cond" in arrays and curves is not None and getattr(self.model, "conditional", False):
             real_aligned = physics.physical(obs, real_norm, self.affine, self.rng)  # cond's order
             self.conditional(curves, real_aligned, gen_phys, arrays["cond"][:n])
         self.frechet(real_norm, self._renormalize(gen_phys), self._renormalize(train_phys))

@@ -166,3 +166,11 @@ def test_a_temperature_conditional_generator_is_compared_on_the_thermodynamic_cu
     assert "w1/energy" in m and "w1/abs_magnetization" in m
     png = Path(result["figures"]["thermo_curves"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_unconditional_generator_gets_no_curves_over_the_condition(vae_run):
+    """The demo's VAE ignores the store's temperatures: curves "at" them would compare nothing."""
+    _, _, result = vae_run
+    assert "w1/energy" in result["metrics"]
+    assert not [k for k in result["metrics"] if k.startswith("thermo/")]
+    assert "thermo_curves" not in result["figures"]
