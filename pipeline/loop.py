@@ -274,8 +274,8 @@ def finish(run: Run) -> dict[str, Any]:
     final, p, dist = save(run), run.progress, run.dist
     dist.average_buffers(run.model)  # training is over: every rank ends with the mean
     digests = dist.gather_object(weights_digest(run.model))
-    summary: dict[str, Any] = {"steps": p.step, "ranks": dist.world_size, "launcher": dist.place.launcher,
-                               "nonfinite_steps": p.nonfinite_total,
+    summary: dict[str, Any] = {"steps": p.step, "ranks": dist.world_size,
+                               "launcher": dist.place.launcher, "nonfinite_steps": p.nonfinite_total,
                                "weights_sha256_per_rank": digests, "history": p.history}
     run.checkpoints.wait()
     if dist.is_main:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from pipeline.checkpoint import Checkpoints
 from pipeline.config import Config, TrainConfig
 from pipeline.data.loader import ShardedLoader
 from pipeline.data.store import Store, normalization, open_store
-from pipeline.dist import Dist
+from pipeline.dist import Dist, node_name
 from pipeline.errors import UserError
 from pipeline.hooks import ImageHook, image_hooks
 from pipeline.optim import build_optimizer, build_scheduler, rank_scale
@@ -308,8 +307,7 @@ def announce_ranks(run: Run) -> None:
     """Rank/host/device map, printed once by rank 0 and kept in ranks.json."""
     dist = run.dist
     me = {"rank": dist.rank, "local_rank": dist.local_rank, "pid": os.getpid(),
-          # Slurm's node name tells fake nodes on one host apart (and matches squeue)
-          "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+          "host": node_name(),  # Slurm's name tells fake nodes on one host apart (as squeue)
           "device": str(dist.device)}
     ranks = dist.gather_object(me)
     if dist.is_main:
