@@ -33,18 +33,12 @@ from pipeline.checkpoint import load, save_atomic
 from models.base import sampler
 from pipeline.config import Config, config_from_dict
 from pipeline.data.loader import ShardedLoader
-from pipeline.data.sources import SOURCES
+from pipeline.data.sources import SOURCES, declared
 from pipeline.data.store import Store, normalization, open_store
 from pipeline.errors import UserError
 
 MAX_SAMPLES = 2048        # cap on real and generated samples per distance (W1, Fréchet)
 OOD_SAMPLES = 256         # out-of-distribution samples for the anomaly ROC AUC
-
-
-def declared(source: str, name: str) -> Any:
-    """What the source module declares under `name` (FEATURE_LABEL, out_of_distribution; see
-    pipeline/data/sources/__init__.py), or None: the evaluator never names a source itself."""
-    return getattr(SOURCES.get(source), name, None)
 
 
 def declaring(name: str) -> str:

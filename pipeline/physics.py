@@ -210,10 +210,10 @@ def observables_for(source: str) -> Observables | None:
 
     The registry is imported here, not at the top: the source modules import this module for the
     observable functions they declare."""
-    from pipeline.data.sources import SOURCES
+    from pipeline.data.sources import SOURCES, declared
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; known: {', '.join(sorted(SOURCES))}")
-    return getattr(SOURCES[source], "OBSERVABLES", None)
+    return declared(source, "OBSERVABLES")
 
 
 # --------------------------------------------------------------------------- comparison

@@ -22,6 +22,8 @@ Adding a source is its module plus one line in SOURCES.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from pipeline.data.importers import IMPORTERS
 from pipeline.data.sources import calo, darcy2d, digits, ising2d, lorenz96
 
@@ -45,6 +47,12 @@ def params_class(name: str) -> type:
     if name not in SOURCES:
         raise LookupError(f"unknown source {name!r}; valid: {', '.join(sorted(SOURCES))}")
     return SOURCES[name].Params
+
+
+def declared(name: str, what: str) -> Any:
+    """What source `name` declares under `what` (OBSERVABLES, FEATURE_LABEL, out_of_distribution,
+    conditional_curves; see above), or None: callers never name a source themselves."""
+    return getattr(SOURCES.get(name), what, None)
 
 
 def describe() -> str:
