@@ -21,7 +21,8 @@ demo: setup
 	@echo "  metrics     outputs/demo/train/metrics.jsonl, outputs/demo/train/summary.json"
 	@echo "  W&B run     outputs/demo/train/wandb/latest-run  (offline; upload with: $(BIN)/wandb sync outputs/demo/train/wandb/latest-run)"
 	@echo "  images      outputs/demo/train/wandb/latest-run/files/media/images/"
-	@echo "  evaluation  outputs/demo/train/checkpoints/final.eval.json  (ELBO, W1 of magnetisation/energy, Frechet)"
+	@echo "  evaluation  outputs/demo/train/checkpoints/final.eval.json  (W1 of m, |m|, E against the real-vs-real floor, thermodynamic curves, Frechet)"
+	@echo "  figures     outputs/demo/train/checkpoints/final.eval/  (observables.png: histograms real vs generated; thermo_curves.png: <|m|>, <E>, C, chi against T)"
 	@echo "  report      outputs/demo/report.html  (self-contained: open it in a browser, no network needed)"
 
 test: setup

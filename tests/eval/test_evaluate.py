@@ -29,6 +29,8 @@ def test_vae_metrics_json_holds_elbo_w1_and_frechet(vae_run):
     assert m["samples"] == 128                                    # the whole val split
     for obs in ("magnetization", "abs_magnetization", "energy"):
         assert m[f"w1/{obs}"] >= 0 and m[f"w1_reference/{obs}"] >= 0
+        assert m[f"w1_ratio/{obs}"] == pytest.approx(m[f"w1/{obs}"] / m[f"w1_reference/{obs}"])
+    assert f"energy {m['w1_ratio/energy']:.2f}x" in r.stdout.split("W1 / real-vs-real floor")[1]
     assert m["frechet_distance"] > 0 and m["frechet_reference"] >= 0
     for name in ("observables", "profiles"):
         png = Path(result["figures"][name])

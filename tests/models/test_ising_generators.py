@@ -53,6 +53,17 @@ def test_refine_spins_returns_exact_zero_one_spins():
     assert set(out.unique().tolist()) == {0.0, 1.0}
 
 
+def test_refined_samples_are_symmetric_under_a_global_spin_flip():
+    """A generator that only makes up-magnetised lattices (P(up) = 0.97) is refined into both
+    signs about equally often, each with |m| near 1: the s -> -s symmetry of the zero-field model,
+    while the cold sweeps keep the order."""
+    torch.manual_seed(0)
+    out = refine_spins(torch.full((400, 1, 16, 16), 0.97), torch.full((400,), 1.6), 2)
+    m = (2 * out - 1).mean((1, 2, 3))
+    assert m.abs().min() > 0.8
+    assert 0.4 < (m > 0).float().mean() < 0.6        # 400 fair flips: 3.4 sigma either side
+
+
 # --------------------------------------------------------------------------- conditioning
 def test_temperature_comes_from_the_batch_or_the_training_grid():
     cond = TemperatureCondition((1.6, 3.2), 16)
