@@ -321,6 +321,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"[hpcforge] sweep {rec['name']}: array job {rec['job_id']} with {len(rec['tasks'])} "
           f"tasks (at most {rec['parallelism']} at once); summary job {rec['summary_job']} writes "
           f"{rec['summary']}", file=sys.stderr)
+    if "evaluate" in rec["stages"]:
+        rank = rec["rank_by"]
+        print(f"[hpcforge] each task evaluates its final checkpoint"
+              f"{'; the summary ranks by ' + rank['direction'] + ':' + rank['metric'] if rank else ''}",
+              file=sys.stderr)
     for i, t in enumerate(rec["tasks"]):
         print(f"[hpcforge]   {t['job_id']:<10} {' '.join(t['overrides'])}", file=sys.stderr)
     return 0
