@@ -6,7 +6,8 @@ import `jobs` and `benchmarks` as well as `pipeline`.
     hpcforge bench   [--quick] [--only NAME,...]
     hpcforge config  [-e EXPERIMENT] [key=value ...]   (print the resolved config)
     hpcforge submit  [-e EXPERIMENT] [--stages prepare,train] [key=value ...]   (jobs/, Slurm)
-    hpcforge sweep   [-e EXPERIMENT] --grid key=v1,v2 [--task "k=v ..."] [key=value ...]
+    hpcforge sweep   [-e EXPERIMENT] --grid key=v1,v2 [--task "k=v ..."] [--stages train,evaluate]
+                     [--rank-by [min:|max:]METRIC] [key=value ...]
     hpcforge status|logs|cancel JOBID [--jobs-dir DIR]
     hpcforge evaluate CHECKPOINT [key=value ...]
     hpcforge explain CHECKPOINT [--n 8] [--methods saliency,...] [key=value ...]
@@ -143,6 +144,13 @@ def _add_job_commands(sub) -> None:
     p.add_argument("--name", default=None, help="sweep name = W&B group (default: sweep-<exp>-<time>)")
     p.add_argument("--parallel", type=int, default=None,
                    help="tasks running at once (sets cluster.array_parallelism)")
+    p.add_argument("--stages", default="train", metavar="train[,evaluate]",
+                   help="train, or train,evaluate: `hpcforge evaluate` on each task's final "
+                        "checkpoint in the same task, its metrics in the summary (default: train)")
+    p.add_argument("--rank-by", default=None, metavar="[min:|max:]METRIC",
+                   help="order the summary best first by a metric as evaluate writes it "
+                        "(w1/energy, classifier/auc) or a training column (val/loss); lower is "
+                        "better unless max: (e.g. --rank-by max:accuracy)")
     p.add_argument("--json", action="store_true", help="print the sweep record as JSON")
     for name, what in (("status", "show a submitted job's state and result"),
                        ("logs", "print a submitted job's log for one rank"),
@@ -305,13 +313,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from jobs.sweep import sweep
-    rec = sweep(args.experiment, list(args.overrides), args.grid, args.task, args.name, args.parallel)
+    rec = sweep(args.experiment, list(args.overrides), args.grid, args.task, args.name, args.parallel,
+                args.stages.split(","), args.rank_by)
     public = {k: v for k, v in rec.items() if not k.startswith("_") and k != "config"}
     if args.json:
         print(json.dumps(public))
     print(f"[hpcforge] sweep {rec['name']}: array job {rec['job_id']} with {len(rec['tasks'])} "
           f"tasks (at most {rec['parallelism']} at once); summary job {rec['summary_job']} writes "
           f"{rec['summary']}", file=sys.stderr)
+    if "evaluate" in rec["stages"]:
+        rank = rec["rank_by"]
+        print(f"[hpcforge] each task evaluates its final checkpoint"
+              f"{'; the summary ranks by ' + rank['direction'] + ':' + rank['metric'] if rank else ''}",
+              file=sys.stderr)
     for i, t in enumerate(rec["tasks"]):
         print(f"[hpcforge]   {t['job_id']:<10} {' '.join(t['overrides'])}", file=sys.stderr)
     return 0

@@ -14,7 +14,7 @@ from typing import Any
 
 from jobs import records
 from jobs.executor import make_executor, resolve_backend, submit_error, tasks_per_node, validate
-from jobs.tasks import EvaluateJob, PrepareJob, TrainJob
+from jobs.tasks import EvaluateJob, PrepareJob, TrainJob, final_checkpoint
 from pipeline.config import ClusterConfig, Config, load_config
 from pipeline.errors import UserError
 from pipeline.provenance import git_revision
@@ -80,7 +80,7 @@ def job_for(stage: str, cfg: Config, experiment: str, overrides: list[str]):
         return PrepareJob(cfg)
     if stage == "train":
         return TrainJob(cfg, argv, cfg.cluster.max_requeues)
-    return EvaluateJob(str(Path(cfg.output_dir) / "train" / "checkpoints" / "final.pt"))
+    return EvaluateJob(str(final_checkpoint(cfg)))
 
 
 def submit(experiment: str, overrides: list[str], stages: list[str] | None = None) -> list[Submitted]:

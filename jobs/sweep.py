@@ -20,6 +20,17 @@ users of this field know; the values are the same, the flags differ:
     a job per combination (submitit launcher)       one Slurm array, at most cluster.array_parallelism
                                                     at once, plus the summary table job
 
+Sweeps that select (issue 15): `--stages train,evaluate` runs `hpcforge evaluate` on each task's
+final checkpoint inside the same array task (jobs/tasks.py TrainJob), and the summary then holds
+its metrics as `eval/<name>` columns beside the losses. `--rank-by [min:|max:]METRIC` orders the
+table best first and numbers the rows (`rank`): METRIC as evaluate writes it (`w1/energy`,
+`classifier/auc`, `relative_l2`) or a training column (`val/loss`); lower is better unless `max:`
+says otherwise (`--rank-by max:accuracy`). The prefix is a word, not a sign, so that argparse
+never reads the value as an option.
+
+    hpcforge sweep -e demo cluster=local_slurm --grid train.seed=0,1,2 \
+        --stages train,evaluate --rank-by w1/energy
+
 Kept rather than Hydra's: the swept keys are the ones after `--grid`, so a common override never
 becomes an axis by holding a comma (under `-m` Hydra sweeps any `key=a,b`); `--task` lists
 combinations a grid cannot; and the configs are composed by pipeline/config.py, not by Hydra.
@@ -31,7 +42,9 @@ import dataclasses
 import datetime
 import itertools
 import json
+import math
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,13 +100,79 @@ def _task_words(task: str) -> list[str]:
                         f"with spaces (e.g. --task \"train.seed=1 model.channels='[8, 16]'\")") from None
 
 
+SWEEP_STAGES = (["train"], ["train", "evaluate"])
+# Metrics only `hpcforge evaluate` writes (pipeline/evaluate.py), never the trainer's history.
+EVALUATION_ONLY = ("w1/", "w1_reference/", "classifier/", "frechet_", "relative_l2", "anomaly_")
+
+
+@dataclass(frozen=True)
+class RankBy:
+    """`--rank-by [min:|max:]METRIC`: the summary's order, best task first."""
+    metric: str
+    higher_is_better: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> RankBy:
+        direction, sep, metric = text.partition(":")
+        if not sep:
+            direction, metric = "min", text
+        if direction not in ("min", "max") or not metric.strip():
+            raise UserError(f"--rank-by {text!r}: expected METRIC, min:METRIC or max:METRIC "
+                            f"(e.g. --rank-by w1/energy, --rank-by max:accuracy)")
+        return cls(metric.strip(), direction == "max")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "direction": "max" if self.higher_is_better else "min"}
+
+
+def sweep_stages(stages: list[str] | None) -> list[str]:
+    stages = list(stages or ["train"])
+    if stages not in SWEEP_STAGES:
+        raise UserError(f"--stages {','.join(stages)}: a sweep trains each task and may evaluate "
+                        f"it; expected train or train,evaluate (prepare the store once before, "
+                        f"with `hpcforge prepare` or `hpcforge submit --stages prepare`)")
+    return stages
+
+
+def check_rank_by(rank: RankBy | None, stages: list[str], data_path: str, variable: str) -> None:
+    """Refuse at submit time what can be known then: an evaluation metric without the evaluate
+    stage, and a W1 metric of an observable the store's source does not define. Any other name
+    (a loss) is only known once a task has run: the summary says so if none has it."""
+    if rank is None or not rank.metric.startswith(EVALUATION_ONLY):
+        return
+    if "evaluate" not in stages:
+        raise UserError(f"--rank-by {rank.metric}: an evaluation metric, but the sweep's stages "
+                        f"are {','.join(stages)}; add --stages train,evaluate")
+    kind, _, name = rank.metric.partition("/")
+    if kind in ("w1", "w1_reference") and name not in (known := observable_names(data_path, variable)):
+        valid = ", ".join(f"{kind}/{k}" for k in known) or "(none: its source declares no observables)"
+        raise UserError(f"--rank-by {rank.metric}: evaluate writes no such W1 metric for this "
+                        f"store; valid: {valid}")
+
+
+def observable_names(data_path: str, variable: str) -> list[str]:
+    """The scalar observables evaluate compares for the store's source (pipeline/physics.py),
+    computed on two stored samples."""
+    from pipeline import physics
+    from pipeline.data.store import open_store
+    store = open_store(data_path)
+    obs = physics.observables_for(store.meta.source)
+    if obs is None:
+        return []
+    return list(obs.scalars(physics.physical(obs, store.variable("train", variable)[:2])))
+
+
 def sweep(experiment: str, overrides: list[str], grid: list[str], tasks: list[str],
-          name: str | None = None, parallel: int | None = None) -> dict[str, Any]:
+          name: str | None = None, parallel: int | None = None, stages: list[str] | None = None,
+          rank_by: str | None = None) -> dict[str, Any]:
     """Validate every task's config, then submit the array and its summary job."""
     task_overrides = expand(grid, tasks)  # a malformed --grid/--task is named before anything
     for t in task_overrides:
         parse_overrides(t)
+    stages = sweep_stages(stages)
+    rank = RankBy.parse(rank_by) if rank_by is not None else None
     base = resolved(experiment, overrides)
+    check_rank_by(rank, stages, base.data.path, base.data.inputs["x"])
     backend = resolve_backend(base.cluster)
     if backend != "slurm":
         raise UserError(f"hpcforge sweep runs one Slurm job array, but cluster.executor resolves to "
@@ -111,20 +190,22 @@ def sweep(experiment: str, overrides: list[str], grid: list[str], tasks: list[st
         if bad:
             raise UserError(f"sweep task override {bad[0]}: cluster settings are per sweep (one "
                             f"array), not per task; pass it before --grid/--task")
-    jobs = [_task(experiment, overrides, t, i, sweep_dir, base, name) for i, t in enumerate(task_overrides)]
+    jobs = [_task(experiment, overrides, t, i, sweep_dir, base, name, "evaluate" in stages)
+            for i, t in enumerate(task_overrides)]
     validate(base.cluster, backend)
     return _submit_array(base, backend, jobs, task_overrides, name, sweep_dir,
-                         {"experiment": experiment, "overrides": overrides})
+                         {"experiment": experiment, "overrides": overrides, "stages": stages,
+                          "rank_by": rank.to_dict() if rank else None})
 
 
 def _task(experiment: str, overrides: list[str], extra: list[str], i: int, sweep_dir: Path, base,
-          group: str) -> TrainJob:
+          group: str, evaluate: bool) -> TrainJob:
     fixed = [f"output_dir={sweep_dir / str(i)}", f"data.path={base.data.path}",
              f"train.logger.group={group}", f"cluster.jobs_dir={base.cluster.jobs_dir}"]
     argv = [*overrides, *extra, *fixed]
     cfg = resolved(experiment, argv)  # a bad key in any task fails here, before submitting
     slurm_ranks(cfg, "slurm")
-    return TrainJob(cfg, ["-e", experiment, *argv], base.cluster.max_requeues)
+    return TrainJob(cfg, ["-e", experiment, *argv], base.cluster.max_requeues, evaluate)
 
 
 def _submit_array(base, backend: str, jobs: list[TrainJob], task_overrides: list[list[str]],
@@ -177,14 +258,41 @@ def task_row(task: dict[str, Any], state: str) -> dict[str, Any]:
         row.update({k: v for k, v in (summary.get("history") or [{}])[-1].items() if k != "epoch"})
         run = summary.get("wandb_run") or ""
         row["wandb_run_id"] = run.rsplit("-", 1)[-1] if run else None
+    evaluation = Path(task["output_dir"]) / "train" / "checkpoints" / "final.eval.json"
+    if evaluation.is_file():  # --stages train,evaluate
+        metrics = json.loads(evaluation.read_text())["metrics"]
+        row.update({f"eval/{k}": v for k, v in metrics.items() if _number(v)})
     return row
 
 
-def write_table(rows: list[dict[str, Any]], out: Path) -> list[str]:
-    """summary.json, summary.csv and summary.md; returns the columns."""
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def rank_rows(rows: list[dict[str, Any]], rank: RankBy) -> tuple[list[dict[str, Any]], str]:
+    """The rows best first by `rank.metric`, numbered from 1 in a `rank` column; tasks without
+    the metric (failed, or NaN) follow unranked in task order. The metric is looked up as an
+    evaluation column (eval/<metric>) first, then as a training column of that name. Returns the
+    rows and a line saying what decided the order."""
+    column = next((c for c in (f"eval/{rank.metric}", rank.metric)
+                   if any(_number(r.get(c)) for r in rows)), None)
+    if column is None:
+        return rows, (f"rank-by {rank.metric}: no task has this metric; rows in task order "
+                      f"(columns: {', '.join(dict.fromkeys(k for r in rows for k in r))})")
+    ranked = sorted((r for r in rows if _number(r.get(column))), key=lambda r: r[column],
+                    reverse=rank.higher_is_better)
+    unranked = [r for r in rows if not _number(r.get(column))]
+    out = [{"rank": i, **r} for i, r in enumerate(ranked, 1)] + [{"rank": None, **r} for r in unranked]
+    best = "highest" if rank.higher_is_better else "lowest"
+    return out, (f"ranked by {column}, {best} first; best: task {out[0]['job_id']} "
+                 f"({out[0]['overrides']}) = {out[0][column]:.4g}")
+
+
+def write_table(rows: list[dict[str, Any]], out: Path, extra: dict[str, Any] | None = None) -> list[str]:
+    """summary.json (with `extra`), summary.csv and summary.md; returns the columns."""
     columns = list(dict.fromkeys(k for r in rows for k in r))
     out.mkdir(parents=True, exist_ok=True)
-    records.write_json(out / "summary.json", {"columns": columns, "rows": rows})
+    records.write_json(out / "summary.json", {"columns": columns, "rows": rows, **(extra or {})})
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
@@ -192,6 +300,8 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> list[str]:
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
     md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    if extra and extra.get("ranking"):
+        md += ["", extra["ranking"]]
     (out / "summary.md").write_text("\n".join(md) + "\n")
     return columns
 
@@ -207,11 +317,18 @@ class SweepSummary:
         rec = self.record
         state = {r["JobID"]: r["State"] for r in records.sacct(rec["tasks"][0]["job_id"].split("_")[0])}
         rows = [task_row(t, state.get(t["job_id"], "UNKNOWN")) for t in rec["tasks"]]
+        extra: dict[str, Any] = {}
+        if rec.get("rank_by"):
+            rank = RankBy(rec["rank_by"]["metric"], rec["rank_by"]["direction"] == "max")
+            rows, extra["ranking"] = rank_rows(rows, rank)
+            extra["rank_by"] = rec["rank_by"]
         out = Path(rec["sweep_dir"])
-        columns = write_table(rows, out)
+        columns = write_table(rows, out, extra)
         run_path = self._log_wandb(columns, rows, out)
         print(f"[hpcforge] sweep {rec['name']}: {len(rows)} tasks, summary {out / 'summary.md'}"
               f"{', W&B ' + run_path if run_path else ''}", flush=True)
+        if "ranking" in extra:
+            print(f"[hpcforge] {extra['ranking']}", flush=True)
         print((out / "summary.md").read_text(), flush=True)
         return {"rows": rows, "summary": str(out / "summary.json"), "wandb_run": run_path}
 

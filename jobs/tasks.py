@@ -129,12 +129,19 @@ def job_folder() -> Path:
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """`pipeline.trainer.train(cfg)` on every task of the job, surviving preemption by requeue."""
+    """`pipeline.trainer.train(cfg)` on every task of the job, surviving preemption by requeue.
 
-    def __init__(self, cfg: Config, argv: list[str], max_requeues: int):
+    With `evaluate=True` (a sweep's `--stages train,evaluate`, issue 15) rank 0 then scores the
+    final checkpoint in the same task, as `hpcforge evaluate` would: no second job to queue per
+    task, and the array's `afterany` summary finds every task's metrics. A signal during the
+    evaluation reaches submitit's `checkpoint()`: the requeued task resumes at the final step and
+    evaluates again (the `.eval.json` is replaced atomically)."""
+
+    def __init__(self, cfg: Config, argv: list[str], max_requeues: int, evaluate: bool = False):
         self.cfg = cfg
         self.argv = argv                # `hpcforge train` arguments, for a local mpirun relaunch
         self.max_requeues = max_requeues
+        self.evaluate = evaluate
 
     def __call__(self) -> dict[str, Any]:
         from pipeline.dist import detect_launcher
@@ -154,6 +161,8 @@ class TrainJob(submitit.helpers.Checkpointable):
             self._requeue_or_fail()
         finally:
             stop.set()
+        if self.evaluate and me["rank"] == 0:
+            summary = {**summary, "evaluation": evaluate_final(cfg)}
         return {**me, "restarts": restarts(), "summary": summary}
 
     def _requeue_or_fail(self) -> None:
@@ -205,7 +214,14 @@ class TrainJob(submitit.helpers.Checkpointable):
             raise RuntimeError(f"`hpcforge train` on {cfg.train.dist.nproc} local ranks exited "
                                f"with {rc}; see the job's log")
         summary = json.loads((Path(cfg.output_dir) / "train" / "summary.json").read_text())
+        if self.evaluate:
+            summary["evaluation"] = evaluate_final(cfg)
         return {**placement(), "restarts": 0, "summary": summary}
+
+
+def final_checkpoint(cfg: Config) -> Path:
+    """Where `hpcforge train` leaves the run's final checkpoint (pipeline/loop.py)."""
+    return Path(cfg.output_dir) / "train" / "checkpoints" / "final.pt"
 
 
 def resumable(cfg: Config) -> Config:
@@ -225,6 +241,12 @@ class PrepareJob(submitit.helpers.Checkpointable):
         path = prepare(self.cfg.data, self.cfg.to_dict())
         print(f"[hpcforge] dataset ready: {path}", flush=True)
         return str(path)
+
+
+def evaluate_final(cfg: Config) -> dict[str, Any]:
+    """`hpcforge evaluate` on the run's final checkpoint; its metrics (and where they went)."""
+    result = EvaluateJob(str(final_checkpoint(cfg)))()
+    return {"json": result["json"], "metrics": result["metrics"]}
 
 
 class EvaluateJob:

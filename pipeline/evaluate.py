@@ -247,6 +247,8 @@ class Evaluation:
             real_aligned = physics.physical(obs, real_norm, self.affine, self.rng)  # cond's order
             self.conditional(curves, real_aligned, gen_phys, arrays["cond"][:n])
         self.frechet(real_norm, self._renormalize(gen_phys), self._renormalize(train_phys))
+        self.classifier(obs, real_norm, gen_phys,
+                        arrays.get("cond") if getattr(self.model, "conditional", False) else None)
 
     def floor_ratios(self, distances: dict[str, float]) -> None:
         """W1 / the real-vs-real floor per observable ("w1_ratio/<name>"), the number issue #15
@@ -266,6 +268,18 @@ class Evaluation:
         real_curves, gen_curves = curves(real, cond), curves(generated, cond)
         self.metrics.update(thermo.curve_errors(real_curves, gen_curves))
         self.figures["thermo_curves"] = thermo.curve_figure(real_curves, gen_curves)
+
+    def classifier(self, obs: physics.Observables, real_norm: np.ndarray, generated: np.ndarray,
+                   cond: np.ndarray | None) -> None:
+        """The CaloChallenge classifier test (pipeline/classifier_test.py, issue 15): ROC AUC of
+        telling the generated samples from the real ones they were generated beside (a
+        conditional model's condition is a feature), 0.5 = indistinguishable. Its own rng: the
+        metrics above stay as they were."""
+        from pipeline.classifier_test import classifier_auc
+        real = physics.physical(obs, real_norm, self.affine, np.random.default_rng(self.cfg.train.seed))
+        self.metrics["classifier/auc"] = classifier_auc(
+            real, generated, obs, None if cond is None else cond[:len(real)], seed=self.cfg.train.seed)
+        self.metrics["classifier/samples"] = 2 * min(len(real), len(generated))
 
     def _renormalize(self, phys: np.ndarray) -> np.ndarray:
         shift, scale = self.affine
