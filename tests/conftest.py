@@ -21,7 +21,7 @@ def small_store(tmp_path_factory) -> tuple[Path, list[str]]:
 
     out = tmp_path_factory.mktemp("small")
     overrides = small(out)
-    cfg = load_config("vae_ising2d_quick", overrides)
+    cfg = load_config("demo", overrides)
     return prepare(cfg.data, cfg.to_dict(), log=lambda *a: None), overrides
 
 

@@ -57,25 +57,25 @@ def test_bad_train_input_is_one_line_and_starts_no_rank(small_store, tmp_path, a
 def test_override_after_grid_is_taken_as_an_override(tmp_path):
     """`sweep ... --grid a=1,2 train.epochs=1`: overrides on both sides of the options."""
     from hpcforge.cli import parse
-    args = parse(["sweep", "-e", "vae_ising2d_quick", "cluster=local_slurm", "--grid", "train.seed=0,1",
+    args = parse(["sweep", "-e", "demo", "cluster=local_slurm", "--grid", "train.seed=0,1",
                   "train.epochs=1", "--grid", "train.lr=0.1,0.2", "--task", "model=vae"])
     assert args.overrides == ["cluster=local_slurm", "train.epochs=1"]
     assert args.grid == ["train.seed=0,1", "train.lr=0.1,0.2"] and args.task == ["model=vae"]
     # on the real command the late override is read (and refused here for its value, before
     # anything is submitted), not rejected by argparse as an unrecognized argument
-    r = hpcforge("sweep", "-e", "vae_ising2d_quick", "cluster=local_slurm", "--grid", "train.seed=0,1",
+    r = hpcforge("sweep", "-e", "demo", "cluster=local_slurm", "--grid", "train.seed=0,1",
                  "train.epochs=0", f"output_dir={tmp_path}", timeout=120)
     _one_line_refusal(r, "train.epochs=0")
 
 
 @pytest.mark.parametrize("argv", [
-    ["train", "train.epochs=2", "--nproc", "2", "-e", "vae_ising2d_quick", "model=vae"],
-    ["config", "train.epochs=2", "-e", "vae_ising2d_quick", "model=vae"],
+    ["train", "train.epochs=2", "--nproc", "2", "-e", "demo", "model=vae"],
+    ["config", "train.epochs=2", "-e", "demo", "model=vae"],
 ])
 def test_options_and_overrides_in_any_order(argv):
     from hpcforge.cli import parse
     args = parse(argv)
-    assert args.experiment == "vae_ising2d_quick" and args.overrides == ["train.epochs=2", "model=vae"]
+    assert args.experiment == "demo" and args.overrides == ["train.epochs=2", "model=vae"]
 
 
 def test_argparse_refusals_are_one_line():
@@ -113,6 +113,6 @@ def test_every_numeric_setting_has_a_range():
     (["--grid", "train.lr=[1,", "train.epochs=1"], "'train.lr=[1,'"),
 ])
 def test_bad_sweep_input_is_one_line_before_anything(tmp_path, args, named):
-    r = hpcforge("sweep", "-e", "vae_ising2d_quick", f"output_dir={tmp_path / 'out'}", *args, timeout=120)
+    r = hpcforge("sweep", "-e", "demo", f"output_dir={tmp_path / 'out'}", *args, timeout=120)
     _one_line_refusal(r, named)
     assert not (tmp_path / "out").exists()

@@ -12,7 +12,7 @@ from pipeline.config import load_config
 def import_config(tmp: Path, source: str, path: Path | str, *extra: str, address: str | None = None):
     """A config importing `path` (variables field, label) into tmp/data/<source>.zarr."""
     join = [f"data.dask.scheduler={address}"] if address else []
-    return load_config("vae_ising2d_quick", [
+    return load_config("demo", [
         f"output_dir={tmp}", "data=import_netcdf", f"data.source={source}",
         f"data.params.path={path}", "data.params.variables=[field]", "data.params.labels=[label]",
         "data.params.sample_axis=0", "data.params.dtypes={}", "data.inputs={x: field}",

@@ -22,7 +22,7 @@ def test_permission_denied_is_a_clear_error(tmp_path, dask_address):
     else:
         (tmp_path / "ro").mkdir(mode=0o555)
         target = tmp_path / "ro" / "set.zarr"
-    cfg = load_config("vae_ising2d_quick", [f"output_dir={tmp_path}", *SMALL, f"data.path={target}",
+    cfg = load_config("demo", [f"output_dir={tmp_path}", *SMALL, f"data.path={target}",
                                f"data.dask.scheduler={dask_address}"])
     with pytest.raises(UserError, match=r"writing .*(hpcforge-test|set\.zarr\.partial): (permission denied|operation "
                                         r"not permitted) \(errno \d+\); choose a data.path you can "
@@ -34,7 +34,7 @@ def test_a_foreign_directory_is_never_replaced_even_with_overwrite(tmp_path):
     target = tmp_path / "mine.zarr"
     target.mkdir()
     (target / "thesis.tex").write_text("precious")
-    cfg = load_config("vae_ising2d_quick", [f"output_dir={tmp_path}", *SMALL, f"data.path={target}",
+    cfg = load_config("demo", [f"output_dir={tmp_path}", *SMALL, f"data.path={target}",
                                "data.overwrite=true"])
     with pytest.raises(UserError, match=r"mine\.zarr exists and is not an hpcforge store of format "
                                         r"version 1; refusing to replace it even with "
@@ -44,7 +44,7 @@ def test_a_foreign_directory_is_never_replaced_even_with_overwrite(tmp_path):
 
 
 def test_a_foreign_partial_or_another_version_is_refused(tmp_path):
-    cfg = load_config("vae_ising2d_quick", [f"output_dir={tmp_path}", *SMALL])
+    cfg = load_config("demo", [f"output_dir={tmp_path}", *SMALL])
     paths = Paths.of(cfg.data.path)
     zarr.open_group(str(paths.partial), mode="w").attrs["hpcforge"] = {
         "format": "hpcforge-zarr", "format_version": 0}

@@ -17,7 +17,7 @@ SMALL = ["data.params.lattice=8", "data.params.burn_in=5", "data.params.decorrel
 def test_scheduler_address_joins_the_running_cluster_and_sets_zarr_concurrency(tmp_path,
                                                                                dask_address):
     from distributed import Client
-    cfg = load_config("vae_ising2d_quick", [f"output_dir={tmp_path}", *SMALL,
+    cfg = load_config("demo", [f"output_dir={tmp_path}", *SMALL,
                                f"data.dask.scheduler={dask_address}"])
     lines: list[str] = []
     store = open_store(prepare(cfg.data, cfg.to_dict(), log=lines.append))
@@ -30,12 +30,12 @@ def test_scheduler_address_joins_the_running_cluster_and_sets_zarr_concurrency(t
 
 
 def test_unreachable_scheduler_is_a_clear_error():
-    cfg = load_config("vae_ising2d_quick", ["data.dask.cluster=address", "data.dask.scheduler=tcp://127.0.0.1:9"])
+    cfg = load_config("demo", ["data.dask.cluster=address", "data.dask.scheduler=tcp://127.0.0.1:9"])
     with pytest.raises(UserError, match=r"data.dask.scheduler=tcp://127.0.0.1:9: no Dask scheduler "
                                         r"answered .*; start one \(`dask scheduler`\)"):
         with dask_client(cfg.data.dask, log=lambda *a: None):
             pass
-    cfg = load_config("vae_ising2d_quick", ["data.dask.cluster=address"])
+    cfg = load_config("demo", ["data.dask.cluster=address"])
     with pytest.raises(UserError, match="needs data.dask.scheduler=tcp://HOST:PORT"):
         with dask_client(cfg.data.dask, log=lambda *a: None):
             pass
@@ -44,7 +44,7 @@ def test_unreachable_scheduler_is_a_clear_error():
 def test_slurm_cluster_job_script_from_config_without_submitting():
     """dask-jobqueue builds the sbatch script from data.dask.slurm; the real Slurm run is in
     the Slurm tests (tests/slurm), which have the daemons."""
-    cfg = load_config("vae_ising2d_quick", [
+    cfg = load_config("demo", [
         "data.dask.cluster=slurm", "data.dask.slurm.jobs=3", "data.dask.slurm.queue=debug",
         "data.dask.slurm.account=proj", "data.dask.slurm.walltime=00:30:00",
         "data.dask.slurm.cores=8", "data.dask.slurm.memory=32GiB", "data.dask.slurm.processes=2",
@@ -61,7 +61,7 @@ def test_slurm_cluster_job_script_from_config_without_submitting():
         assert line in script.splitlines(), line
     assert "--nthreads 4" in script and "--nworkers 2" in script and "--memory-limit 16.00GiB" in script
     assert shape(cfg.data.dask) == (6, 24)     # 3 jobs x 2 workers, 3 jobs x 8 cores
-    bad = load_config("vae_ising2d_quick", ["data.dask.cluster=slurm", "data.dask.slurm.processes=9"])
+    bad = load_config("demo", ["data.dask.cluster=slurm", "data.dask.slurm.processes=9"])
     with pytest.raises(UserError, match=r"processes=9; expected jobs >= 1 and 1 <= processes <= cores"):
         slurm_cluster(bad.data.dask)
 
@@ -74,7 +74,7 @@ def test_local_cluster_leaves_this_process_environment_as_it_found_it(monkeypatc
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = dict(os.environ)
-    cfg = load_config("vae_ising2d_quick", ["data.dask.n_workers=1", "data.dask.memory_limit=1GiB"])
+    cfg = load_config("demo", ["data.dask.n_workers=1", "data.dask.memory_limit=1GiB"])
     with dask_client(cfg.data.dask, log=lambda *a: None) as client:
         # the worker got Dask's settings (the reason they were set) ...
         inside = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"),

@@ -64,7 +64,7 @@ def test_two_prepares_of_one_path_started_together_one_refuses_naming_the_holder
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, dask_address):
-    cfg = load_config("vae_ising2d_quick", [f"output_dir={tmp_path}", *SMALL,
+    cfg = load_config("demo", [f"output_dir={tmp_path}", *SMALL,
                                f"data.dask.scheduler={dask_address}"])
     paths = Paths.of(cfg.data.path)
     paths.lock.parent.mkdir(parents=True)
@@ -80,7 +80,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, dask_address):
 
 
 def test_a_lock_from_another_host_is_reported_with_how_to_clear_it(tmp_path):
-    cfg = load_config("vae_ising2d_quick", [f"output_dir={tmp_path}", *SMALL])
+    cfg = load_config("demo", [f"output_dir={tmp_path}", *SMALL])
     paths = Paths.of(cfg.data.path)
     paths.lock.parent.mkdir(parents=True)
     paths.lock.write_text(json.dumps({"host": "node-elsewhere", "pid": 4242,
@@ -197,17 +197,17 @@ def test_an_old_store_left_by_a_kill_between_the_final_renames_is_cleared(tmp_pa
     in between left `.old`, and the next overwrite failed with a bare 'Directory not empty'."""
     import shutil
     base = [f"output_dir={tmp_path}", *SMALL, f"data.dask.scheduler={dask_address}"]
-    cfg = load_config("vae_ising2d_quick", base)
+    cfg = load_config("demo", base)
     store = prepare(cfg.data, cfg.to_dict(), log=lambda *a: None)
     old = store.with_name(store.name + ".old")
     shutil.copytree(store, old)                              # as the kill left it
-    cfg = load_config("vae_ising2d_quick", [*base, "data.seed=1", "data.overwrite=true"])
+    cfg = load_config("demo", [*base, "data.seed=1", "data.overwrite=true"])
     assert open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None)).meta.content[
         "seed"] == 1
     assert not old.exists()
     old.mkdir()
     (old / "thesis.tex").write_text("precious")              # not ours: never deleted
-    cfg = load_config("vae_ising2d_quick", [*base, "data.seed=2", "data.overwrite=true"])
+    cfg = load_config("demo", [*base, "data.seed=2", "data.overwrite=true"])
     with pytest.raises(UserError, match=r"ising2d\.zarr\.old is in the way of replacing .* and is "
                                         r"not an hpcforge store; move it away"):
         prepare(cfg.data, cfg.to_dict(), log=lambda *a: None)

@@ -65,7 +65,7 @@ def test_killed_prepare_resumes_redoing_only_missing_shards_bit_identical(tmp_pa
     assert shuffle["tasks_run"] == 20 - kept          # pass 1 was all recorded: none rerun
     assert not paths.partial.exists() and not paths.scratch.exists()
     # an uninterrupted run (2 workers, in this process) writes the same bytes
-    cfg = load_config("vae_ising2d_quick", [f"output_dir={tmp_path / 'whole'}", *SMALL])
+    cfg = load_config("demo", [f"output_dir={tmp_path / 'whole'}", *SMALL])
     whole = open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None))
     assert resumed.meta.checksums == whole.meta.checksums
     assert resumed.meta.stats == whole.meta.stats
@@ -75,10 +75,10 @@ def test_killed_prepare_resumes_redoing_only_missing_shards_bit_identical(tmp_pa
 
 
 def test_partial_of_another_config_is_refused_then_discarded_with_overwrite(tmp_path, dask_address):
-    cfg = load_config("vae_ising2d_quick", [f"output_dir={tmp_path}", *SMALL])
+    cfg = load_config("demo", [f"output_dir={tmp_path}", *SMALL])
     paths = Paths.of(cfg.data.path)
     _start_partial(paths, content_config(cfg.data), 32)         # as a killed seed-0 run leaves it
-    other = load_config("vae_ising2d_quick", [f"output_dir={tmp_path}", *SMALL, "data.seed=1",
+    other = load_config("demo", [f"output_dir={tmp_path}", *SMALL, "data.seed=1",
                                  f"data.dask.scheduler={dask_address}"])
     with pytest.raises(UserError, match=r"\.partial is an interrupted prepare of a different "
                                         r"config \(data.seed: 0 there, 1 now\); rerun with that "
@@ -86,7 +86,7 @@ def test_partial_of_another_config_is_refused_then_discarded_with_overwrite(tmp_
         prepare(other.data, other.to_dict(), log=lambda *a: None)
     assert paths.partial.exists()                                 # nothing was touched
     lines: list[str] = []
-    other = load_config("vae_ising2d_quick", [f"output_dir={tmp_path}", *SMALL, "data.seed=1",
+    other = load_config("demo", [f"output_dir={tmp_path}", *SMALL, "data.seed=1",
                                  "data.overwrite=true", f"data.dask.scheduler={dask_address}"])
     done = open_store(prepare(other.data, other.to_dict(), log=lines.append))
     assert any("discarding" in line and "data.seed" in line for line in lines)
@@ -106,7 +106,7 @@ def test_partial_and_scratch_of_two_configs_are_discarded_never_mixed(tmp_path, 
     _kill_after_shards(_cli(out, "data.dask.n_workers=1"), paths.scratch / "shards", 2)
     seed1 = [f"output_dir={out}", *SMALL, "data.seed=1", "data.overwrite=true",
              f"data.dask.scheduler={dask_address}"]
-    cfg = load_config("vae_ising2d_quick", seed1)
+    cfg = load_config("demo", seed1)
     zarr.open_group(str(paths.partial), mode="w").attrs["hpcforge"] = {   # the racing seed-1 run
         "format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
         "content": content_config(cfg.data), "shard_size": 32, "arrays": False}
@@ -114,7 +114,7 @@ def test_partial_and_scratch_of_two_configs_are_discarded_never_mixed(tmp_path, 
     got = open_store(prepare(cfg.data, cfg.to_dict(), log=lines.append))
     assert any(f"discarding {paths.partial} and {paths.scratch}: they do not belong together"
                in line for line in lines), lines
-    clean = load_config("vae_ising2d_quick", [f"output_dir={tmp_path / 'clean'}", *seed1[1:]])
+    clean = load_config("demo", [f"output_dir={tmp_path / 'clean'}", *seed1[1:]])
     want = open_store(prepare(clean.data, clean.to_dict(), log=lambda *a: None))
     assert got.meta.content["seed"] == 1
     assert got.meta.checksums == want.meta.checksums

@@ -39,7 +39,7 @@ def test_permutation_walks_few_steps_at_a_large_n():
 
 
 def test_shards_are_sized_from_the_memory_budget():
-    cfg = load_config("vae_ising2d_quick", ["data=darcy2d", "data.memory_budget=1GiB", "data.dask.n_workers=2"])
+    cfg = load_config("demo", ["data=darcy2d", "data.memory_budget=1GiB", "data.dask.n_workers=2"])
     variables = SOURCES["darcy2d"].variables(cfg.data.params)
     per_task = task_memory(cfg.data, 2, 2)
     assert per_task == ((1 << 30) - 2 * WORKER_BASE) // 2
@@ -47,7 +47,7 @@ def test_shards_are_sized_from_the_memory_budget():
     assert shard * sample_bytes(variables) * PASS2_COPIES <= per_task      # fits
     assert (shard + 256) * sample_bytes(variables) * PASS2_COPIES > per_task  # and uses it
     assert size_shards(cfg.data, variables, 100, per_task) == 256   # a small set: one inner chunk
-    bigger = load_config("vae_ising2d_quick", ["data=darcy2d", "data.memory_budget=4GiB"])
+    bigger = load_config("demo", ["data=darcy2d", "data.memory_budget=4GiB"])
     assert size_shards(bigger.data, variables, 10**7, task_memory(bigger.data, 2, 2)) > shard
 
 
@@ -58,14 +58,14 @@ def test_shards_are_sized_from_the_memory_budget():
                                  r"data.memory_budget=2GiB per task; expected <= \d+"),
 ])
 def test_budget_errors_name_value_and_fix(override, message):
-    cfg = load_config("vae_ising2d_quick", ["data=darcy2d", override])
+    cfg = load_config("demo", ["data=darcy2d", override])
     variables = SOURCES["darcy2d"].variables(cfg.data.params)
     with pytest.raises(UserError, match=message):
         size_shards(cfg.data, variables, 10**8, task_memory(cfg.data, 2, 2))
 
 
 def test_layout_with_no_shard_size_uses_one_shard_per_split():
-    cfg = load_config("vae_ising2d_quick", ["data.n_samples=1000", "data.shard_size=0"])
+    cfg = load_config("demo", ["data.n_samples=1000", "data.shard_size=0"])
     assert make_layout(cfg.data).shard_size == 1000
     assert make_layout(cfg.data, shard_size=300).shards()[:2] == [("train", 0, 0, 300),
                                                                   ("train", 1, 300, 600)]
@@ -89,7 +89,7 @@ def test_small_chunks_are_grouped_per_task_but_every_slot_keeps_work():
 def test_pass1_writes_one_file_per_chunk_and_pass2_gathers_each_shard(tmp_path, monkeypatch):
     """Scatter 6 chunks of a 2-split layout, then gather every shard: its samples are the ones
     the permutation sends there, in position order; scratch holds 6 chunk files, not 6 x 7."""
-    cfg = load_config("vae_ising2d_quick", ["data.n_samples=96", "data.chunk_size=16", "data.val_fraction=0.25",
+    cfg = load_config("demo", ["data.n_samples=96", "data.chunk_size=16", "data.val_fraction=0.25",
                                "data.params.lattice=8", "data.params.burn_in=2"]).data
     variables = SOURCES["ising2d"].variables(cfg.params)
     layout = make_layout(cfg, 96, shard_size=16)

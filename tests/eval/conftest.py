@@ -81,6 +81,6 @@ def generative_checkpoint(small_store, tmp_path_factory) -> Path:
     from pipeline.config import load_config
     from pipeline.trainer import build_model
     store, overrides = small_store
-    cfg = load_config("vae_ising2d_quick", [*overrides, f"data.path={store}"])
+    cfg = load_config("demo", [*overrides, f"data.path={store}"])
     path = tmp_path_factory.mktemp("vae") / "final.pt"
     return save_atomic({"model": build_model(cfg).state_dict(), "config": cfg.to_dict(), "step": 0}, path)

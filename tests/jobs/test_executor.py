@@ -17,7 +17,7 @@ ROOT = CONFIG_DIR.parent
 
 
 def cluster(*overrides: str):
-    return load_config("vae_ising2d_quick", list(overrides)).cluster
+    return load_config("demo", list(overrides)).cluster
 
 
 @pytest.mark.parametrize("name", available("cluster"))

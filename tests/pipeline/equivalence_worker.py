@@ -69,7 +69,7 @@ def main(backend: str, mode: str, out: str, overrides: list[str], steps: int = 4
     overrides = [o for o in overrides if not o.startswith("model.")]  # each model sets its own
     for name, extra in MODELS.items():
         accumulate = 2 if mode == "halves" else 1
-        cfg = load_config("vae_ising2d_quick", overrides + extra + [f"train.dist.backend={backend}",
+        cfg = load_config("demo", overrides + extra + [f"train.dist.backend={backend}",
                                                        f"train.accumulate={accumulate}",
                                                        "train.logger.mode=disabled"])
         dist = results.get("_dist") or init_distributed(cfg.train.dist)

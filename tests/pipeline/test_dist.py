@@ -25,9 +25,9 @@ def test_launcher_detection(env, expected):
 
 
 def test_mpirun_line_needs_no_user_flags():
-    cmd = mpirun_command(2, ["train", "-e", "vae_ising2d_quick"])
+    cmd = mpirun_command(2, ["train", "-e", "demo"])
     assert cmd[1:5] == ["-np", "2", "--oversubscribe", "--bind-to"]
-    assert cmd[-5:] == ["-m", "hpcforge", "train", "-e", "vae_ising2d_quick"]
+    assert cmd[-5:] == ["-m", "hpcforge", "train", "-e", "demo"]
 
 
 def test_cpu_ranks_yield_in_mpi_waits_and_gpu_ranks_keep_polling_gpu_mocked(monkeypatch):

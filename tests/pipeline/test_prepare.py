@@ -43,7 +43,7 @@ def test_store_has_arrays_shapes_splits_and_attributes(small_store):
 def test_shuffle_is_a_permutation_of_the_generated_samples(small_store):
     """Every generated sample lands in exactly one split, once (hash multisets equal)."""
     path, overrides = small_store
-    cfg = load_config("vae_ising2d_quick", overrides)
+    cfg = load_config("demo", overrides)
     layout = make_layout(cfg.data)
     direct = [ising2d.generate(cfg.data.params, cfg.data.seed, i, 64 * i, min(64, 640 - 64 * i))
               for i in range(layout.n_chunks)]
@@ -73,10 +73,10 @@ def test_statistics_equal_numpy(small_store):
 def test_same_seed_same_store_whatever_the_worker_count(small_store, tmp_path):
     """Determinism: 1 worker reproduces the 2-worker store bit for bit; another seed differs."""
     path, _ = small_store
-    cfg = load_config("vae_ising2d_quick", small(tmp_path, "data.dask.n_workers=1"))
+    cfg = load_config("demo", small(tmp_path, "data.dask.n_workers=1"))
     again = open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None))
     assert again.meta.checksums == open_store(path).meta.checksums
-    cfg = load_config("vae_ising2d_quick", small(tmp_path, "data.seed=1", "data.overwrite=true"))
+    cfg = load_config("demo", small(tmp_path, "data.seed=1", "data.overwrite=true"))
     other = open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None))
     assert other.meta.checksums != open_store(path).meta.checksums
 
@@ -84,7 +84,7 @@ def test_same_seed_same_store_whatever_the_worker_count(small_store, tmp_path):
 def test_existing_store_is_refused_without_overwrite_and_kept(small_store):
     path, overrides = small_store
     before = json.dumps(open_store(path).meta.checksums)
-    cfg = load_config("vae_ising2d_quick", overrides)
+    cfg = load_config("demo", overrides)
     with pytest.raises(UserError, match="already exists; pass data.overwrite=true"):
         prepare(cfg.data, cfg.to_dict())
     assert json.dumps(open_store(path).meta.checksums) == before
@@ -111,14 +111,14 @@ def test_incomplete_or_foreign_stores_are_refused(small_store, tmp_path):
 ])
 def test_bad_layout_is_refused_before_work(tmp_path, override, message):
     with pytest.raises(UserError) as e:
-        cfg = load_config("vae_ising2d_quick", small(tmp_path, override, "data.test_fraction=0.2"))
+        cfg = load_config("demo", small(tmp_path, override, "data.test_fraction=0.2"))
         prepare(cfg.data, cfg.to_dict())
     assert message in str(e.value)
     assert not any(tmp_path.rglob("*.zarr*"))  # nothing half-written
 
 
 def test_split_fractions_partition_samples():
-    cfg = load_config("vae_ising2d_quick", ["data.n_samples=1000", "data.val_fraction=0.15",
+    cfg = load_config("demo", ["data.n_samples=1000", "data.val_fraction=0.15",
                                "data.test_fraction=0.05"])
     layout = make_layout(cfg.data)
     assert layout.splits == {"train": 800, "val": 150, "test": 50}
@@ -143,6 +143,6 @@ def test_prepare_help_lists_every_source_and_importer_with_an_example_that_compo
         assert f"\n  {name:<9} " in run.stdout, name
         (example,) = [e for e in examples if f"data={name}" in e.split()
                       or f"data.source={name}" in e.split()]
-        cfg = load_config("vae_ising2d_quick", shlex.split(example))
+        cfg = load_config("demo", shlex.split(example))
         assert cfg.data.source == name
     assert "(N, 1)" in run.stdout and "NetCDF-3" in run.stdout and len(IMPORTERS) == 4

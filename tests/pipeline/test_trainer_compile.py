@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # inductor compiles the VAE's forward and backwar
 
 def _run(store, tmp_path, *extra: str):
     path, overrides = store
-    cfg = load_config("vae_ising2d_quick", overrides[1:] + [f"output_dir={tmp_path}", f"data.path={path}",
+    cfg = load_config("demo", overrides[1:] + [f"output_dir={tmp_path}", f"data.path={path}",
                                                "train.dist.backend=none", "train.batch_size=32",
                                                "train.logger.mode=disabled", "train.compile=true",
                                                *extra])

@@ -23,7 +23,7 @@ from pipeline.run import Run, build
 
 def _trainer(store, tmp_path, *extra: str) -> Run:
     path, overrides = store
-    cfg = load_config("vae_ising2d_quick", overrides[1:] + [f"output_dir={tmp_path}", f"data.path={path}",
+    cfg = load_config("demo", overrides[1:] + [f"output_dir={tmp_path}", f"data.path={path}",
                                                "train.dist.backend=none", "train.batch_size=32",
                                                "train.logger.mode=disabled", *extra])
     return build(cfg, init_distributed(cfg.train.dist))
