@@ -10,13 +10,13 @@ setup:
 	@bash scripts/bootstrap.sh
 
 demo: setup
-	$(BIN)/hpcforge prepare -e demo data.overwrite=true
-	$(BIN)/hpcforge train -e demo
+	$(BIN)/hpcforge prepare -e demo_generator data.overwrite=true
+	$(BIN)/hpcforge train -e demo_generator
 	$(BIN)/hpcforge evaluate outputs/demo/train/checkpoints/final.pt
 	$(BIN)/hpcforge report outputs/demo --out outputs/demo/report.html
 	@echo
 	@echo "Results of the demo:"
-	@echo "  dataset     outputs/demo/data/ising2d.zarr  (Zarr v3; attrs['hpcforge'] holds splits, stats, provenance)"
+	@echo "  dataset     outputs/demo/data/ising2d-splits.zarr  (Zarr v3; attrs['hpcforge'] holds splits, stats, provenance)"
 	@echo "  checkpoint  outputs/demo/train/checkpoints/final.pt"
 	@echo "  metrics     outputs/demo/train/metrics.jsonl, outputs/demo/train/summary.json"
 	@echo "  W&B run     outputs/demo/train/wandb/latest-run  (offline; upload with: $(BIN)/wandb sync outputs/demo/train/wandb/latest-run)"

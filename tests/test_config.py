@@ -81,6 +81,9 @@ def test_every_yaml_under_configs_composes_and_builds():
                 assert cfg.model.name in MODELS
                 build_model(cfg)
     assert (CONFIG_DIR / "experiment" / "demo.yaml").is_file()
+    demo = load_config("demo_generator")   # `make demo`: a generator that reaches the floor
+    assert (demo.model.name, demo.model.params.cond_temperature, demo.model.params.refine_sweeps,
+            demo.train.dist.nproc, demo.output_dir) == ("dcgan", True, 40, 2, "outputs/demo")
 
 
 def test_cli_reports_bad_config_in_one_line_without_traceback():
