@@ -9,7 +9,7 @@ import `jobs` and `benchmarks` as well as `pipeline`.
     hpcforge sweep   [-e EXPERIMENT] --grid key=v1,v2 [--task "k=v ..."] [key=value ...]
     hpcforge status|logs|cancel JOBID [--jobs-dir DIR]
     hpcforge evaluate CHECKPOINT [key=value ...]
-    hpcforge explain CHECKPOINT [--n 8] [--methods saliency,...] [key=value ...]
+    hpcforge explain CHECKPOINT [--n 8] [--methods saliency,...] [--heads 0,1] [key=value ...]
     hpcforge attack  CHECKPOINT [--eps 0,0.01,0.02,0.05] [--steps 10] [key=value ...]
     hpcforge report  RUN_DIR... [--out report.html]
 
@@ -109,6 +109,9 @@ def _add_probe_commands(sub) -> None:
     p.add_argument("--n", type=int, default=8, help="test samples to attribute (default: 8)")
     p.add_argument("--methods", default=",".join(EXPLAIN_METHODS), metavar="M[,M]",
                    help=f"comma-separated subset of {','.join(EXPLAIN_METHODS)} (default: all)")
+    p.add_argument("--heads", default=None, metavar="H[,H]",
+                   help="transformer checkpoints: attention heads whose maps (every layer, mean "
+                        "over the windows) are drawn (default: all heads)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="change the stored config, e.g. data.path=... (a moved store)")
     p = sub.add_parser("attack", help="FGSM and PGD on the test split of a supervised checkpoint: "
@@ -262,10 +265,19 @@ def _print_result(result: dict, label: str) -> None:
         print(f"[hpcforge] W&B run: {result['wandb_run']} (run id {result['wandb_run_id']})")
 
 
+def parse_ints(flag: str, text: str) -> list[int]:
+    """'0,1' -> [0, 1]; anything else is a one-line user error naming the flag."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text}: expected comma-separated integers, e.g. {flag} 0,1") from None
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from pipeline.explain import explain
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    result = explain(args.checkpoint, list(args.overrides), args.n, methods)
+    heads = None if args.heads is None else parse_ints("--heads", args.heads)
+    result = explain(args.checkpoint, list(args.overrides), args.n, methods, heads)
     _print_result(result, result["kind"])
     return 0
 
