@@ -77,6 +77,12 @@ def describe() -> str:
         lines += [f"  {name:<9} {'/'.join(SUFFIXES[name])} files, a folder of them or a glob",
                   f"            hpcforge prepare data=import_netcdf data.source={name} "
                   f"{EXAMPLES[name]}"]
+    lines += ["", "labels from paths (data.params.label_from=parent_dir|file_stem|<regex with one "
+              "group>; class table in the store's attrs), e.g. a CaloGAN eplus/ gamma/ piplus/ tree:",
+              "            hpcforge prepare data=import_netcdf data.source=hdf5 "
+              "data.params.path='calo/*/*.h5' data.params.label_from=parent_dir "
+              "data.params.variables=[shower] data.params.labels=[] data.params.sample_axis=0 "
+              "'data.params.dtypes={}' 'data.inputs={x: shower, y: label}'"]
     return "\n".join(lines + ["", "NetCDF-3 and NetCDF-4 are both read; see "
                               "pipeline/data/importers.py for the .npy layouts."])
 
