@@ -10,7 +10,7 @@ import `jobs` and `benchmarks` as well as `pipeline`.
                      [--rank-by [min:|max:]METRIC] [key=value ...]
     hpcforge status|logs|cancel JOBID [--jobs-dir DIR]
     hpcforge evaluate CHECKPOINT [key=value ...]
-    hpcforge explain CHECKPOINT [--n 8] [--methods saliency,...] [key=value ...]
+    hpcforge explain CHECKPOINT [--n 8] [--methods saliency,...] [--heads 0,1] [key=value ...]
     hpcforge attack  CHECKPOINT [--eps 0,0.01,0.02,0.05] [--steps 10] [key=value ...]
     hpcforge report  RUN_DIR... [--out report.html]
 
@@ -77,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .pt file written by `hpcforge train`")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="change the stored config, e.g. data.path=... (a moved store)")
+    p.epilog = ("latent models (vae, aae, gan, dcgan, wgan_gp, cgan) also get latent interpolations "
+                "(slerp and linear), traversals and the observables along the path (latent/...)")
     _add_probe_commands(sub)
     p = sub.add_parser("report", help="write one self-contained HTML page of one or more runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
@@ -110,6 +112,9 @@ def _add_probe_commands(sub) -> None:
     p.add_argument("--n", type=int, default=8, help="test samples to attribute (default: 8)")
     p.add_argument("--methods", default=",".join(EXPLAIN_METHODS), metavar="M[,M]",
                    help=f"comma-separated subset of {','.join(EXPLAIN_METHODS)} (default: all)")
+    p.add_argument("--heads", default=None, metavar="H[,H]",
+                   help="transformer checkpoints: attention heads whose maps (every layer, mean "
+                        "over the windows) are drawn (default: all heads)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="change the stored config, e.g. data.path=... (a moved store)")
     p = sub.add_parser("attack", help="FGSM and PGD on the test split of a supervised checkpoint: "
@@ -270,10 +275,19 @@ def _print_result(result: dict, label: str) -> None:
         print(f"[hpcforge] W&B run: {result['wandb_run']} (run id {result['wandb_run_id']})")
 
 
+def parse_ints(flag: str, text: str) -> list[int]:
+    """'0,1' -> [0, 1]; anything else is a one-line user error naming the flag."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text}: expected comma-separated integers, e.g. {flag} 0,1") from None
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from pipeline.explain import explain
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    result = explain(args.checkpoint, list(args.overrides), args.n, methods)
+    heads = None if args.heads is None else parse_ints("--heads", args.heads)
+    result = explain(args.checkpoint, list(args.overrides), args.n, methods, heads)
     _print_result(result, result["kind"])
     return 0
 

@@ -57,6 +57,19 @@ class AAE(Trainable):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return decoded(self.autoencoder["decoder"](z), self.cfg.decoder)
 
+    # ---- latent space (pipeline/latent.py, issue #16); the prior is N(0, I)
+    @property
+    def latent_dim(self) -> int:
+        return self.cfg.latent_dim
+
+    @torch.no_grad()
+    def encode_latent(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.encode(x)
+
+    @torch.no_grad()
+    def decode_latent(self, z: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.decode(z)
+
     def losses(self, batch: Batch, phase: str) -> dict[str, torch.Tensor]:
         x = batch["x"]
         if phase == "discriminator":  # regularisation, first half: prior real, codes fake

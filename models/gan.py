@@ -57,6 +57,12 @@ class GAN(Trainable):
         return self.discriminator(x)
 
     @torch.no_grad()
+    def decode_latent(self, z: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """G(z) at batch's condition (pipeline/latent.py, issue #16); no refinement sweeps, so a
+        path through z stays continuous."""
+        return self.generate(z, batch)
+
+    @torch.no_grad()
     def sample(self, n: int, batch: Batch | None = None) -> torch.Tensor:
         """n samples (n, *data_shape) in G's output range."""
         z = torch.randn(n, self.latent_dim, device=self.z_fixed.device)

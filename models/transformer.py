@@ -32,22 +32,39 @@ class TransformerConfig:
 
 
 class SelfAttention(nn.Module):
+    """Multi-head self-attention computed by F.scaled_dot_product_attention: one call that takes
+    PyTorch's fused kernels (flash / memory-efficient on a GPU) instead of materialising the
+    (B, heads, T, T) softmax (issue #16). The weights themselves come only from `weights()`."""
+
     def __init__(self, d_model: int, n_heads: int, dropout: float, causal: bool):
         super().__init__()
         self.n_heads, self.causal, self.dropout = n_heads, causal, dropout
         self.qkv = nn.Linear(d_model, 3 * d_model)   # (B, T, D) -> (B, T, 3D)
         self.proj = nn.Linear(d_model, d_model)      # (B, T, D) -> (B, T, D)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, d = x.shape
         # (B, T, 3D) -> 3 x (B, heads, T, D/heads)
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(d // self.n_heads)  # (B, heads, T, T)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.heads(x)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))   # (B, heads, T, D/h) -> (B, T, D)
+
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """softmax(QK^T / sqrt(d_head)) with the causal mask, (B, heads, T, T), rows sum to 1:
+        what forward's fused kernel applies (before dropout), written out for inspection."""
+        q, k, _ = self.heads(x)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, heads, T, T)
         if self.causal:
+            t = x.shape[1]
             mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
             scores = scores.masked_fill(mask, float("-inf"))
-        attn = F.dropout(scores.softmax(-1), self.dropout, self.training)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, t, d))
+        return scores.softmax(-1)
 
 
 class Block(nn.Module):
@@ -89,6 +106,24 @@ class Transformer(Supervised):
         if self.cfg.loss == "mse":
             return self.head(h[:, -1]).view(-1, self.cfg.horizon, self.cfg.in_features)
         return self.head(h.mean(1))
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor, layers: list[int] | None = None) -> dict[int, torch.Tensor]:
+        """layer -> its attention weights (B, heads, T, T) for input x (B, T, F), for the chosen
+        layers (default all). Runs the blocks as forward does and reads each chosen layer's
+        softmax(QK^T) explicitly; forward itself never forms it (SDPA)."""
+        check_shape("transformer input x", x, (None, None, self.cfg.in_features))
+        chosen = list(range(self.cfg.n_layers)) if layers is None else list(layers)
+        bad = [i for i in chosen if not 0 <= i < self.cfg.n_layers]
+        if bad:
+            raise ValueError(f"transformer attention_maps: layers {bad} out of range; the model "
+                             f"has layers 0..{self.cfg.n_layers - 1}")
+        h, maps = self.pos(self.embed(x)), {}
+        for i, block in enumerate(self.blocks):
+            if i in chosen:
+                maps[i] = block.attn.weights(block.ln1(h))
+            h = block(h)
+        return maps
 
     @torch.no_grad()
     def figures(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -132,6 +132,31 @@ class VAE(Trainable):
         p = self.decode(torch.randn(n, self.cfg.latent_dim, device=device), t)
         return refine_spins(p, t, self.cfg.refine_sweeps) if self.cfg.refine_sweeps else p
 
+    # ---- latent space (pipeline/latent.py, issue #16): encode, decode and rank dimensions
+    @property
+    def latent_dim(self) -> int:
+        return self.cfg.latent_dim
+
+    def _t(self, batch: Batch, n: int, device: torch.device) -> torch.Tensor | None:
+        return self.temperature.of(batch, n, device) if self.cfg.cond_temperature else None
+
+    @torch.no_grad()
+    def encode_latent(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The posterior means mu(x) (B, latent_dim), at batch["cond"] when conditional."""
+        return self.encoder(self.with_t_channel(x, self._t(batch, len(x), x.device)))[0]
+
+    @torch.no_grad()
+    def decode_latent(self, z: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Decoded z (B, latent_dim), in sample()'s range, at batch["cond"] when conditional."""
+        return self.decode(z, self._t(batch, len(z), z.device))
+
+    @torch.no_grad()
+    def latent_kl(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """KL(q(z_d|x) || N(0, 1)) of each latent dimension, mean over x: (latent_dim,). The
+        dimensions that carry information have large KL; collapsed ones are near 0."""
+        mu, logvar = self.encoder(self.with_t_channel(x, self._t(batch, len(x), x.device)))
+        return (0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)).mean(0)
+
     def decode(self, z: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         out = self.decoder(self.with_t(z, t))
         return torch.sigmoid(out) if self.cfg.decoder == "bernoulli" else out

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import figures, physics
+from pipeline import figures, latent, physics
 from pipeline.checkpoint import load, save_atomic
 from models.base import sampler
 from pipeline.config import Config, config_from_dict
@@ -205,6 +205,8 @@ class Evaluation:
         self.predictions(arrays)
         if (sample := sampler(self.model)) is not None:
             self.generative(sample, arrays)
+        if latent.explorable(self.model):
+            latent.explore(self, arrays)
         if hasattr(self.model, "anomaly_score"):
             self.anomaly(arrays["x"])
 

@@ -17,6 +17,11 @@ Per method the JSON holds the mean |attribution| per input channel and, for Isin
 of the attribution mass on domain-wall sites (a site with a neighbour of the other sign, periodic
 lattice) next to the share of sites that are walls: a ratio above 1 says the classifier looks at
 the walls more than at the bulk. Each method's figure draws |attribution| over the input.
+
+A model with attention (models/transformer.py: `attention_maps`) also gets its attention weights
+(issue #16): per layer one figure, one panel per chosen head (`heads`, default all), the
+softmax(QK^T) averaged over the n windows (query step against key step: which past frames of a
+Lorenz-96 window a forecast reads), and per head the mean lag |query - key| the weights put on.
 """
 from __future__ import annotations
 
@@ -112,8 +117,41 @@ def overlay(x: torch.Tensor, attr: torch.Tensor, title: str, labels: list[str]) 
     return fig
 
 
+def check_heads(p: Probed, heads: list[int] | None) -> list[int] | None:
+    """The chosen heads, or None for a model without attention; a head out of range (or heads asked
+    of a model without attention) is the user's error."""
+    if not hasattr(p.model, "attention_maps"):
+        if heads is not None:
+            raise UserError(f"--heads {','.join(map(str, heads))}: model {p.cfg.model.name!r} has "
+                            f"no attention; drop --heads (it is for transformer checkpoints)")
+        return None
+    n_heads = p.model.cfg.n_heads
+    bad = [h for h in heads or [] if not 0 <= h < n_heads]
+    if bad:
+        raise UserError(f"--heads {','.join(map(str, heads))}: head(s) {bad} out of range; the "
+                        f"model has heads 0..{n_heads - 1}")
+    return list(range(n_heads)) if heads is None else heads
+
+
+def attention(p: Probed, x: torch.Tensor, heads: list[int], res: Results) -> None:
+    """Per layer: a figure of the chosen heads' mean attention over x and each head's mean lag."""
+    t = x.shape[1]
+    lag = (torch.arange(t)[:, None] - torch.arange(t)[None, :]).abs().float()   # (T, T)
+    for layer, w in p.model.attention_maps(x).items():        # (B, heads, T, T)
+        mean = w.mean(0)
+        fig, axes = figures.new_figure(len(heads), 2.6, 2.4, ncol=4)
+        for ax, h in zip(axes, heads):
+            res.metrics[f"attention/layer{layer}/head{h}/mean_lag"] = float((mean[h] * lag).sum(-1).mean())
+            ax.imshow(mean[h].numpy(), cmap="viridis", interpolation="nearest", vmin=0)
+            ax.set_title(f"layer {layer} head {h}", fontsize=8)
+            ax.set_xlabel("key step", fontsize=7)
+            ax.set_ylabel("query step", fontsize=7)
+        fig.suptitle(f"attention weights, mean over {len(x)} windows", fontsize=9)
+        res.figures[f"attention_layer{layer}"] = fig
+
+
 def explain(checkpoint: str | Path, overrides: list[str] | None = None, n: int = 8,
-            methods: list[str] | None = None) -> dict[str, Any]:
+            methods: list[str] | None = None, heads: list[int] | None = None) -> dict[str, Any]:
     """Attribute n evaluation-split samples; write `<checkpoint stem>.explain.json`, one figure
     per method in `<stem>.explain/`, and log both to the checkpoint's W&B run."""
     methods = list(methods or METHODS)
@@ -124,6 +162,7 @@ def explain(checkpoint: str | Path, overrides: list[str] | None = None, n: int =
     if n < 1:
         raise UserError(f"--n {n}: expected at least 1 sample")
     p = open_probed(checkpoint, overrides or [], "explain")
+    heads = check_heads(p, heads)
     x = p.samples(n)["x"]
     maps = attributions(p, x, methods)
     with torch.no_grad():
@@ -141,6 +180,9 @@ def explain(checkpoint: str | Path, overrides: list[str] | None = None, n: int =
     extra = {"samples": len(x), "attributed": target, "methods": per_method,
              "baselines": {"integrated_gradients": "zeros in the model's input space",
                            "gradient_shap": f"{GRADIENT_SHAP_BASELINES} training samples"}}
+    if heads is not None:
+        attention(p, x, heads, res)
+        extra["attention_heads"] = heads
     if "guided_backprop" in maps and p.cfg.model.name == "resnet":
         res.notes.append("guided backprop stops negative gradients only at nn.ReLU modules; the "
                          "residual blocks' functional relu is passed through as plain gradient")

@@ -197,3 +197,42 @@ def score_histograms(inliers: np.ndarray, outliers: np.ndarray, auc: float) -> F
     ax.set_title(f"ROC AUC {auc:.3f}", fontsize=9)
     ax.legend(fontsize=7)
     return fig
+
+
+# --------------------------------------------------------------------------- latent spaces
+def _image(sample: np.ndarray) -> np.ndarray:
+    """One sample as a 2-D array: channel 0 of (C, H, W), (H, W) as is, a vector as one row."""
+    return sample[0] if sample.ndim == 3 else (sample if sample.ndim == 2 else sample.reshape(1, -1))
+
+
+def image_rows(rows: dict[str, np.ndarray], columns: Sequence[str], title: str) -> Figure:
+    """One row of decoded samples (N, ...) per entry, N = len(columns), on one grey scale."""
+    n = len(columns)
+    lo = min(float(r.min()) for r in rows.values())
+    hi = max(float(r.max()) for r in rows.values())
+    fig = Figure(figsize=(1.3 * n + 0.6, 1.4 * len(rows) + 0.5), dpi=100, layout="constrained")
+    axes = fig.subplots(len(rows), n, squeeze=False)
+    for i, (label, samples) in enumerate(rows.items()):
+        for j, ax in enumerate(axes[i]):
+            ax.imshow(_image(samples[j]), cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-12),
+                      interpolation="nearest", aspect="auto")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == len(rows) - 1:
+                ax.set_xlabel(columns[j], fontsize=8)
+        axes[i][0].set_ylabel(label, fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def along_paths(t: np.ndarray, paths: dict[str, dict[str, np.ndarray]]) -> Figure:
+    """Each observable against the path fraction t, one line per path kind (slerp, linear)."""
+    names = list(next(iter(paths.values())))
+    fig, axes = new_figure(len(names))
+    for ax, name in zip(axes, names):
+        for kind, values in paths.items():
+            ax.plot(t, values[name], marker="o", ms=3, label=kind)
+        ax.set_xlabel("path fraction")
+        ax.set_title(name, fontsize=9)
+    axes[0].legend(fontsize=8)
+    return fig

@@ -12,6 +12,14 @@ NumPy / Zarr slicing), so nothing is loaded whole and the read is spread over th
     data.params.labels      optional per-sample label arrays (one value per sample, e.g. [class]);
                             a label stored as (N, 1) (or (N, 1, 1)) is taken as N scalars
     data.params.sample_axis the axis that indexes samples: a number, or a NetCDF dimension name
+    data.params.label_from  optional label taken from each file's path (issue #16): parent_dir,
+                            file_stem, or a regex with one group searched in the path; stored as
+                            the int64 variable `label`, the class table {name: integer, names
+                            sorted} in the store's attrs (StoreMeta.classes)
+
+Physics data often sits as "many h5 files, each containing O(1000) events, organized into
+directories by particle type" (CaloGAN: eplus/ gamma/ piplus/): data.params.path='calo/*/*.h5'
+data.params.label_from=parent_dir reads, labels and (prepare's global shuffle) mixes them at once.
 
 NetCDF files of both families are read: NetCDF-4 (HDF5 inside) through h5netcdf, NetCDF-3
 classic and 64-bit offset (what `xarray.to_netcdf(engine="scipy")` and many older archives write)
@@ -52,6 +60,7 @@ class Params:
     labels: list[str] = field(default_factory=list)     # optional labels, one value per sample
     sample_axis: int | str = 0     # axis of the samples: an index, or a NetCDF dimension name
     dtypes: dict[str, str] = field(default_factory=dict)  # cast a variable (same kind only)
+    label_from: str = ""           # "" | parent_dir | file_stem | a regex with one group
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,7 @@ class Part:
     """One slice of the sample sequence: variable -> (file, key inside the file, sample axis)."""
     refs: dict[str, tuple[str, str | None, int]]
     n: int                         # samples it holds
+    label: int | None = None       # its class from data.params.label_from, if set
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,7 @@ class Index:
     parts: tuple[Part, ...]
     offsets: np.ndarray            # first sample of each part; offsets[-1] = total
     variables: dict[str, Any]       # name -> sources.base.Variable
+    classes: dict[str, int] | None = None   # data.params.label_from's class table
 
 
 # --------------------------------------------------------------------------- formats
@@ -229,6 +240,48 @@ def _raw_parts(fmt: str, files: list[str], wanted: list[str]) -> list[tuple[list
     return parts
 
 
+# --------------------------------------------------------------------------- labels from paths
+PATH_LABEL = "label"           # the stored variable that data.params.label_from fills
+
+
+def path_class(label_from: str, file: str) -> str:
+    """The class name of one input file: its folder's name, its stem, or a regex's one group."""
+    if label_from == "parent_dir":
+        return Path(file).parent.name
+    if label_from == "file_stem":
+        return Path(file).stem
+    try:
+        rx = re.compile(label_from)
+    except re.error as e:
+        raise UserError(f"data.params.label_from='{label_from}' is not a regex ({e}); expected "
+                        f"parent_dir, file_stem or a regex with one group, e.g. '/(\\w+)_run'") from None
+    if rx.groups != 1:
+        raise UserError(f"data.params.label_from='{label_from}' has {rx.groups} groups; expected "
+                        f"exactly one (the class name), e.g. '([a-z]+)_\\d+\\.h5$'")
+    m = rx.search(file)
+    if m is None or not m.group(1):
+        raise UserError(f"data.params.label_from='{label_from}' does not match {file}; fix the "
+                        f"regex or remove the file from data.params.path")
+    return m.group(1)
+
+
+def part_classes(label_from: str, parts: list[tuple[list[str], dict]]) -> list[str]:
+    """One class name per part; a part of several files (.npy variables) needs them to agree."""
+    names = []
+    for files, _ in parts:
+        found = sorted({path_class(label_from, f) for f in files})
+        if len(found) > 1:
+            raise UserError(f"data.params.label_from='{label_from}' gives {found} for the files "
+                            f"of one part ({', '.join(files)}); expected one class per part")
+        names.append(found[0])
+    return names
+
+
+def class_table(names: list[str]) -> dict[str, int]:
+    """name -> integer, in sorted name order: the same tree always gives the same numbers."""
+    return {name: i for i, name in enumerate(sorted(set(names)))}
+
+
 # --------------------------------------------------------------------------- checks
 def _axis(fmt: str, p: Params, dims: tuple, name: str, file: str, ndim: int) -> int:
     axis = p.sample_axis
@@ -313,10 +366,13 @@ def _scan(fmt: str, params_json: str) -> Index:
                 else _names(fmt, files[0]))
         raise UserError(f"data.params.variables is empty; {files[0]} has: {', '.join(have)}. "
                         f"Name the arrays to import (data.params.variables=[a, b])")
+    raw_parts = _raw_parts(fmt, files, wanted)
+    classes, table = _path_classes(p, wanted, raw_parts)
     parts, infos = [], []
-    for where, raw in _raw_parts(fmt, files, wanted):
+    for j, (where, raw) in enumerate(raw_parts):
         n, info = _scan_part(fmt, p, where, raw, wanted)
-        parts.append(Part({k: (info[k][2], raw[k][1], info[k][3]) for k in wanted}, n))
+        parts.append(Part({k: (info[k][2], raw[k][1], info[k][3]) for k in wanted}, n,
+                          classes[j] if classes else None))
         infos.append(info)
     for info in infos[1:]:
         for name in wanted:
@@ -332,8 +388,26 @@ def _scan(fmt: str, params_json: str) -> Index:
         variables[_out_name(name)] = Variable(shape, str(_out_dtype(p, name, dtype, file)),
                                               f"{'label' if name in p.labels else 'variable'} "
                                               f"{name!r} imported from {fmt}")
+    if classes:
+        variables[PATH_LABEL] = Variable((), "int64", f"class of the file's path "
+                                         f"(data.params.label_from={p.label_from!r})")
     offsets = np.concatenate([[0], np.cumsum([pt.n for pt in parts])])
-    return Index(tuple(parts), offsets, variables)
+    return Index(tuple(parts), offsets, variables, table)
+
+
+def _path_classes(p: Params, wanted: list[str], raw_parts: list
+                  ) -> tuple[list[int] | None, dict[str, int] | None]:
+    """Each part's class number from data.params.label_from and the class table (None, None
+    when it is not set)."""
+    if not p.label_from:
+        return None, None
+    if PATH_LABEL in map(_out_name, wanted):
+        raise UserError(f"data.params.label_from fills the variable {PATH_LABEL!r}, but "
+                        f"data.params.variables/labels already import one of that name; drop it "
+                        f"there or leave label_from unset")
+    names = part_classes(p.label_from, raw_parts)
+    table = class_table(names)
+    return [table[name] for name in names], table
 
 
 def _out_name(name: str) -> str:
@@ -358,6 +432,10 @@ class Importer:
     def n_available(self, p: Params) -> int:
         return int(self.index(p).offsets[-1])
 
+    def classes(self, p: Params) -> dict[str, int] | None:
+        """The class table of data.params.label_from (StoreMeta.classes), or None without it."""
+        return self.index(p).classes
+
     def generate(self, p: Params, seed: int, chunk_index: int, start: int, n: int
                  ) -> dict[str, np.ndarray]:
         """Samples [start, start + n) of the files' concatenation (seed and chunk unused)."""
@@ -370,6 +448,8 @@ class Importer:
             hi = min(start + n, int(idx.offsets[j + 1])) - int(idx.offsets[j])
             for name, (file, key, axis) in idx.parts[j].refs.items():
                 pieces[_out_name(name)].append(_read(self.fmt, file, key, axis, lo, hi))
+            if idx.parts[j].label is not None:
+                pieces.setdefault(PATH_LABEL, []).append(np.full(hi - lo, idx.parts[j].label))
             j += 1
         return {k: np.concatenate(v).astype(idx.variables[k].dtype, copy=False)
                 .reshape(-1, *idx.variables[k].shape) for k, v in pieces.items()}  # (N, 1) -> (N,)

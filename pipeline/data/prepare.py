@@ -42,7 +42,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from pipeline.config import DataConfig
 from pipeline.data.lock import store_lock
-from pipeline.data.sources import SOURCES
+from pipeline.data.sources import SOURCES, declared
 from pipeline.data.sources.base import Variable
 from pipeline.data.store import FORMAT, FORMAT_VERSION, SPLITS, open_store, shard_checksum
 from pipeline.redaction import redact
@@ -852,8 +852,16 @@ def _run(cfg: DataConfig, resolved: dict, paths: Paths, n: int, variables: dict,
         "invalid": _combine_invalid(results, cfg.invalid), "content": content, "arrays": True,
         "stats": _combine([r["stats"] for r in results]), "checksums": dict(sorted(checksums.items())),
         "memory_budget": cfg.memory_budget, "versions": versions(), "config": redact(resolved),
+        **class_attrs(cfg),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.time() - t0, 2)}
     return _finish(paths, meta)
+
+
+def class_attrs(cfg: DataConfig) -> dict[str, Any]:
+    """{"classes": table} for an import labelled from its paths (data.params.label_from), else {}."""
+    classes = declared(cfg.source, "classes")
+    table = classes(cfg.params) if classes is not None else None
+    return {"classes": table} if table else {}
 
 
 def _finish(paths: Paths, meta: dict) -> Path:

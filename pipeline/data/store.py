@@ -26,7 +26,7 @@ SPLITS = ("train", "val", "test")
 
 
 PROVENANCE = ("source", "splits", "checksums", "shuffle")   # what a checkpoint records of its data
-LATER = ("invalid", "n_read", "content", "memory_budget", "arrays")  # absent in the first v1 stores
+LATER = ("invalid", "n_read", "content", "memory_budget", "arrays", "classes")  # absent in the first v1 stores
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class StoreMeta:
     content: dict[str, Any] | None = None         # the config keys that decide the content
     memory_budget: str | None = None
     arrays: bool | None = None
+    classes: dict[str, int] | None = None         # class name -> label of data.params.label_from
     extra: dict[str, Any] = field(default_factory=dict)   # keys this version does not know
 
     @classmethod

@@ -277,3 +277,82 @@ def test_label_stored_as_n_by_1_imports_as_n_scalars(tmp_path, dask_address):
     expected = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     assert sample_hashes(got) == sample_hashes(expected)
     assert sum(store.stats("train", "label")["class_counts"].values()) == 40
+
+
+# --------------------------------------------------------------------------- labels from paths (issue #16)
+PARTICLES = {"eplus": 3, "gamma": 2, "piplus": 2}     # files per particle folder
+
+
+def write_calogan_tree(root) -> dict[float, str]:
+    """eplus/ gamma/ piplus/ folders of small .h5 files, CaloGAN-style, each event's 'energy'
+    unique across the tree; returns energy -> particle, to check every label after the shuffle."""
+    import h5py
+    truth, energy = {}, 0.0
+    for particle, n_files in PARTICLES.items():
+        (root / particle).mkdir(parents=True)
+        for i in range(n_files):
+            e = energy + np.arange(6, dtype=np.float64)           # 6 events per file
+            shower = np.repeat(e[:, None, None], 12, 1).reshape(6, 3, 4).astype(np.float32)
+            with h5py.File(root / particle / f"{particle}_{i}.h5", "w") as f:
+                f.create_dataset("energy", data=e)
+                f.create_dataset("shower", data=shower)
+            truth.update({float(v): particle for v in e})
+            energy += 6
+    return truth
+
+
+def calo_config(tmp_path, label_from, *extra, address=None):
+    return import_config(tmp_path, "hdf5", tmp_path / "calo" / "*" / "*.h5",
+                         "data.params.variables=[shower, energy]", "data.params.labels=[]",
+                         f"data.params.label_from={label_from}", "data.inputs={x: shower, y: label}",
+                         *extra, address=address)
+
+
+def test_calogan_tree_becomes_one_shuffled_store_labelled_by_folder(tmp_path, dask_address):
+    truth = write_calogan_tree(tmp_path / "calo")
+    cfg = calo_config(tmp_path, "parent_dir", address=dask_address)
+    store = open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None))
+    assert store.meta.classes == {"eplus": 0, "gamma": 1, "piplus": 2}           # sorted names
+    assert zarr.open_group(str(store.path), mode="r").attrs["hpcforge"]["classes"] == store.meta.classes
+    got = stored(store)
+    assert got["label"].dtype == np.int64 and len(got["label"]) == len(truth) == 42
+    names = {v: k for k, v in store.meta.classes.items()}
+    assert [names[int(c)] for c in got["label"]] == [truth[float(e)] for e in got["energy"]]
+    assert (got["shower"][:, 0, 0] == got["energy"]).all()                      # rows stay whole
+    train_energy = store.split("train")["energy"][:]
+    assert not (np.diff(train_energy) > 0).all()                               # globally shuffled
+
+
+def test_label_from_file_stem_and_regex(tmp_path):
+    write_calogan_tree(tmp_path / "calo")
+    stem = calo_config(tmp_path, "file_stem")
+    assert SOURCES["hdf5"].classes(stem.data.params) == {
+        f"{p}_{i}": j for j, (p, i) in enumerate(sorted((p, i) for p, n in PARTICLES.items()
+                                                           for i in range(n)))}
+    rx = calo_config(tmp_path, r"'/([a-z]+)_\d+\.h5$'")
+    params = rx.data.params
+    assert SOURCES["hdf5"].classes(params) == {"eplus": 0, "gamma": 1, "piplus": 2}
+    got = SOURCES["hdf5"].generate(params, 0, 0, 24, 12)                 # gamma_1, piplus_0
+    np.testing.assert_array_equal(got["label"], [1] * 6 + [2] * 6)
+    assert SOURCES["hdf5"].variables(params)["label"].dtype == "int64"
+
+
+def test_label_from_refuses_a_regex_without_one_group_and_names_a_path_it_misses(tmp_path):
+    write_calogan_tree(tmp_path / "calo")
+    (tmp_path / "in").mkdir()
+    write_hdf5(tmp_path / "in", _parts())
+    with pytest.raises(UserError, match=r"label_from='\[a-z\]\+' has 0 groups; expected exactly one"):
+        _scan(tmp_path, "hdf5", tmp_path / "calo" / "*" / "*.h5", "data.params.labels=[]",
+              "data.params.label_from='[a-z]+'")
+    with pytest.raises(UserError, match=r"label_from='\(a\)\(b\)' has 2 groups"):
+        _scan(tmp_path, "hdf5", tmp_path / "calo" / "*" / "*.h5", "data.params.labels=[]",
+              "data.params.label_from='(a)(b)'")
+    miss = str(tmp_path / "calo" / "eplus" / "eplus_0.h5")
+    with pytest.raises(UserError) as e:
+        _scan(tmp_path, "hdf5", tmp_path / "calo" / "*" / "*.h5",
+              "data.params.labels=[]", r"data.params.label_from='(gamma|piplus)_\d'")
+    assert str(e.value) == (rf"data.params.label_from='(gamma|piplus)_\d' does not match {miss}; "
+                            f"fix the regex or remove the file from data.params.path")
+    with pytest.raises(UserError, match=r"fills the variable 'label', but data.params.variables/labels"):
+        _scan(tmp_path, "hdf5", tmp_path / "in", "data.params.label_from=parent_dir")  # has 'label'
+

@@ -128,3 +128,57 @@ def test_report_shows_the_attribution_figures(explained, classifier_run, tmp_pat
     for name in METHODS:
         png = Path(result["figures"][name]).read_bytes()
         assert base64.b64encode(png).decode() in page, name
+
+
+# --------------------------------------------------------------------------- attention (issue #16)
+@pytest.fixture(scope="module")
+def transformer_run(cli, tmp_path_factory) -> Path:
+    """A small transformer forecaster trained a few steps on a tiny Lorenz-96 store (the
+    transformer_lorenz96 experiment, shrunk), with an offline W&B run; its final checkpoint."""
+    from pipeline.config import load_config
+    from pipeline.data.prepare import prepare
+    out = tmp_path_factory.mktemp("transformer")
+    overrides = [f"output_dir={out}", f"data.path={out / 'l96.zarr'}", "data.params.burn_in=100",
+                 "data.n_samples=128", "data.chunk_size=64", "data.shard_size=64",
+                 "data.dask.n_workers=1", "data.dask.processes=false", "data.dask.progress=false",
+                 "model.d_model=16", "model.n_heads=2", "model.d_ff=32"]
+    cfg = load_config("transformer_lorenz96", overrides)
+    prepare(cfg.data, cfg.to_dict(), log=lambda *a: None)
+    r = cli("train", "-e", "transformer_lorenz96", *overrides, "train.max_steps=4",
+            "train.batch_size=16", "train.dist.backend=none", "train.dist.nproc=1",
+            "train.logger.images_every=0", "train.threads=1")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return out / "train" / "checkpoints" / "final.pt"
+
+
+def test_explain_draws_chosen_attention_heads_of_a_transformer(transformer_run, cli):
+    r = cli("explain", str(transformer_run), "--n", "4", "--methods", "saliency", "--heads", "1")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.loads(transformer_run.with_name("final.explain.json").read_text())
+    assert result["attention_heads"] == [1]
+    for layer in (0, 1):                                   # the experiment's 2 layers
+        png = Path(result["figures"][f"attention_layer{layer}"])
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        lag = result["metrics"][f"attention/layer{layer}/head1/mean_lag"]
+        assert 0 < lag < 15                                # 16 frames: lags 0..15
+        assert f"attention/layer{layer}/head0/mean_lag" not in result["metrics"]
+    p = open_probed(transformer_run, [], "explain")
+    x = p.samples(4)["x"]
+    w = p.model.attention_maps(x, layers=[0])[0].mean(0)[1]
+    lag = (torch.arange(16)[:, None] - torch.arange(16)).abs()
+    assert result["metrics"]["attention/layer0/head1/mean_lag"] == pytest.approx(
+        float((w * lag).sum(-1).mean()), rel=1e-5)
+    rows = history(Path(result["wandb_run"]) / f"run-{result['wandb_run_id']}.wandb")
+    logged = {k: v for row in rows for k, v in row.items()}
+    assert logged["explain_figures/attention_layer1/_type"] == "image-file"
+
+
+def test_explain_refuses_heads_out_of_range_and_heads_of_a_model_without_attention(
+        transformer_run, classifier_run, cli):
+    r = cli("explain", str(transformer_run), "--heads", "0,2")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "hpcforge: error: --heads 0,2: head(s) [2] out of range; the model has heads 0..1"]
+    r = cli("explain", str(classifier_run), "--heads", "0")
+    assert r.returncode == 2 and "model 'cnn' has no attention; drop --heads" in r.stderr
+    r = cli("explain", str(transformer_run), "--heads", "one")
+    assert r.returncode == 2 and "--heads one: expected comma-separated integers" in r.stderr

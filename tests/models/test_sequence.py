@@ -128,13 +128,47 @@ def test_causal_attention_hides_the_future():
     assert not torch.allclose(h[:, 5:], h_later[:, 5:], atol=1e-3)
 
 
-def test_attention_matches_torch_scaled_dot_product():
+@pytest.mark.parametrize("causal", [True, False])
+def test_sdpa_attention_matches_the_explicit_softmax_it_replaced(causal):
+    """forward (scaled_dot_product_attention) = proj(softmax(QK^T/sqrt(d) + mask) V), the
+    hand-written attention before issue #16, and `weights` is that softmax."""
     torch.manual_seed(0)
-    attn = make("transformer", d_model=16, n_heads=4, causal=True).blocks[0].attn
+    attn = make("transformer", d_model=16, n_heads=4, causal=causal).blocks[0].attn
     x = torch.randn(2, 7, 16)
     q, k, v = attn.qkv(x).view(2, 7, 3, 4, 4).permute(2, 0, 3, 1, 4)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert torch.allclose(attn(x), attn.proj(ref.transpose(1, 2).reshape(2, 7, 16)), atol=1e-5)
+    scores = q @ k.transpose(-2, -1) / 2.0                        # sqrt(d_head = 4)
+    if causal:
+        scores = scores.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
+    ref = scores.softmax(-1)
+    assert torch.allclose(attn.weights(x), ref, atol=1e-6)
+    assert torch.allclose(attn(x), attn.proj((ref @ v).transpose(1, 2).reshape(2, 7, 16)), atol=1e-5)
+
+
+def test_attention_dropout_acts_only_in_training():
+    torch.manual_seed(0)
+    attn = make("transformer", d_model=16, n_heads=4, dropout=0.5).blocks[0].attn
+    x = torch.randn(2, 7, 16)
+    assert not torch.allclose(attn.train()(x), attn(x))              # two dropout draws differ
+    assert torch.equal(attn.eval()(x), attn(x))
+
+
+def test_attention_maps_of_chosen_layers_are_causal_row_stochastic_and_what_forward_applies():
+    torch.manual_seed(0)
+    model = make("transformer", d_model=16, n_heads=2, n_layers=3, causal=True).eval()
+    x = torch.randn(2, 6, 1)
+    maps = model.attention_maps(x, layers=[0, 2])
+    assert sorted(maps) == [0, 2] and maps[2].shape == (2, 2, 6, 6)
+    assert torch.allclose(maps[2].sum(-1), torch.ones(2, 2, 6), atol=1e-6)
+    below = torch.ones(6, 6, dtype=torch.bool).tril()
+    assert (maps[2][..., ~below] == 0).all() and (maps[2][..., below] > 0).all()
+    h1 = model.blocks[1](model.blocks[0](model.pos(model.embed(x))))   # layer 2's input
+    block = model.blocks[2]
+    _, _, v = block.attn.heads(block.ln1(h1))
+    mixed = (maps[2] @ v).transpose(1, 2).reshape(2, 6, 16)
+    assert torch.allclose(block.attn(block.ln1(h1)), block.attn.proj(mixed), atol=1e-5)
+    assert not torch.allclose(maps[0], maps[2], atol=1e-3)
+    with pytest.raises(ValueError, match=r"layers \[3\] out of range; the model has layers 0..2"):
+        model.attention_maps(x, layers=[3])
 
 
 def test_transformer_rejects_sequences_longer_than_max_len():

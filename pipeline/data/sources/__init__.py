@@ -17,7 +17,10 @@ none of what they enable; nothing outside the module names the source):
   FEATURE_LABEL     the variable the Fréchet feature CNN is trained to predict;
   out_of_distribution(p) -> Params   a labelled outlier set for the anomaly ROC AUC;
   conditional_curves(x, cond) -> {name: array}   curves over the conditioning value (Ising: the
-                    thermodynamic curves against T) compared for a conditional generator.
+                    thermodynamic curves against T) compared for a conditional generator;
+  LATENT_ENDPOINTS  the scalar observable whose lowest and highest samples end a latent
+                    interpolation (pipeline/latent.py; default: the first OBSERVABLES scalar);
+  classes(p)        (importers) the class table of data.params.label_from, for the store's attrs.
 Adding a source is its module plus one line in SOURCES.
 """
 from __future__ import annotations
@@ -74,6 +77,12 @@ def describe() -> str:
         lines += [f"  {name:<9} {'/'.join(SUFFIXES[name])} files, a folder of them or a glob",
                   f"            hpcforge prepare data=import_netcdf data.source={name} "
                   f"{EXAMPLES[name]}"]
+    lines += ["", "labels from paths (data.params.label_from=parent_dir|file_stem|<regex with one "
+              "group>; class table in the store's attrs), e.g. a CaloGAN eplus/ gamma/ piplus/ tree:",
+              "            hpcforge prepare data=import_netcdf data.source=hdf5 "
+              "data.params.path='calo/*/*.h5' data.params.label_from=parent_dir "
+              "data.params.variables=[shower] data.params.labels=[] data.params.sample_axis=0 "
+              "'data.params.dtypes={}' 'data.inputs={x: shower, y: label}'"]
     return "\n".join(lines + ["", "NetCDF-3 and NetCDF-4 are both read; see "
                               "pipeline/data/importers.py for the .npy layouts."])
 

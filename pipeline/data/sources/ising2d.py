@@ -23,6 +23,9 @@ T_CRITICAL = 2.0 / math.log(1.0 + math.sqrt(2.0))
 # What pipeline.evaluate and the training figures read from a source (pipeline/data/sources/__init__.py)
 OBSERVABLES = physics.Observables(physics.ising_scalars, physics.field_profiles, binary=True)
 FEATURE_LABEL = "temperature"   # the variable the Fréchet feature CNN learns to predict
+# the observable whose extremes end a latent interpolation (pipeline/latent.py): an ordered and a
+# disordered lattice, so the path crosses the transition
+LATENT_ENDPOINTS = "abs_magnetization"
 
 
 @dataclass
