@@ -19,6 +19,7 @@ OUT = "outputs/darcy85"
 EXPERIMENTS = ("unet_darcy85", "fno_darcy85")
 PAPER_FNO = 0.0108        # FNO-2D, s = 85 (Li et al. 2021, Table 4)
 TRAIN_SAMPLES = 1000      # configs/data/darcy85.yaml
+WALL_LIMIT_S = 6 * 3600   # of one training run
 
 
 def train(experiment: str, seed: int, cpu_s: float, every: int, step_size: int) -> tuple[Path, dict]:
@@ -28,7 +29,8 @@ def train(experiment: str, seed: int, cpu_s: float, every: int, step_size: int) 
     args = ["train", "-e", experiment, f"output_dir={out}", *keys, f"train.seed={seed}",
             "train.dist.backend=none", f"train.checkpoint.every_steps={every}",
             "train.checkpoint.keep=1000", f"train.schedule.step_size={step_size}"]
-    run = train_within([*args, f"train.max_steps={STEP_CAP}"], cpu_s)
+    # train_within's default 30-min wall limit kills a run that a loaded machine slows (it did here)
+    run = train_within([*args, f"train.max_steps={STEP_CAP}"], cpu_s, timeout=WALL_LIMIT_S)
     if run.checkpoint is None:
         raise RuntimeError(f"{experiment}: no budget checkpoint: {run.output[-500:]}")
     cost = {"cpu_s": run.cpu_s, "wall_s": run.wall_s, "steps": run.step,
@@ -67,6 +69,18 @@ def val_curve(run_dir: Path) -> tuple[list[float], list[float]]:
     return [r["epoch"] + 1 for r in rows], [r["val/rel_l2"] for r in rows]
 
 
+def evaluate_existing(experiment: str, seed: int) -> dict:
+    """The curve of a run whose training ended without a budget checkpoint (killed, stopped): its
+    step checkpoints as they are; CPU seconds unknown (None)."""
+    from pipeline.config import load_config
+    folder = ROOT / OUT / f"{experiment}-seed{seed}" / "train" / "checkpoints"
+    result = {"experiment": experiment, "seed": seed, "cpu_s": None,
+              "curve": curve(folder, load_config(experiment).train.batch_size)}
+    (folder.parent.parent / "curve.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return result
+
+
 def plot(figure: Path) -> None:
     """Left: test raw relative L2 of each evaluated checkpoint against epochs, the paper's FNO line.
     Right: the trainer's per-epoch val relative L2 of the standardised pressure. Every run found
@@ -77,7 +91,8 @@ def plot(figure: Path) -> None:
     fig, (raw, std) = plt.subplots(1, 2, figsize=(10, 4))
     for path in sorted((ROOT / OUT).glob("*/curve.json")):
         r = json.loads(path.read_text())
-        label = f"{r['experiment']} seed {r['seed']} ({r['cpu_s']:.0f} CPU s)"
+        cost = f"{r['cpu_s']:.0f} CPU s" if r["cpu_s"] else "stopped early"
+        label = f"{r['experiment']} seed {r['seed']} ({cost})"
         raw.plot([p["epoch"] for p in r["curve"]], [100 * p["relative_l2_raw"] for p in r["curve"]],
                  marker="o", label=label)
         std.plot(*val_curve(path.parent), marker="s", label=label)
@@ -94,7 +109,8 @@ def plot(figure: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.darcy85", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["run", "plot"])
+    p.add_argument("what", choices=["run", "evaluate", "plot"],
+                   help="evaluate: only the curve of runs already trained (their step checkpoints)")
     p.add_argument("--only", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--cpu-s", type=float, default=420.0, help="CPU seconds of each training run")
@@ -109,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for experiment in args.only:
         for seed in args.seeds:
-            run(experiment, seed, args.cpu_s, args.every, args.step_size)
+            if args.what == "evaluate":
+                evaluate_existing(experiment, seed)
+            else:
+                run(experiment, seed, args.cpu_s, args.every, args.step_size)
     return 0
 
 
