@@ -1,8 +1,8 @@
 """Model families. `MODELS` maps a config name to (config class, build function)."""
 from __future__ import annotations
 
-from models import (aae, autoencoder, cgan, cnn, cnn1d, cyclegan, dcgan, dilated, gan, mlp, resnet,
-                    rnn, transformer, unet, vae, wgan_gp)
+from models import (aae, autoencoder, cgan, cnn, cnn1d, cyclegan, dcgan, dilated, fno, gan, mlp,
+                    resnet, rnn, transformer, unet, vae, wgan_gp)
 
 MODELS = {
     "mlp": (mlp.MLPConfig, mlp.build),
@@ -11,6 +11,7 @@ MODELS = {
     "dilated_cnn": (dilated.DilatedConfig, dilated.build),
     "cnn1d": (cnn1d.CNN1DConfig, cnn1d.build),
     "unet": (unet.UNetConfig, unet.build),
+    "fno": (fno.FNOConfig, fno.build),
     "rnn": (rnn.RNNConfig, rnn.build),
     "transformer": (transformer.TransformerConfig, transformer.build),
     "autoencoder": (autoencoder.AutoencoderConfig, autoencoder.build),

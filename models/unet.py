@@ -27,6 +27,7 @@ class UNetConfig:
     base_width: int = 16                    # channels at full resolution; doubled at each level
     depth: int = 3                          # down-samplings; H and W must be divisible by 2**depth
     loss: Literal["mse", "ce"] = "mse"      # mse: field regression, ce: segmentation
+    pad: bool = False                       # zero-pad H, W up to a multiple of 2**depth, crop back
 
 
 class UNet(Supervised):
@@ -51,16 +52,19 @@ class UNet(Supervised):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_shape("unet input x", x, (None, self.cfg.in_channels, None, None))
         k = 2 ** self.cfg.depth
+        h_in, w_in = x.shape[-2:]
+        if self.cfg.pad:  # e.g. the FNO paper's 85 x 85 Darcy grid: 85 -> 88 at depth 3
+            x = nn.functional.pad(x, (0, -w_in % k, 0, -h_in % k))
         if x.shape[-2] % k or x.shape[-1] % k:
             raise ValueError(f"unet input x: expected H and W divisible by 2**depth = {k}, got "
-                             f"{tuple(x.shape)}; pad or crop the fields, or lower depth")
+                             f"{tuple(x.shape)}; set model.pad=true, crop the fields, or lower depth")
         skips = [self.inc(x)]
         for down in self.down:
             skips.append(down(skips[-1]))
         h = skips.pop()
         for up, dec in zip(reversed(self.up), reversed(self.dec)):
             h = dec(torch.cat([up(h), skips.pop()], dim=1))
-        return self.out(h)
+        return self.out(h)[..., :h_in, :w_in]
 
     def losses(self, batch: Batch, phase: str) -> dict[str, torch.Tensor]:
         out = self(batch["x"])

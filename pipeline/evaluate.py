@@ -3,7 +3,8 @@
 Every model gets the mean of its own named losses over the split (accuracy for classifiers, ELBO
 for the VAE, reconstruction error for autoencoders, ...). Beyond that the evaluator asks what the
 model can do, never what it is called:
-  predicts fields or sequences shaped like "y"  -> relative L2 error;
+  predicts fields or sequences shaped like "y"  -> relative L2 error, standardised (relative_l2)
+                                                   and in the data's units (relative_l2_raw);
   predicts class logits for integer "y"         -> confusion matrix;
   samples (`sample(n)`) -> 1-Wasserstein distances of physical observables
                                                    and a Fréchet distance on learned features;
@@ -216,6 +217,7 @@ class Evaluation:
             return
         if pred.shape == y.shape and np.issubdtype(y.dtype, np.floating):
             self.metrics["relative_l2"] = relative_l2(pred, y)
+            self.metrics["relative_l2_raw"] = relative_l2(*map(self._physical_y, (pred, y)))
             self.figures["fields" if pred.ndim == 4 else "forecast"] = (
                 figures.field_panels(pred, y) if pred.ndim == 4 else figures.forecast_figure(pred[0], y[0]))
         elif pred.ndim == 2 and y.ndim == 1 and np.issubdtype(y.dtype, np.integer) and pred.shape[1] > 1:
@@ -282,6 +284,15 @@ class Evaluation:
         self.metrics["classifier/auc"] = classifier_auc(
             real, generated, obs, None if cond is None else cond[:len(real)], seed=self.cfg.train.seed)
         self.metrics["classifier/samples"] = 2 * min(len(real), len(generated))
+
+    def _physical_y(self, y: np.ndarray) -> np.ndarray:
+        """A target-shaped array back in the units of the stored "y" variable: the FNO paper's
+        relative L2 (Li et al. 2021, sec. 5) is of the raw field (issue #15), and a standardised
+        field's norm (mean removed) is smaller, so its relative error is larger."""
+        shift, scale = normalization(self.store.stats("train", self.cfg.data.inputs["y"]),
+                                     self.cfg.data.normalize)
+        y = np.asarray(y, np.float64)
+        return y * _per_channel(scale, y) + _per_channel(shift, y)
 
     def _renormalize(self, phys: np.ndarray) -> np.ndarray:
         shift, scale = self.affine

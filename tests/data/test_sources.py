@@ -102,6 +102,28 @@ def test_darcy_permeability_is_the_thresholded_field():
     assert abs((a == 12).mean() - 0.5) < 0.1
 
 
+@pytest.mark.parametrize("experiment", ["unet_darcy85", "fno_darcy85"])
+def test_darcy85_experiments_hold_the_fno_papers_protocol(experiment):
+    """Li et al. 2021 (arXiv:2010.08895, sec. 5.2): 85 x 85, 1000 training and 100 test samples."""
+    from pipeline.config import load_config
+    from pipeline.data.prepare import make_layout
+    cfg = load_config(experiment).data
+    assert (cfg.source, cfg.params.resolution, cfg.params.forcing) == ("darcy2d", 85, 1.0)
+    assert make_layout(cfg).splits == {"train": 1000, "val": 100, "test": 100}
+    assert (cfg.inputs, cfg.normalize) == ({"x": "permeability", "y": "pressure"}, "standard")
+
+
+def test_darcy_at_85_nodes_is_a_solved_thresholded_field():
+    out = darcy2d.generate(darcy2d.Params(resolution=85), seed=0, chunk_index=0, start=0, n=2)
+    a, u = out["permeability"][:, 0].astype(np.float64), out["pressure"][:, 0].astype(np.float64)
+    assert a.shape == u.shape == (2, 85, 85) and set(np.unique(a)) == {3.0, 12.0}
+    exact = darcy2d.solve(a[0])
+    A, b = darcy2d.assemble(a[0])
+    assert np.linalg.norm(A @ exact[1:-1, 1:-1].ravel() - b) / np.linalg.norm(b) < 1e-8
+    assert np.array_equal(exact.astype(np.float32), out["pressure"][0, 0])  # what the store holds
+    assert (u[:, 0] == 0).all() and (u[:, :, -1] == 0).all() and (u[:, 1:-1, 1:-1] > 0).all()
+
+
 # --------------------------------------------------------------------------- calo
 @pytest.fixture(scope="module")
 def showers():

@@ -14,7 +14,7 @@ from models.base import Trainable
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
-FAMILIES = {"mlp", "cnn", "resnet", "dilated_cnn", "cnn1d", "unet", "rnn", "transformer",
+FAMILIES = {"mlp", "cnn", "resnet", "dilated_cnn", "cnn1d", "unet", "fno", "rnn", "transformer",
             "autoencoder", "vae", "gan", "dcgan", "wgan_gp", "cgan", "cyclegan", "aae"}
 YAMLS = sorted(CONFIG_DIR.glob("*.yaml"))
 
