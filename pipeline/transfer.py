@@ -96,7 +96,7 @@ def lr_groups(model: nn.Module, params: list[nn.Parameter], scales: dict[str, fl
 class Matched:
     """How a checkpoint's tensors met this model's: names, in state_dict order."""
     loaded: list[str] = field(default_factory=list)
-    reinitialised: list[str] = field(default_factory=list)  # shape changed, or not in the checkpoint
+    reinitialised: list[str] = field(default_factory=list)  # shape changed, or not in checkpoint
     ignored: list[str] = field(default_factory=list)        # in the checkpoint only
 
     def counts(self) -> dict[str, float]:

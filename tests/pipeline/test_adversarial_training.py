@@ -38,7 +38,7 @@ def test_fgsm_step_trains_on_a_batch_whose_first_half_moved_by_eps(small_store, 
     clean = group[0]["x"].clone()
     seen = []
     model_losses = run.model.losses
-    run.model.losses = lambda b, phase: seen.append(b["x"].detach().clone()) or model_losses(b, phase)
+    run.model.losses = lambda b, ph: seen.append(b["x"].detach().clone()) or model_losses(b, ph)
     train_step(run, group)
     trained_on = seen[-1]  # the examples' own forwards come first, the step's last
     k = len(clean) // 2    # train.adversarial.fraction 0.5

@@ -1,5 +1,6 @@
 """Transfer learning (issue #16): train.init_from, train.freeze and train.optim.groups on a real
-pretrained CNN checkpoint over the small Ising store; resume wins over init_from; 2 Horovod ranks."""
+pretrained CNN checkpoint over the small Ising store; resume wins over init_from; 2 Horovod
+ranks."""
 from __future__ import annotations
 
 import json
