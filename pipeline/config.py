@@ -141,6 +141,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9          # sgd only; adam-style betas come from the model's spec
     impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"  # torch's update kernels
+    # lr scale per parameter-name prefix (issue #16), e.g. {features: 0.1}: the backbone at 0.1x lr;
+    # the schedule and rank scaling apply on top; the longest matching prefix wins
+    groups: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -170,6 +173,16 @@ class EarlyStopConfig:
 
 
 @dataclass
+class AdversarialConfig:
+    """Adversarial training (issue #16): part of each batch replaced by FGSM/PGD examples made
+    against the model's own loss, on the fly (pipeline.attack.perturb)."""
+    eps: float = 0.0               # L-inf radius in normalised input units; 0: off
+    method: Literal["fgsm", "pgd"] = "fgsm"
+    steps: int = 3                 # pgd: signed-gradient steps
+    fraction: float = 0.5          # share of each batch replaced by adversarial examples
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 5
     max_steps: int = 0             # stop after this many steps (0: run all epochs)
@@ -192,6 +205,9 @@ class TrainConfig:
     nonfinite: Literal["skip", "fail"] = "skip"  # a step with a NaN/Inf loss or gradient
     max_nonfinite: int = 5         # stop after this many non-finite steps in a row
     inject_nan_at: list[int] = field(default_factory=list)  # fault injection: NaN batch at steps
+    init_from: str = ""            # a checkpoint whose model weights start this run (issue #16)
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept fixed
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -418,6 +434,9 @@ RANGES: dict[str, Range] = {
     "train.max_nonfinite": AT_LEAST_1,
     "train.inject_nan_at": AT_LEAST_1,     # each item: a step, counted from 1
     "train.optim.weight_decay": AT_LEAST_0,
+    "train.adversarial.eps": AT_LEAST_0,          # 0: off
+    "train.adversarial.steps": AT_LEAST_1,
+    "train.adversarial.fraction": Range(0, 1, lo_open=True),
     "train.optim.momentum": UNIT_INTERVAL,
     "train.schedule.warmup_steps": AT_LEAST_0,
     "train.schedule.step_size": AT_LEAST_1,

@@ -192,7 +192,7 @@ def _backward(run: Run, phase: str, batches: list[Batch]) -> dict[str, float]:
     n = len(batches)
     for batch in batches:
         with autocast(run):
-            losses = run.losses(batch, phase)
+            losses = run.train_losses(batch, phase)  # (adversarial examples mixed in, if set)
         loss = losses["loss"].float()
         if n > 1:
             loss = loss / n

@@ -22,19 +22,25 @@ def rank_scale(how: str, ranks: int) -> float:
 _IMPLS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
 
 
-def build_optimizer(spec: OptimizerSpec, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(spec: OptimizerSpec, cfg: OptimConfig, lr: float,
+                    groups: list[tuple[float, list[torch.nn.Parameter]]] | None = None
+                    ) -> torch.optim.Optimizer:
     """The optimizer of `spec`'s network (already on its device), with torch's update kernels
     chosen by `cfg.impl`. auto: fused where torch has fused kernels for the optimizer, device and
     dtype (CPU and CUDA for adam, adamw and sgd): one kernel for every parameter instead of a
     Python loop over them, 3.5x faster steps of Adam on CPU here (README, Benchmarks); else torch's
-    own default. The result is the same update up to rounding."""
+    own default. The result is the same update up to rounding. `groups` ((lr scale, parameters),
+    pipeline.transfer.lr_groups) become param groups; by default every trainable parameter at
+    scale 1 (frozen ones, requires_grad=False, stay out of the optimizer)."""
     lr = lr * spec.lr_scale
+    if groups is None:
+        groups = [(1.0, [p for p in spec.module.parameters() if p.requires_grad])]
     if cfg.name == "sgd":
         cls, args = torch.optim.SGD, dict(lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
         cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
         args = dict(lr=lr, betas=spec.betas, weight_decay=cfg.weight_decay)
-    params, devices = list(spec.module.parameters()), _fused_devices()
+    params, devices = [p for _, ps in groups for p in ps], _fused_devices()
     unfused = [f"{p.dtype} on {p.device}" for p in params
                if not (p.is_floating_point() and p.device.type in devices)]
     impl = cfg.impl
@@ -43,7 +49,8 @@ def build_optimizer(spec: OptimizerSpec, cfg: OptimConfig, lr: float) -> torch.o
     if impl == "fused" and unfused:
         raise UserError(f"train.optim.impl=fused: torch has no fused {cfg.name} for {spec.name!r}'s "
                         f"parameters ({unfused[0]}); use train.optim.impl=auto")
-    return cls(params, **args, **_IMPLS.get(impl, {}))
+    param_groups = [{"params": ps, "lr": lr * scale} for scale, ps in groups]
+    return cls(param_groups, **args, **_IMPLS.get(impl, {}))
 
 
 def _fused_devices() -> list[str]:

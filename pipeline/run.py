@@ -19,6 +19,7 @@ import torch
 
 from models import MODELS
 from models.base import Batch, Trainable
+from models.layers import Supervised
 from pipeline.checkpoint import Checkpoints
 from pipeline.config import Config, TrainConfig
 from pipeline.data.loader import ShardedLoader
@@ -30,6 +31,7 @@ from pipeline.optim import build_optimizer, build_scheduler, rank_scale
 from pipeline.preemption import Preemption, PreemptionFlag
 from pipeline.provenance import git_revision, versions
 from pipeline.tracking import Tracker
+from pipeline.transfer import Matched, freeze, init_from, lr_groups
 from pipeline.watchdog import Heartbeat, NoHeartbeat
 
 
@@ -122,6 +124,8 @@ class Run:
     tracker: Tracker | None = None
     draws: int = 1                 # batch groups per step: the most repeats of any phase
     progress: Progress = field(default_factory=Progress)
+    resumed_from: Path | None = None  # the checkpoint train.resume found (pipeline.state.resume)
+    transfer: Matched | None = None   # what train.init_from loaded (pipeline.transfer)
 
     @property
     def train_cfg(self) -> TrainConfig:
@@ -150,6 +154,16 @@ class Run:
         """The model's named losses for `phase` (looked up at each call: tests wrap it)."""
         return (self.compiled_losses or self.model.losses)(batch, phase)
 
+    def train_losses(self, batch: Batch, phase: str) -> dict[str, torch.Tensor]:
+        """The losses a training step backpropagates: with train.adversarial.eps > 0, on the batch
+        with part of it replaced by adversarial examples made on this rank (pipeline.attack)."""
+        adv = self.cfg.train.adversarial
+        if adv.eps > 0:
+            from pipeline.attack import adversarial_batch  # (its figures' imports: only if used)
+            batch = adversarial_batch(self.model, batch, adv.eps, adv.method, adv.steps,
+                                      adv.fraction)
+        return self.losses(batch, phase)
+
     def print(self, msg: str) -> None:
         """Rank 0 owns the terminal."""
         if self.dist.is_main:
@@ -160,7 +174,6 @@ def build(cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None,
           flag: PreemptionFlag | None = None) -> Run:
     """Assemble a run on this rank, resumed as train.resume asks. `flag` catches preemption
     signals from before the build (pipeline.trainer.train); without one, fit() installs its own."""
-    from pipeline.state import resume
     heartbeat = heartbeat or NoHeartbeat()  # for the watchdog (pipeline.watchdog)
     heartbeat.beat("setup")
     _check_train_config(cfg.train, dist)
@@ -168,6 +181,8 @@ def build(cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None,
     store = open_store(cfg.data.path)
     loader, val_loader = _loader(cfg, dist, store, "train"), _val_loader(cfg, dist, store)
     model = dist.sync_batchnorm(build_model(cfg).to(dist.device))
+    _check_adversarial(cfg, model)
+    freeze(model, cfg.train.freeze)  # before the optimizers: frozen parameters stay out of them
     run = Run(cfg=cfg, dist=dist, heartbeat=heartbeat, model=model,
               compiled_losses=compiled_losses(model, cfg.train.compile), phases=[], loader=loader,
               val_loader=val_loader, checkpoints=_checkpoints(cfg), hooks=_hooks(cfg, model, store),
@@ -180,14 +195,36 @@ def build(cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None,
     run.draws = max(model.schedule.values())
     _check_one_step(run)
     run.phases = build_phases(run)
-    resumed_run_id = resume(run)
-    if resumed_run_id is None:
-        dist.broadcast(model, *(p.optimizer for p in run.phases))
+    resumed_run_id = _start(run)
     run.tracker = Tracker(cfg.train.logger, run.run_dir,
                           {**cfg.to_dict(), "dataset": run.store_meta, **run.provenance},
                           active=dist.is_main, run_id=resumed_run_id)
+    if run.transfer is not None:
+        run.tracker.log(run.transfer.counts(), 0)
     announce_ranks(run)
     return run
+
+
+def _start(run: Run) -> str | None:
+    """Resume as train.resume asks (a resumed fine-tune goes on from its own checkpoint); else
+    load train.init_from's weights, if set, and give every rank rank 0's weights. Returns the
+    resumed W&B run id."""
+    from pipeline.state import resume
+    resumed_run_id = resume(run)
+    if run.resumed_from is None:
+        if run.cfg.train.init_from:
+            run.transfer = init_from(run.model, run.cfg.train.init_from, run.cfg.model.name)
+            run.print(run.transfer.describe(run.cfg.train.init_from))
+        run.dist.broadcast(run.model, *(p.optimizer for p in run.phases))
+    return resumed_run_id
+
+
+def _check_adversarial(cfg: Config, model: Trainable) -> None:
+    """Adversarial examples raise a supervised loss; a generative model's has no label to flip."""
+    if cfg.train.adversarial.eps > 0 and not isinstance(model, Supervised):
+        raise UserError(f"train.adversarial.eps={cfg.train.adversarial.eps}: adversarial training "
+                        f"needs a supervised model (x -> prediction, e.g. cnn, resnet, mlp), but "
+                        f"{cfg.model.name} is generative; set train.adversarial.eps=0")
 
 
 def _check_train_config(train_cfg: TrainConfig, dist: Dist) -> None:
@@ -260,15 +297,27 @@ def build_phases(run: Run) -> list[Phase]:
     total = train_cfg.max_steps or train_cfg.epochs * run.steps_per_epoch
     phases = []
     for spec in specs:
-        opt = dist.optimizer(build_optimizer(spec, train_cfg.optim, train_cfg.lr * scale),
+        params = _trainable(run, spec)
+        opt = dist.optimizer(build_optimizer(spec, train_cfg.optim, train_cfg.lr * scale,
+                                             lr_groups(model, params, train_cfg.optim.groups)),
                              spec.module, prefix=spec.name, accumulate=train_cfg.accumulate)
         # parameters looked up once: walking the module tree every step costs more than the
         # small models' math
         repeats = model.schedule[spec.name]  # its scheduler counts updates: `repeats` a step
-        phases.append(Phase(spec.name, list(spec.module.parameters()), opt,
+        phases.append(Phase(spec.name, params, opt,
                             build_scheduler(opt, train_cfg.schedule, total * repeats, scale),
                             repeats))
     return phases
+
+
+def _trainable(run: Run, spec: Any) -> list[torch.nn.Parameter]:
+    """`spec`'s parameters that train.freeze left trainable; refused if none are."""
+    params = [p for p in spec.module.parameters() if p.requires_grad]
+    if not params:
+        raise UserError(f"train.freeze={run.cfg.train.freeze} freezes every parameter of "
+                        f"{run.cfg.model.name}'s {spec.name!r} network, which would train nothing; "
+                        f"freeze fewer prefixes")
+    return params
 
 
 def _check_one_step(run: Run) -> None:

@@ -97,6 +97,7 @@ def resume(run: Run) -> str | None:
                             stop_best=ckpt["early_stop"][0], stop_bad=ckpt["early_stop"][1])
     _restore_position(run, ckpt)
     run.progress.epoch = run.loader.epoch
+    run.resumed_from = path
     run.print(f"[hpcforge] resumed from {path} at step {run.progress.step}")
     return ckpt.get("wandb_run_id")
 

@@ -37,8 +37,8 @@ def test_resolved_config_round_trips():
 
 
 @pytest.mark.parametrize("override, message", [
-    (["train.epoch=3"], "unknown key train.epoch; valid keys under train: accumulate, batch_size, "
-                        "checkpoint, compile, deterministic, dist, early_stopping, epochs"),
+    (["train.epoch=3"], "unknown key train.epoch; valid keys under train: accumulate, adversarial, "
+                        "batch_size, checkpoint, compile, deterministic, dist, early_stopping, epochs"),
     (["train.epochs=abc"], "train.epochs: expected int, got 'abc' (str)"),
     (["train.epochs=true"], "train.epochs: expected int, got True (bool)"),
     (["model.latnt=3"], "unknown key model.latnt; valid keys under model: beta, channels"),
@@ -92,5 +92,5 @@ def test_cli_reports_bad_config_in_one_line_without_traceback():
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("hpcforge: error: unknown key train.epoch; valid keys under train: "
-                               "accumulate, batch_size, checkpoint,")
+                               "accumulate, adversarial, batch_size, checkpoint,")
     assert "Traceback" not in r.stderr + r.stdout

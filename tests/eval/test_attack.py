@@ -83,9 +83,9 @@ def test_perturbations_stay_in_the_eps_ball(classifier_run):
     p = open_probed(classifier_run, [], "attack")
     batch = p.samples(16)
     x, eps = batch["x"], 0.05
-    step = fgsm(p, batch, eps) - x
+    step = fgsm(p.model, batch, eps) - x
     assert torch.allclose(step.abs()[step != 0], torch.tensor(eps)) and (step != 0).float().mean() > 0.5
-    adv = pgd(p, batch, eps, steps=3, generator=torch.Generator().manual_seed(0))
+    adv = pgd(p.model, batch, eps, steps=3, generator=torch.Generator().manual_seed(0))
     assert (adv - x).abs().max() <= eps + 1e-6 and not torch.equal(adv - x, step)
 
 

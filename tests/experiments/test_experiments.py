@@ -44,6 +44,8 @@ def shrunk(name: str, tmp: Path, scheduler: str) -> list[str]:
            *SHRINK[cfg.data.source], *TRAIN]
     if cfg.data.source == "npy":  # the CycleGAN's two Ising domains, written small
         out.append(f"data.params.path={tmp / 'domains'}")
+    if cfg.train.init_from:  # another experiment's full-size output (tests/pipeline/test_transfer)
+        out.append("train.init_from=")
     return out
 
 
