@@ -202,9 +202,12 @@ def supervised_losses(out: torch.Tensor, y: torch.Tensor, loss: str) -> dict[str
     """Named losses of a prediction `out` against the target `y`.
 
     ce / hinge: logits (B, K, ...) against int64 labels (B, ...), also reports accuracy;
-    bce: one logit per sample (B, 1) against 0/1 targets (B,); mse: `y` shaped like `out`.
+    bce: one logit per sample (B, 1) against 0/1 targets (B,); mse: `y` shaped like `out`, or
+    one scalar per sample (B,) for one output (B, 1), as a store keeps a per-sample quantity.
     """
     if loss == "mse":
+        if y.dim() == 1 and tuple(out.shape[1:]) == (1,):
+            y = y[:, None]
         check_shape("target y", y, tuple(out.shape))
         return {"loss": F.mse_loss(out, y.to(out.dtype))}
     if loss == "bce":

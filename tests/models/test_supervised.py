@@ -207,3 +207,14 @@ def test_unet_segmentation_learns_thresholding_loss_falls_5x():
 def test_unet_rejects_sizes_not_divisible_by_2_pow_depth():
     with pytest.raises(ValueError, match=r"divisible by 2\*\*depth = 8, got \(1, 1, 12, 12\)"):
         make("unet", base_width=4, depth=3)(torch.rand(1, 1, 12, 12))
+
+
+def test_mse_takes_one_scalar_per_sample_for_one_output():
+    """A regression of a per-sample quantity the store keeps as (N,) (a shower's incident energy)
+    against one output (B, 1): the same loss as the (B, 1) target; other shapes still refused."""
+    from models.base import InputShapeError
+    from models.layers import supervised_losses
+    out, y = torch.randn(8, 1), torch.randn(8)
+    assert supervised_losses(out, y, "mse")["loss"] == F.mse_loss(out, y[:, None])
+    with pytest.raises(InputShapeError, match=r"target y: expected shape \(8, 2\)"):
+        supervised_losses(torch.randn(8, 2), y, "mse")
