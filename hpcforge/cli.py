@@ -66,6 +66,10 @@ def parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks to start on this machine (sets train.dist.nproc)")
+    p.epilog = ("transfer learning: train.init_from=CHECKPOINT (model weights, fresh optimizer), "
+                "train.freeze=[prefix,...], train.optim.groups.<prefix>=<lr scale>; adversarial "
+                "training: train.adversarial.eps=0.1 (method=fgsm|pgd, steps, fraction); every "
+                "key with its default: hpcforge config")
     p = sub.add_parser("config", help="print the resolved config as JSON")
     _add_config_args(p)
     p = sub.add_parser("bench", help="run the ratio benchmarks under benchmarks/")

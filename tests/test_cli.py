@@ -18,6 +18,18 @@ def test_every_command_answers_help(command):
     assert r.stdout.startswith(f"usage: hpcforge {command}")
 
 
+def test_help_names_the_course_keys_where_users_look_for_them():
+    """Issue #16: each key is in --help: transfer and adversarial training under train, labels
+    from paths under prepare, the attention heads under explain, selection under sweep."""
+    said = {c: " ".join(hpcforge(c, "--help").stdout.split()) for c in
+            ("train", "prepare", "explain", "sweep")}
+    for key in ("train.init_from=", "train.freeze=", "train.optim.groups.", "train.adversarial.eps="):
+        assert key in said["train"], key
+    assert "data.params.label_from=" in said["prepare"]
+    assert "--heads" in said["explain"]
+    assert "--rank-by" in said["sweep"] and "--stages" in said["sweep"]
+
+
 def test_top_level_help_lists_commands():
     r = hpcforge("--help")
     assert r.returncode == 0
