@@ -138,6 +138,9 @@ def test_prepare_help_lists_every_source_and_importer_with_an_example_that_compo
     assert run.returncode == 0, run.stderr
     examples = [line.split("hpcforge prepare ", 1)[1] for line in run.stdout.splitlines()
                 if line.strip().startswith("hpcforge prepare ")]
+    (label_from,) = [e for e in examples if "data.params.label_from=" in e]   # issue #16's
+    examples.remove(label_from)
+    assert load_config("demo", shlex.split(label_from)).data.params.label_from == "parent_dir"
     assert len(examples) == len(SOURCES)                   # one example each
     for name in SOURCES:
         assert f"\n  {name:<9} " in run.stdout, name
