@@ -223,14 +223,16 @@ def check_compatible(ckpt: dict[str, Any], config: dict[str, Any], path: Path) -
         for key in rest:
             a, b = a.get(key), b.get(key)
         if a != b:
-            diff = _first_difference(section, a, b)
+            diff = first_difference(section, a, b)
             raise UserError(f"checkpoint {path} does not fit this run: {diff}; resume with the "
                             f"config it was written with, or train.resume=never")
 
 
-def _first_difference(prefix: str, a: Any, b: Any) -> str:
+def first_difference(prefix: str, a: Any, b: Any) -> str:
+    """'<dotted key> is <a> in the checkpoint but <b> here' for the first key where two configs
+    differ: the wording of every refusal of a checkpoint (resume, train.init_from)."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
             if a.get(k) != b.get(k):
-                return _first_difference(f"{prefix}.{k}", a.get(k), b.get(k))
+                return first_difference(f"{prefix}.{k}", a.get(k), b.get(k))
     return f"{prefix} is {a!r} in the checkpoint but {b!r} here"

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.checkpoint import _first_difference, load
+from pipeline.checkpoint import first_difference, load
 from pipeline.errors import UserError
 
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
@@ -134,7 +134,7 @@ def read_init(path: str, model_name: str) -> dict[str, Any]:
     ckpt = load(path)
     saved_name = ckpt.get("model_name", ckpt.get("config", {}).get("model", {}).get("name"))
     if saved_name != model_name:
-        diff = _first_difference("model.name", saved_name, model_name)
+        diff = first_difference("model.name", saved_name, model_name)
         raise UserError(f"train.init_from={path} does not fit this run: {diff}; start from a "
                         f"checkpoint of model {model_name}, or drop train.init_from")
     return ckpt
