@@ -247,19 +247,19 @@ class Evaluation:
         self.floor_ratios(cmp.distances)
         self.figures.update(figures.comparison_figures(cmp))
         curves = declared(source, "conditional_curves")
-        if "cond" in arrays and curves is not None and getattr(self.model, "conditional", False):
+        conditional = getattr(self.model, "conditional", False)  # generates at its "cond"
+        if "cond" in arrays and curves is not None and conditional:
             real_aligned = physics.physical(obs, real_norm, self.affine, self.rng)  # cond's order
             self.conditional(curves, real_aligned, gen_phys, arrays["cond"][:n])
         self.frechet(real_norm, self._renormalize(gen_phys), self._renormalize(train_phys))
-        self.classifier(obs, real_norm, gen_phys,
-                        arrays.get("cond") if getattr(self.model, "conditional", False) else None)
+        self.classifier(obs, real_norm, gen_phys, arrays.get("cond") if conditional else None)
 
     def floor_ratios(self, distances: dict[str, float]) -> None:
         """W1 / the real-vs-real floor per observable ("w1_ratio/<name>"), the number issue #15
         judges a generator by (1 is perfect, 2 its goal), and one note line that says them."""
-        ratios = {k.replace("w1/", "w1_ratio/", 1): v / self.metrics[k.replace("w1/", "w1_reference/", 1)]
-                  for k, v in distances.items()
-                  if self.metrics[k.replace("w1/", "w1_reference/", 1)] > 0}
+        floors = {k: self.metrics[k.replace("w1/", "w1_reference/", 1)] for k in distances}
+        ratios = {k.replace("w1/", "w1_ratio/", 1): v / floors[k]
+                  for k, v in distances.items() if floors[k] > 0}
         self.metrics.update(ratios)
         said = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}x" for k, v in ratios.items())
         self.notes.append(f"W1 / real-vs-real floor (1 is perfect): {said}")
