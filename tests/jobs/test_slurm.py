@@ -121,10 +121,12 @@ def test_preempted_job_requeues_and_resumes_to_the_same_weights_and_run(
     submitit.SlurmJob(folder=jobs_dir / "hit" / "%j", job_id=hit["job_id"])._interrupt()
 
     t0 = time.monotonic()
-    while slurm_tools.show(hit["job_id"]).get("Restarts", "0") == "0":
+    # Restarts counts up at the requeue, while the job is still COMPLETING; only once it is PENDING
+    # again does Slurm set the ~120 s BeginTime a requeued job waits for, which StartTime=now lifts.
+    while (job := slurm_tools.show(hit["job_id"])).get("Restarts", "0") == "0" \
+            or job.get("JobState") != "PENDING":
         assert time.monotonic() - t0 < 120, f"job was not requeued:\n{log_of(hit)}"
         time.sleep(0.5)
-    # A requeued job waits ~120 s (BeginTime) before it may start again; release it now.
     subprocess.run(["scontrol", "update", f"JobId={hit['job_id']}", "StartTime=now"], check=True)
     assert slurm_tools.wait(plain["job_id"], ENDED) == "COMPLETED", log_of(plain)
     assert slurm_tools.wait(hit["job_id"], ENDED) == "COMPLETED", log_of(hit)
