@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,27 +88,35 @@ def _final_params(out: Path) -> dict:
     return load(out / "train" / "checkpoints" / "final.pt")["model"]
 
 
-def test_resume_is_exact(small_store, tmp_path):
-    """6 steps, then resume=auto to 12, equals 12 steps in one go (weights and buffers)."""
+UNINTERRUPTED = ("train.max_steps=40", "train.epochs=100", "train.dist.signal_check_s=0")  # act at once
+
+
+@pytest.fixture(scope="module")
+def whole(small_store, tmp_path_factory) -> Path:
+    """40 steps on 2 ranks in one go: the reference every interrupted run below must end equal to."""
+    out = tmp_path_factory.mktemp("whole")
+    r = _train(out, small_store, *UNINTERRUPTED)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_resume_is_exact(small_store, whole, tmp_path):
+    """6 steps, then resume=auto to 40, equals 40 steps in one go (weights and buffers)."""
     ov = small_store
-    r = _train(tmp_path / "whole", ov, "train.max_steps=12")
+    r = _train(tmp_path / "split", ov, *UNINTERRUPTED, "train.max_steps=6")
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _train(tmp_path / "split", ov, "train.max_steps=6")
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = _train(tmp_path / "split", ov, "train.max_steps=12", "train.resume=auto")
+    r = _train(tmp_path / "split", ov, *UNINTERRUPTED, "train.resume=auto")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stdout and "at step 6" in r.stdout
-    whole, split = _final_params(tmp_path / "whole"), _final_params(tmp_path / "split")
-    assert whole.keys() == split.keys()
-    for k in whole:
-        assert torch.equal(whole[k], split[k]), k
+    a, split = _final_params(whole), _final_params(tmp_path / "split")
+    assert a.keys() == split.keys()
+    for k in a:
+        assert torch.equal(a[k], split[k]), k
 
 
-def test_preemption_signal_checkpoints_then_resume_finishes_like_uninterrupted(small_store, tmp_path):
-    ov = small_store
-    args = ("train.max_steps=40", "train.epochs=100", "train.dist.signal_check_s=0")  # act at once
-    whole = _train(tmp_path / "whole", ov, *args)
-    assert whole.returncode == 0
+def test_preemption_signal_checkpoints_then_resume_finishes_like_uninterrupted(small_store, whole,
+                                                                                tmp_path):
+    ov, args = small_store, UNINTERRUPTED
     cmd = [sys.executable, "-m", "hpcforge", "train", "--nproc", "2", *ov[1][1:],
            f"data.path={ov[0]}", f"output_dir={tmp_path / 'cut'}", "train.batch_size=16", "train.logger.log_every=2", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -122,7 +131,7 @@ def test_preemption_signal_checkpoints_then_resume_finishes_like_uninterrupted(s
     assert 0 < ckpt["step"] < 40
     rerun = _train(tmp_path / "cut", ov, *args, "train.resume=auto")
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    a, b = _final_params(tmp_path / "whole"), _final_params(tmp_path / "cut")
+    a, b = _final_params(whole), _final_params(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
     runs = sorted((tmp_path / "cut" / "train" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]  # same run id
@@ -169,10 +178,10 @@ def test_injected_nan_is_skipped_counted_and_never_checkpointed(small_store, tmp
     assert all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
 
 
-def test_checkpoint_of_another_model_is_refused(small_store, tmp_path):
-    ov = small_store
-    assert _train(tmp_path, ov, "train.max_steps=2", nproc=1).returncode == 0
-    r = _train(tmp_path, ov, "train.max_steps=4", "train.resume=auto", "model.latent_dim=3", nproc=1)
+def test_checkpoint_of_another_model_is_refused(small_store, whole, tmp_path):
+    shutil.copytree(whole / "train" / "checkpoints", tmp_path / "train" / "checkpoints")
+    r = _train(tmp_path, small_store, *UNINTERRUPTED, "train.resume=auto", "model.latent_dim=3",
+               nproc=1)
     assert r.returncode == 2
     assert ("does not fit this run: model.latent_dim is 16 in the checkpoint but 3 here"
             in r.stderr)
