@@ -46,12 +46,16 @@ def features(obs: Observables | None, x: np.ndarray, cond: np.ndarray | None = N
 
 
 def classifier_auc(real: np.ndarray, generated: np.ndarray, obs: Observables | None = None,
-                   cond: np.ndarray | None = None, seed: int = 0) -> float:
+                   cond: np.ndarray | None = None, seed: int = 0,
+                   generated_cond: np.ndarray | None = None) -> float:
     """ROC AUC, on a held-out half, of a classifier trained to tell `generated` from `real`
-    (both in physical units, the same number used of each; `cond` their shared conditions)."""
+    (both in physical units, the same number used of each; `cond` their shared conditions, or
+    `real`'s when `generated_cond` gives the other side its own: a second real sample drawn at
+    its own conditions, the real-vs-real reference)."""
     n = min(len(real), len(generated))
     c = None if cond is None else np.asarray(cond)[:n]
-    x = np.concatenate([features(obs, real[:n], c), features(obs, generated[:n], c)])
+    c_gen = c if generated_cond is None else np.asarray(generated_cond)[:n]
+    x = np.concatenate([features(obs, real[:n], c), features(obs, generated[:n], c_gen)])
     y = np.r_[np.zeros(n), np.ones(n)]
     x_fit, x_test, y_fit, y_test = train_test_split(x, y, test_size=HELD_OUT, stratify=y,
                                                     random_state=seed)

@@ -252,7 +252,7 @@ class Evaluation:
             real_aligned = physics.physical(obs, real_norm, self.affine, self.rng)  # cond's order
             self.conditional(curves, real_aligned, gen_phys, arrays["cond"][:n])
         self.frechet(real_norm, self._renormalize(gen_phys), self._renormalize(train_phys))
-        self.classifier(obs, real_norm, gen_phys, arrays.get("cond") if conditional else None)
+        self.classifier(obs, real_norm, gen_phys, train_phys, arrays.get("cond") if conditional else None)
 
     def floor_ratios(self, distances: dict[str, float]) -> None:
         """W1 / the real-vs-real floor per observable ("w1_ratio/<name>"), the number issue #15
@@ -274,16 +274,24 @@ class Evaluation:
         self.figures["thermo_curves"] = thermo.curve_figure(real_curves, gen_curves)
 
     def classifier(self, obs: physics.Observables, real_norm: np.ndarray, generated: np.ndarray,
-                   cond: np.ndarray | None) -> None:
+                   train: np.ndarray, cond: np.ndarray | None) -> None:
         """The CaloChallenge classifier test (pipeline/classifier_test.py, issue 15): ROC AUC of
         telling the generated samples from the real ones they were generated beside (a
-        conditional model's condition is a feature), 0.5 = indistinguishable. Its own rng: the
-        metrics above stay as they were."""
+        conditional model's condition is a feature), 0.5 = indistinguishable; beside it the same
+        test of the training split against them ("classifier/auc_reference"), what a perfect
+        generator scores with as many samples. Its own rng: the metrics above stay as they were."""
         from pipeline.classifier_test import classifier_auc
-        real = physics.physical(obs, real_norm, self.affine, np.random.default_rng(self.cfg.train.seed))
-        self.metrics["classifier/auc"] = classifier_auc(
-            real, generated, obs, None if cond is None else cond[:len(real)], seed=self.cfg.train.seed)
+        seed = self.cfg.train.seed
+        real = physics.physical(obs, real_norm, self.affine, np.random.default_rng(seed))
+        cond = None if cond is None else cond[:len(real)]
+        train_cond = None if cond is None else np.asarray(
+            self.store.variable("train", self.cfg.data.inputs["cond"])[:len(train)])
+        self.metrics["classifier/auc"] = classifier_auc(real, generated, obs, cond, seed=seed)
+        self.metrics["classifier/auc_reference"] = classifier_auc(
+            real, train, obs, cond, seed=seed, generated_cond=train_cond)
         self.metrics["classifier/samples"] = 2 * min(len(real), len(generated))
+        self.notes.append(f"classifier AUC (0.5 is perfect): {self.metrics['classifier/auc']:.3f}, "
+                          f"real vs real {self.metrics['classifier/auc_reference']:.3f}")
 
     def _physical_y(self, y: np.ndarray) -> np.ndarray:
         """A target-shaped array back in the units of the stored "y" variable: the FNO paper's

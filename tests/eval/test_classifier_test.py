@@ -13,13 +13,19 @@ from pipeline.data.sources import ising2d
 REAL_VS_REAL_BAND = 0.1
 
 
+P = ising2d.Params(lattice=16, burn_in=60, decorrelation=10, chains=256)
+
+
 @pytest.fixture(scope="module")
-def lattices() -> tuple[np.ndarray, np.ndarray]:
+def samples() -> tuple[dict, dict]:
     """Two independent Metropolis samples of the same temperature mix (different seeds); two
     samples per chain, so that held-out lattices are not near-copies of fitted ones."""
-    p = ising2d.Params(lattice=16, burn_in=60, decorrelation=10, chains=256)
-    a, b = (ising2d.generate(p, seed, 0, 0, 512)["spins"].astype(np.float64) for seed in (1, 2))
-    return a, b
+    return tuple(ising2d.generate(P, seed, 0, 0, 512) for seed in (1, 2))
+
+
+@pytest.fixture(scope="module")
+def lattices(samples) -> tuple[np.ndarray, np.ndarray]:
+    return tuple(s["spins"].astype(np.float64) for s in samples)
 
 
 def test_real_against_real_is_near_one_half_and_the_same_for_the_same_seed(lattices):
@@ -27,6 +33,17 @@ def test_real_against_real_is_near_one_half_and_the_same_for_the_same_seed(latti
     auc = classifier_auc(a, b, ising2d.OBSERVABLES, seed=0)
     assert abs(auc - 0.5) < REAL_VS_REAL_BAND, auc
     assert classifier_auc(a, b, ising2d.OBSERVABLES, seed=0) == auc
+
+
+def test_a_second_real_sample_at_its_own_temperatures_is_the_reference(samples, lattices):
+    """The real-vs-real reference of a conditional model: each side carries its own temperatures.
+    Right, it is near 0.5; the same lattices paired with shuffled temperatures (a generator that
+    ignores its condition) are found out, so the second side's conditions are really used."""
+    (a, b), (ta, tb) = lattices, (s["temperature"] for s in samples)
+    auc = classifier_auc(a, b, ising2d.OBSERVABLES, ta, seed=0, generated_cond=tb)
+    assert abs(auc - 0.5) < REAL_VS_REAL_BAND, auc
+    shuffled = np.random.default_rng(0).permutation(tb)
+    assert classifier_auc(a, b, ising2d.OBSERVABLES, ta, seed=0, generated_cond=shuffled) > 0.8
 
 
 def test_an_obviously_wrong_generator_is_told_apart(lattices):
@@ -52,3 +69,6 @@ def test_evaluate_reports_the_classifier_auc_of_a_generative_checkpoint(vae_run)
     m = result["metrics"]
     assert 0.0 <= m["classifier/auc"] <= 1.0
     assert m["classifier/samples"] == 2 * m["samples"]  # the whole split against as many generated
+    assert 0.0 <= m["classifier/auc_reference"] <= 1.0
+    assert (f"classifier AUC (0.5 is perfect): {m['classifier/auc']:.3f}, "
+            f"real vs real {m['classifier/auc_reference']:.3f}") in result["notes"]
