@@ -70,22 +70,21 @@ def _epoch(run: Run, window: Window, last: list[Batch] | None) -> tuple[bool, li
     epoch, stop = progress.epoch, False
     if run.loader.epoch != epoch:
         run.loader.set_epoch(epoch)
-    bar = _progress_bar(run, epoch)
     run.model.reset_state()  # stateful RNNs start each epoch from a zero state
     epoch_losses: dict[str, list[float]] = defaultdict(list)
-    for group in batch_groups(run):
-        inject_nan(run, group)
-        losses, last = train_step(run, group), group
-        progress.step += 1
-        bar.update(1)
-        window.add(losses)
-        for k, v in losses.items():
-            epoch_losses[k].append(v)
-        stop = _step_end(run, window, group, bar)
-        if stop or (train_cfg.max_steps and progress.step >= train_cfg.max_steps):
-            stop = True
-            break
-    bar.close()
+    with _progress_bar(run, epoch) as bar:  # closed on an error too: its line ends before ours
+        for group in batch_groups(run):
+            inject_nan(run, group)
+            losses, last = train_step(run, group), group
+            progress.step += 1
+            bar.update(1)
+            window.add(losses)
+            for k, v in losses.items():
+                epoch_losses[k].append(v)
+            stop = _step_end(run, window, group, bar)
+            if stop or (train_cfg.max_steps and progress.step >= train_cfg.max_steps):
+                stop = True
+                break
     if not stop:
         stop = _epoch_end(run, epoch, epoch_losses)
     return stop, last

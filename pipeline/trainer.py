@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from models.base import InputShapeError
 from pipeline.config import Config
 from pipeline.dist import detect_launcher, init_distributed
 from pipeline.errors import UserError
@@ -28,9 +29,11 @@ def train(cfg: Config) -> dict[str, Any]:
         dist = init_distributed(cfg.train.dist)
         heartbeat.watch_collectives(dist)
         try:
-            return fit(build(cfg, dist, heartbeat, flag))
+            return _fit(cfg, dist, heartbeat, flag)
         except UserError as e:
             if dist.world_size > 1:  # (damaged data, a full disk) on one rank: its line, then leave
+                if isinstance(e, DataMisfit) and not dist.is_main:
+                    _leave_to_rank_0()
                 _exit_without_finalize(f"hpcforge: error: {e}", status=2)
             raise
         except Exception:
@@ -39,7 +42,32 @@ def train(cfg: Config) -> dict[str, Any]:
             raise
 
 
-def _exit_without_finalize(line: str = "", status: int = 1) -> None:
+class DataMisfit(UserError):
+    """The data does not fit the model: every rank meets it at its first batch alike."""
+
+
+def _fit(cfg: Config, dist, heartbeat: Heartbeat, flag: PreemptionFlag) -> dict[str, Any]:
+    """fit(build(...)), where data the model cannot take (a lattice of another size, float targets
+    for a classifier) is the user's to fix: the model's own check names the shapes, and it is met
+    at the first batch, before any checkpoint is written, on every rank alike."""
+    try:
+        return fit(build(cfg, dist, heartbeat, flag))
+    except InputShapeError as e:
+        raise DataMisfit(f"{e}: the data at data.path={cfg.data.path} does not fit model={cfg.model.name} "
+                        f"as configured; set the model's shape keys (e.g. model.image_size, "
+                        f"model.n_outputs) to the data's, or choose data.inputs/data.path that fit "
+                        f"the model") from None
+
+
+def _leave_to_rank_0(grace_s: float = 10.0) -> None:
+    """An error every rank meets alike is said once: rank 0 says it and exits, and mpirun (or
+    srun) then ends this rank. Exiting first could have rank 0 killed before it printed."""
+    import time
+    time.sleep(grace_s)
+    _exit_without_finalize("", status=2)
+
+
+def _exit_without_finalize(line: str | None = None, status: int = 1) -> None:
     """A collective failed (gloo timed out, a peer died or stopped), or this rank met a fault the
     user must fix while its peers wait in a collective: print why and leave now. A normal exit
     would call MPI_Finalize (Horovod's MPI, or mpi4py's for ddp's rendezvous), which waits for the
@@ -49,7 +77,7 @@ def _exit_without_finalize(line: str = "", status: int = 1) -> None:
     import traceback
     if line:
         print(line, file=sys.stderr)
-    else:
+    elif line is None:
         traceback.print_exc()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -116,3 +116,30 @@ def test_bad_sweep_input_is_one_line_before_anything(tmp_path, args, named):
     r = hpcforge("sweep", "-e", "demo", f"output_dir={tmp_path / 'out'}", *args, timeout=120)
     _one_line_refusal(r, named)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("nproc, args, named", [
+    # a 32 x 32 VAE on the store's 16 x 16 lattices
+    (1, ["model.image_size=32"], "vae input x: expected shape (*, 1, 32, 32), got (64, 1, 16, 16)"),
+    # a phase classifier told to predict the (float) temperature: on 2 Horovod ranks, said once
+    pytest.param(2, ["model=cnn", "model.n_outputs=3", "data.inputs.y=temperature"],
+                 "target y: expected integer class indices, got dtype torch.float32",
+                 marks=[pytest.mark.mpi, pytest.mark.slow]),
+])
+def test_data_that_does_not_fit_the_model_is_one_line_at_the_first_batch(
+        small_store, tmp_path, nproc, args, named):
+    """Met at the first batch (the model's own shape check), before any checkpoint: one line that
+    names the shapes and the fix, exit 2, on every rank count; no traceback."""
+    store, overrides = small_store
+    data = [o for o in overrides if o.startswith("data.")]  # the cnn has no model.image_size
+    r = hpcforge("train", "--nproc", str(nproc), *data, f"output_dir={tmp_path}",
+                 f"data.path={store}", "train.max_steps=2", "train.logger.mode=disabled",
+                 *(["train.dist.backend=none"] if nproc == 1 else []), *args)
+    errors = [line for line in r.stderr.splitlines() if "hpcforge: error:" in line]
+    assert r.returncode == 2 and len(errors) == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    assert errors[0].startswith(f"hpcforge: error: {named}"), errors[0]
+    assert f"does not fit model={'cnn' if nproc == 2 else 'vae'} as configured" in errors[0]
+    assert "set the model's shape keys" in errors[0]
+    assert "Traceback" not in r.stdout + r.stderr
+    assert not (tmp_path / "train" / "checkpoints").exists() or not any(
+        (tmp_path / "train" / "checkpoints").iterdir())
