@@ -138,9 +138,14 @@ def bench_compile(quick: bool) -> list[dict]:
     return run(quick)
 
 
+def bench_attention(quick: bool) -> list[dict]:
+    from benchmarks.attention import bench_attention as run
+    return run(quick)
+
+
 BENCHMARKS = {"allreduce": bench_allreduce, "trainer": bench_trainer,
               "data_prepare": bench_data_prepare, "data_loader": bench_data_loader,
-              "compile": bench_compile}
+              "compile": bench_compile, "attention": bench_attention}
 
 
 def table(rows: list[dict]) -> str:

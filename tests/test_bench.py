@@ -29,3 +29,13 @@ def test_bench_refuses_an_unknown_benchmark_name():
     r = hpcforge("bench", "--only", "allreduce,nope")
     assert r.returncode == 2
     assert "bench --only nope: no such benchmark; choose from allreduce, trainer" in r.stderr
+
+
+def test_bench_attention_is_a_row_of_the_table(tmp_path):
+    """The SDPA study (benchmarks/attention.py) runs through `hpcforge bench` like the others."""
+    out = tmp_path / "bench.json"
+    r = hpcforge("bench", "--quick", "--only", "attention", "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    [row] = json.loads(out.read_text())["results"]
+    assert row["benchmark"] == "attention" and row["value"] > 0 and row["baseline"] > 0
+    assert row["ratio"] == pytest.approx(row["value"] / row["baseline"], rel=0.05)  # 1 round
