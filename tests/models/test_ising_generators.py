@@ -10,13 +10,14 @@ from torch import nn
 
 from models.layers import TemperatureCondition, metropolis_sweeps, refine_spins
 from models_testkit import ends, make, one_thread, train  # one_thread: autouse
+from pipeline import physics
 from pipeline.data.sources import ising2d
 
 ISING = dict(image_size=16, channels=(16, 8), latent_dim=8, circular=True, cond_temperature=True)
 
 
 def energy(spins: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(ising2d.energy_per_spin(spins[:, 0].numpy().astype(np.int8)))
+    return torch.as_tensor(physics.ising_energy(spins[:, 0].numpy().astype(np.int8)))
 
 
 # --------------------------------------------------------------------------- Metropolis

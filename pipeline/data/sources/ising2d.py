@@ -66,13 +66,6 @@ def conditional_curves(spins: np.ndarray, temperatures: np.ndarray) -> dict[str,
     return thermo.curves(spins, temperatures)
 
 
-def energy_per_spin(s: np.ndarray) -> np.ndarray:
-    """H / L^2 of each configuration in a (N, L, L) batch, periodic boundaries, each bond once."""
-    s = s.astype(np.int32)
-    bonds = s * np.roll(s, 1, axis=-1) + s * np.roll(s, 1, axis=-2)
-    return -bonds.sum(axis=(-1, -2)) / (s.shape[-1] * s.shape[-2])
-
-
 def _sweep(s: np.ndarray, table: np.ndarray, masks: tuple[np.ndarray, np.ndarray],
            rng: np.random.Generator) -> None:
     """One Metropolis sweep in place: update the two checkerboard sublattices in turn.
@@ -117,5 +110,5 @@ def generate(p: Params, seed: int, chunk_index: int, start: int, n: int
         "temperature": t_sample.astype(np.float32),
         "phase": (t_sample < T_CRITICAL).astype(np.int8),
         "magnetization": spins.mean(axis=(1, 2)).astype(np.float32),
-        "energy": energy_per_spin(spins).astype(np.float32),
+        "energy": physics.ising_energy(spins).astype(np.float32),
     }
