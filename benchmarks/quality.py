@@ -306,7 +306,7 @@ def translation_metrics(checkpoint: Path) -> dict[str, float]:
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt, [])
     model = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt, cfg.train.ema.weights)  # as hpcforge evaluate: the average, if saved
     model.eval()
     store = open_store(ROOT / cfg.data.path)
     split, rng, out = eval_split(store), np.random.default_rng(0), {}
@@ -358,6 +358,7 @@ def thermo_metrics(checkpoint: Path, per_t: int = 64, figure: Path | None = None
 
     from pipeline import physics, thermo
     from pipeline.data.store import normalization, open_store
+    from pipeline.ema import load_weights
     from pipeline.evaluate import checkpoint_config, eval_split, load_checkpoint
     from pipeline.trainer import build_model
     ckpt = load_checkpoint(checkpoint)
@@ -394,16 +395,21 @@ def thermo_metrics(checkpoint: Path, per_t: int = 64, figure: Path | None = None
 STUDY = "outputs/study"           # run directories of `study`, one per (budget, seed)
 
 
-def study(experiment: str, cpu_s: float, seeds: list[int]) -> list[dict[str, Any]]:
+def study(experiment: str, cpu_s: float, seeds: list[int], overrides: list[str] | None = None,
+          tag: str = "", wall_s: float = 1800) -> list[dict[str, Any]]:
     """One experiment at one CPU budget over seeds (issue #15: ratio vs budget, stable over
-    seeds), as run_experiment runs it; quality.json and quality.md are left alone. Each result is
-    printed and appended to outputs/study.jsonl."""
+    seeds), as run_experiment runs it; quality.json and quality.md are left alone. `overrides`
+    (key=value) go to every command, a variant named by `tag` in its run folder
+    (outputs/study/<cpu_s>s-seed<seed>[-<tag>]). `wall_s` bounds each training's wall time: on a
+    shared machine a CPU budget can take far longer than itself. Each result is printed and
+    appended to outputs/study.jsonl."""
     out = []
     for seed in seeds:
-        runs = f"{STUDY}/{int(cpu_s)}s-seed{seed}"
+        runs = f"{STUDY}/{int(cpu_s)}s-seed{seed}{'-' + tag if tag else ''}"
         row = run_experiment(experiment, HEADLINES[experiment], runs=runs, cpu_s=cpu_s,
-                             extra=[f"train.seed={seed}"])
+                             extra=[f"train.seed={seed}", *(overrides or [])], wall_s=wall_s)
         result = {k: v for k, v in asdict(row).items() if k not in ("metrics",)}
+        result.update(tag=tag, overrides=list(overrides or []))
         result["metrics"] = {k: v for k, v in row.metrics.items()
                              if k.startswith(("w1", "elbo", "frechet"))}
         for k in ("energy", "abs_magnetization"):
@@ -418,7 +424,8 @@ def study(experiment: str, cpu_s: float, seeds: list[int]) -> list[dict[str, Any
 
 # --------------------------------------------------------------------------- one experiment
 def run_experiment(experiment: str, headline: Headline, nproc: int = 1, runs: str = RUNS,
-                   cpu_s: float = CPU_BUDGET_S, extra: list[str] | None = None, log=print) -> Row:
+                   cpu_s: float = CPU_BUDGET_S, extra: list[str] | None = None, log=print,
+                   wall_s: float = 1800) -> Row:
     """Prepare, train within `cpu_s` CPU seconds and evaluate one experiment into
     `runs`/<experiment>; a failure becomes a row with a note. `extra` overrides go to every
     command (e.g. a smaller dataset)."""
@@ -436,7 +443,7 @@ def run_experiment(experiment: str, headline: Headline, nproc: int = 1, runs: st
     t0 = time.perf_counter()
     try:
         row.commands, _ = ensure_store(experiment, extra)
-        run = train_within([*common, f"train.max_steps={STEP_CAP}"], cpu_s)
+        run = train_within([*common, f"train.max_steps={STEP_CAP}"], cpu_s, timeout=wall_s)
         row.train_s, row.cpu_s = run.wall_s, run.cpu_s
         if run.checkpoint is None:
             raise RuntimeError(f"train exited {run.returncode} without a budget checkpoint: "
@@ -576,7 +583,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, help="thermo: a temperature-conditional Ising "
                    "generator's checkpoint; its curves go to <checkpoint>.thermo.png")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="thermo: overrides of the checkpoint's config, as for hpcforge evaluate")
+                   help="thermo: overrides of the checkpoint's config, as for hpcforge evaluate; "
+                   "study: overrides of the experiment for every command (a variant)")
+    p.add_argument("--wall-s", type=float, default=1800, help="study: the most wall seconds a "
+                   "training may take before it is killed (raise it on a loaded machine)")
+    p.add_argument("--tag", default="", help="study: a name for the variant --set makes, in its "
+                   "run folder and outputs/study.jsonl")
     p.add_argument("--only", nargs="+", choices=sorted(HEADLINES), help="run these experiments")
     p.add_argument("--nproc", type=int, default=1, help="Horovod ranks per training run")
     p.add_argument("--rescore", action="store_true",
@@ -588,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if all(r.value is not None for r in rows) else 1
     if args.what == "study":
         for name in args.only or []:
-            study(name, args.cpu_s, args.seeds)
+            study(name, args.cpu_s, args.seeds, args.set, args.tag, args.wall_s)
         return 0
     if args.what == "thermo":
         print(json.dumps(thermo_metrics(args.checkpoint, figure=args.checkpoint.with_suffix(

@@ -68,8 +68,9 @@ def parser() -> argparse.ArgumentParser:
                    help="ranks to start on this machine (sets train.dist.nproc)")
     p.epilog = ("transfer learning: train.init_from=CHECKPOINT (model weights, fresh optimizer), "
                 "train.freeze=[prefix,...], train.optim.groups.<prefix>=<lr scale>; adversarial "
-                "training: train.adversarial.eps=0.1 (method=fgsm|pgd, steps, fraction); every "
-                "key with its default: hpcforge config")
+                "training: train.adversarial.eps=0.1 (method=fgsm|pgd, steps, fraction); an "
+                "average of the generator's weights for sampling: train.ema.decay=0.999 "
+                "(train.ema.start=<updates>); every key with its default: hpcforge config")
     p = sub.add_parser("config", help="print the resolved config as JSON")
     _add_config_args(p)
     p = sub.add_parser("bench", help="run the ratio benchmarks under benchmarks/")
@@ -82,7 +83,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="change the stored config, e.g. data.path=... (a moved store)")
     p.epilog = ("latent models (vae, aae, gan, dcgan, wgan_gp, cgan) also get latent interpolations "
-                "(slerp and linear), traversals and the observables along the path (latent/...)")
+                "(slerp and linear), traversals and the observables along the path (latent/...); "
+                "a checkpoint trained with train.ema.decay > 0 samples with its weight average, "
+                "train.ema.weights=raw evaluates the raw weights instead")
     _add_probe_commands(sub)
     p = sub.add_parser("report", help="write one self-contained HTML page of one or more runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",

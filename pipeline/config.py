@@ -183,6 +183,14 @@ class AdversarialConfig:
 
 
 @dataclass
+class EMAConfig:
+    """An average of the generating network's weights for sampling (issue #15; pipeline/ema.py)."""
+    decay: float = 0.0             # ema <- decay * ema + (1 - decay) * w per step; 0: off
+    start: int = 0                 # updates before averaging begins (the average is w until then)
+    weights: Literal["ema", "raw"] = "ema"  # what evaluate/explain/attack/thermo load, if saved
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 5
     max_steps: int = 0             # stop after this many steps (0: run all epochs)
@@ -208,6 +216,7 @@ class TrainConfig:
     init_from: str = ""            # a checkpoint whose model weights start this run (issue #16)
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept fixed
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -437,6 +446,8 @@ RANGES: dict[str, Range] = {
     "train.adversarial.eps": AT_LEAST_0,          # 0: off
     "train.adversarial.steps": AT_LEAST_1,
     "train.adversarial.fraction": Range(0, 1, lo_open=True),
+    "train.ema.decay": Range(0, 1, hi_open=True),  # 0: off; 1 would never move
+    "train.ema.start": AT_LEAST_0,
     "train.optim.momentum": UNIT_INTERVAL,
     "train.schedule.warmup_steps": AT_LEAST_0,
     "train.schedule.step_size": AT_LEAST_1,

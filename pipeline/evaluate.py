@@ -36,6 +36,7 @@ from pipeline.config import Config, config_from_dict
 from pipeline.data.loader import ShardedLoader
 from pipeline.data.sources import SOURCES, declared
 from pipeline.data.store import Store, normalization, open_store
+from pipeline.ema import load_weights
 from pipeline.errors import UserError
 
 MAX_SAMPLES = 2048        # cap on real and generated samples per distance (W1, Fréchet)
@@ -370,7 +371,7 @@ def evaluate(checkpoint: str | Path, overrides: list[str] | None = None) -> dict
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(ckpt, overrides or [])
     model = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
+    weights = load_weights(model, ckpt, cfg.train.ema.weights)  # the average, if saved (issue #15)
     store = open_store(cfg.data.path)
     split = eval_split(store)
     ev = Evaluation(cfg, model, store, split, seed=cfg.train.seed)
@@ -382,7 +383,7 @@ def evaluate(checkpoint: str | Path, overrides: list[str] | None = None) -> dict
         pngs[name] = out_dir / f"{name}.png"
         pngs[name].write_bytes(figures.to_png(fig))
     result = {"checkpoint": str(path), "step": ckpt["step"], "model": cfg.model.name,
-              "source": store.meta.source, "split": split, "metrics": ev.metrics,
+              "source": store.meta.source, "split": split, "weights": weights, "metrics": ev.metrics,
               "figures": {k: str(v) for k, v in pngs.items()}, "notes": ev.notes,
               "wandb_run_id": ckpt.get("wandb_run_id")}
     result["wandb_run"] = log_to_wandb(cfg, path, ckpt, ev)

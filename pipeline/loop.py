@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from pipeline.checkpoint import link_atomic
 from pipeline.dist import only_grads_of
+from pipeline.ema import digest as ema_digest
 from pipeline.hooks import draw_all
 from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted
 from pipeline.run import Phase, Run, autocast, weights_digest
@@ -219,6 +220,8 @@ def _update(run: Run, phase: Phase, finite: bool) -> None:
         return
     run.dist.step(phase.optimizer, run.scaler)
     phase.scheduler.step()
+    if run.ema is not None and run.ema.follows(phase.params):
+        run.ema.update()
 
 
 def _count_nonfinite(run: Run, bad: bool) -> None:
@@ -248,7 +251,8 @@ def log_images(run: Run, batches: list[Batch]) -> None:
     if not (run.dist.is_main and run.tracker.records_images):
         return
     run.heartbeat.beat("images")
-    images, metrics = draw_all(run.hooks, run.model, batches[0])
+    with run.ema.applied() if run.ema is not None else nullcontext():  # sample as evaluate does
+        images, metrics = draw_all(run.hooks, run.model, batches[0])
     run.tracker.images(images, run.progress.step)
     if metrics:
         run.tracker.log(metrics, run.progress.step)
@@ -276,6 +280,8 @@ def finish(run: Run) -> dict[str, Any]:
     summary: dict[str, Any] = {"steps": p.step, "ranks": dist.world_size,
                                "launcher": dist.place.launcher, "nonfinite_steps": p.nonfinite_total,
                                "weights_sha256_per_rank": digests, "history": p.history}
+    if run.ema is not None:
+        summary["ema_sha256_per_rank"] = dist.gather_object(ema_digest(run.ema))
     run.checkpoints.wait()
     if dist.is_main:
         ckpt = run.checkpoints.folder / "final.pt"

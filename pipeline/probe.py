@@ -24,6 +24,7 @@ from pipeline import figures
 from pipeline.config import Config
 from pipeline.data.loader import ShardedLoader
 from pipeline.data.store import Store, open_store
+from pipeline.ema import load_weights
 from pipeline.errors import UserError
 from pipeline.evaluate import checkpoint_config, eval_split, load_checkpoint, log_to_wandb
 
@@ -78,7 +79,7 @@ def open_probed(checkpoint: str | Path, overrides: list[str], command: str) -> P
         raise UserError(f"{path}: model {cfg.model.name!r} ({type(model).__name__}) is not a "
                         f"supervised x -> prediction network; `hpcforge {command}` works on "
                         f"{', '.join(supervised_families())}; use `hpcforge evaluate` for it")
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt, cfg.train.ema.weights)  # the weight average, if saved (issue #15)
     store = open_store(cfg.data.path)
     return Probed(path, ckpt, cfg, model.eval(), store, eval_split(store))
 

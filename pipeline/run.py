@@ -25,6 +25,8 @@ from pipeline.config import Config, TrainConfig
 from pipeline.data.loader import ShardedLoader
 from pipeline.data.store import Store, normalization, open_store
 from pipeline.dist import Dist, node_name
+from pipeline.ema import EMA
+from pipeline.ema import build as build_ema
 from pipeline.errors import UserError
 from pipeline.hooks import ImageHook, image_hooks
 from pipeline.optim import build_optimizer, build_scheduler, rank_scale
@@ -126,6 +128,7 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     resumed_from: Path | None = None  # the checkpoint train.resume found (pipeline.state.resume)
     transfer: Matched | None = None   # what train.init_from loaded (pipeline.transfer)
+    ema: EMA | None = None         # the generating network's weight average (train.ema.decay)
 
     @property
     def train_cfg(self) -> TrainConfig:
@@ -195,6 +198,7 @@ def build(cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None,
     run.draws = max(model.schedule.values())
     _check_one_step(run)
     run.phases = build_phases(run)
+    run.ema = build_ema(model, cfg.train.ema.decay, cfg.train.ema.start)
     resumed_run_id = _start(run)
     run.tracker = Tracker(cfg.train.logger, run.run_dir,
                           {**cfg.to_dict(), "dataset": run.store_meta, **run.provenance},
@@ -216,6 +220,8 @@ def _start(run: Run) -> str | None:
             run.transfer = init_from(run.model, run.cfg.train.init_from, run.cfg.model.name)
             run.print(run.transfer.describe(run.cfg.train.init_from))
         run.dist.broadcast(run.model, *(p.optimizer for p in run.phases))
+        if run.ema is not None:  # from the broadcast weights: the same average on every rank
+            run.ema.reset()
     return resumed_run_id
 
 

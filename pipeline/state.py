@@ -35,6 +35,7 @@ def _state(run: Run) -> dict[str, Any]:
             "nonfinite": [p.nonfinite_total, p.nonfinite_run],
             "early_stop": [p.stop_best, p.stop_bad],
             "best_value": run.checkpoints.best_value,
+            "ema": run.ema.state_dict() if run.ema is not None else None,
             "model_name": run.cfg.model.name, "config": redact(run.cfg.to_dict()),
             "dataset": run.store_meta, "wandb_run_id": run.tracker.run_id,
             **run.provenance}
@@ -92,6 +93,7 @@ def resume(run: Run) -> str | None:
     if run.scaler is not None and ckpt.get("scaler"):
         run.scaler.load_state_dict(ckpt["scaler"])
     run.checkpoints.best_value = ckpt.get("best_value")
+    _restore_ema(run, ckpt)
     run.progress = Progress(step=ckpt["step"], history=ckpt["history"],
                             nonfinite_total=ckpt["nonfinite"][0], nonfinite_run=ckpt["nonfinite"][1],
                             stop_best=ckpt["early_stop"][0], stop_bad=ckpt["early_stop"][1])
@@ -100,6 +102,19 @@ def resume(run: Run) -> str | None:
     run.resumed_from = path
     run.print(f"[hpcforge] resumed from {path} at step {run.progress.step}")
     return ckpt.get("wandb_run_id")
+
+
+def _restore_ema(run: Run, ckpt: dict[str, Any]) -> None:
+    """The checkpoint's weight average; one written without (train.ema.decay was 0, or an older
+    checkpoint) starts the average from the resumed weights, and says so."""
+    if run.ema is None:
+        return
+    if ckpt.get("ema"):
+        run.ema.load_state_dict(ckpt["ema"])
+    else:
+        run.ema.reset()
+        run.print("[hpcforge] the checkpoint holds no weight average (train.ema); it starts "
+                  "from the resumed weights")
 
 
 def _find(run: Run) -> tuple[Path, dict[str, Any]] | None:

@@ -38,7 +38,7 @@ def test_resolved_config_round_trips():
 
 @pytest.mark.parametrize("override, message", [
     (["train.epoch=3"], "unknown key train.epoch; valid keys under train: accumulate, adversarial, "
-                        "batch_size, checkpoint, compile, deterministic, dist, early_stopping, epochs"),
+                        "batch_size, checkpoint, compile, deterministic, dist, early_stopping, ema, epochs"),
     (["train.epochs=abc"], "train.epochs: expected int, got 'abc' (str)"),
     (["train.epochs=true"], "train.epochs: expected int, got True (bool)"),
     (["model.latnt=3"], "unknown key model.latnt; valid keys under model: beta, channels"),
