@@ -40,6 +40,8 @@ class CaloWGANConfig:
     g_hidden: tuple[int, ...] = (256, 512)
     d_hidden: tuple[int, ...] = (256, 128)
     ratio_ref: float = 0.2          # typical E_visible / E (the sampling fraction) the ratio starts at
+    quantum: float = 0.0            # GeV per visible spot: > 0 draws showers as whole spots
+                                    # (draw_spots); 0 emits the smooth mean shower
     cell_floor: float = 1e-3        # cell / E below which log1p flattens (the critic's dynamic range)
     summary_scale: float = 10.0     # weight of the ratio and layer fractions among the critic inputs
     gp_weight: float = 10.0         # lambda of the gradient penalty (paper: 10)
@@ -67,6 +69,23 @@ def ring_matrix(eta: int, phi: int) -> torch.Tensor:
     j = torch.arange(phi, dtype=torch.float64) - (phi - 1) / 2
     ring = torch.hypot(i[:, None], j[None, :]).long().flatten()
     return nn.functional.one_hot(ring).float()
+
+
+def draw_spots(shape: torch.Tensor, total: torch.Tensor, quantum: torch.Tensor | float
+               ) -> torch.Tensor:
+    """The shower as whole spots: n = round(total / quantum) spots (at least one) drawn over the
+    cells with probabilities `shape` (B, cells), each carrying total / n, so every row still sums
+    to `total` (B,) exactly. The forward pass is the draw, the gradient that of the mean
+    shape * total (straight-through, Bengio et al. 2013, arXiv:1308.3432): sparse, quantised
+    deposits like the data's, where a softmax alone puts a little energy in every cell."""
+    n = (total / quantum).round().clamp_min(1).long()                       # (B,)
+    n_max = int(n.max())
+    idx = torch.multinomial(shape.detach(), n_max, replacement=True)      # (B, n_max)
+    keep = (torch.arange(n_max, device=shape.device) < n.unsqueeze(1)).to(shape.dtype)
+    counts = torch.zeros_like(shape).scatter_add_(1, idx, keep)
+    mean = shape * total.unsqueeze(1)
+    exact = counts * (total.detach() / n).unsqueeze(1)
+    return mean + (exact - mean).detach()
 
 
 class FractionGenerator(nn.Module):
@@ -134,8 +153,11 @@ class CaloWGAN(GAN):
         """(deposits in GeV (B, *data_shape), shape (B, cells), ratio (B,)): deposits = E r shape."""
         e = self.incident(batch, z.shape[0])
         shape, ratio = self.generator(z, self.unit_condition(e))
-        fractions = (shape * ratio.unsqueeze(1)).unflatten(1, self.data_shape)
-        return deposits_from_fractions(fractions, e), shape, ratio
+        if self.cfg.quantum > 0:
+            fractions = draw_spots(shape, ratio, self.cfg.quantum / e)
+        else:
+            fractions = shape * ratio.unsqueeze(1)
+        return deposits_from_fractions(fractions.unflatten(1, self.data_shape), e), shape, ratio
 
     def generate(self, z: torch.Tensor, batch: Batch) -> torch.Tensor:
         return self.generate_parts(z, batch)[0]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.calo_wgan import deposits_from_fractions, energy_fractions, ring_matrix
+from models.calo_wgan import deposits_from_fractions, draw_spots, energy_fractions, ring_matrix
 from models_testkit import make, one_thread  # noqa: F401  (one_thread: autouse)
 from pipeline import physics
 from pipeline.data.sources import calo
@@ -70,3 +70,24 @@ def test_training_steps_move_the_ratio_to_the_data_and_keep_totals_exact():
         deposits, _, ratio = model.generate_parts(torch.randn(256, 8), {"cond": e})
     assert 0.05 < ratio.mean().item() < 0.15, ratio.mean().item()
     torch.testing.assert_close(deposits.sum((1, 2, 3)), ratio * e, rtol=1e-5, atol=0)
+
+
+def test_spot_draws_are_whole_spots_that_sum_to_the_total_with_the_mean_s_gradient():
+    torch.manual_seed(0)
+    shape = torch.softmax(torch.randn(3, 64), 1).requires_grad_(True)
+    total = torch.tensor([0.2, 2.0, 20.0], requires_grad=True)
+    x = draw_spots(shape, total, 0.002)                       # 100, 1000, 10000 spots
+    torch.testing.assert_close(x.sum(1), total.detach(), rtol=1e-5, atol=0)
+    spots = x.detach() / (total.detach() / torch.tensor([100.0, 1000.0, 10000.0])).unsqueeze(1)
+    torch.testing.assert_close(spots, spots.round(), rtol=0, atol=1e-3)
+    assert (x[0] == 0).sum() > 10                             # 100 spots over 64 cells leave holes
+    (x * torch.arange(64.0)).sum().backward()                 # gradient of the mean shape * total
+    torch.testing.assert_close(total.grad, (shape.detach() * torch.arange(64.0)).sum(1))
+
+
+def test_a_spot_drawing_model_keeps_totals_at_ratio_times_energy():
+    model = make("calo_wgan", **SMALL, quantum=0.002).eval()
+    e = torch.tensor([1.0, 10.0, 100.0])
+    deposits, _, ratio = model.generate_parts(torch.randn(3, 8), {"cond": e})
+    torch.testing.assert_close(deposits.sum((1, 2, 3)), ratio * e, rtol=1e-5, atol=0)
+    assert (deposits[0] == 0).float().mean() > 0.5            # 1 GeV: 100 spots over 256 cells
