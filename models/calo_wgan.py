@@ -78,18 +78,18 @@ def ring_matrix(eta: int, phi: int) -> torch.Tensor:
 
 def draw_spots(shape: torch.Tensor, total: torch.Tensor, quantum: torch.Tensor | float
                ) -> torch.Tensor:
-    """The shower as whole spots: n = round(total / quantum) spots (at least one) drawn over the
-    cells with probabilities `shape` (B, cells), each carrying total / n, so every row still sums
-    to `total` (B,) exactly. The forward pass is the draw, the gradient that of the mean
+    """The shower as whole spots: counts ~ Poisson(n * shape) per cell (B, cells), n = total /
+    quantum spots expected, each spot carrying total / (its shower's count), so every row still
+    sums to `total` (B,) exactly (the counts given their sum are multinomial over `shape`; a row
+    that drew none keeps the mean). The forward pass is the draw, the gradient that of the mean
     shape * total (straight-through, Bengio et al. 2013, arXiv:1308.3432): sparse, quantised
     deposits like the data's, where a softmax alone puts a little energy in every cell."""
-    n = (total / quantum).round().clamp_min(1).long()                       # (B,)
-    n_max = int(n.max())
-    idx = torch.multinomial(shape.detach(), n_max, replacement=True)      # (B, n_max)
-    keep = (torch.arange(n_max, device=shape.device) < n.unsqueeze(1)).to(shape.dtype)
-    counts = torch.zeros_like(shape).scatter_add_(1, idx, keep)
     mean = shape * total.unsqueeze(1)
-    exact = counts * (total.detach() / n).unsqueeze(1)
+    n = (total / quantum).unsqueeze(1)                                      # (B, 1)
+    counts = torch.poisson((shape * n).detach())                            # (B, cells)
+    drawn = counts.sum(1, keepdim=True)
+    exact = torch.where(drawn > 0, counts * total.detach().unsqueeze(1) / drawn.clamp_min(1),
+                        mean.detach())
     return mean + (exact - mean).detach()
 
 
