@@ -17,11 +17,14 @@ the condition log E mapped onto [0, 1]. With `cell_features=False` the critic se
 summaries, the high-level features of the CaloChallenge's second classifier (Krause et al. 2024,
 arXiv:2410.21611) and of pipeline/classifier_test.py: a critic of ~20 inputs instead of ~2000 takes
 many more steps per CPU second, and the cells are then constrained only through the per-layer and
-per-ring sums (what that leaves out, the Fréchet distance on learned features shows). Its objective is WGAN-GP (Gulrajani et al. 2017,
-arXiv:1704.00028; the penalty of models/wgan_gp.py), taken on those features, where the
-Lipschitz bound is meaningful; the Wasserstein objective resists the mode collapse seen with the
-non-saturating loss. Deposits in GeV go in and come out, so `data.normalize=none` and the one
-conversion to physical units (pipeline/physics.physical) is the identity for this family."""
+per-ring sums (what that leaves out, the Fréchet distance on learned features shows).
+
+The objective is WGAN-GP (Gulrajani et al. 2017, arXiv:1704.00028; the penalty of
+models/wgan_gp.py), taken on those features, where the Lipschitz bound is meaningful; the
+Wasserstein objective resists the mode collapse seen with the non-saturating loss. With
+`quantum` > 0 the shower is drawn as whole spots of that energy (draw_spots), sparse like the
+data, as part of the model. Deposits in GeV go in and come out, so `data.normalize=none` and the
+one conversion to physical units (pipeline/physics.physical) is the identity for this family."""
 from __future__ import annotations
 
 import math
@@ -169,12 +172,12 @@ class CaloWGAN(GAN):
         return self.generate_parts(z, batch)[0]
 
     def features(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The critic's inputs (B, cells + 1 + layers + 1) from deposits in GeV (see the module
-        docstring); the gradient penalty interpolates between these."""
+        """The critic's inputs (B, [cells +] 1 + layers + rings + 1) from deposits in GeV (see the
+        module docstring); the gradient penalty interpolates between these."""
         e = self.incident(batch, x.shape[0])
         cells = energy_fractions(x, e).flatten(1).clamp_min(0)
         ratio = cells.sum(1, keepdim=True)
-        shower = cells.unflatten(1, self.data_shape) / ratio.clamp_min(1e-12).unsqueeze(2).unsqueeze(3)
+        shower = cells.unflatten(1, self.data_shape) / ratio.clamp_min(1e-12)[:, :, None, None]
         layers = shower.sum((2, 3))                                   # (B, layers), sums to 1
         rings = shower.sum(1).flatten(1) @ self.rings                 # (B, rings), sums to 1
         s = self.cfg.summary_scale
