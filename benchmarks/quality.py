@@ -75,6 +75,8 @@ HEADLINES: dict[str, Headline] = {
                             note=RAW_PRESSURE),
     "cgan_calo": Headline("w1/total_energy", "lower", "w1_reference/total_energy",
                           ("w1/shower_depth", "w1/shower_width", "frechet_distance")),
+    "wgan_gp_calo": Headline("w1/total_energy", "lower", "w1_reference/total_energy",
+                             ("w1/shower_depth", "w1/shower_width", "classifier/auc")),
     "vae_calo": Headline("elbo", "higher", "", ("w1/total_energy", "w1_reference/total_energy"),
                          "nats per shower under a Bernoulli decoder of minmax-scaled deposits"),
     "dcgan_ising2d": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),

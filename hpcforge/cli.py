@@ -82,10 +82,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .pt file written by `hpcforge train`")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="change the stored config, e.g. data.path=... (a moved store)")
-    p.epilog = ("latent models (vae, aae, gan, dcgan, wgan_gp, cgan) also get latent interpolations "
-                "(slerp and linear), traversals and the observables along the path (latent/...); "
-                "a checkpoint trained with train.ema.decay > 0 samples with its weight average, "
-                "train.ema.weights=raw evaluates the raw weights instead")
+    p.epilog = ("latent models (vae, aae, gan, dcgan, wgan_gp, cgan, calo_wgan) also get latent "
+                "interpolations (slerp and linear), traversals and the observables along the path "
+                "(latent/...); conditional generators on a source that declares CONDITION_BINS "
+                "(calo) get W1 / floor per condition bin (w1_ratio_bin/K/NAME, edges bin/K/low, "
+                "bin/K/high) and the response (response_bin/K/real, generated, ratio; figure "
+                "response.png); a checkpoint trained with train.ema.decay > 0 samples with its "
+                "weight average, train.ema.weights=raw evaluates the raw weights instead")
     _add_probe_commands(sub)
     p = sub.add_parser("report", help="write one self-contained HTML page of one or more runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",

@@ -1,8 +1,8 @@
 """Model families. `MODELS` maps a config name to (config class, build function)."""
 from __future__ import annotations
 
-from models import (aae, autoencoder, cgan, cnn, cnn1d, cyclegan, dcgan, dilated, fno, gan, mlp,
-                    resnet, rnn, transformer, unet, vae, wgan_gp)
+from models import (aae, autoencoder, calo_wgan, cgan, cnn, cnn1d, cyclegan, dcgan, dilated, fno,
+                    gan, mlp, resnet, rnn, transformer, unet, vae, wgan_gp)
 
 MODELS = {
     "mlp": (mlp.MLPConfig, mlp.build),
@@ -20,6 +20,7 @@ MODELS = {
     "dcgan": (dcgan.DCGANConfig, dcgan.build),
     "wgan_gp": (wgan_gp.WGANGPConfig, wgan_gp.build),
     "cgan": (cgan.CGANConfig, cgan.build),
+    "calo_wgan": (calo_wgan.CaloWGANConfig, calo_wgan.build),
     "cyclegan": (cyclegan.CycleGANConfig, cyclegan.build),
     "aae": (aae.AAEConfig, aae.build),
 }

@@ -252,6 +252,8 @@ class Evaluation:
         if "cond" in arrays and curves is not None and conditional:
             real_aligned = physics.physical(obs, real_norm, self.affine, self.rng)  # cond's order
             self.conditional(curves, real_aligned, gen_phys, arrays["cond"][:n])
+        if "cond" in arrays and conditional and (bins := declared(source, "CONDITION_BINS")):
+            self.condition_bins(bins, obs, real_norm, gen_phys, arrays["cond"][:n])
         self.frechet(real_norm, self._renormalize(gen_phys), self._renormalize(train_phys))
         self.classifier(obs, real_norm, gen_phys, train_phys, arrays.get("cond") if conditional else None)
 
@@ -273,6 +275,23 @@ class Evaluation:
         real_curves, gen_curves = curves(real, cond), curves(generated, cond)
         self.metrics.update(thermo.curve_errors(real_curves, gen_curves))
         self.figures["thermo_curves"] = thermo.curve_figure(real_curves, gen_curves)
+
+    def condition_bins(self, spec: Any, obs: physics.Observables, real_norm: np.ndarray,
+                       generated: np.ndarray, cond: np.ndarray) -> None:
+        """W1 / floor per bin of a continuous condition and the response (pipeline/binned.py,
+        issue #15), for a source that declares CONDITION_BINS; the floor's second real sample
+        is the train split with its own conditions."""
+        from pipeline import binned
+        real = physics.physical(obs, real_norm, self.affine, self.rng)      # cond's order
+        n = len(real)
+        train = np.asarray(self.store.variable("train", self.var)[:n], np.float64)
+        train_cond = np.asarray(self.store.variable("train", self.cfg.data.inputs["cond"])[:n])
+        result = binned.evaluate_bins(spec, obs.scalars(real), cond, obs.scalars(generated),
+                                      obs.scalars(train), train_cond)
+        self.metrics.update(result.metrics)
+        self.notes.append(binned.summary(result))
+        if result.response:
+            self.figures["response"] = binned.response_figure(spec, result)
 
     def classifier(self, obs: physics.Observables, real_norm: np.ndarray, generated: np.ndarray,
                    train: np.ndarray, cond: np.ndarray | None) -> None:

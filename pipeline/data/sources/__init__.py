@@ -18,6 +18,8 @@ none of what they enable; nothing outside the module names the source):
   out_of_distribution(p) -> Params   a labelled outlier set for the anomaly ROC AUC;
   conditional_curves(x, cond) -> {name: array}   curves over the conditioning value (Ising: the
                     thermodynamic curves against T) compared for a conditional generator;
+  CONDITION_BINS    pipeline.binned.ConditionBins: W1 / floor per bin of a continuous condition
+                    and a response (mean observable / condition), for a conditional generator;
   LATENT_ENDPOINTS  the scalar observable whose lowest and highest samples end a latent
                     interpolation (pipeline/latent.py; default: the first OBSERVABLES scalar);
   classes(p)        (importers) the class table of data.params.label_from, for the store's attrs.

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import physics
+from pipeline import binned, physics
 from pipeline.data.sources.base import Variable, chunk_rng
 from pipeline.errors import ConfigError
 
@@ -57,6 +57,9 @@ class Params:
 # What pipeline.evaluate and the training figures read from a source (pipeline/data/sources/__init__.py)
 OBSERVABLES = physics.Observables(physics.shower_scalars, physics.shower_profiles)
 FEATURE_LABEL = "incident_energy"   # the variable the Fréchet feature CNN learns to predict
+# evaluate's W1 / floor per incident-energy bin and the response E_visible / E (issue #15)
+CONDITION_BINS = binned.ConditionBins(n_bins=4, response="total_energy",
+                                      label="incident energy (GeV)", log=True)
 
 
 def variables(p: Params) -> dict[str, Variable]:
