@@ -253,7 +253,7 @@ class Evaluation:
             real_aligned = physics.physical(obs, real_norm, self.affine, self.rng)  # cond's order
             self.conditional(curves, real_aligned, gen_phys, arrays["cond"][:n])
         if "cond" in arrays and conditional and (bins := declared(source, "CONDITION_BINS")):
-            self.condition_bins(bins, obs, real_norm, gen_phys, arrays["cond"][:n])
+            self.condition_bins(bins, obs, real_norm, gen_phys, train_phys, arrays["cond"][:n])
         self.frechet(real_norm, self._renormalize(gen_phys), self._renormalize(train_phys))
         self.classifier(obs, real_norm, gen_phys, train_phys, arrays.get("cond") if conditional else None)
 
@@ -277,17 +277,14 @@ class Evaluation:
         self.figures["thermo_curves"] = thermo.curve_figure(real_curves, gen_curves)
 
     def condition_bins(self, spec: Any, obs: physics.Observables, real_norm: np.ndarray,
-                       generated: np.ndarray, cond: np.ndarray) -> None:
+                       generated: np.ndarray, train: np.ndarray, cond: np.ndarray) -> None:
         """W1 / floor per bin of a continuous condition and the response (pipeline/binned.py,
         issue #15), for a source that declares CONDITION_BINS; the floor's second real sample
         is the train split with its own conditions."""
         from pipeline import binned
         real = physics.physical(obs, real_norm, self.affine, self.rng)      # cond's order
-        n = len(real)
-        train = np.asarray(self.store.variable("train", self.var)[:n], np.float64)
-        train_cond = np.asarray(self.store.variable("train", self.cfg.data.inputs["cond"])[:n])
         result = binned.evaluate_bins(spec, obs.scalars(real), cond, obs.scalars(generated),
-                                      obs.scalars(train), train_cond)
+                                      obs.scalars(train), self._train_condition(len(train)))
         self.metrics.update(result.metrics)
         self.notes.append(binned.summary(result))
         if result.response:
@@ -304,14 +301,18 @@ class Evaluation:
         seed = self.cfg.train.seed
         real = physics.physical(obs, real_norm, self.affine, np.random.default_rng(seed))
         cond = None if cond is None else cond[:len(real)]
-        train_cond = None if cond is None else np.asarray(
-            self.store.variable("train", self.cfg.data.inputs["cond"])[:len(train)])
+        train_cond = None if cond is None else self._train_condition(len(train))
         self.metrics["classifier/auc"] = classifier_auc(real, generated, obs, cond, seed=seed)
         self.metrics["classifier/auc_reference"] = classifier_auc(
             real, train, obs, cond, seed=seed, generated_cond=train_cond)
         self.metrics["classifier/samples"] = 2 * min(len(real), len(generated))
         self.notes.append(f"classifier AUC (0.5 is perfect): {self.metrics['classifier/auc']:.3f}, "
                           f"real vs real {self.metrics['classifier/auc_reference']:.3f}")
+
+    def _train_condition(self, n: int) -> np.ndarray:
+        """The conditions of the train split's first n samples: the real-vs-real references'
+        second sample is drawn at its own conditions."""
+        return np.asarray(self.store.variable("train", self.cfg.data.inputs["cond"])[:n])
 
     def _physical_y(self, y: np.ndarray) -> np.ndarray:
         """A target-shaped array back in the units of the stored "y" variable: the FNO paper's
