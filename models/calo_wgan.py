@@ -52,6 +52,8 @@ class CaloWGANConfig:
     cell_features: bool = True      # the critic sees every cell (log1p); False: only the summaries
     cell_floor: float = 1e-3        # cell / E below which log1p flattens (the critic's dynamic range)
     summary_scale: float = 10.0     # weight of the ratio and layer fractions among the critic inputs
+    projection: bool = False        # projection critic: the condition scores through an inner
+                                    # product with the critic's features (ProjectionCritic)
     gp_weight: float = 10.0         # lambda of the gradient penalty (paper: 10)
     n_critic: int = 5               # critic updates per generator update (paper: 5)
     critic_lr_scale: float = 1.0    # critic lr relative to train.lr
@@ -116,6 +118,25 @@ class FractionGenerator(nn.Module):
         return shape, ratio
 
 
+class ProjectionCritic(nn.Module):
+    """D(f, c) = w . h(f) + embed(c) . h(f), h an MLP of the features without the condition, the
+    projection discriminator of Miyato & Koyama 2018 (arXiv:1802.05637) with a learned embedding of
+    the continuous condition: the condition multiplies every feature of the shower instead of
+    being one input among ~20, so a shape that is right at another energy scores as wrong. Takes
+    the critic's feature vector with the condition as its last column (the penalty's interpolates
+    keep it, real and fake share it)."""
+
+    def __init__(self, n_in: int, hidden: tuple[int, ...]):
+        super().__init__()
+        self.body = nn.Sequential(mlp((n_in - 1, *hidden), "leaky_relu"), nn.LeakyReLU(0.2))
+        self.out = nn.Linear(hidden[-1], 1)
+        self.embed = mlp((1, hidden[-1], hidden[-1]), "leaky_relu")
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        h = self.body(f[:, :-1])                                          # (B, hidden[-1])
+        return self.out(h) + (self.embed(f[:, -1:]) * h).sum(1, keepdim=True)
+
+
 class CaloWGAN(GAN):
     conditional = True   # (Trainable.conditional) generates at batch["cond"], the incident energy
     d_phase = "critic"
@@ -132,7 +153,8 @@ class CaloWGAN(GAN):
         # (B, cells + ratio + layers + rings + condition) -> (B, 1), no sigmoid, no norm
         # (the penalty is per sample)
         n_in = n_cells * cfg.cell_features + 1 + layers + rings.shape[1] + 1
-        critic = mlp((n_in, *cfg.d_hidden, 1), "leaky_relu")
+        critic = (ProjectionCritic(n_in, cfg.d_hidden) if cfg.projection
+                  else mlp((n_in, *cfg.d_hidden, 1), "leaky_relu"))
         super().__init__(g, critic, cfg.latent_dim, tuple(cfg.data_shape), "sigmoid",
                          cfg.critic_lr_scale, (cfg.beta1, cfg.beta2), "calo_wgan")
         self.register_buffer("rings", rings, persistent=False)

@@ -50,14 +50,16 @@ def test_a_missing_condition_names_the_key_and_the_unit():
         make("calo_wgan", cond_range=(0.0, 100.0))
 
 
-def test_training_steps_move_the_ratio_to_the_data_and_keep_totals_exact():
+@pytest.mark.parametrize("projection", [False, True])
+def test_training_steps_move_the_ratio_to_the_data_and_keep_totals_exact(projection):
     """40 steps of both phases on showers whose visible fraction is 0.1 (sampling_fraction):
-    the mean generated ratio leaves its start (0.2) toward 0.1; totals stay E x ratio."""
+    the mean generated ratio leaves its start (0.2) toward 0.1; totals stay E x ratio. With the
+    plain critic and with the projection critic."""
     torch.manual_seed(0)
     p = calo.Params(layers=4, eta=8, phi=8, sampling_fraction=0.1)
     data = calo.generate(p, 0, 0, 0, 256)
     x, e = (torch.as_tensor(data[k]) for k in ("energy_deposits", "incident_energy"))
-    model = make("calo_wgan", **SMALL)
+    model = make("calo_wgan", **SMALL, projection=projection)
     opts = {s.name: torch.optim.Adam(s.module.parameters(), lr=2e-3, betas=s.betas)
             for s in model.optimizers()}
     for step in range(40):
@@ -70,6 +72,21 @@ def test_training_steps_move_the_ratio_to_the_data_and_keep_totals_exact():
         deposits, _, ratio = model.generate_parts(torch.randn(256, 8), {"cond": e})
     assert 0.05 < ratio.mean().item() < 0.15, ratio.mean().item()
     torch.testing.assert_close(deposits.sum((1, 2, 3)), ratio * e, rtol=1e-5, atol=0)
+
+
+def test_the_projection_critic_scores_the_condition_through_the_shower_s_features():
+    """D(f, c) = w.h(f) + embed(c).h(f): the condition's part vanishes for a shower whose features
+    h are zero, and a shower's score moves with the condition only through that product."""
+    from models.calo_wgan import ProjectionCritic
+    torch.manual_seed(0)
+    critic = ProjectionCritic(6, (16,))
+    f = torch.randn(3, 6)
+    h = critic.body(f[:, :-1])
+    moved = f.clone()
+    moved[:, -1] += 0.5                                   # the same showers at another energy
+    expected = ((critic.embed(moved[:, -1:]) - critic.embed(f[:, -1:])) * h).sum(1, keepdim=True)
+    torch.testing.assert_close(critic(moved) - critic(f), expected)
+    assert (critic(moved) - critic(f)).abs().min() > 0
 
 
 def test_spot_draws_are_whole_spots_that_sum_to_the_total_with_the_mean_s_gradient():
