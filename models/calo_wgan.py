@@ -52,6 +52,7 @@ class CaloWGANConfig:
     cell_features: bool = True      # the critic sees every cell (log1p); False: only the summaries
     cell_floor: float = 1e-3        # cell / E below which log1p flattens (the critic's dynamic range)
     summary_scale: float = 10.0     # weight of the ratio and layer fractions among the critic inputs
+    cond_features: int = 0          # > 0: G embeds log E into this many features (0: one input)
     projection: bool = False        # projection critic: the condition scores through an inner
                                     # product with the critic's features (ProjectionCritic)
     gp_weight: float = 10.0         # lambda of the gradient penalty (paper: 10)
@@ -99,12 +100,18 @@ def draw_spots(shape: torch.Tensor, total: torch.Tensor, quantum: torch.Tensor |
 
 
 class FractionGenerator(nn.Module):
-    """(z, c) -> (shape over all cells, visible-energy ratio)."""
+    """(z, c) -> (shape over all cells, visible-energy ratio). With cond_features > 0 the condition
+    enters through a learned embedding of that many features instead of as 1 input beside the
+    latent_dim noise inputs."""
 
-    def __init__(self, latent_dim: int, hidden: tuple[int, ...], n_cells: int, ratio_ref: float):
+    def __init__(self, latent_dim: int, hidden: tuple[int, ...], n_cells: int, ratio_ref: float,
+                 cond_features: int = 0):
         super().__init__()
-        # (B, latent_dim + 1) -> (B, hidden[-1])
-        self.body = nn.Sequential(mlp((latent_dim + 1, *hidden)), nn.LeakyReLU(0.2))
+        self.embed = (mlp((1, cond_features, cond_features), "leaky_relu") if cond_features
+                      else nn.Identity())
+        # (B, latent_dim + max(1, cond_features)) -> (B, hidden[-1])
+        self.body = nn.Sequential(mlp((latent_dim + max(1, cond_features), *hidden)),
+                                  nn.LeakyReLU(0.2))
         self.shape_logits = nn.Linear(hidden[-1], n_cells)   # -> (B, n_cells), softmax over cells
         self.log_ratio = nn.Linear(hidden[-1], 1)            # -> (B, 1), log(r / ratio_ref)
         nn.init.zeros_(self.log_ratio.weight)                # start at r = ratio_ref
@@ -112,7 +119,7 @@ class FractionGenerator(nn.Module):
         self.log_ratio_ref = math.log(ratio_ref)
 
     def forward(self, z: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.body(torch.cat([z, c], dim=1))
+        h = self.body(torch.cat([z, self.embed(c)], dim=1))
         shape = torch.softmax(self.shape_logits(h), dim=1)
         ratio = torch.exp(self.log_ratio(h).squeeze(1) + self.log_ratio_ref)
         return shape, ratio
@@ -149,7 +156,8 @@ class CaloWGAN(GAN):
             raise ValueError(f"calo_wgan: data_shape {cfg.data_shape}: expected (layers, eta, phi)")
         n_cells, layers = math.prod(cfg.data_shape), cfg.data_shape[0]
         rings = ring_matrix(*cfg.data_shape[1:])                 # (eta * phi, rings)
-        g = FractionGenerator(cfg.latent_dim, cfg.g_hidden, n_cells, cfg.ratio_ref)
+        g = FractionGenerator(cfg.latent_dim, cfg.g_hidden, n_cells, cfg.ratio_ref,
+                              cfg.cond_features)
         # (B, cells + ratio + layers + rings + condition) -> (B, 1), no sigmoid, no norm
         # (the penalty is per sample)
         n_in = n_cells * cfg.cell_features + 1 + layers + rings.shape[1] + 1

@@ -50,16 +50,16 @@ def test_a_missing_condition_names_the_key_and_the_unit():
         make("calo_wgan", cond_range=(0.0, 100.0))
 
 
-@pytest.mark.parametrize("projection", [False, True])
-def test_training_steps_move_the_ratio_to_the_data_and_keep_totals_exact(projection):
+@pytest.mark.parametrize("variant", [{}, {"projection": True}, {"cond_features": 8}])
+def test_training_steps_move_the_ratio_to_the_data_and_keep_totals_exact(variant):
     """40 steps of both phases on showers whose visible fraction is 0.1 (sampling_fraction):
     the mean generated ratio leaves its start (0.2) toward 0.1; totals stay E x ratio. With the
-    plain critic and with the projection critic."""
+    plain critic, the projection critic, and an embedded condition in G."""
     torch.manual_seed(0)
     p = calo.Params(layers=4, eta=8, phi=8, sampling_fraction=0.1)
     data = calo.generate(p, 0, 0, 0, 256)
     x, e = (torch.as_tensor(data[k]) for k in ("energy_deposits", "incident_energy"))
-    model = make("calo_wgan", **SMALL, projection=projection)
+    model = make("calo_wgan", **SMALL, **variant)
     opts = {s.name: torch.optim.Adam(s.module.parameters(), lr=2e-3, betas=s.betas)
             for s in model.optimizers()}
     for step in range(40):
