@@ -70,7 +70,7 @@ def test_training_steps_move_the_ratio_to_the_data_and_keep_totals_exact(variant
             opt.step()
     with torch.no_grad():
         deposits, _, ratio = model.generate_parts(torch.randn(256, 8), {"cond": e})
-    assert 0.05 < ratio.mean().item() < 0.15, ratio.mean().item()
+    assert abs(ratio.mean().item() - 0.1) < 0.06, ratio.mean().item()  # from 0.2, 0.1 away
     torch.testing.assert_close(deposits.sum((1, 2, 3)), ratio * e, rtol=1e-5, atol=0)
 
 
