@@ -302,8 +302,9 @@ def translation_metrics(checkpoint: Path) -> dict[str, float]:
     import torch
 
     from pipeline import physics
-    from pipeline.evaluate import checkpoint_config, eval_split, load_checkpoint
     from pipeline.data.store import normalization, open_store
+    from pipeline.ema import load_weights
+    from pipeline.evaluate import checkpoint_config, eval_split, load_checkpoint
     from pipeline.trainer import build_model
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt, [])
