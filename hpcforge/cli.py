@@ -82,6 +82,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .pt file written by `hpcforge train`")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="change the stored config, e.g. data.path=... (a moved store)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (default: the run's train.seed); two seeds show the "
+                        "evaluation's own spread")
+    p.add_argument("--per-t", type=int, default=256, metavar="N",
+                   help="temperature-conditional Ising generators: N generated and 2 x N "
+                        "independent reference lattices per temperature (grid and held-out "
+                        "midpoints), bootstrap intervals and controls (precise/...); 0 skips it")
     p.epilog = ("latent models (vae, aae, gan, dcgan, wgan_gp, cgan, calo_wgan) also get latent "
                 "interpolations (slerp and linear), traversals and the observables along the path "
                 "(latent/...); conditional generators on a source that declares CONDITION_BINS "
@@ -269,7 +276,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate
-    _print_result(evaluate(args.checkpoint, list(args.overrides)), "metrics")
+    if args.per_t < 0:
+        raise UserError(f"--per-t {args.per_t}: expected 0 (skip the precise evaluation) or a "
+                        f"positive count of samples per temperature, e.g. --per-t 256")
+    _print_result(evaluate(args.checkpoint, list(args.overrides), args.seed, args.per_t), "metrics")
     return 0
 
 
