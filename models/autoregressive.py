@@ -19,7 +19,10 @@ log-probability of any lattice is exact. Two recurrences make it cheap on a CPU:
     and the row's first spin (the last spin's periodic neighbour), and gives the logit of s_ij.
 
 Training maximises the likelihood of the store's lattices (teacher forcing: both recurrences see
-the true spins), so it needs no energy function; `nll_per_spin` is the test cross-entropy in nats.
+the true spins), so it needs no energy function; `nll_per_spin` is the cross-entropy in nats. With
+`augment` each training lattice is first moved by a random symmetry of the Hamiltonian
+(`symmetric`): the data of a few hundred lattices per temperature then covers their translations,
+rotations, reflections and flips, which the row-by-row order does not know.
 The Hamiltonian enters only through the optional exact correction: with `mh_steps > 0` the
 sampler runs an independence Metropolis-Hastings chain per sample that proposes from q and
 accepts with min(1, p(s') q(s) / (p(s) q(s'))), p the Boltzmann weight exp(-H / T) (neural MCMC,
@@ -53,6 +56,7 @@ class AutoregressiveConfig:
     t_range: tuple[float, float] = (1.6, 3.2)  # T mapped onto [0, 1]; the training grid's ends
     t_levels: int = 16          # grid size: T drawn from it when a sample has none
     mh_steps: int = 0           # independence Metropolis-Hastings proposals per sample (0: none)
+    augment: bool = False       # train on a random symmetry image of each lattice (see `symmetric`)
 
 
 class ConvGRU1d(nn.Module):
@@ -129,7 +133,8 @@ class AutoregressiveSpins(Trainable):
         size = self.cfg.image_size
         check_shape("autoregressive input x", x, (None, 1, size, size))
         t = self.temperature.of(batch, x.shape[0], x.device)
-        nll = -self.log_prob(2 * x[:, 0] - 1, t).mean()   # store spins are minmax-scaled 0/1
+        spins = 2 * x[:, 0] - 1                           # store spins are minmax-scaled 0/1
+        nll = -self.log_prob(symmetric(spins) if self.cfg.augment and self.training else spins, t).mean()
         return {"loss": nll / size ** 2, "nll_per_spin": nll / size ** 2}
 
     # ---- sampling
@@ -208,6 +213,24 @@ class AutoregressiveSpins(Trainable):
         s = self.draw(self.temperature.sweep(16, device))[0]
         torch.set_rng_state(state)
         return {"samples": as_images((s[:, None] + 1) / 2)}
+
+
+def symmetric(s: torch.Tensor) -> torch.Tensor:
+    """Each lattice (B, L, L) moved by a random element of the Hamiltonian's symmetry group:
+    a periodic translation, one of the square's 8 rotations and reflections, and the global spin
+    flip. The Boltzmann distribution is invariant under all of them, so the image is a sample of
+    it just as the lattice is; the row-by-row order is not, so the model learns the invariance
+    from these images (8 x 2 x L^2 of them per lattice), where the store holds a few hundred
+    lattices per temperature."""
+    b, size, _ = s.shape
+    shift = torch.randint(size, (b, 2), device=s.device)
+    i = (torch.arange(size, device=s.device)[None] + shift[:, :1]) % size      # (B, L)
+    j = (torch.arange(size, device=s.device)[None] + shift[:, 1:]) % size
+    out = s[torch.arange(b)[:, None, None], i[:, :, None], j[:, None, :]]
+    out = torch.where(torch.rand(b, 1, 1, device=s.device) < 0.5, out.transpose(1, 2), out)
+    out = torch.where(torch.rand(b, 1, 1, device=s.device) < 0.5, out.flip(1), out)
+    out = torch.where(torch.rand(b, 1, 1, device=s.device) < 0.5, out.flip(2), out)
+    return out * torch.where(torch.rand(b, 1, 1, device=s.device) < 0.5, -1.0, 1.0)
 
 
 def lattice_energy(s: torch.Tensor) -> torch.Tensor:

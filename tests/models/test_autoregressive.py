@@ -87,3 +87,15 @@ def test_metropolis_hastings_correction_samples_the_boltzmann_distribution():
     assert abs(corrected.mean().item() - exact) < 4 * stderr + 0.02, (corrected.mean(), exact)
     assert abs(raw - exact) > 1.0
     assert 0.0 < model.last_acceptance < 1.0
+
+
+def test_augmentation_keeps_the_energy_and_moves_the_lattice():
+    """A symmetry image has the same energy and |m| as its lattice (the Boltzmann weight is
+    unchanged), and is a different lattice for most of a batch."""
+    from models.autoregressive import symmetric
+    torch.manual_seed(0)
+    s = torch.where(torch.rand(64, 8, 8) < 0.3, 1.0, -1.0)
+    image = symmetric(s)
+    assert torch.equal(lattice_energy(image), lattice_energy(s))
+    assert torch.equal(image.mean((1, 2)).abs(), s.mean((1, 2)).abs())
+    assert (image != s).any(dim=(1, 2)).float().mean() > 0.9
