@@ -102,7 +102,8 @@ def _task_words(task: str) -> list[str]:
 
 SWEEP_STAGES = (["train"], ["train", "evaluate"])
 # Metrics only `hpcforge evaluate` writes (pipeline/evaluate.py), never the trainer's history.
-EVALUATION_ONLY = ("w1/", "w1_reference/", "classifier/", "frechet_", "relative_l2", "anomaly_")
+EVALUATION_ONLY = ("w1/", "w1_reference/", "classifier/", "frechet_", "relative_l2", "anomaly_",
+                   "precise/")
 
 
 @dataclass(frozen=True)
