@@ -21,6 +21,7 @@ from pipeline.config import DaskConfig
 from pipeline.errors import UserError
 
 ZARR_IO_PER_THREAD = 4   # concurrent chunk reads/writes per Dask thread: hides latency, bounded
+LOOPBACK = "127.0.0.1"   # where a local cluster listens: nobody else on the network reaches it
 
 
 class ZarrInWorkers(WorkerPlugin):
@@ -119,9 +120,12 @@ def _dask_client(d: DaskConfig, log) -> Iterator:
             f"for the first worker")
         client.wait_for_workers(1, timeout=d.slurm.wait_s)
     else:
+        # Loopback only (issue 25): scheduler, workers and dashboard answer this host alone
+        # (the dashboard's /json/identity.json lists workers and folders); its link then is
+        # the address it listens on.
         cluster = LocalCluster(n_workers=d.n_workers, threads_per_worker=d.threads_per_worker,
                                memory_limit=d.memory_limit, processes=d.processes,
-                               dashboard_address=":0")
+                               host=LOOPBACK, dashboard_address=f"{LOOPBACK}:0")
         client = Client(cluster)
     try:
         workers, slots = shape(d, client)
