@@ -44,11 +44,21 @@ def _which(name: str) -> str:
     return path
 
 
+# Our mpirun starts every rank on this node (issue 25: a one-node run listens on no network
+# address): ranks talk through shared memory (vader), not the TCP transport, whose listener
+# binds every interface; the bootstrap (oob) talks over loopback. Measured with OpenMPI 4.1:
+# mpirun's own oob listener still binds the wildcard address whatever oob_tcp_if_include says.
+ONE_NODE_MPI = {"OMPI_MCA_btl": "self,vader", "OMPI_MCA_oob_tcp_if_include": "lo"}
+
+
 def mpi_env() -> dict[str, str]:
-    """The environment for an mpirun we start: ours, plus one OpenMPI default that fits here."""
+    """The environment for an mpirun we start: ours, plus OpenMPI defaults that fit here."""
     env = dict(os.environ)
     # Single-copy shared memory needs ptrace rights containers often lack; plain copies work anywhere.
     env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+    for key, value in ONE_NODE_MPI.items():  # (if_include and if_exclude exclude each other)
+        if key not in env and key.replace("include", "exclude") not in env:
+            env[key] = value
     apply_cpu_mpi_defaults(env)  # CPU ranks yield while they wait (pipeline.dist)
     return env
 
