@@ -27,3 +27,32 @@ def test_local_cluster_listens_on_loopback_only_and_its_printed_link_answers():
             assert page.status == 200
     assert len(sockets) >= 4, sockets  # scheduler, dashboard, two workers (and their nannies)
     assert [s for s in sockets if s[1] not in LOOPBACK_ADDRS] == []
+
+
+def test_slurm_cluster_scheduler_speaks_tls_and_refuses_clients_without_the_runs_certificate(
+        tmp_path):
+    """The scheduler `data.dask.cluster=slurm` starts (dask-jobqueue's, nothing submitted):
+    on the configured interface, TLS only; a plain client and one with a certificate of its
+    own are refused, ours gets in; the certificate's folder and key are private."""
+    from distributed import Client
+    from pipeline.data.cluster import run_security, slurm_cluster
+    cfg = load_config("demo", [*SMALL, "data.dask.cluster=slurm", "data.dask.slurm.interface=lo",
+                               f"data.dask.slurm.log_directory={tmp_path}"])
+    cluster = slurm_cluster(cfg.data.dask)
+    try:
+        address = cluster.scheduler_address
+        assert address.startswith("tls://127.0.0.1:"), address
+        assert "--tls-key" in cluster.job_script() and "--protocol tls://" in cluster.job_script()
+        [tls] = tmp_path.glob(".hpcforge-dask-tls-*")
+        assert tls.stat().st_mode & 0o777 == 0o700
+        assert (tls / "key.pem").stat().st_mode & 0o777 == 0o600
+        plain = address.replace("tls://", "tcp://")
+        with pytest.raises((OSError, TimeoutError)):
+            Client(plain, timeout="3s")
+        (tmp_path / "foreign").mkdir()
+        with pytest.raises((OSError, TimeoutError)):
+            Client(address, security=run_security(tmp_path / "foreign"), timeout="3s")
+        with Client(address, security=cluster.security, timeout="10s") as ours:
+            assert ours.scheduler_info()["address"] == address
+    finally:
+        cluster.close()
