@@ -11,15 +11,20 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from pipeline.dist import apply_cpu_mpi_defaults, detect_launcher
 from pipeline.errors import UserError
-from pipeline.preemption import FORWARDED_SIGNAL, REQUEUE_EXIT_CODE, SIGNALS
-from pipeline.watchdog import (PARENT_DEATH_ENV, POLL_S, WATCH_DIR_ENV, WATCHDOG_EXIT_CODE,
-                               Watchdog, kill_all, latest_checkpoint, session_pids)
+from pipeline.preemption import (FORWARDED_SIGNAL, RECEIVED_NOTE, REQUEUE_EXIT_CODE,
+                                 PreemptionFlag)
+from pipeline.watchdog import (FINISHED, PARENT_DEATH_ENV, POLL_S, WATCH_DIR_ENV,
+                               WATCHDOG_EXIT_CODE, Watchdog, kill_all, latest_checkpoint,
+                               session_pids)
 
 __all__ = ["REQUEUE_EXIT_CODE", "mpirun_command", "mpi_env", "needs_launch", "relaunch"]
+SIGNAL_POLL_S = 0.1  # how soon a held signal is looked at again
 
 
 def mpirun_command(nproc: int, argv: list[str], launcher: str = "mpirun",
@@ -68,34 +73,36 @@ def needs_launch(nproc: int) -> bool:
 
 
 def relaunch(nproc: int, argv: list[str], launcher: str = "mpirun", timeout_s: float = 300,
-             checkpoints: Path | None = None) -> int:
+             checkpoints: Path | None = None, flag: PreemptionFlag | None = None) -> int:
     """Run this command again on `nproc` ranks, watch them, and return the run's exit status.
 
     This is the launcher's side of the preemption contract (pipeline.preemption, point 2):
-    mpirun runs in a session of its own, so a signal to our process group reaches only us, and
-    each of `SIGNALS` is passed on to mpirun as `FORWARDED_SIGNAL`. The ranks checkpoint and exit
-    0 with their heartbeat saying "preempted"; we return `REQUEUE_EXIT_CODE`. A failure is never
-    that: a rank's error gives its status, a silent rank the watchdog's 124.
+    mpirun runs in a session of its own, so a signal to our process group reaches only us. Each
+    of `SIGNALS` (caught by `flag`, which the CLI holds from its start) is passed on to mpirun as
+    `FORWARDED_SIGNAL` once every rank catches it (its first heartbeat comes from inside its
+    own flag) and while none is finishing, so no signal kills a rank that is starting or leaving
+    (issue 25); its name goes into the watch folder for the ranks' line. The ranks checkpoint
+    and exit 0 with their heartbeat saying "preempted"; we return `REQUEUE_EXIT_CODE`. A second
+    Ctrl-C ends the ranks at once (KeyboardInterrupt: the CLI's 130). A failure is never 75: a
+    rank's error gives its status, a silent rank the watchdog's 124.
     """
     env = mpi_env()
     watch = Path(tempfile.mkdtemp(prefix="hpcforge-watch-"))
     env[WATCH_DIR_ENV] = str(watch)
     env[PARENT_DEATH_ENV] = "1"
     cmd = mpirun_command(nproc, argv, launcher)
-    print(f"[hpcforge] launching {nproc} ranks: {' '.join(cmd)}", flush=True)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
-    forward = lambda signum, frame: proc.send_signal(FORWARDED_SIGNAL)  # noqa: E731
-    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
-    try:
-        dog = Watchdog(watch, nproc, timeout_s)
-        code = _watch(proc, dog, checkpoints)
-        if code == 0 and dog.preempted():
-            code = REQUEUE_EXIT_CODE
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        kill_all(session_pids(proc.pid))  # nothing of the run outlives the launcher
-        shutil.rmtree(watch, ignore_errors=True)
+    flag = flag or PreemptionFlag()
+    with nullcontext() if flag.catching else flag:
+        print(f"[hpcforge] launching {nproc} ranks: {' '.join(cmd)}", flush=True)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        try:
+            dog = Watchdog(watch, nproc, timeout_s)
+            code = _watch(proc, dog, checkpoints, _Forward(proc, dog, flag, watch))
+            if code == 0 and dog.preempted():
+                code = REQUEUE_EXIT_CODE
+        finally:
+            kill_all(session_pids(proc.pid))  # nothing of the run outlives the launcher
+            shutil.rmtree(watch, ignore_errors=True)
     if code not in (0, 2, REQUEUE_EXIT_CODE, WATCHDOG_EXIT_CODE):  # 2: a config error, printed
         print(f"hpcforge: error: the {nproc} ranks ended with status {code}: a rank failed or was "
               f"killed ({launcher}'s report above names it); the last good checkpoint, if any, is "
@@ -103,13 +110,43 @@ def relaunch(nproc: int, argv: list[str], launcher: str = "mpirun", timeout_s: f
     return code
 
 
-def _watch(proc: subprocess.Popen, dog: Watchdog, checkpoints: Path | None) -> int:
-    """Wait for mpirun; end the whole run when the watchdog finds a rank silent for timeout_s."""
+class _Forward:
+    """Signals the launcher caught, passed on to mpirun when the ranks can take them."""
+
+    def __init__(self, proc: subprocess.Popen, dog: Watchdog, flag: PreemptionFlag, watch: Path):
+        self.proc, self.dog, self.flag, self.watch = proc, dog, flag, watch
+        self.sent = 0  # of flag.received
+
+    @property
+    def pending(self) -> bool:
+        return self.flag.received > self.sent
+
+    def __call__(self) -> None:
+        if not self.pending:
+            return
+        self.dog.read()
+        states = [rec["state"] for rec, _ in self.dog.seen.values()]
+        if any(s in FINISHED for s in states):  # the run is ending: nothing left to stop
+            self.sent = self.flag.received
+        elif len(states) == self.dog.ranks:    # every rank catches it now
+            (self.watch / RECEIVED_NOTE).write_text(signal.Signals(self.flag.signum).name)
+            self.sent = self.flag.received
+            self.proc.send_signal(FORWARDED_SIGNAL)
+
+
+def _watch(proc: subprocess.Popen, dog: Watchdog, checkpoints: Path | None,
+           forward: _Forward) -> int:
+    """Wait for mpirun, passing signals on; end the whole run when the watchdog finds a rank
+    silent for timeout_s."""
+    polled = time.monotonic()
     while True:
-        try:
-            code = proc.wait(timeout=POLL_S)
+        forward()
+        try:  # a held signal is looked at again soon: the ranks may be ready any moment
+            code = proc.wait(timeout=SIGNAL_POLL_S if forward.pending else POLL_S)
         except subprocess.TimeoutExpired:
-            stall = dog.stalled()
+            if time.monotonic() - polled < POLL_S:
+                continue
+            polled, stall = time.monotonic(), dog.stalled()
         else:
             # A backend that timed out on its own (gloo) ended the run a moment before we would
             # have: still name the rank that had gone silent, not only the one that failed.

@@ -7,6 +7,7 @@ pipeline.preemption (the signal, vote and exit-75 contract). The CLI and jobs.ta
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from typing import Any
 
 from models.base import InputShapeError
@@ -21,10 +22,12 @@ from pipeline.watchdog import Heartbeat
 __all__ = ["train", "Preempted", "REQUEUE_EXIT_CODE", "NonFiniteError", "build_model", "seed_for"]
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Train on every rank the launcher started; the summary's paths are filled on rank 0."""
+def train(cfg: Config, flag: PreemptionFlag | None = None) -> dict[str, Any]:
+    """Train on every rank the launcher started; the summary's paths are filled on rank 0.
+    `flag`: one the caller holds already (the CLI's, caught from its start), else our own."""
     heartbeat = Heartbeat.from_env(detect_launcher().rank)
-    with PreemptionFlag() as flag:  # from the start: a signal during set-up is not lost either
+    held = nullcontext(flag) if flag is not None and flag.catching else PreemptionFlag()
+    with held as flag:  # from the start: a signal during set-up is not lost either
         heartbeat.beat("wait:start-up")  # the backend's rendezvous waits for every rank
         dist = init_distributed(cfg.train.dist)
         heartbeat.watch_collectives(dist)
