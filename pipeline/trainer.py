@@ -17,6 +17,7 @@ from pipeline.errors import UserError
 from pipeline.loop import NonFiniteError, fit
 from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
 from pipeline.run import build, build_model, seed_for
+from pipeline.state import AllCheckpointsDamaged
 from pipeline.watchdog import Heartbeat
 
 __all__ = ["train", "Preempted", "REQUEUE_EXIT_CODE", "NonFiniteError", "build_model", "seed_for"]
@@ -35,7 +36,7 @@ def train(cfg: Config, flag: PreemptionFlag | None = None) -> dict[str, Any]:
             return _fit(cfg, dist, heartbeat, flag)
         except UserError as e:
             if dist.world_size > 1:  # (damaged data, a full disk) on one rank: its line, then leave
-                if isinstance(e, DataMisfit) and not dist.is_main:
+                if isinstance(e, (DataMisfit, AllCheckpointsDamaged)) and not dist.is_main:
                     _leave_to_rank_0()
                 _exit_without_finalize(f"hpcforge: error: {e}", status=2)
             raise
