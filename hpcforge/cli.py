@@ -247,6 +247,8 @@ def _train(args: argparse.Namespace, flag) -> int:
     if launch and cfg.train.dist.backend == "none":
         raise UserError(f"train.dist.nproc={cfg.train.dist.nproc} needs a distributed backend; "
                         f"set train.dist.backend=horovod")
+    from pipeline.data.lock import check_free
+    check_free(Path(cfg.data.path))  # not while a prepare writes it
     _check_one_step(cfg, cfg.train.dist.nproc if launch else detect_launcher().world_size)
     if launch:
         argv = ["train", "-e", args.experiment, *args.overrides, *extra]
