@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -19,12 +20,13 @@ from pipeline.dist import apply_cpu_mpi_defaults, detect_launcher
 from pipeline.errors import UserError
 from pipeline.preemption import (FORWARDED_SIGNAL, RECEIVED_NOTE, REQUEUE_EXIT_CODE,
                                  PreemptionFlag)
-from pipeline.watchdog import (FINISHED, PARENT_DEATH_ENV, POLL_S, WATCH_DIR_ENV,
+from pipeline.watchdog import (FINISHED, HOST, PARENT_DEATH_ENV, POLL_S, WATCH_DIR_ENV,
                                WATCHDOG_EXIT_CODE, Watchdog, kill_all, latest_checkpoint,
                                session_pids)
 
 __all__ = ["REQUEUE_EXIT_CODE", "mpirun_command", "mpi_env", "needs_launch", "relaunch"]
 SIGNAL_POLL_S = 0.1  # how soon a held signal is looked at again
+WAIT_S = 0.25        # how soon mpirun's exit is seen (ranks' exits wake us at once)
 
 
 def mpirun_command(nproc: int, argv: list[str], launcher: str = "mpirun",
@@ -95,19 +97,74 @@ def relaunch(nproc: int, argv: list[str], launcher: str = "mpirun", timeout_s: f
     with nullcontext() if flag.catching else flag:
         print(f"[hpcforge] launching {nproc} ranks: {' '.join(cmd)}", flush=True)
         proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        exits = _Exits()
         try:
             dog = Watchdog(watch, nproc, timeout_s)
-            code = _watch(proc, dog, checkpoints, _Forward(proc, dog, flag, watch))
+            code = _watch(proc, dog, checkpoints, _Forward(proc, dog, flag, watch), exits)
             if code == 0 and dog.preempted():
                 code = REQUEUE_EXIT_CODE
         finally:
+            exits.close()
             kill_all(session_pids(proc.pid))  # nothing of the run outlives the launcher
             shutil.rmtree(watch, ignore_errors=True)
     if code not in (0, 2, REQUEUE_EXIT_CODE, WATCHDOG_EXIT_CODE):  # 2: a config error, printed
-        print(f"hpcforge: error: the {nproc} ranks ended with status {code}: a rank failed or was "
-              f"killed ({launcher}'s report above names it); the last good checkpoint, if any, is "
-              f"in the run's train/checkpoints/", file=sys.stderr, flush=True)
+        print(f"hpcforge: error: {_failure(nproc, code, exits.first, launcher, checkpoints)}",
+              file=sys.stderr, flush=True)
     return code
+
+
+def _failure(nproc: int, code: int, first: dict | None, launcher: str,
+             checkpoints: Path | None) -> str:
+    """Our line on a run that failed: the rank that ended first, while not finishing (issue 25:
+    mpirun's block says only "PID 0"), where it was, and the checkpoint to resume from."""
+    last = latest_checkpoint(checkpoints)
+    resume = (f"the last good checkpoint is {last}; resume with train.resume=auto" if last else
+              "no checkpoint had been written yet")
+    if first is None:
+        return (f"the {nproc} ranks ended with status {code}: a rank failed or was killed "
+                f"({launcher}'s report above says how); {resume}")
+    return (f"rank {first['rank']} on {first['host']} (pid {first['pid']}) ended first, at step "
+            f"{first['step']} while in {first['state']}: it failed or was killed ({launcher}'s "
+            f"report above says how), and the run ended with status {code}; {resume}")
+
+
+class _Exits:
+    """The order the ranks' processes end in, seen through pidfds (Linux >= 5.3; we are not
+    their parent, mpirun is): the first to end while its record says it was not finishing is
+    the rank that failed or was killed; mpirun ends the others a moment later."""
+
+    def __init__(self) -> None:
+        self.fds: dict[int, dict] = {}     # pidfd -> the rank's record when it was opened
+        self.watched: set[int] = set()     # ranks
+        self.first: dict | None = None     # the record of the first rank to end unfinished
+
+    def watch(self, dog: Watchdog) -> None:
+        for rank, (rec, _) in list(dog.seen.items()):
+            if rank in self.watched or rec["host"] != HOST:
+                continue
+            self.watched.add(rank)
+            try:
+                self.fds[os.pidfd_open(rec["pid"])] = rec
+            except (OSError, AttributeError):  # gone already, or no pidfds here
+                continue
+
+    def wait(self, timeout: float, dog: Watchdog) -> None:
+        """Up to `timeout` s; notes the ranks that end meanwhile (their latest records)."""
+        if not self.fds:
+            time.sleep(timeout)
+            return
+        ready, _, _ = select.select(list(self.fds), [], [], timeout)
+        for fd in ready:
+            rec = self.fds.pop(fd)
+            os.close(fd)
+            rec = dog.seen.get(rec["rank"], (rec, 0))[0]
+            if self.first is None and rec["state"] not in FINISHED:
+                self.first = rec
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
 
 
 class _Forward:
@@ -135,15 +192,18 @@ class _Forward:
 
 
 def _watch(proc: subprocess.Popen, dog: Watchdog, checkpoints: Path | None,
-           forward: _Forward) -> int:
-    """Wait for mpirun, passing signals on; end the whole run when the watchdog finds a rank
-    silent for timeout_s."""
+           forward: _Forward, exits: _Exits) -> int:
+    """Wait for mpirun, passing signals on and noting which rank ends first; end the whole run
+    when the watchdog finds a rank silent for timeout_s."""
     polled = time.monotonic()
     while True:
         forward()
-        try:  # a held signal is looked at again soon: the ranks may be ready any moment
-            code = proc.wait(timeout=SIGNAL_POLL_S if forward.pending else POLL_S)
-        except subprocess.TimeoutExpired:
+        dog.read()
+        exits.watch(dog)
+        # a held signal is looked at again soon: the ranks may be ready any moment
+        exits.wait(SIGNAL_POLL_S if forward.pending else WAIT_S, dog)
+        code = proc.poll()
+        if code is None:
             if time.monotonic() - polled < POLL_S:
                 continue
             polled, stall = time.monotonic(), dog.stalled()
