@@ -40,9 +40,11 @@ def train(cfg: Config, flag: PreemptionFlag | None = None) -> dict[str, Any]:
                     _leave_to_rank_0()
                 _exit_without_finalize(f"hpcforge: error: {e}", status=2)
             raise
-        except Exception:
-            if heartbeat.failed and dist.world_size > 1:
-                _exit_without_finalize()
+        except Exception as e:
+            if heartbeat.failed and dist.world_size > 1:  # a peer is gone: one line, no traceback
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                _exit_without_finalize(f"[hpcforge] rank {dist.rank}: {heartbeat.failed} failed "
+                                       f"({type(e).__name__}: {first}); leaving")
             raise
 
 

@@ -51,3 +51,4 @@ def test_a_killed_rank_is_named_with_the_last_good_checkpoint(killed_run):
                               f"{victim['pid']}) ended first, at step "), ours[0]
     m = re.search(r"the last good checkpoint is (\S+); resume with train.resume=auto", ours[0])
     assert m and os.path.isfile(m.group(1)) and "/train/checkpoints/step-" in m.group(1)
+    assert "Traceback" not in err, err[-3000:]  # the surviving rank says it in one line
