@@ -51,7 +51,7 @@ from typing import Any
 import yaml
 
 from jobs import records
-from jobs.executor import make_executor, resolve_backend, submit_error, validate
+from jobs.executor import make_executor, private_files, resolve_backend, submit_error, validate
 from jobs.submit import record_for, resolved, slurm_ranks
 from jobs.tasks import TrainJob
 from pipeline.config import LoggerConfig, parse_overrides
@@ -211,6 +211,12 @@ def _task(experiment: str, overrides: list[str], extra: list[str], i: int, sweep
 
 def _submit_array(base, backend: str, jobs: list[TrainJob], task_overrides: list[list[str]],
                   name: str, sweep_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    with private_files():  # the tasks' scripts and pickles hold cluster.setup's secrets
+        return _submit_array_files(base, backend, jobs, task_overrides, name, sweep_dir, extra)
+
+
+def _submit_array_files(base, backend: str, jobs: list[TrainJob], task_overrides: list[list[str]],
+                        name: str, sweep_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
     import submitit
 
     jobs_dir = Path(base.cluster.jobs_dir)

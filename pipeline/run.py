@@ -203,6 +203,8 @@ def build(cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None,
     run.tracker = Tracker(cfg.train.logger, run.run_dir,
                           {**cfg.to_dict(), "dataset": run.store_meta, **run.provenance},
                           active=dist.is_main, run_id=resumed_run_id)
+    if run.resumed_from is not None:  # the rows of the steps the resume discards go
+        run.tracker.drop_after(run.progress.step)
     if run.transfer is not None:
         run.tracker.log(run.transfer.counts(), 0)
     announce_ranks(run)

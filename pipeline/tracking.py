@@ -173,6 +173,21 @@ class Tracker:
         with self._named_if_full(path):
             path.write_text(json.dumps(obj, indent=2))
 
+    def drop_after(self, step: int) -> None:
+        """A resumed run: metrics.jsonl keeps the rows of steps up to `step`, where the checkpoint
+        was; the rows of the steps the resume discards go (issue 25: each step once, the history
+        the run goes on from). Rewritten whole and renamed over the file: never half there."""
+        if not (self.active and self.metrics_path.is_file()):
+            return
+        lines = self.metrics_path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) == len(lines):
+            return
+        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
+        with self._named_if_full(self.metrics_path):
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.metrics_path)
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:
             return
