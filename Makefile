@@ -12,7 +12,7 @@ setup:
 demo: setup
 	$(BIN)/hpcforge prepare -e demo_generator data.overwrite=true
 	$(BIN)/hpcforge train -e demo_generator
-	$(BIN)/hpcforge evaluate outputs/demo/train/checkpoints/final.pt
+	$(BIN)/hpcforge evaluate outputs/demo/train/checkpoints/final.pt --per-t 128
 	$(BIN)/hpcforge report outputs/demo --out outputs/demo/report.html
 	@echo
 	@echo "Results of the demo:"
@@ -24,6 +24,8 @@ demo: setup
 	@echo "  evaluation  outputs/demo/train/checkpoints/final.eval.json  (W1 of m, |m|, E against the real-vs-real floor, thermodynamic curves, Frechet)"
 	@echo "  figures     outputs/demo/train/checkpoints/final.eval/  (observables.png: histograms real vs generated; thermo_curves.png: <|m|>, <E>, C, chi against T)"
 	@echo "  report      outputs/demo/report.html  (self-contained: open it in a browser, no network needed)"
+	@echo
+	@$(BIN)/python -c "import json; notes = json.load(open('outputs/demo/train/checkpoints/final.eval.json'))['notes']; print(*[n for n in notes if n.startswith(('precise', 'verdict'))], sep='\n')"
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
