@@ -66,7 +66,11 @@ def parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks to start on this machine (sets train.dist.nproc)")
-    p.epilog = ("transfer learning: train.init_from=CHECKPOINT (model weights, fresh optimizer), "
+    p.epilog = ("runs: each run writes <output_dir>/train/ (checkpoints, metrics.jsonl, W&B run); "
+                "a new run (train.resume=never, the default) into an output_dir that holds a run "
+                "is refused, naming a free output_dir-N; train.resume=auto continues the run "
+                "there from its newest valid checkpoint (a requeued Slurm job does this). "
+                "transfer learning: train.init_from=CHECKPOINT (model weights, fresh optimizer), "
                 "train.freeze=[prefix,...], train.optim.groups.<prefix>=<lr scale>; adversarial "
                 "training: train.adversarial.eps=0.1 (method=fgsm|pgd, steps, fraction); an "
                 "average of the generator's weights for sampling: train.ema.decay=0.999 "
@@ -229,6 +233,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(f"train.dist.nproc={cfg.train.dist.nproc} needs a distributed backend; "
                         f"set train.dist.backend=horovod")
     _check_one_step(cfg, cfg.train.dist.nproc if launch else detect_launcher().world_size)
+    from pipeline.rundir import check_run_dir
+    check_run_dir(cfg.output_dir, cfg.train.resume)  # one run, one record: before any rank starts
     if launch:
         argv = ["train", "-e", args.experiment, *args.overrides, *extra]
         return relaunch(cfg.train.dist.nproc, argv, cfg.train.dist.launcher,

@@ -105,6 +105,14 @@ def open_run(cfg: LoggerConfig, mode: str, run_dir: Path, run_id: str | None,
                       resume="allow", settings=wandb.Settings(console="off", x_disable_meta=True))
 
 
+def _row_step(line: str) -> float:
+    """A metrics.jsonl row's step; a row cut short by a crash counts as past every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class Tracker:
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], active: bool,
                  run_id: str | None = None):
@@ -172,6 +180,21 @@ class Tracker:
         """A run file (summary.json); a full disk is one line naming it."""
         with self._named_if_full(path):
             path.write_text(json.dumps(obj, indent=2))
+
+    def rewind(self, step: int) -> None:
+        """Keep metrics.jsonl's rows up to `step`, where a resumed run goes on: a run stopped
+        after logging steps past its last checkpoint does them again, and one row per step stays
+        (issue 24). A half-written last row is dropped too. Written whole, then swapped in."""
+        if not (self.active and self.metrics_path.is_file()):
+            return
+        lines = self.metrics_path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _row_step(line) <= step]
+        if len(kept) == len(lines):
+            return
+        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp-{os.getpid()}")
+        with self._named_if_full(self.metrics_path):
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.metrics_path)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:

@@ -16,6 +16,7 @@ from pipeline.errors import UserError
 from pipeline.loop import NonFiniteError, fit
 from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
 from pipeline.run import build, build_model, seed_for
+from pipeline.rundir import check_run_dir
 from pipeline.watchdog import Heartbeat
 
 __all__ = ["train", "Preempted", "REQUEUE_EXIT_CODE", "NonFiniteError", "build_model", "seed_for"]
@@ -23,7 +24,9 @@ __all__ = ["train", "Preempted", "REQUEUE_EXIT_CODE", "NonFiniteError", "build_m
 
 def train(cfg: Config) -> dict[str, Any]:
     """Train on every rank the launcher started; the summary's paths are filled on rank 0."""
-    heartbeat = Heartbeat.from_env(detect_launcher().rank)
+    place = detect_launcher()
+    _check_run_dir(cfg, place.rank)
+    heartbeat = Heartbeat.from_env(place.rank)
     with PreemptionFlag() as flag:  # from the start: a signal during set-up is not lost either
         heartbeat.beat("wait:start-up")  # the backend's rendezvous waits for every rank
         dist = init_distributed(cfg.train.dist)
@@ -40,6 +43,17 @@ def train(cfg: Config) -> dict[str, Any]:
             if heartbeat.failed and dist.world_size > 1:
                 _exit_without_finalize()
             raise
+
+
+def _check_run_dir(cfg: Config, rank: int) -> None:
+    """Refuse a new run into an output_dir holding one (pipeline.rundir), on every rank before
+    the backend starts (so before rank 0 writes anything); rank 0 says it, the others leave."""
+    try:
+        check_run_dir(cfg.output_dir, cfg.train.resume)
+    except UserError:
+        if rank != 0:
+            _leave_to_rank_0()
+        raise
 
 
 class DataMisfit(UserError):

@@ -1,0 +1,81 @@
+"""One run, one record (issue 24): a second `hpcforge train` into an output_dir that holds a run
+never prunes, overwrites or appends to it; `train.resume=auto` continues the same run, and its
+metrics.jsonl keeps one row per step even when the run logged steps past its last checkpoint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import hpcforge
+from pipeline.checkpoint import load
+
+ONE_RANK = ("train.dist.backend=none", "train.dist.nproc=1", "train.batch_size=32",
+            "train.logger.log_every=1", "train.checkpoint.every_steps=2",
+            "train.logger.mode=offline")
+
+
+def _train(out: Path, store: tuple, *extra: str):
+    path, overrides = store
+    return hpcforge("train", *overrides[1:], f"output_dir={out}", f"data.path={path}",
+                    *ONE_RANK, *extra, timeout=300)
+
+
+def _files(run: Path) -> dict[str, tuple[int, int]]:
+    """Every file under the run with its size and mtime: what a refused run must leave as is."""
+    return {str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def _steps(run: Path) -> list[int]:
+    """The step of each training row (one per logged step; figures' metrics have rows of their own)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if any(k.startswith("opt/") for k in r)]
+
+
+@pytest.fixture(scope="module")
+def first(small_store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("used")
+    r = _train(out, small_store, "train.max_steps=6", "train.seed=1")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return out
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_used_output_dir_is_refused_and_touches_nothing(first, small_store):
+    before = _files(first / "train")
+    r = _train(first, small_store, "train.max_steps=2", "train.seed=2")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpcforge: error: "), r.stderr
+    assert f"output_dir={first}" in lines[0] and "train.resume=auto" in lines[0]
+    assert f"output_dir={first}-2" in lines[0]  # a fresh folder that is free, named for the user
+    assert _files(first / "train") == before
+    # and the same refusal with --nproc 2, before any rank starts: one line, not one per rank
+    r = _train(first, small_store, "train.max_steps=2", "train.dist.backend=horovod", "--nproc", "2")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert _files(first / "train") == before
+
+
+@pytest.mark.slow
+def test_resume_auto_continues_the_same_run_with_one_row_per_step(first, small_store):
+    """The run logged steps 5-6 after its step-4 checkpoint, then lost step 6's (as a crash or
+    a preemption between a log and a checkpoint leaves it): resuming from step 4 replaces rows
+    5-6 instead of appending a second copy of them."""
+    folder = first / "train" / "checkpoints"
+    run_id = load(folder / "final.pt")["wandb_run_id"]
+    for name in ("step-00000006.pt", "final.pt", "last.pt"):
+        (folder / name).unlink()
+    r = _train(first, small_store, "train.max_steps=8", "train.seed=1", "train.resume=auto")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "at step 4" in r.stdout
+    assert _steps(first / "train") == list(range(1, 9))
+    steps = sorted(folder.glob("step-*.pt"))
+    assert [p.name for p in steps][-1] == "step-00000008.pt"
+    for p in [*steps, folder / "final.pt", folder / "last.pt"]:
+        assert load(p)["wandb_run_id"] == run_id, p
+    assert load(folder / "final.pt")["step"] == 8
+    # W&B writes a folder per resumed session of an offline run, all under the run's one id
+    ids = {p.name.rsplit("-", 1)[1] for p in (first / "train" / "wandb").glob("offline-run-*")}
+    assert ids == {run_id}
