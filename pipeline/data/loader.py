@@ -45,7 +45,7 @@ class ShardedLoader:
     def __init__(self, store: Store, split: str, inputs: dict[str, str], batch_size: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, normalize: str = "none",
                  prefetch: int = 2, buffer_blocks: int = 4, pin_memory: bool | None = None,
-                 read_threads: int | None = None, read_ahead: bool = True):
+                 read_threads: int | None = None, read_ahead: bool = True, drop_last: bool = True):
         self.arrays = {key: store.variable(split, var) for key, var in inputs.items()}
         self.readers = {key: ShardReader.of(a) for key, a in self.arrays.items()}
         if rank == 0:
@@ -62,17 +62,31 @@ class ShardedLoader:
         self.busy_s = 0.0  # time the consumer spent between batches (its step)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.read_ahead = read_ahead  # False where the next epoch is never read (validation)
+        # Training drops the tail (equal batches on every rank, as DistributedSampler's drop_last);
+        # evaluation keeps it: the last rank also reads the samples that do not divide evenly,
+        # and the last batch may be partial (issue 24: every test sample scored).
+        self.drop_last = drop_last
         self._pool: Executor | None = None  # made on first use, kept: its threads idle between reads
         # The next epoch's first group, read while this epoch's last batches train:
         # (epoch, its group stream, the group), and the thread reading it.
         self._ahead: tuple[int, Iterator[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
         self._ahead_thread: threading.Thread | None = None
-        if len(self) == 0:
+        if len(self) == 0 and (drop_last or self.n == 0):
             raise ValueError(f"{split}: {self.n} samples over {world_size} ranks give no full batch "
                              f"of {batch_size}; lower train.batch_size or prepare more samples")
 
     def __len__(self) -> int:
-        return (self.n // self.world_size) // self.batch_size
+        return self._batches(self._range()[1] - self._range()[0])
+
+    def _batches(self, samples: int) -> int:
+        """Batches in `samples` samples: full ones only, or with a partial last one."""
+        return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
+
+    def _range(self) -> tuple[int, int]:
+        """This rank's share of an epoch's sample sequence, as [lo, hi)."""
+        per_rank = self.n // self.world_size
+        last = self.rank == self.world_size - 1
+        return self.rank * per_rank, self.n if last and not self.drop_last else (self.rank + 1) * per_rank
 
     def data_wait_fraction(self) -> float:
         """Time waited for data / (waited + time spent on each batch), since the last reset."""
@@ -92,8 +106,7 @@ class ShardedLoader:
         """This rank's contiguous (start, stop) sample ranges for `epoch`, in reading order."""
         n_blocks = -(-self.n // self.block)
         order = np.random.default_rng([self.seed, epoch]).permutation(n_blocks)
-        per_rank = (self.n // self.world_size)
-        lo, hi = self.rank * per_rank, (self.rank + 1) * per_rank
+        lo, hi = self._range()
         out, cursor = [], 0
         for b in order:
             a, z = b * self.block, min((b + 1) * self.block, self.n)
@@ -145,6 +158,8 @@ class ShardedLoader:
             if full:
                 yield {k: v[:full] for k, v in group.items()}
             carry = {k: v[full:] for k, v in group.items()}
+        if not self.drop_last and carry is not None and len(next(iter(carry.values()))):
+            yield carry  # the partial last batch
 
     def _to_torch(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         out = {}
@@ -211,7 +226,7 @@ class ShardedLoader:
             for group in stream:
                 if first >= len(self) or stop.is_set():
                     break
-                n = len(next(iter(group.values()))) // self.batch_size
+                n = self._batches(len(next(iter(group.values()))))
                 if first + n > skip:  # a resumed epoch skips the groups it already trained on
                     q.put((first, group))
                 first += n
@@ -240,7 +255,7 @@ class ShardedLoader:
             if isinstance(item, BaseException):
                 raise item
             first, group = item
-            n = len(next(iter(group.values()))) // bs
+            n = self._batches(len(next(iter(group.values()))))
             for i in range(max(first, skip), min(first + n, len(self))):
                 j = (i - first) * bs
                 batch = {k: v[j:j + bs] for k, v in group.items()}
