@@ -77,8 +77,8 @@ def test_import_holds_every_input_sample_once(kind, tmp_path, dask_address):
     cfg = import_config(tmp_path, SOURCE.get(kind, kind), path, address=dask_address)
     store = open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None))
     expected = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    assert store.meta.n_samples == 50 and store.meta.splits == {"train": 40, "val": 10,
-                                                                      "test": 0}
+    assert store.meta.n_samples == 50 and store.meta.splits == {"train": 35, "val": 10,
+                                                                      "test": 5}  # (issue 24)
     got = stored(store)
     assert got["field"].dtype == np.float32 and got["label"].dtype == np.int64
     assert sample_hashes(got) == sample_hashes(expected)
@@ -276,7 +276,7 @@ def test_label_stored_as_n_by_1_imports_as_n_scalars(tmp_path, dask_address):
     assert got["label"].shape == (50,)
     expected = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     assert sample_hashes(got) == sample_hashes(expected)
-    assert sum(store.stats("train", "label")["class_counts"].values()) == 40
+    assert sum(store.stats("train", "label")["class_counts"].values()) == 35  # 50 - val - test
 
 
 # --------------------------------------------------------------------------- labels from paths (issue #16)
