@@ -197,6 +197,11 @@ def test_nan_inf_fail_by_default_with_count_and_first_location(tmp_path, dask_ad
                                         r"\[0, 16\), first at sample 3 index \[1, 2\]; .*"
                                         r"data.invalid=drop .* data.invalid=fill"):
         prepare(cfg.data, cfg.to_dict(), log=lambda *a: None)
+    # the fix works as printed (issue 24): the failed prepare's partial store is not in its way
+    cfg = import_config(tmp_path, "npy", tmp_path / "in", "data.invalid=drop", address=dask_address)
+    said = []
+    assert open_store(prepare(cfg.data, cfg.to_dict(), log=said.append)).meta.n_samples == 47
+    assert any("data.invalid: 'fail' there, 'drop' now" in line for line in said), said
 
 
 def test_nan_inf_drop_removes_those_samples_and_records_counts(tmp_path, dask_address):
