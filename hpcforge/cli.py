@@ -233,9 +233,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(f"train.dist.nproc={cfg.train.dist.nproc} needs a distributed backend; "
                         f"set train.dist.backend=horovod")
     _check_one_step(cfg, cfg.train.dist.nproc if launch else detect_launcher().world_size)
-    from pipeline.rundir import check_run_dir
-    check_run_dir(cfg.output_dir, cfg.train.resume)  # one run, one record: before any rank starts
     if launch:
+        from pipeline.rundir import check_run_dir  # (ranks started elsewhere: pipeline.trainer)
+        check_run_dir(cfg.output_dir, cfg.train.resume)  # one run, one record: before any rank
         argv = ["train", "-e", args.experiment, *args.overrides, *extra]
         return relaunch(cfg.train.dist.nproc, argv, cfg.train.dist.launcher,
                         cfg.train.dist.timeout_s, Path(cfg.output_dir) / "train" / "checkpoints")

@@ -10,6 +10,8 @@ Slurm job does: jobs/tasks.py sets it), and a free `<output_dir>-N` starts a new
 """
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -33,13 +35,35 @@ def free_output_dir(output_dir: str) -> str:
     return f"{output_dir}-{n}"
 
 
+def check_writable(folder: Path, key: str, value: str) -> None:
+    """Make `folder` (and its parents) and write a probe file in it; a file where a folder is
+    expected, a read-only filesystem or a missing permission is one line naming `key`=`value`
+    (the setting that chose the folder) and the fix, before any work or rank starts (issue 24)."""
+    probe = folder / f".hpcforge-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()),
+                        folder)
+        raise UserError(f"{key}={value}: {blocking} is a file, where a folder is expected; set "
+                        f"{key} to a folder, or move the file away") from None
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise UserError(f"{key}={value}: cannot write in {folder} ({e.strerror}); set {key} to a "
+                        f"folder you can write to") from None
+
+
 def check_run_dir(output_dir: str, resume: str) -> None:
-    """Refuse a new run into an output_dir that holds one. `train.resume=auto` continues the run
-    there; a checkpoint path inside its own checkpoints/ continues it too."""
+    """Refuse a new run into an output_dir that holds one (`train.resume=auto` continues the run
+    there; so does a checkpoint path inside its own checkpoints/), or one that cannot be written."""
     output_dir = output_dir.rstrip("/") or "/"
     run_dir = Path(output_dir) / "train"
     held = run_files(run_dir)
     if resume == "auto" or not held or _inside(resume, run_dir / "checkpoints"):
+        check_writable(run_dir, "output_dir", output_dir)
         return
     shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
     started = "a new run" if resume == "never" else f"train.resume={resume} (another run's checkpoint)"

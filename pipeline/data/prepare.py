@@ -47,6 +47,7 @@ from pipeline.data.sources.base import Variable
 from pipeline.data.store import FORMAT, FORMAT_VERSION, SPLITS, open_store, shard_checksum
 from pipeline.redaction import redact
 from pipeline.errors import UserError
+from pipeline.rundir import check_writable
 from pipeline.provenance import versions
 
 INNER_CHUNK_BYTES = 1 << 20  # ~1 MiB: large enough that per-read overhead is small, small enough
@@ -820,6 +821,7 @@ def prepare(cfg: DataConfig, resolved: dict[str, Any], log=print) -> Path:
     paths = Paths.of(cfg.path)
     if _check_target(paths, cfg):
         return _done(paths, log)
+    check_writable(paths.final.parent, "data.path", cfg.path)  # before any work
     n = count_samples(cfg)
     make_layout(cfg, n, 1)  # bad sizes and fractions fail here, before any work
     variables = SOURCES[cfg.source].variables(cfg.params)

@@ -1,15 +1,19 @@
 """One run, one record (issue 24): a second `hpcforge train` into an output_dir that holds a run
 never prunes, overwrites or appends to it; `train.resume=auto` continues the same run, and its
-metrics.jsonl keeps one row per step even when the run logged steps past its last checkpoint."""
+metrics.jsonl keeps one row per step even when the run logged steps past its last checkpoint.
+An output_dir that cannot be written (a file in its place, a read-only filesystem) is one line,
+exit 2, before any rank starts; under the user's own mpirun, once."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from helpers import hpcforge
+from helpers import ROOT, hpcforge
 from pipeline.checkpoint import load
+from pipeline.launch import mpi_env, mpirun_command
 
 ONE_RANK = ("train.dist.backend=none", "train.dist.nproc=1", "train.batch_size=32",
             "train.logger.log_every=1", "train.checkpoint.every_steps=2",
@@ -79,3 +83,56 @@ def test_resume_auto_continues_the_same_run_with_one_row_per_step(first, small_s
     # W&B writes a folder per resumed session of an offline run, all under the run's one id
     ids = {p.name.rsplit("-", 1)[1] for p in (first / "train" / "wandb").glob("offline-run-*")}
     assert ids == {run_id}
+
+
+# ---------------------------------------------------------------- an output_dir that cannot be written
+@pytest.fixture
+def read_only(tmp_path) -> Path:
+    """A real read-only filesystem (a tmpfs mounted ro: the tests run as root, whom a chmod does
+    not stop); unmounted afterwards."""
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def _one_error_line(r) -> str:
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpcforge: error: "), r.stderr[-3000:]
+    return lines[0]
+
+
+def test_a_file_where_the_output_folder_belongs_is_one_line_before_any_rank(small_store, tmp_path):
+    blocker = tmp_path / "out"
+    blocker.write_text("not a folder")
+    line = _one_error_line(_train(blocker, small_store, "train.dist.backend=horovod", "--nproc", "2"))
+    assert f"output_dir={blocker}: {blocker} is a file, where a folder is expected" in line
+    path, overrides = small_store
+    r = hpcforge("prepare", *overrides[1:], f"data.path={blocker}/data/ising2d.zarr")
+    assert f"{blocker} is a file, where a folder is expected" in _one_error_line(r)
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_read_only_output_dir_is_one_line(small_store, read_only):
+    line = _one_error_line(_train(read_only / "out", small_store, "train.max_steps=2"))
+    assert f"output_dir={read_only / 'out'}: cannot write in {read_only / 'out'}" in line
+    assert "Read-only file system" in line and "set output_dir to a folder you can write" in line
+
+
+@pytest.mark.slow
+def test_under_mpirun_a_file_for_output_dir_is_said_once_without_tracebacks(small_store, tmp_path):
+    """Ranks started by the user's own mpirun (not --nproc): rank 0 says it, the others leave."""
+    blocker = tmp_path / "out"
+    blocker.write_text("not a folder")
+    path, overrides = small_store
+    cmd = mpirun_command(2, ["train", *overrides[1:], f"output_dir={blocker}", f"data.path={path}",
+                             *ONE_RANK[2:], "train.dist.backend=horovod"])
+    r = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=120)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("hpcforge: error:")]
+    assert r.returncode != 0 and len(errors) == 1, r.stderr[-3000:]
+    assert "is a file, where a folder is expected" in errors[0]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
