@@ -234,8 +234,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                         f"set train.dist.backend=horovod")
     _check_one_step(cfg, cfg.train.dist.nproc if launch else detect_launcher().world_size)
     if launch:
-        from pipeline.rundir import check_run_dir  # (ranks started elsewhere: pipeline.trainer)
-        check_run_dir(cfg.output_dir, cfg.train.resume)  # one run, one record: before any rank
+        from pipeline.trainer import check_before_start  # (ranks started elsewhere: train())
+        check_before_start(cfg)  # one run, one record; the store's classes: before any rank
         argv = ["train", "-e", args.experiment, *args.overrides, *extra]
         return relaunch(cfg.train.dist.nproc, argv, cfg.train.dist.launcher,
                         cfg.train.dist.timeout_s, Path(cfg.output_dir) / "train" / "checkpoints")

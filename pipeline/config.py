@@ -353,10 +353,26 @@ def compose(experiment: str = "demo", overrides: list[str] | None = None) -> dic
     return raw
 
 
+# The batch keys the model families read (models/: batch["x"], batch["y"], batch["cond"]).
+BATCH_KEYS = {"x": "the model's input", "y": "its target", "cond": "a conditioning value"}
+
+
+def check_inputs(inputs: dict[str, str]) -> None:
+    """data.inputs maps batch keys to store variables; a key no model reads would be loaded and
+    silently ignored (issue 24: `x1: layer_1`), so it is refused, naming the valid ones."""
+    unknown = sorted(set(inputs) - set(BATCH_KEYS))
+    if unknown:
+        valid = ", ".join(f"{k} ({what})" for k, what in BATCH_KEYS.items())
+        raise ConfigError(f"data.inputs.{unknown[0]}={inputs[unknown[0]]}: unknown batch key "
+                          f"{unknown[0]!r}; valid keys: {valid}; e.g. data.inputs="
+                          f"{{x: {inputs[unknown[0]]}}}")
+
+
 def load_config(experiment: str = "demo", overrides: list[str] | None = None) -> Config:
     """Compose and type the config; the only entry from YAML into the code."""
     cfg = build(Config, compose(experiment, overrides), "")
     check_ranges(cfg)
+    check_inputs(cfg.data.inputs)
     if not cfg.output_dir:
         cfg.output_dir = f"outputs/{cfg.experiment}"
     if not cfg.data.path:

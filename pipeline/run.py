@@ -226,6 +226,23 @@ def _start(run: Run) -> str | None:
     return resumed_run_id
 
 
+CLASS_COUNT_KEYS = ("out_features", "n_outputs", "n_classes", "out_channels")  # models/ spell it so
+
+
+def check_class_count(cfg: Config, classes: dict[str, int] | None) -> None:
+    """A classifier's output count against the store's class table (data.params.label_from),
+    before any rank starts: 10 outputs on a 3-class store trained without a word (issue 24)."""
+    params, y = cfg.model.params, cfg.data.inputs.get("y")
+    if not classes or y != "label" or getattr(params, "loss", None) not in ("ce", "hinge"):
+        return
+    key = next((k for k in CLASS_COUNT_KEYS if hasattr(params, k)), None)
+    if key is not None and getattr(params, key) != len(classes):
+        names = ", ".join(sorted(classes, key=classes.get))
+        raise UserError(f"model.{key}={getattr(params, key)}, but the store at data.path="
+                        f"{cfg.data.path} holds {len(classes)} classes in data.inputs.y=label "
+                        f"({names}); set model.{key}={len(classes)}")
+
+
 def _check_adversarial(cfg: Config, model: Trainable) -> None:
     """Adversarial examples raise a supervised loss; a generative model's has no label to flip."""
     if cfg.train.adversarial.eps > 0 and not isinstance(model, Supervised):

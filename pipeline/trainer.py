@@ -15,7 +15,8 @@ from pipeline.dist import detect_launcher, init_distributed
 from pipeline.errors import UserError
 from pipeline.loop import NonFiniteError, fit
 from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
-from pipeline.run import build, build_model, seed_for
+from pipeline.data.store import open_store
+from pipeline.run import build, build_model, check_class_count, seed_for
 from pipeline.rundir import check_run_dir
 from pipeline.watchdog import Heartbeat
 
@@ -25,7 +26,7 @@ __all__ = ["train", "Preempted", "REQUEUE_EXIT_CODE", "NonFiniteError", "build_m
 def train(cfg: Config) -> dict[str, Any]:
     """Train on every rank the launcher started; the summary's paths are filled on rank 0."""
     place = detect_launcher()
-    _check_run_dir(cfg, place.rank)
+    _check_before_start(cfg, place.rank)
     heartbeat = Heartbeat.from_env(place.rank)
     with PreemptionFlag() as flag:  # from the start: a signal during set-up is not lost either
         heartbeat.beat("wait:start-up")  # the backend's rendezvous waits for every rank
@@ -45,15 +46,22 @@ def train(cfg: Config) -> dict[str, Any]:
             raise
 
 
-def _check_run_dir(cfg: Config, rank: int) -> None:
-    """Refuse a new run into an output_dir holding one (pipeline.rundir), on every rank before
-    the backend starts (so before rank 0 writes anything); rank 0 says it, the others leave."""
+def _check_before_start(cfg: Config, rank: int) -> None:
+    """Refuse a new run into an output_dir holding one (pipeline.rundir), or a classifier whose
+    output count disagrees with the store's class table, on every rank before the backend starts
+    (so before rank 0 writes anything); rank 0 says it, the others leave."""
     try:
-        check_run_dir(cfg.output_dir, cfg.train.resume)
+        check_before_start(cfg)
     except UserError:
         if rank != 0:
             _leave_to_rank_0()
         raise
+
+
+def check_before_start(cfg: Config) -> None:
+    """What a run checks before any rank starts (the CLI calls it before launching ranks)."""
+    check_class_count(cfg, open_store(cfg.data.path).meta.classes)
+    check_run_dir(cfg.output_dir, cfg.train.resume)  # last: it makes the run's folder
 
 
 class DataMisfit(UserError):

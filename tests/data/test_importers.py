@@ -328,6 +328,23 @@ def test_calogan_tree_becomes_one_shuffled_store_labelled_by_folder(tmp_path, da
     assert not (np.diff(train_energy) > 0).all()                               # globally shuffled
 
 
+def test_a_classifier_with_another_class_count_than_the_store_is_refused_before_any_rank(
+        tmp_path, dask_address):
+    """Issue 24: out_features=10 on a 3-class store trained without a word."""
+    from helpers import hpcforge
+    write_calogan_tree(tmp_path / "calo")
+    cfg = calo_config(tmp_path, "parent_dir", address=dask_address)
+    store = prepare(cfg.data, cfg.to_dict(), log=lambda *a: None)
+    r = hpcforge("train", "--nproc", "2", f"output_dir={tmp_path / 'run'}", f"data.path={store}",
+                 "data.inputs={x: shower, y: label}", "model=mlp", "model.in_features=12",
+                 "model.out_features=10", "train.batch_size=4", "train.dist.backend=horovod")
+    assert r.returncode == 2 and r.stdout == "", r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stderr == (f"hpcforge: error: model.out_features=10, but the store at data.path="
+                        f"{store} holds 3 classes in data.inputs.y=label (eplus, gamma, piplus); "
+                        f"set model.out_features=3\n")
+    assert not (tmp_path / "run").exists()
+
+
 def test_label_from_file_stem_and_regex(tmp_path):
     write_calogan_tree(tmp_path / "calo")
     stem = calo_config(tmp_path, "file_stem")
