@@ -76,9 +76,19 @@ def _fit(cfg: Config, dist, heartbeat: Heartbeat, flag: PreemptionFlag) -> dict[
         return fit(build(cfg, dist, heartbeat, flag))
     except InputShapeError as e:
         raise DataMisfit(f"{e}: the data at data.path={cfg.data.path} does not fit model={cfg.model.name} "
-                        f"as configured; set the model's shape keys (e.g. model.image_size, "
-                        f"model.n_outputs) to the data's, or choose data.inputs/data.path that fit "
-                        f"the model") from None
+                        f"as configured; set the model's shape keys ({_shape_keys(cfg)}) to the "
+                        f"data's, or choose data.inputs/data.path that fit the model") from None
+
+
+SHAPE_KEYS = ("in_channels", "in_features", "image_size", "seq_len", "data_shape", "n_outputs",
+              "out_features", "n_classes", "out_channels")
+
+
+def _shape_keys(cfg: Config) -> str:
+    """The model family's own shape keys (issue 24: the cnn was told to set model.image_size,
+    a key it does not have)."""
+    keys = [f"model.{k}" for k in SHAPE_KEYS if hasattr(cfg.model.params, k)]
+    return ", ".join(keys) or "its size keys: hpcforge config lists them"
 
 
 def _leave_to_rank_0(grace_s: float = 10.0) -> None:
