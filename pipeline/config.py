@@ -209,7 +209,8 @@ class TrainConfig:
     threads: int = 0               # torch threads per rank; 0: cores / ranks on this node
     prefetch: int = 2              # batches read ahead by the loader's thread
     val_every: int = 0             # validate every N steps (0: at each epoch end)
-    resume: str = "never"          # "auto": newest valid checkpoint in the run dir; or a path
+    resume: str = "never"          # "auto": newest valid checkpoint in the run dir; or a path.
+                                   # never: a new run, refused where output_dir holds one (rundir.py)
     nonfinite: Literal["skip", "fail"] = "skip"  # a step with a NaN/Inf loss or gradient
     max_nonfinite: int = 5         # stop after this many non-finite steps in a row
     inject_nan_at: list[int] = field(default_factory=list)  # fault injection: NaN batch at steps

@@ -62,6 +62,13 @@ def test_a_second_run_into_a_used_output_dir_is_refused_and_touches_nothing(firs
     assert _files(first / "train") == before
 
 
+def test_train_help_says_what_a_used_output_dir_gets():
+    r = hpcforge("train", "--help")
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "into an output_dir that holds a run is refused" in text
+    assert "train.resume=auto continues the run there" in text
+
+
 @pytest.mark.slow
 def test_resume_auto_continues_the_same_run_with_one_row_per_step(first, small_store):
     """The run logged steps 5-6 after its step-4 checkpoint, then lost step 6's (as a crash or
