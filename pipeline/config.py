@@ -100,7 +100,8 @@ class DataConfig:
     overwrite: bool = False        # replace an existing store (never silently)
     invalid: Literal["fail", "drop", "fill"] = "fail"   # samples holding NaN/Inf
     fill_value: float = 0.0        # what NaN/Inf become with invalid=fill
-    inputs: dict[str, str] = field(default_factory=lambda: {"x": "spins"})  # batch key -> variable
+    # batch key -> variable, or a list of variables: each normalised, flattened and joined (B, F)
+    inputs: dict[str, str | list[str]] = field(default_factory=lambda: {"x": "spins"})
     normalize: Literal["minmax", "standard", "none"] = "minmax"  # from the stored statistics
     dask: DaskConfig = field(default_factory=DaskConfig)
 
@@ -358,9 +359,13 @@ def compose(experiment: str = "demo", overrides: list[str] | None = None) -> dic
 BATCH_KEYS = {"x": "the model's input", "y": "its target", "cond": "a conditioning value"}
 
 
-def check_inputs(inputs: dict[str, str]) -> None:
+def check_inputs(inputs: dict[str, str | list[str]]) -> None:
     """data.inputs maps batch keys to store variables; a key no model reads would be loaded and
     silently ignored (issue 24: `x1: layer_1`), so it is refused, naming the valid ones."""
+    empty = [k for k, v in inputs.items() if not v]
+    if empty:
+        raise ConfigError(f"data.inputs.{empty[0]}: no variable; expected a store variable or a "
+                          f"list of them, e.g. data.inputs.{empty[0]}=[layer_0,layer_1]")
     unknown = sorted(set(inputs) - set(BATCH_KEYS))
     if unknown:
         valid = ", ".join(f"{k} ({what})" for k, what in BATCH_KEYS.items())

@@ -287,7 +287,8 @@ def _checkpoints(cfg: Config) -> Checkpoints:
 
 def _hooks(cfg: Config, model: Trainable, store: Store) -> list[ImageHook]:
     x_var = cfg.data.inputs.get("x")
-    stats = store.stats("train", x_var) if x_var in store.meta.stats["train"] else None
+    single = isinstance(x_var, str) and x_var in store.meta.stats["train"]  # (not a joined input)
+    stats = store.stats("train", x_var) if single else None
     affine = normalization(stats, cfg.data.normalize) if stats else None
     return image_hooks(model, cfg.data.source, "x" in cfg.data.inputs, affine)
 

@@ -42,19 +42,25 @@ _WARNED: set[str] = set()  # stores already reported as unchecked, once per proc
 
 
 class ShardedLoader:
-    def __init__(self, store: Store, split: str, inputs: dict[str, str], batch_size: int,
+    def __init__(self, store: Store, split: str, inputs: dict[str, str | list[str]], batch_size: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, normalize: str = "none",
                  prefetch: int = 2, buffer_blocks: int = 4, pin_memory: bool | None = None,
                  read_threads: int | None = None, read_ahead: bool = True, drop_last: bool = True):
-        self.arrays = {key: store.variable(split, var) for key, var in inputs.items()}
+        # An input of several variables (data.inputs.x=[a, b]) reads each as a part of its own,
+        # normalised by its own statistics, then flattened and joined (issue 24).
+        parts = {key: _parts(key, var) for key, var in inputs.items()}
+        self.joined = {key: [name for name, _ in p] for key, p in parts.items() if len(p) > 1}
+        self.arrays = {name: store.variable(split, var) for p in parts.values() for name, var in p}
         self.readers = {key: ShardReader.of(a) for key, a in self.arrays.items()}
         if rank == 0:
             _warn_unchecked(store, self.arrays)
         self.read_threads = read_threads or min(4, os.cpu_count() or 1)
         self.n = next(iter(self.arrays.values())).shape[0]
         self.block = max(a.chunks[0] for a in self.arrays.values())
-        self.transforms = {key: _normalizer(store.stats("train", var), normalize)
-                           for key, var in inputs.items() if self.arrays[key].ndim > 1}
+        joined = {name for names in self.joined.values() for name in names}
+        self.transforms = {name: _normalizer(store.stats("train", var), normalize)
+                           for p in parts.values() for name, var in p
+                           if self.arrays[name].ndim > 1 or name in joined}
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.prefetch, self.buffer_blocks = max(1, prefetch), buffer_blocks
         self.epoch, self.start_batch = 0, 0
@@ -167,9 +173,12 @@ class ShardedLoader:
             if v.dtype.kind in "iu" and v.ndim == 1:  # class labels: torch losses expect int64
                 v = v.astype(np.int64)
             t = torch.from_numpy(np.ascontiguousarray(v))
-            t = self.transforms[k](t) if k in self.transforms else t
-            out[k] = t.pin_memory() if self.pin_memory else t
-        return out
+            if k in self.transforms:  # (a scalar part of a joined input: one channel)
+                t = self.transforms[k](t if t.ndim > 1 else t[:, None])
+            out[k] = t
+        for key, names in self.joined.items():  # (n, features): each part flattened, in order
+            out[key] = torch.cat([out.pop(name).reshape(len(t), -1) for name in names], 1)
+        return {k: t.pin_memory() if self.pin_memory else t for k, t in out.items()}
 
     def _stream(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         """`epoch`'s groups, starting with the one read ahead at the end of the previous epoch
@@ -278,6 +287,14 @@ class ShardedLoader:
                 q.get_nowait()
             except queue.Empty:
                 thread.join(0.01)
+
+
+def _parts(key: str, variables: str | list[str]) -> list[tuple[str, str]]:
+    """(array name, variable) of one batch key: the key itself for one variable, `key/variable`
+    for each of several (joined into the key once normalised)."""
+    if isinstance(variables, str):
+        return [(key, variables)]
+    return [(f"{key}/{v}", v) for v in variables] if len(variables) > 1 else [(key, variables[0])]
 
 
 def _zarr_job(array: Any, start: int, stop: int, dest: np.ndarray) -> Callable[[], None]:

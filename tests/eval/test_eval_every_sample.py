@@ -93,3 +93,19 @@ def test_a_classifier_reports_per_class_accuracy_under_the_stores_class_names(tm
     for name, label in store.meta.classes.items():
         assert m[f"accuracy/{name}"] == pytest.approx(np.mean(pred[y == label] == label)), name
     assert "accuracy per class: eplus" in " ".join(result["notes"])
+
+
+def test_several_variables_as_one_input_train_and_evaluate(small_store, tmp_path):
+    """data.inputs.x=[spins, energy] (issue 24: "expected str, got list"): an MLP on the joined
+    (B, 256 + 1) input trains through the CLI and its checkpoint evaluates."""
+    from helpers import hpcforge
+    path, overrides = small_store
+    data = [o for o in overrides if o.startswith("data.")]
+    r = hpcforge("train", *data, f"data.path={path}", f"output_dir={tmp_path}", "model=mlp",
+                 "model.in_features=257", "model.out_features=2",
+                 "data.inputs={x: [spins, energy], y: phase}", "train.max_steps=3",
+                 "train.batch_size=32", "train.dist.backend=none", "train.dist.nproc=1",
+                 "train.logger.mode=disabled")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = evaluate(tmp_path / "train" / "checkpoints" / "final.pt")
+    assert result["metrics"]["samples"] == 128 and 0 <= result["metrics"]["accuracy"] <= 1
