@@ -32,6 +32,10 @@ class DamagedCheckpoint(UserError):
     """A checkpoint whose bytes changed after it was written (a record fails its CRC32)."""
 
 
+class UnreadableCheckpoint(DamagedCheckpoint):
+    """A file torch.load cannot read at all: empty, cut short, text, another format."""
+
+
 class CheckpointDiskFull(UserError):
     """A checkpoint write that ran out of space; the previous checkpoint is untouched."""
 
@@ -135,7 +139,7 @@ def load(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def _unreadable(path: Path, e: Exception) -> DamagedCheckpoint:
+def _unreadable(path: Path, e: Exception) -> UnreadableCheckpoint:
     """What a file that torch.load cannot read is, in plain words (issue 24: a truncated
     checkpoint said "(OSError: [Errno 22] Invalid argument)", a text file "(KeyError: 101)")."""
     size = path.stat().st_size
@@ -153,7 +157,7 @@ def _unreadable(path: Path, e: Exception) -> DamagedCheckpoint:
     else:
         cause = (str(e).strip().splitlines() or [""])[0][:120]
         what = f"is not in torch's checkpoint format ({type(e).__name__}: {cause})"
-    return DamagedCheckpoint(f"{path} is not a readable hpcforge checkpoint: it {what}; pass "
+    return UnreadableCheckpoint(f"{path} is not a readable hpcforge checkpoint: it {what}; pass "
                              f"one that `hpcforge train` wrote (<output_dir>/train/checkpoints/"
                              f"*.pt), use an older checkpoint, or train again")
 
@@ -233,6 +237,8 @@ class Checkpoints:
         for path in self.steps():
             try:
                 return path, load(path)
+            except UnreadableCheckpoint as e:
+                log(f"[hpcforge] skipping unreadable checkpoint {path} ({e})")
             except DamagedCheckpoint as e:
                 log(f"[hpcforge] skipping damaged checkpoint {path} ({e})")
             except Exception as e:  # truncated or corrupt: fall back to an older one
