@@ -83,6 +83,10 @@ HEADLINES: dict[str, Headline] = {
     "wgan_gp_ising2d": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
     "dcgan_ising2d_cond": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
     "wgan_gp_ising2d_cond": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
+    "ar_ising2d_cond": Headline("precise/model/w1_ratio/energy", "lower", "",
+                                ("precise/model/w1_ratio/abs_magnetization", "precise/model/auc"),
+                                "W1 / floor pooled over 31 temperatures (pipeline/precise.py), "
+                                "no Metropolis sweeps"),
     "vae_ising2d": Headline("elbo", "higher", "", ("w1/energy", "w1_reference/energy"),
                             "nats per 32 x 32 configuration"),
     "vae_ising2d_cond": Headline("w1/energy", "lower", "w1_reference/energy",
@@ -414,7 +418,7 @@ def study(experiment: str, cpu_s: float, seeds: list[int], overrides: list[str] 
         result = {k: v for k, v in asdict(row).items() if k not in ("metrics",)}
         result.update(tag=tag, overrides=list(overrides or []))
         result["metrics"] = {k: v for k, v in row.metrics.items()
-                             if k.startswith(("w1", "elbo", "frechet"))}
+                             if k.startswith(("w1", "elbo", "frechet", "precise", "nll"))}
         for k in ("energy", "abs_magnetization"):
             if f"w1/{k}" in row.metrics:
                 result[f"ratio/{k}"] = row.metrics[f"w1/{k}"] / row.metrics[f"w1_reference/{k}"]

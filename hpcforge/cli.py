@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -86,6 +87,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .pt file written by `hpcforge train`")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="change the stored config, e.g. data.path=... (a moved store)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (default: the run's train.seed); two seeds show the "
+                        "evaluation's own spread")
+    p.add_argument("--per-t", type=int, default=256, metavar="N",
+                   help="temperature-conditional Ising generators: N generated and 2 x N "
+                        "independent reference lattices per temperature (grid and held-out "
+                        "midpoints), bootstrap intervals and controls (precise/...); 0 skips it")
     p.epilog = ("latent models (vae, aae, gan, dcgan, wgan_gp, cgan, calo_wgan) also get latent "
                 "interpolations (slerp and linear), traversals and the observables along the path "
                 "(latent/...); conditional generators on a source that declares CONDITION_BINS "
@@ -222,6 +230,24 @@ def _check_one_step(cfg, ranks: int) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Preemption signals are caught from here on, before torch is imported (pipeline.preemption):
+    one that comes while the command starts or ends is acted on or, once the run is done,
+    ignored, but never kills it (issue 25)."""
+    from pipeline.preemption import SIGNALS, PreemptionFlag
+    flag = PreemptionFlag().__enter__()
+    try:
+        return _train(args, flag)
+    finally:
+        flag.__exit__(None, None, None)
+        if getattr(args, "program", False):
+            # The run is over: a signal while the process exits (W&B's and MPI's teardown) has
+            # nothing left to stop. Ignored, not caught: Python's finalization puts back the
+            # default action (death) for signals caught in Python, but leaves ignored ones be.
+            for sig in SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+
+
+def _train(args: argparse.Namespace, flag) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc {args.nproc}: expected at least 1 rank; pass --nproc 1 or more")
     extra = [f"train.dist.nproc={args.nproc}"] if args.nproc is not None else []
@@ -232,19 +258,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     if launch and cfg.train.dist.backend == "none":
         raise UserError(f"train.dist.nproc={cfg.train.dist.nproc} needs a distributed backend; "
                         f"set train.dist.backend=horovod")
+    from pipeline.data.lock import check_free
+    check_free(Path(cfg.data.path))  # not while a prepare writes it
     _check_one_step(cfg, cfg.train.dist.nproc if launch else detect_launcher().world_size)
     if launch:
         from pipeline.trainer import check_before_start  # (ranks started elsewhere: train())
         check_before_start(cfg)  # one run, one record; the store's classes: before any rank
         argv = ["train", "-e", args.experiment, *args.overrides, *extra]
         return relaunch(cfg.train.dist.nproc, argv, cfg.train.dist.launcher,
-                        cfg.train.dist.timeout_s, Path(cfg.output_dir) / "train" / "checkpoints")
+                        cfg.train.dist.timeout_s, Path(cfg.output_dir) / "train" / "checkpoints",
+                        flag)
     from pipeline.loop import NonFiniteError
     from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted
     from pipeline.trainer import train
     from pipeline.watchdog import preempted_status
     try:
-        summary = train(cfg)
+        summary = train(cfg, flag)
     except Preempted as e:
         print(f"[hpcforge] {e}", file=sys.stderr, flush=True)
         return preempted_status(REQUEUE_EXIT_CODE)  # 75, or 0 for our launcher to make it 75
@@ -275,7 +304,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate
-    _print_result(evaluate(args.checkpoint, list(args.overrides)), "metrics")
+    if args.per_t < 0:
+        raise UserError(f"--per-t {args.per_t}: expected 0 (skip the precise evaluation) or a "
+                        f"positive count of samples per temperature, e.g. --per-t 256")
+    _print_result(evaluate(args.checkpoint, list(args.overrides), args.seed, args.per_t), "metrics")
     return 0
 
 
@@ -417,6 +449,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    args.program = argv is None  # the `hpcforge` command itself, not a call from Python
     try:
         return {"prepare": cmd_prepare, "train": cmd_train, "config": cmd_config,
                 "bench": cmd_bench, "evaluate": cmd_evaluate, "explain": cmd_explain,

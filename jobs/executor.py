@@ -9,9 +9,12 @@ srun tasks; `srun --mpi=<cluster.mpi>` wires Horovod's MPI through PMIx/PMI2, no
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.config import ClusterConfig
@@ -20,6 +23,24 @@ from pipeline.errors import UserError
 # Training time the job must get before the checkpoint signal; below this a job would be
 # signalled before (or right after) it starts, checkpoint nothing and requeue forever.
 MIN_TRAIN_S = 60
+
+
+# Files only their owner may read (issue 25): submitit's `<id>_submission.sh` and
+# `<id>_submitted.pkl` carry cluster.setup's lines and the job's config, secrets included (an
+# `export WANDB_API_KEY=...`), as OpenSSH keeps its secrets 0600 in a 0700 folder.
+PRIVATE_UMASK = 0o077
+
+
+@contextlib.contextmanager
+def private_files() -> Iterator[None]:
+    """While submitit writes a job's folder, and while we write its record: folders 0700, files
+    0600. sbatch passes the submitting umask on to the job (SLURM_UMASK), so its logs and what it
+    writes are private too; a local job inherits it from this process."""
+    old = os.umask(PRIVATE_UMASK)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 def resolve_backend(cluster: ClusterConfig) -> str:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs import records
-from jobs.executor import make_executor, resolve_backend, submit_error, tasks_per_node, validate
+from jobs.executor import (make_executor, private_files, resolve_backend, submit_error,
+                           tasks_per_node, validate)
 from jobs.tasks import EvaluateJob, PrepareJob, TrainJob, final_checkpoint
 from pipeline.config import ClusterConfig, Config, load_config
 from pipeline.errors import UserError
@@ -108,13 +109,14 @@ def submit_one(stage: str, cfg: Config, cluster: ClusterConfig, backend: str, fn
     jobs_dir = Path(cfg.cluster.jobs_dir)
     binds = [str(Path(cfg.data.path).parent), cfg.output_dir, str(jobs_dir)]
     ex = make_executor(cluster, backend, jobs_dir, f"{cfg.experiment}-{stage}", binds, dependency)
-    try:
-        job = ex.submit(fn)
-    except (submitit.core.utils.FailedJobError, OSError) as e:
-        raise submit_error(e, cluster) from None
-    record = record_for(stage, str(job.job_id), backend, cfg, cluster, dependency, extra,
-                        Path(job.paths.folder))
-    path = records.write_json(Path(job.paths.folder) / "job.json", record)
+    with private_files():  # the submission script and pickle hold cluster.setup's secrets
+        try:
+            job = ex.submit(fn)
+        except (submitit.core.utils.FailedJobError, OSError) as e:
+            raise submit_error(e, cluster) from None
+        record = record_for(stage, str(job.job_id), backend, cfg, cluster, dependency, extra,
+                            Path(job.paths.folder))
+        path = records.write_json(Path(job.paths.folder) / "job.json", record)
     return Submitted(stage, str(job.job_id), backend, path, Path(job.paths.stdout), job)
 
 

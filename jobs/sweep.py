@@ -51,7 +51,7 @@ from typing import Any
 import yaml
 
 from jobs import records
-from jobs.executor import make_executor, resolve_backend, submit_error, validate
+from jobs.executor import make_executor, private_files, resolve_backend, submit_error, validate
 from jobs.submit import record_for, resolved, slurm_ranks
 from jobs.tasks import TrainJob
 from pipeline.config import LoggerConfig, parse_overrides
@@ -102,7 +102,8 @@ def _task_words(task: str) -> list[str]:
 
 SWEEP_STAGES = (["train"], ["train", "evaluate"])
 # Metrics only `hpcforge evaluate` writes (pipeline/evaluate.py), never the trainer's history.
-EVALUATION_ONLY = ("w1/", "w1_reference/", "classifier/", "frechet_", "relative_l2", "anomaly_")
+EVALUATION_ONLY = ("w1/", "w1_reference/", "classifier/", "frechet_", "relative_l2", "anomaly_",
+                   "precise/")
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,12 @@ def _task(experiment: str, overrides: list[str], extra: list[str], i: int, sweep
 
 def _submit_array(base, backend: str, jobs: list[TrainJob], task_overrides: list[list[str]],
                   name: str, sweep_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    with private_files():  # the tasks' scripts and pickles hold cluster.setup's secrets
+        return _submit_array_files(base, backend, jobs, task_overrides, name, sweep_dir, extra)
+
+
+def _submit_array_files(base, backend: str, jobs: list[TrainJob], task_overrides: list[list[str]],
+                        name: str, sweep_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
     import submitit
 
     jobs_dir = Path(base.cluster.jobs_dir)

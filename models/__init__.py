@@ -1,8 +1,8 @@
 """Model families. `MODELS` maps a config name to (config class, build function)."""
 from __future__ import annotations
 
-from models import (aae, autoencoder, calo_wgan, cgan, cnn, cnn1d, cyclegan, dcgan, dilated, fno,
-                    gan, mlp, resnet, rnn, transformer, unet, vae, wgan_gp)
+from models import (aae, autoencoder, autoregressive, calo_wgan, cgan, cnn, cnn1d, cyclegan, dcgan,
+                    dilated, fno, gan, mlp, resnet, rnn, transformer, unet, vae, wgan_gp)
 
 MODELS = {
     "mlp": (mlp.MLPConfig, mlp.build),
@@ -23,6 +23,7 @@ MODELS = {
     "calo_wgan": (calo_wgan.CaloWGANConfig, calo_wgan.build),
     "cyclegan": (cyclegan.CycleGANConfig, cyclegan.build),
     "aae": (aae.AAEConfig, aae.build),
+    "autoregressive": (autoregressive.AutoregressiveConfig, autoregressive.build),
 }
 
 

@@ -28,6 +28,9 @@ import torch
 from pipeline.errors import UserError
 
 
+DAMAGED_SUFFIX = ".damaged"  # what a damaged checkpoint is renamed to (Checkpoints.set_aside)
+
+
 class DamagedCheckpoint(UserError):
     """A checkpoint whose bytes changed after it was written (a record fails its CRC32)."""
 
@@ -232,18 +235,35 @@ class Checkpoints:
         return value < self.best_value if self.best_mode == "min" else value > self.best_value
 
     def latest_valid(self, log=print) -> tuple[Path, dict[str, Any]] | None:
-        """The newest checkpoint that loads; unreadable or damaged ones are reported and passed
-        over."""
+        """The newest checkpoint that loads; unreadable or damaged ones are reported, passed over
+        and listed in `self.damaged` (`set_aside` moves them out of the way)."""
+        self.damaged: list[Path] = []
         for path in self.steps():
             try:
                 return path, load(path)
+            except FileNotFoundError:  # set aside by rank 0 meanwhile
+                continue
             except UnreadableCheckpoint as e:
                 log(f"[hpcforge] skipping unreadable checkpoint {path} ({e})")
             except DamagedCheckpoint as e:
                 log(f"[hpcforge] skipping damaged checkpoint {path} ({e})")
             except Exception as e:  # truncated or corrupt: fall back to an older one
                 log(f"[hpcforge] skipping unreadable checkpoint {path} ({type(e).__name__}: {e})")
+            self.damaged.append(path)
         return None
+
+    def set_aside(self, paths: list[Path]) -> list[Path]:
+        """Rename damaged checkpoints to `<name>.damaged` (issue 25: never destroy evidence): a
+        run that goes on writes its step files again, and would replace them. Returns the new
+        paths; a name already taken gets a number."""
+        moved = []
+        for path in paths:
+            target, n = path.with_name(path.name + DAMAGED_SUFFIX), 1
+            while target.exists():
+                target, n = path.with_name(f"{path.name}{DAMAGED_SUFFIX}.{n}"), n + 1
+            os.replace(path, target)
+            moved.append(target)
+        return moved
 
 
 def check_compatible(ckpt: dict[str, Any], config: dict[str, Any], path: Path) -> None:

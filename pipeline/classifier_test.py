@@ -52,6 +52,14 @@ def classifier_auc(real: np.ndarray, generated: np.ndarray, obs: Observables | N
     (both in physical units, the same number used of each; `cond` their shared conditions, or
     `real`'s when `generated_cond` gives the other side its own: a second real sample drawn at
     its own conditions, the real-vs-real reference)."""
+    return float(roc_auc_score(*classifier_scores(real, generated, obs, cond, seed, generated_cond)))
+
+
+def classifier_scores(real: np.ndarray, generated: np.ndarray, obs: Observables | None = None,
+                      cond: np.ndarray | None = None, seed: int = 0,
+                      generated_cond: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out half's labels (1: generated) and the classifier's scores: what
+    `classifier_auc` scores, and what a bootstrap interval of it resamples (pipeline/precise.py)."""
     n = min(len(real), len(generated))
     c = None if cond is None else np.asarray(cond)[:n]
     c_gen = c if generated_cond is None else np.asarray(generated_cond)[:n]
@@ -67,4 +75,4 @@ def classifier_auc(real: np.ndarray, generated: np.ndarray, obs: Observables | N
     with threadpool_limits(1):
         clf.fit(x_fit, y_fit)
         scores = clf.predict_proba(x_test)[:, 1]
-    return float(roc_auc_score(y_test, scores))
+    return y_test, scores

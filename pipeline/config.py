@@ -122,6 +122,11 @@ class DistConfig:
     timeout_s: int = 300           # a silent rank ends the job after this long, not never
     signal_check_s: float = 1.0    # ranks agree on a preemption signal this often (0: each step)
     sync_batchnorm: bool = False   # GPUs: batch norm over the global batch (SyncBatchNorm)
+    # Where ranks on several nodes meet and talk (issue 25): the network interface (e.g. ib0,
+    # eth1) and the rendezvous port of rank 0; None/0: the host name's address and a free port.
+    # Ranks on one node always use loopback (or a file) and open nothing on the network.
+    interface: str | None = None
+    port: int = 0
 
 
 @dataclass
@@ -482,6 +487,7 @@ RANGES: dict[str, Range] = {
     "train.dist.nproc": Range(1, unit="rank"),
     "train.dist.bucket_mb": POSITIVE,
     "train.dist.timeout_s": AT_LEAST_1,
+    "train.dist.port": Range(0, 65535, unit="port"),
     "train.dist.signal_check_s": AT_LEAST_0,      # 0: every step
     "train.logger.log_every": AT_LEAST_1,
     "train.logger.images_every": AT_LEAST_0,      # 0: no images

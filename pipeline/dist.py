@@ -474,26 +474,93 @@ def _let_gloo_threads_finish() -> None:
     time.sleep(0.05)
 
 
-def _rendezvous(place: Placement) -> tuple[str, str]:
-    """MASTER_ADDR/PORT for torch.distributed, as the launcher gave them (torchrun; `hpcforge
-    submit`'s jobs, where jobs/tasks.py exports submitit's TorchDistributedEnvironment), else,
-    under mpirun, rank 0's host and a free port of its, shared over MPI."""
+LOOPBACK = "127.0.0.1"
+
+
+def one_node(place: Placement) -> bool:
+    """Every rank on this node (a `--nproc` run, a one-node job)."""
+    return place.local_size >= place.world_size
+
+
+def pin_transports(place: Placement, cfg: DistConfig, env: dict[str, str] | Any = os.environ) -> None:
+    """Gloo's and NCCL's own sockets on loopback when every rank is on this node, else on
+    train.dist.interface when set (issue 25); anything the user set wins."""
+    iface = "lo" if one_node(place) else cfg.interface
+    if iface:
+        env.setdefault("GLOO_SOCKET_IFNAME", iface)
+        env.setdefault("NCCL_SOCKET_IFNAME", iface)
+
+
+def interface_address(name: str) -> str:
+    """The IPv4 address of network interface `name` (e.g. ib0); a user error names the others."""
+    import psutil
+    addrs = psutil.net_if_addrs()
+    found = [a.address for a in addrs.get(name, []) if a.family == socket.AF_INET]
+    if not found:
+        raise UserError(f"train.dist.interface={name}: no such network interface with an IPv4 "
+                        f"address on {socket.gethostname()}; available: {', '.join(sorted(addrs))}")
+    return found[0]
+
+
+def _store(place: Placement, cfg: DistConfig) -> Any:
+    """Where torch.distributed's ranks meet (issue 25: PyTorch's advice is to bind the store to a
+    trusted interface; its TCPStore otherwise listens on every interface).
+
+    Every rank on one node: a FileStore in a folder only this user can open, so nothing listens
+    at all (under mpirun, rank 0 makes it and tells the others over MPI); given MASTER_ADDR/PORT
+    (a one-node Slurm job), a TCPStore on loopback. Several nodes: a TCPStore whose rank 0
+    listens on train.dist.interface's address only (every interface when unset, as torch does),
+    on MASTER_PORT, else train.dist.port, else a free port shared over MPI."""
+    import torch.distributed as td
+    timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    addr, port = _rendezvous(place)
+    under_mpirun = place.launcher.startswith("mpirun")
+    if one_node(place) and under_mpirun:
+        return td.FileStore(_shared_by_rank_0(_private_store_file), place.world_size)
+    if one_node(place):
+        bind = LOOPBACK
+    elif cfg.interface:
+        bind = interface_address(cfg.interface)
+    else:
+        bind = ""  # every interface, as torch does: train.dist.interface narrows it
+    listener = socket.create_server((bind, int(port or cfg.port or 0)), backlog=4096) \
+        if place.rank == 0 else None
+    if addr is None:  # under mpirun: rank 0's address and port, to every rank
+        addr, port = _shared_by_rank_0(lambda: (bind or socket.gethostname(),
+                                                listener.getsockname()[1]))
+    return td.TCPStore(LOOPBACK if one_node(place) else addr, int(port), place.world_size,
+                       place.rank == 0, timeout,
+                       master_listen_fd=listener.detach() if listener else None)  # its now
+
+
+def _rendezvous(place: Placement) -> tuple[str | None, str | None]:
+    """MASTER_ADDR/PORT as the launcher gave them (torchrun; `hpcforge submit`'s jobs, where
+    jobs/tasks.py exports submitit's TorchDistributedEnvironment); (None, None) under mpirun,
+    where rank 0 picks them and shares them over MPI; refused under any other launcher."""
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if addr and port:
         return addr, port
     if place.launcher.startswith("mpirun"):
-        from mpi4py import MPI
-        free = None
-        if place.rank == 0:
-            with socket.socket() as s:
-                s.bind(("", 0))
-                free = s.getsockname()[1]
-        host = socket.gethostname() if place.rank == 0 else None
-        host, free = MPI.COMM_WORLD.bcast((host, free), root=0)
-        return addr or (host if place.local_size < place.world_size else "127.0.0.1"), port or str(free)
+        return None, None
     raise UserError(f"train.dist.backend=ddp under {place.launcher}: set MASTER_ADDR and "
                     f"MASTER_PORT (`hpcforge submit` sets them in its Slurm jobs), or start the "
                     f"ranks with mpirun (hpcforge train --nproc N) or torchrun")
+
+
+def _private_store_file() -> str:
+    """A FileStore's path in a fresh folder of mode 0700, removed when this process exits."""
+    import shutil
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="hpcforge-store-")  # 0700: only this user opens it
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return os.path.join(folder, "store")
+
+
+def _shared_by_rank_0(make: Callable[[], Any]) -> Any:
+    """`make()` on rank 0, broadcast to every rank over MPI (the ranks' launcher is mpirun)."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    return comm.bcast(make() if comm.Get_rank() == 0 else None, root=0)
 
 
 # OpenMPI, for ranks whose threads fill the CPU cores (training on CPU): a rank waiting in MPI
@@ -524,10 +591,13 @@ def init_distributed(cfg: DistConfig) -> Dist:
         return Dist(place, device, cfg)
     if cfg.backend == "ddp":
         import torch.distributed as td
-        addr, port = _rendezvous(place)
-        td.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{addr}:{port}",
-                              rank=place.rank, world_size=place.world_size,
-                              timeout=datetime.timedelta(seconds=cfg.timeout_s))
+        pin_transports(place, cfg)
+        # torchrun's agent already serves the store at MASTER_ADDR:PORT: join it (env://)
+        meet = {"init_method": "env://"} if place.launcher == "torchrun" else \
+            {"store": _store(place, cfg)}
+        td.init_process_group("nccl" if cuda else "gloo", rank=place.rank,
+                              world_size=place.world_size,
+                              timeout=datetime.timedelta(seconds=cfg.timeout_s), **meet)
         return TorchDist(place, device, cfg)
     try:
         import horovod.torch as hvd

@@ -17,6 +17,7 @@ checkpoint's W&B run (resumed by id).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -40,6 +41,7 @@ from pipeline.ema import load_weights
 from pipeline.errors import UserError
 
 MAX_SAMPLES = 2048        # cap on real and generated samples per distance (W1, Fréchet)
+PER_T = 256               # generated and reference samples per temperature (pipeline/precise.py)
 OOD_SAMPLES = 256         # out-of-distribution samples for the anomaly ROC AUC
 
 
@@ -219,8 +221,11 @@ def per_class_accuracy(y: np.ndarray, predicted: np.ndarray, names: list[str]) -
 class Evaluation:
     """The metrics and figures of one checkpoint on one split."""
 
-    def __init__(self, cfg: Config, model: nn.Module, store: Store, split: str, seed: int = 0):
+    def __init__(self, cfg: Config, model: nn.Module, store: Store, split: str, seed: int = 0,
+                 per_t: int = PER_T):
         self.cfg, self.model, self.store, self.split = cfg, model, store, split
+        self.seed, self.per_t = seed, per_t
+        self.per_temperature: dict[str, Any] = {}
         self.var = cfg.data.inputs["x"]
         self.affine = normalization(store.stats("train", self.var), cfg.data.normalize)
         self.rng = np.random.default_rng(seed)
@@ -318,6 +323,73 @@ class Evaluation:
             self.condition_bins(bins, obs, real_norm, gen_phys, train_phys, arrays["cond"][:n])
         self.frechet(real_norm, self._renormalize(gen_phys), self._renormalize(train_phys))
         self.classifier(obs, real_norm, gen_phys, train_phys, arrays.get("cond") if conditional else None)
+        if conditional and (make := declared(source, "reference")) is not None and self.per_t:
+            self.precise(sample, make, obs)
+
+    def precise(self, sample: Callable, make: Callable, obs: physics.Observables) -> None:
+        """The per-temperature evaluation against independent reference chains, with controls
+        (pipeline/precise.py, issue #23): the model's sampler as configured; for a sampler with
+        Metropolis sweeps, the network alone and the same sweeps from the source's own start."""
+        from pipeline import precise
+        from pipeline.data.sources.base import chunk_rng
+        source, params = SOURCES[self.store.meta.source], self.cfg.data.params
+        protocol = precise.Protocol(source.temperatures(params), self.per_t, seed=self.seed)
+        a, b = precise.reference(lambda t, seed: make(params, t, seed), protocol, self.store.path,
+                                 {"params": dataclasses.asdict(params)})
+        cond = protocol.conditions()
+        torch.manual_seed(self.seed)
+        rng = np.random.default_rng(self.seed)
+
+        def model_sampler(t: np.ndarray) -> np.ndarray:
+            out = [sample(len(c), {"cond": torch.as_tensor(c, dtype=torch.float32)}).cpu().numpy()
+                   for c in np.array_split(t, -(-len(t) // 1024))]
+            return physics.physical(obs, np.concatenate(out), self.affine, rng)
+
+        sweeps = int(getattr(getattr(self.model, "cfg", None), "refine_sweeps", 0) or 0)
+        floor = precise.floor_scores(a, b, protocol)
+        runs = [("model", f"model ({sweeps} sweeps)" if sweeps else "model", model_sampler)]
+        if sweeps:
+            runs.append(("network_only", "network alone (0 sweeps)", self._without_sweeps(model_sampler)))
+        runs.append(("control", f"no network: source's start + {sweeps} sweeps",
+                     lambda t: no_network(make_start=source.initial_state, params=params, t=t,
+                                          sweeps=sweeps, seed=self.seed)))
+        scores = {}
+        for key, name, sampler_ in runs:
+            x, cpu = precise.timed(sampler_, cond)
+            scores[key] = precise.score(name, x, a, b, protocol, cpu_s=cpu)
+            if (acc := getattr(self.model, "last_acceptance", None)) is not None and key == "model":
+                scores[key].extra["mh_acceptance"] = acc
+        self.metrics.update({f"precise/floor/auc": floor.auc[0], "precise/floor/auc_hi": floor.auc[2],
+                             **{f"precise/floor/{k}": v for k, v in floor.curves.items()}})
+        for key, sc in scores.items():
+            self.metrics.update(sc.metrics(f"precise/{key}"))
+        self.metrics.update({"precise/per_t": protocol.per_t,
+                             "precise/temperatures": len(protocol.temperatures),
+                             "precise/samples": len(cond)})
+        controls = [scores[k] for k in ("network_only", "control") if k in scores]
+        self.notes.append(f"precise ({protocol.per_t} per T at {len(protocol.temperatures)} T, "
+                          f"held-out midpoints included; independent reference chains; 95 % "
+                          f"bootstrap): W1 / floor " + " | ".join(s.line() for s in scores.values())
+                          + f" | floor AUC {floor.auc[0]:.3f}")
+        self.notes.append(f"verdict: {precise.verdict(scores['model'], controls)}")
+        self.figures["per_temperature"] = precise.figure(protocol, list(scores.values()))
+        self.per_temperature = {"T": protocol.temperatures.tolist(),
+                                "held_out": protocol.is_held_out(protocol.temperatures).tolist(),
+                                **{f"{key}/{k}": v.tolist() for key, sc in scores.items()
+                                   for k, v in sc.per_t.items()},
+                                **{f"floor/{k}": v.tolist() for k, v in floor.per_t.items()
+                                   if k.startswith("curve/")}}
+
+    def _without_sweeps(self, model_sampler: Callable) -> Callable:
+        """The model's sampler with its refine_sweeps set to 0 for the call: the network alone."""
+        def run(t: np.ndarray) -> np.ndarray:
+            cfg = self.model.cfg
+            kept, cfg.refine_sweeps = cfg.refine_sweeps, 0
+            try:
+                return model_sampler(t)
+            finally:
+                cfg.refine_sweeps = kept
+        return run
 
     def floor_ratios(self, distances: dict[str, float]) -> None:
         """W1 / the real-vs-real floor per observable ("w1_ratio/<name>"), the number issue #15
@@ -420,6 +492,18 @@ class Evaluation:
             inliers, outliers, self.metrics["anomaly_roc_auc"])
 
 
+def no_network(make_start: Callable, params: Any, t: np.ndarray, sweeps: int, seed: int) -> np.ndarray:
+    """The control with no network (issue #23): the source's own initial lattices at `t`, then
+    `sweeps` Metropolis sweeps at each lattice's T, then each flipped whole with probability 1/2
+    (what `models.layers.refine_spins` does to a generator's spins)."""
+    from models.layers import metropolis_sweeps
+    s = torch.as_tensor(make_start(params, t, seed), dtype=torch.float32)
+    torch.manual_seed(seed)
+    s = metropolis_sweeps(s, torch.as_tensor(t, dtype=torch.float32), sweeps) if sweeps else s
+    flip = torch.where(torch.rand(len(s), 1, 1, 1) < 0.5, -1.0, 1.0)
+    return (s * flip).numpy()
+
+
 # --------------------------------------------------------------------------- entry point
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
@@ -446,7 +530,8 @@ def checkpoint_config(ckpt: dict[str, Any], overrides: list[str]) -> Config:
     return config_from_dict(ckpt["config"], overrides)
 
 
-def evaluate(checkpoint: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+def evaluate(checkpoint: str | Path, overrides: list[str] | None = None, seed: int | None = None,
+             per_t: int = PER_T) -> dict[str, Any]:
     """Score a checkpoint; write `<checkpoint>.eval.json` and figures, log to its W&B run."""
     from pipeline.trainer import build_model
     path = Path(checkpoint)
@@ -456,7 +541,8 @@ def evaluate(checkpoint: str | Path, overrides: list[str] | None = None) -> dict
     weights = load_weights(model, ckpt, cfg.train.ema.weights)  # the average, if saved (issue #15)
     store = open_store(cfg.data.path)
     split = eval_split(store)
-    ev = Evaluation(cfg, model, store, split, seed=cfg.train.seed)
+    ev = Evaluation(cfg, model, store, split, seed=cfg.train.seed if seed is None else seed,
+                    per_t=per_t)
     ev.run()
     out_dir = path.with_name(path.stem + ".eval")
     out_dir.mkdir(exist_ok=True)
@@ -467,6 +553,7 @@ def evaluate(checkpoint: str | Path, overrides: list[str] | None = None) -> dict
     result = {"checkpoint": str(path), "step": ckpt["step"], "model": cfg.model.name,
               "source": store.meta.source, "split": split, "weights": weights, "metrics": ev.metrics,
               "figures": {k: str(v) for k, v in pngs.items()}, "notes": ev.notes,
+              "per_temperature": ev.per_temperature,
               "wandb_run_id": ckpt.get("wandb_run_id")}
     result["wandb_run"] = log_to_wandb(cfg, path, ckpt, ev)
     json_path = path.with_name(path.stem + ".eval.json")

@@ -29,14 +29,17 @@ jobs.tasks); nothing restates the numbers.
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "checkpointed after a preemption signal, run me again"
 SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 FORWARDED_SIGNAL = signal.SIGUSR1  # what the launcher sends mpirun for any of SIGNALS
+RECEIVED_NOTE = "signal"           # the launcher writes the signal it got here, in its watch folder
 MAX_STEPS_BETWEEN_VOTES = 10_000   # a bound, so a mis-measured step time cannot stop the votes
 
 
@@ -56,6 +59,7 @@ class PreemptionFlag:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.received = 0               # signals caught so far (the launcher forwards each)
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> PreemptionFlag:
@@ -67,6 +71,7 @@ class PreemptionFlag:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+        self.received += 1
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -120,4 +125,17 @@ class Preemption:
 
     @property
     def signum(self) -> int:
-        return self.flag.signum or FORWARDED_SIGNAL
+        """The signal the user sent: the one caught here, or, when our launcher forwarded it as
+        FORWARDED_SIGNAL, the one it names in its watch folder."""
+        caught = self.flag.signum or FORWARDED_SIGNAL
+        return received_signal(caught) if caught == FORWARDED_SIGNAL else caught
+
+
+def received_signal(caught: int) -> int:
+    """What our `--nproc` launcher received, which it passed on as `caught` (pipeline.launch)."""
+    from pipeline.watchdog import WATCH_DIR_ENV
+    folder = os.environ.get(WATCH_DIR_ENV)
+    try:
+        return signal.Signals[(Path(folder) / RECEIVED_NOTE).read_text().strip()]
+    except (TypeError, OSError, KeyError):  # no launcher of ours, or it wrote no name
+        return caught

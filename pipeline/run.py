@@ -203,7 +203,9 @@ def build(cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None,
     run.tracker = Tracker(cfg.train.logger, run.run_dir,
                           {**cfg.to_dict(), "dataset": run.store_meta, **run.provenance},
                           active=dist.is_main, run_id=resumed_run_id)
-    run.tracker.rewind(run.progress.step)  # a resumed run's record goes on from its checkpoint
+    # the rows of the steps a resume discards go; a fresh start (resume=auto with no checkpoint
+    # that reads) drops the rows a failed first attempt left: one record, one row per step
+    run.tracker.drop_after(run.progress.step)
     if run.transfer is not None:
         run.tracker.log(run.transfer.counts(), 0)
     announce_ranks(run)

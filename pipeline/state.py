@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoint import check_compatible, load
+from pipeline.checkpoint import DAMAGED_SUFFIX, check_compatible, load
 from pipeline.errors import UserError
 from pipeline.optim import load_optimizer_state
 from pipeline.redaction import redact
@@ -125,6 +125,7 @@ def _find(run: Run) -> tuple[Path, dict[str, Any]] | None:
         return None
     if how == "auto":
         found = run.checkpoints.latest_valid(log=run.print)
+        _set_aside_damaged(run, found is None)
         if found is None:
             run.print(f"[hpcforge] resume=auto: no checkpoint in {run.checkpoints.folder}, "
                       f"starting fresh")
@@ -134,6 +135,28 @@ def _find(run: Run) -> tuple[Path, dict[str, Any]] | None:
         raise UserError(f"train.resume={how}: no such checkpoint file; use auto, never, "
                         f"or a path to a .pt file")
     return path, load(path)
+
+
+class AllCheckpointsDamaged(UserError):
+    """train.resume=auto found checkpoints, and none of them loads: every rank meets it alike."""
+
+
+def _set_aside_damaged(run: Run, none_valid: bool) -> None:
+    """Damaged checkpoints move aside (issue 25: never destroy evidence), by rank 0 once every
+    rank has looked; when none was valid, resume=auto refuses rather than train over them."""
+    damaged = run.checkpoints.damaged
+    if run.dist.world_size > 1:
+        run.dist.barrier()  # every rank has chosen before any file moves
+    if not damaged:
+        return
+    moved = run.checkpoints.set_aside(damaged) if run.dist.is_main else \
+        [p.with_name(p.name + DAMAGED_SUFFIX) for p in damaged]
+    if none_valid:
+        raise AllCheckpointsDamaged(
+            f"train.resume=auto: every checkpoint in {run.checkpoints.folder} is damaged; moved "
+            f"aside as {', '.join(p.name for p in moved)}; to start over set train.resume=never "
+            f"(they stay as they are), or resume from a good copy with train.resume=PATH")
+    run.print(f"[hpcforge] moved damaged checkpoint(s) aside: {', '.join(map(str, moved))}")
 
 
 def _restore_position(run: Run, ckpt: dict[str, Any]) -> None:

@@ -181,17 +181,17 @@ class Tracker:
         with self._named_if_full(path):
             path.write_text(json.dumps(obj, indent=2))
 
-    def rewind(self, step: int) -> None:
-        """Keep metrics.jsonl's rows up to `step`, where a resumed run goes on: a run stopped
-        after logging steps past its last checkpoint does them again, and one row per step stays
-        (issue 24). A half-written last row is dropped too. Written whole, then swapped in."""
+    def drop_after(self, step: int) -> None:
+        """A resumed run: metrics.jsonl keeps the rows of steps up to `step`, where the checkpoint
+        was; the rows of the steps the resume discards go (issue 25: each step once, the history
+        the run goes on from). Rewritten whole and renamed over the file: never half there."""
         if not (self.active and self.metrics_path.is_file()):
             return
         lines = self.metrics_path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if _row_step(line) <= step]
+        kept = [line for line in lines if _row_step(line) <= step]  # (a half-written row goes too)
         if len(kept) == len(lines):
             return
-        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp-{os.getpid()}")
+        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
         with self._named_if_full(self.metrics_path):
             tmp.write_text("".join(kept))
             os.replace(tmp, self.metrics_path)

@@ -7,6 +7,7 @@ pipeline.preemption (the signal, vote and exit-75 contract). The CLI and jobs.ta
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from typing import Any
 
 from models.base import InputShapeError
@@ -18,17 +19,20 @@ from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
 from pipeline.data.store import open_store
 from pipeline.run import build, build_model, check_class_count, seed_for
 from pipeline.rundir import check_run_dir
+from pipeline.state import AllCheckpointsDamaged
 from pipeline.watchdog import Heartbeat
 
 __all__ = ["train", "Preempted", "REQUEUE_EXIT_CODE", "NonFiniteError", "build_model", "seed_for"]
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Train on every rank the launcher started; the summary's paths are filled on rank 0."""
+def train(cfg: Config, flag: PreemptionFlag | None = None) -> dict[str, Any]:
+    """Train on every rank the launcher started; the summary's paths are filled on rank 0.
+    `flag`: one the caller holds already (the CLI's, caught from its start), else our own."""
     place = detect_launcher()
     _check_before_start(cfg, place.rank)
     heartbeat = Heartbeat.from_env(place.rank)
-    with PreemptionFlag() as flag:  # from the start: a signal during set-up is not lost either
+    held = nullcontext(flag) if flag is not None and flag.catching else PreemptionFlag()
+    with held as flag:  # from the start: a signal during set-up is not lost either
         heartbeat.beat("wait:start-up")  # the backend's rendezvous waits for every rank
         dist = init_distributed(cfg.train.dist)
         heartbeat.watch_collectives(dist)
@@ -36,13 +40,15 @@ def train(cfg: Config) -> dict[str, Any]:
             return _fit(cfg, dist, heartbeat, flag)
         except UserError as e:
             if dist.world_size > 1:  # (damaged data, a full disk) on one rank: its line, then leave
-                if isinstance(e, DataMisfit) and not dist.is_main:
+                if isinstance(e, (DataMisfit, AllCheckpointsDamaged)) and not dist.is_main:
                     _leave_to_rank_0()
                 _exit_without_finalize(f"hpcforge: error: {e}", status=2)
             raise
-        except Exception:
-            if heartbeat.failed and dist.world_size > 1:
-                _exit_without_finalize()
+        except Exception as e:
+            if heartbeat.failed and dist.world_size > 1:  # a peer is gone: one line, no traceback
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                _exit_without_finalize(f"[hpcforge] rank {dist.rank}: {heartbeat.failed} failed "
+                                       f"({type(e).__name__}: {first}); leaving")
             raise
 
 

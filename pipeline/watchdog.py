@@ -40,6 +40,7 @@ BLOCKING = ("synchronize", "broadcast", "average_buffers", "mean", "gather_objec
             "broadcast_object", "barrier", "shutdown")
 FINISHED = ("done", "preempted")      # a rank's last records: it is leaving, not stuck
 _HOST = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # the name ranks.json uses
+HOST = _HOST  # this node, as the records name it
 
 
 class Heartbeat:

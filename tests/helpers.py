@@ -48,3 +48,25 @@ def files_holding(root: Path, secrets: list[str]) -> list[str]:
         hits += [f"{path.relative_to(root)}: {s}" for s in secrets
                  if any(s.encode() in b for b in blobs)]
     return hits
+
+
+LOOPBACK_ADDRS = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+def listening(pids) -> list[tuple[int, str, int]]:
+    """(pid, address, port) of every listening TCP socket the processes `pids` hold (the tests
+    run as root, so psutil sees every process's sockets)."""
+    import psutil
+    pids = set(pids)
+    return sorted((c.pid, c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="tcp")
+                  if c.status == psutil.CONN_LISTEN and c.pid in pids)
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process under it."""
+    import psutil
+    try:
+        me = psutil.Process(pid)
+        return [pid, *(p.pid for p in me.children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []

@@ -42,7 +42,7 @@ def test_resolved_config_round_trips():
     (["train.epochs=abc"], "train.epochs: expected int, got 'abc' (str)"),
     (["train.epochs=true"], "train.epochs: expected int, got True (bool)"),
     (["model.latnt=3"], "unknown key model.latnt; valid keys under model: beta, channels"),
-    (["data.params.lattce=3"], "unknown key data.params.lattce; valid keys under data.params: burn_in"),
+    (["data.params.lattce=3"], "unknown key data.params.lattce; valid keys under data.params: algorithm, burn_in"),
     (["train.dist.backend=mpi"], "train.dist.backend: expected one of 'horovod', 'ddp', 'none', got 'mpi'"),
     (["model=nope"], "model=nope: no file configs/model/nope.yaml; available: "),
     (["experiment=nope"], "experiment=nope: no file configs/experiment/nope.yaml"),

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
+import tempfile
+import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -21,6 +26,7 @@ from pipeline.config import DaskConfig
 from pipeline.errors import UserError
 
 ZARR_IO_PER_THREAD = 4   # concurrent chunk reads/writes per Dask thread: hides latency, bounded
+LOOPBACK = "127.0.0.1"   # where a local cluster listens: nobody else on the network reaches it
 
 
 class ZarrInWorkers(WorkerPlugin):
@@ -38,18 +44,53 @@ class ZarrInWorkers(WorkerPlugin):
         numcodecs.blosc.use_threads = False
 
 
-def slurm_cluster(d: DaskConfig):
-    """A dask-jobqueue SLURMCluster from config; nothing is submitted until it is scaled."""
+def run_security(folder: Path):
+    """TLS for one run's Dask cluster: a self-signed certificate and key made now, for the
+    scheduler, the workers and our client alike (what `Security.temporary()` makes, which needs
+    the `cryptography` package; `openssl` is on every cluster node). Only peers holding them
+    connect: the scheduler requires client certificates signed by this one (`require_encryption`
+    refuses plain TCP). The files lie in `folder`, which must be private (0700) and on a
+    filesystem the worker jobs see: workers read them from there."""
+    from distributed.security import Security
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    try:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "7",
+                        "-subj", "/CN=hpcforge-dask", "-keyout", str(key), "-out", str(cert)],
+                       check=True, capture_output=True, timeout=120)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise UserError(f"data.dask.cluster=slurm: could not make the run's TLS certificate with "
+                        f"openssl ({e}); install openssl, or prepare on a local cluster "
+                        f"(data.dask.cluster=local)") from None
+    key.chmod(0o600)
+    pair = {f"tls_{role}_{part}": str(path) for role in ("client", "scheduler", "worker")
+            for part, path in (("cert", cert), ("key", key))}
+    return Security(tls_ca_file=str(cert), require_encryption=True, **pair)
+
+
+def slurm_cluster(d: DaskConfig, tls_dir: Path | None = None):
+    """A dask-jobqueue SLURMCluster from config, closed by default (issue 25): TLS with a
+    certificate made for this run (`run_security`, its files in `tls_dir`, a new private folder
+    beside the worker logs unless given), the scheduler on data.dask.slurm.interface, its
+    dashboard on loopback. Nothing is submitted until it is scaled."""
     from dask_jobqueue import SLURMCluster
     s = d.slurm
     if s.jobs < 1 or s.cores < 1 or not 1 <= s.processes <= s.cores:
         raise UserError(f"data.dask.slurm: jobs={s.jobs}, cores={s.cores}, processes={s.processes}; "
                         f"expected jobs >= 1 and 1 <= processes <= cores")
-    return SLURMCluster(
+    own = tls_dir is None
+    if own:
+        beside = Path(s.log_directory or os.getcwd())
+        beside.mkdir(parents=True, exist_ok=True)
+        tls_dir = Path(tempfile.mkdtemp(prefix=".hpcforge-dask-tls-", dir=beside))  # 0700
+    cluster = SLURMCluster(
         cores=s.cores, processes=s.processes, memory=s.memory, queue=s.queue, account=s.account,
         walltime=s.walltime, interface=s.interface, local_directory=s.local_directory,
         log_directory=s.log_directory, job_extra_directives=list(s.job_extra_directives),
-        job_script_prologue=list(s.job_script_prologue), scheduler_options={"dashboard_address": ":0"})
+        job_script_prologue=list(s.job_script_prologue), protocol="tls://",
+        security=run_security(tls_dir), scheduler_options={"dashboard_address": f"{LOOPBACK}:0"})
+    if own:  # the certificate goes with the cluster
+        weakref.finalize(cluster, shutil.rmtree, tls_dir, True)
+    return cluster
 
 
 def shape(d: DaskConfig, client=None) -> tuple[int, int]:
@@ -106,6 +147,15 @@ def _environment_restored() -> Iterator[None]:
         os.environ.update(before)
 
 
+def _dashboard(client, cluster) -> str:
+    """The dashboard's link where it listens: on loopback for clusters we start (the scheduler
+    itself may listen on a cluster interface), as the scheduler says for a running one."""
+    port = client.scheduler_info(n_workers=0).get("services", {}).get("dashboard")
+    if cluster is None or port is None:
+        return client.dashboard_link
+    return f"http://{LOOPBACK}:{port}/status"
+
+
 def _dask_client(d: DaskConfig, log) -> Iterator:
     from distributed import Client, LocalCluster
     mode, cluster = _mode(d), None
@@ -119,15 +169,18 @@ def _dask_client(d: DaskConfig, log) -> Iterator:
             f"for the first worker")
         client.wait_for_workers(1, timeout=d.slurm.wait_s)
     else:
+        # Loopback only (issue 25): scheduler, workers and dashboard answer this host alone
+        # (the dashboard's /json/identity.json lists workers and folders); its link then is
+        # the address it listens on.
         cluster = LocalCluster(n_workers=d.n_workers, threads_per_worker=d.threads_per_worker,
                                memory_limit=d.memory_limit, processes=d.processes,
-                               dashboard_address=":0")
+                               host=LOOPBACK, dashboard_address=f"{LOOPBACK}:0")
         client = Client(cluster)
     try:
         workers, slots = shape(d, client)
         client.register_plugin(ZarrInWorkers(slots // workers))
         n = len(client.scheduler_info(n_workers=-1)["workers"])
-        log(f"dask: {mode} cluster, {n} workers, dashboard {client.dashboard_link}")
+        log(f"dask: {mode} cluster, {n} workers, dashboard {_dashboard(client, cluster)}")
         yield client
     finally:
         client.close()

@@ -145,6 +145,20 @@ def acquire(lock: Path, store: Path, log) -> dict:
                     f"{lock} and run again")
 
 
+def check_free(store: Path) -> None:
+    """For readers (`hpcforge train`): UserError naming the holder while a prepare that still
+    runs (or one on another host, which cannot be checked) holds `store`'s lock; a stale lock
+    is no reason to wait (issue 25: during a prepare, train said ".partial" or "damaged")."""
+    store = Path(store)
+    lock = store.with_name(store.name + ".lock")
+    holder = _read(lock)
+    if holder is None:
+        return
+    alive = _alive(lock, holder)
+    if alive is not False:
+        raise _refuse(lock, store, holder, alive)
+
+
 def release(lock: Path, me: dict) -> None:
     """Remove the lock if it is still ours (a stale-lock takeover may have replaced it)."""
     holder = _read(lock)

@@ -161,13 +161,28 @@ def test_a_temperature_conditional_generator_is_compared_on_the_thermodynamic_cu
     ckpt = train(small_store, tmp_path, "model=dcgan", "model.image_size=16",
                  "model.channels=[16,8]", "model.cond_temperature=true", "model.circular=true",
                  "model.refine_sweeps=2", "train.max_steps=6", "train.logger.mode=disabled")
-    _, result = evaluate(ckpt)
+    r, result = evaluate(ckpt, "--per-t", "8")
     m = result["metrics"]
     for q in thermo.QUANTITIES:
         assert 0.0 <= m[f"thermo/{q}"] < float("inf"), (q, m)
     assert "w1/energy" in m and "w1/abs_magnetization" in m
     png = Path(result["figures"]["thermo_curves"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # issue #23: the precise evaluation beside its controls, at 8 lattices per temperature
+    # (the 16x16 store's 16 training temperatures and the 15 midpoints held out of training)
+    assert m["precise/samples"] == 8 * 31 and m["precise/temperatures"] == 31
+    for who in ("model", "network_only", "control"):
+        value, lo, hi = (m[f"precise/{who}/w1_ratio/energy{s}"] for s in ("", "_lo", "_hi"))
+        assert 0 < lo <= value <= hi, (who, value, lo, hi)
+        assert 0 <= m[f"precise/{who}/auc"] <= 1
+    # the network alone samples its probabilities with no sweeps: far from equilibrium after 6
+    # steps, where the source's start plus 2 sweeps is nearer
+    assert m["precise/network_only/w1_ratio/energy"] > m["precise/control/w1_ratio/energy"]
+    verdict = [n for n in result["notes"] if n.startswith("verdict: ")]
+    assert len(verdict) == 1 and "not met" in verdict[0] and "no network" in verdict[0]
+    assert len(result["per_temperature"]["T"]) == 31
+    assert Path(result["figures"]["per_temperature"]).read_bytes()[:4] == b"\x89PNG"
+    assert "[hpcforge] note: verdict: " in r.stdout
 
 
 def test_an_unconditional_generator_gets_no_curves_over_the_condition(vae_run):

@@ -60,6 +60,9 @@ def test_sweep_evaluates_each_task_and_ranks_the_summary_by_an_evaluation_metric
     (["--rank-by", "classifier/auc"],
      "--rank-by classifier/auc: an evaluation metric, but the sweep's stages are train; add "
      "--stages train,evaluate"),
+    (["--rank-by", "precise/model/w1_ratio/abs_magnetization"],   # issue #23's ranking metric
+     "--rank-by precise/model/w1_ratio/abs_magnetization: an evaluation metric, but the sweep's "
+     "stages are train; add --stages train,evaluate"),
     (["--rank-by", "best:w1/energy"], "expected METRIC, min:METRIC or max:METRIC"),
     (["--stages", "prepare,train"], "expected train or train,evaluate"),
 ])

@@ -182,3 +182,31 @@ def test_node_is_slurms_name_for_it_else_the_host():
     from pipeline.dist import node_name
     assert node_name({"SLURMD_NODENAME": "n2"}) == "n2"
     assert node_name({}) == socket.gethostname()
+
+
+def test_ranks_on_several_nodes_meet_on_the_configured_interface_only(monkeypatch):
+    """train.dist.interface: rank 0's store listens on that interface's address alone (here lo
+    stands for ib0), on MASTER_PORT; the other ranks connect to MASTER_ADDR."""
+    import os
+    import socket
+    import threading
+    from helpers import listening
+    from pipeline.config import DistConfig
+    from pipeline.dist import Placement, _store
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    cfg = DistConfig(backend="ddp", interface="lo", timeout_s=20)
+    stores = {}
+
+    def rank(r: int) -> None:
+        stores[r] = _store(Placement("srun (Slurm)", r, 2, 0, 1), cfg)  # one rank per node
+    other = threading.Thread(target=rank, args=(1,))
+    other.start()
+    rank(0)
+    other.join(20)
+    stores[0].set("k", "v")
+    assert stores[1].get("k") == b"v"
+    assert [(ip, p) for _, ip, p in listening([os.getpid()]) if p == port] == [("127.0.0.1", port)]

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from helpers import LOOPBACK_ADDRS, listening
 from pipeline.checkpoint import load
 from pipeline.launch import REQUEUE_EXIT_CODE
 from test_watchdog import alive, cleanup, start_training, wait_for_checkpoint
@@ -22,11 +23,13 @@ def test_signal_to_the_whole_process_group_checkpoints_and_exits_75(small_store,
     ranks = []
     try:
         ranks = wait_for_checkpoint(proc, tmp_path)
+        sockets = listening([proc.pid, *(r["pid"] for r in ranks)])  # issue 25: MPI on one node
+        assert [s for s in sockets if s[1] not in LOOPBACK_ADDRS] == [], sockets
         os.killpg(proc.pid, sig)
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
-        m = re.search(r"SIGUSR1: checkpointed step (\d+) to (\S+); exit 75", out)
-        assert m, out[-2000:]  # (the launcher passed it on as SIGUSR1)
+        m = re.search(rf"{sig.name}: checkpointed step (\d+) to (\S+); exit 75", out)
+        assert m, out[-2000:]  # (passed on as SIGUSR1, named as sent: issue 25)
         last = load(tmp_path / "train" / "checkpoints" / "last.pt")
         assert last["step"] == int(m.group(1)) > 0
         assert "non-zero exit code" not in err and "a rank failed" not in err  # no mpirun block

@@ -1,4 +1,5 @@
-"""2-D Ising model on an L x L periodic lattice, sampled by checkerboard Metropolis.
+"""2-D Ising model on an L x L periodic lattice, sampled by checkerboard Metropolis or
+Swendsen-Wang cluster sweeps (pipeline/data/sources/ising_mc.py).
 
 H = -J sum_<ij> s_i s_j with J = 1, k_B = 1; the critical temperature is
 T_c = 2 / ln(1 + sqrt 2) ~= 2.269 (Onsager 1944). Each chunk runs `chains` independent chains, at one
@@ -6,6 +7,12 @@ temperature each (chain c of chunk k at temperature index (k * chains + c) % n_t
 chunk spans the temperature range), vectorised over chains with NumPy; a chain is burned in, then sampled every
 `decorrelation` sweeps. Below T_c chains start ordered (random global sign) so that a short burn-in
 does not freeze domain walls; above, from random spins.
+
+With `chains` >= `chunk_size` every sample is the end of its own chain (configs/data/ising2d.yaml):
+no two samples share a chain, so the train, val and test splits are independent (issue #23; samples
+of one Metropolis chain 20 sweeps apart correlate at 0.6 at L = 32), and `burn_in` is then the
+whole cost of a sample. `reference` draws the independent samples `hpcforge evaluate` compares
+against, from chains seeded apart from the store's.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import physics
+from pipeline.data.sources import ising_mc
 from pipeline.data.sources.base import Variable, chunk_rng
 
 T_CRITICAL = 2.0 / math.log(1.0 + math.sqrt(2.0))
@@ -26,6 +34,10 @@ FEATURE_LABEL = "temperature"   # the variable the Fréchet feature CNN learns t
 # the observable whose extremes end a latent interpolation (pipeline/latent.py): an ordered and a
 # disordered lattice, so the path crosses the transition
 LATENT_ENDPOINTS = "abs_magnetization"
+# Swendsen-Wang sweeps per reference lattice from the source's start: tau_int of |m| and E is a
+# few SW sweeps at every T of the grid up to L = 64 (benchmarks/ising_speed.py measures it), so
+# 60 sweeps is more than 10 tau
+REFERENCE_BURN_IN = 60
 
 
 @dataclass
@@ -37,6 +49,7 @@ class Params:
     chains: int = 32            # independent chains per chunk (vectorised)
     burn_in: int = 300          # sweeps before the first sample
     decorrelation: int = 20     # sweeps between consecutive samples of one chain
+    algorithm: str = "metropolis"  # or "swendsen_wang" (cluster sweeps: ising_mc.py)
 
 
 def variables(p: Params) -> dict[str, Variable]:
@@ -66,19 +79,21 @@ def conditional_curves(spins: np.ndarray, temperatures: np.ndarray) -> dict[str,
     return thermo.curves(spins, temperatures)
 
 
-def _sweep(s: np.ndarray, table: np.ndarray, masks: tuple[np.ndarray, np.ndarray],
-           rng: np.random.Generator) -> None:
-    """One Metropolis sweep in place: update the two checkerboard sublattices in turn.
+def reference(p: Params, temps: np.ndarray, seed: int) -> np.ndarray:
+    """Independent equilibrium lattices (N, 1, L, L) int8, one per temperature in `temps`, each
+    from its own Swendsen-Wang chain `REFERENCE_BURN_IN` sweeps long: the reference and the
+    real-vs-real floor of a temperature-conditional generator (pipeline/precise.py). The seed's
+    stream is disjoint from every chunk's (chunk_rng(seed, k) uses two words, this three)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x2EF, 23]))
+    return ising_mc.equilibrium(np.asarray(temps, np.float64), p.lattice, rng,
+                                "swendsen_wang", REFERENCE_BURN_IN)[:, None]
 
-    `table[c, k]` is chain c's acceptance probability min(1, exp(-dE / T_c)) for dE = 4k - 8.
-    """
-    chain = np.arange(s.shape[0])[:, None, None]
-    for mask in masks:
-        nb = np.roll(s, 1, 1) + np.roll(s, -1, 1) + np.roll(s, 1, 2) + np.roll(s, -1, 2)
-        d_e = 2 * s * nb                      # energy change of flipping each spin, in {-8..8}
-        p_acc = table[chain, (d_e + 8) // 4]
-        flip = mask & (rng.random(s.shape) < p_acc)
-        s[flip] *= -1
+
+def initial_state(p: Params, temps: np.ndarray, seed: int) -> np.ndarray:
+    """The source's start (ordered below T_c, random above) (N, 1, L, L) int8: the no-network
+    control's starting point."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x57A, 23]))
+    return ising_mc.start(np.asarray(temps, np.float64), p.lattice, rng)[:, None]
 
 
 def generate(p: Params, seed: int, chunk_index: int, start: int, n: int
@@ -87,21 +102,16 @@ def generate(p: Params, seed: int, chunk_index: int, start: int, n: int
     rng = chunk_rng(seed, chunk_index)
     chains = min(p.chains, n)
     per_chain = -(-n // chains)  # ceil
-    L = p.lattice
     t = temperatures(p)[(chunk_index * p.chains + np.arange(chains)) % p.n_temperatures]
-    hot = rng.choice(np.array([-1, 1], np.int32), size=(chains, L, L))
-    cold = np.ones((chains, L, L), np.int32) * rng.choice([-1, 1], size=(chains, 1, 1))
-    s = np.where((t < T_CRITICAL)[:, None, None], cold, hot)
-    table = np.minimum(1.0, np.exp(-np.array([-8, -4, 0, 4, 8])[None, :] / t[:, None]))
-    ij = np.add.outer(np.arange(L), np.arange(L)) % 2
-    masks = ((ij == 0)[None], (ij == 1)[None])
+    s = ising_mc.start(t, p.lattice, rng)
+    mc = ising_mc.chain(p.algorithm, t, p.lattice)
     for _ in range(p.burn_in):
-        _sweep(s, table, masks, rng)
+        mc.sweep(s, rng)
     out = []
     for k in range(per_chain):
         if k:
             for _ in range(p.decorrelation):
-                _sweep(s, table, masks, rng)
+                mc.sweep(s, rng)
         out.append(s.copy())
     spins = np.concatenate(out)[:n]  # (n, L, L), chains interleaved by sample time
     t_sample = np.tile(t, per_chain)[:n]

@@ -1,0 +1,54 @@
+"""Issue 25, on one real 2-rank ddp run (`hpcforge train --nproc 2`), shared by both tests:
+1. a one-node run opens no listener on a network address: the ranks' rendezvous, their gloo/MPI
+   transports and the launcher listen on loopback or not at all (mpirun's own bootstrap listener
+   is OpenMPI 4.1's: it binds the wildcard address whatever oob_tcp_if_include says, measured;
+   README "Security");
+2. a rank killed with SIGKILL is named by hpcforge's own line (mpirun's block says "PID 0"), with
+   the checkpoint to resume from."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+from types import SimpleNamespace
+
+import pytest
+
+from helpers import LOOPBACK_ADDRS, listening
+from test_watchdog import cleanup, start_training, wait_for_checkpoint
+
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def killed_run(small_store, tmp_path_factory) -> SimpleNamespace:
+    """The run's listening sockets once it trains, then what it says after rank 1's SIGKILL."""
+    out = tmp_path_factory.mktemp("ddp")
+    proc = start_training(small_store, out, "train.dist.backend=ddp")
+    ranks = []
+    try:
+        ranks = wait_for_checkpoint(proc, out)
+        sockets = listening([proc.pid, *(r["pid"] for r in ranks)])
+        os.kill(ranks[1]["pid"], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+        return SimpleNamespace(sockets=sockets, ranks=ranks, code=proc.returncode, err=err)
+    finally:
+        cleanup(proc, [r["pid"] for r in ranks])
+
+
+def test_a_one_node_ddp_run_listens_on_loopback_only(killed_run):
+    sockets, ranks = killed_run.sockets, {r["pid"] for r in killed_run.ranks}
+    assert [s for s in sockets if s[1] not in LOOPBACK_ADDRS] == [], sockets
+    assert any(s[0] in ranks for s in sockets), sockets  # gloo's pairs: on loopback
+
+
+def test_a_killed_rank_is_named_with_the_last_good_checkpoint(killed_run):
+    victim, err = killed_run.ranks[1], killed_run.err
+    assert killed_run.code not in (0, 75), err[-3000:]
+    ours = re.findall(r"hpcforge: error: .*", err)
+    assert len(ours) == 1, err[-3000:]
+    assert ours[0].startswith(f"hpcforge: error: rank 1 on {victim['host']} (pid "
+                              f"{victim['pid']}) ended first, at step "), ours[0]
+    m = re.search(r"the last good checkpoint is (\S+); resume with train.resume=auto", ours[0])
+    assert m and os.path.isfile(m.group(1)) and "/train/checkpoints/step-" in m.group(1)
+    assert "Traceback" not in err, err[-3000:]  # the surviving rank says it in one line
