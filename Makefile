@@ -11,6 +11,7 @@ setup:
 
 demo: setup
 	$(BIN)/hpcforge prepare -e demo_generator data.overwrite=true
+	rm -rf outputs/demo/train  # the demo trains a fresh run each time (a used output_dir is refused)
 	$(BIN)/hpcforge train -e demo_generator
 	$(BIN)/hpcforge evaluate outputs/demo/train/checkpoints/final.pt --per-t 128
 	$(BIN)/hpcforge report outputs/demo --out outputs/demo/report.html

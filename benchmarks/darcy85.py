@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from benchmarks.quality import ROOT, RUN_KEYS, STEP_CAP, command, run_cli, train_within
@@ -25,6 +26,7 @@ WALL_LIMIT_S = 6 * 3600   # of one training run
 def train(experiment: str, seed: int, cpu_s: float, every: int, step_size: int) -> tuple[Path, dict]:
     """One budgeted run; its checkpoint folder and what the run cost."""
     out = f"{OUT}/{experiment}-seed{seed}"
+    shutil.rmtree(ROOT / out, ignore_errors=True)  # a fresh run (a used output_dir is refused)
     keys = [k for k in RUN_KEYS if not k.startswith("train.seed=")]
     args = ["train", "-e", experiment, f"output_dir={out}", *keys, f"train.seed={seed}",
             "train.dist.backend=none", f"train.checkpoint.every_steps={every}",

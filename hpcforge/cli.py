@@ -67,7 +67,11 @@ def parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks to start on this machine (sets train.dist.nproc)")
-    p.epilog = ("transfer learning: train.init_from=CHECKPOINT (model weights, fresh optimizer), "
+    p.epilog = ("runs: each run writes <output_dir>/train/ (checkpoints, metrics.jsonl, W&B run); "
+                "a new run (train.resume=never, the default) into an output_dir that holds a run "
+                "is refused, naming a free output_dir-N; train.resume=auto continues the run "
+                "there from its newest valid checkpoint (a requeued Slurm job does this). "
+                "transfer learning: train.init_from=CHECKPOINT (model weights, fresh optimizer), "
                 "train.freeze=[prefix,...], train.optim.groups.<prefix>=<lr scale>; adversarial "
                 "training: train.adversarial.eps=0.1 (method=fgsm|pgd, steps, fraction); an "
                 "average of the generator's weights for sampling: train.ema.decay=0.999 "
@@ -258,6 +262,8 @@ def _train(args: argparse.Namespace, flag) -> int:
     check_free(Path(cfg.data.path))  # not while a prepare writes it
     _check_one_step(cfg, cfg.train.dist.nproc if launch else detect_launcher().world_size)
     if launch:
+        from pipeline.trainer import check_before_start  # (ranks started elsewhere: train())
+        check_before_start(cfg)  # one run, one record; the store's classes: before any rank
         argv = ["train", "-e", args.experiment, *args.overrides, *extra]
         return relaunch(cfg.train.dist.nproc, argv, cfg.train.dist.launcher,
                         cfg.train.dist.timeout_s, Path(cfg.output_dir) / "train" / "checkpoints",

@@ -78,6 +78,13 @@ def sampler(model: nn.Module):
     return lambda n, batch: sample(n, batch) if takes_batch else sample(n)
 
 
+def with_channel_axis(x: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """(B, H, W) -> (B, 1, H, W) for a one-channel image network: stores keep single-channel
+    fields without the axis (a calorimeter layer (N, 12, 12); issue 24). Anything else as is,
+    for the network's own shape check to name."""
+    return x.unsqueeze(1) if x.dim() == 3 and in_channels == 1 else x
+
+
 def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int | None, ...]) -> None:
     """Raise InputShapeError unless `tensor` has `expected` shape (None matches any size)."""
     got = tuple(tensor.shape)

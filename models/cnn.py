@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from models.base import check_shape
+from models.base import check_shape, with_channel_axis
 from models.layers import Supervised, check_loss, conv_block
 
 # A preset replaces the architecture fields below; loss, in_channels, n_outputs, dropout stay.
@@ -72,6 +72,7 @@ class CNN(Supervised):
                                   nn.Linear(chans[-1], cfg.n_outputs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = with_channel_axis(x, self.cfg.in_channels)
         check_shape("cnn input x", x, (None, self.cfg.in_channels, None, None))
         smallest = 2 ** len(self.cfg.channels)
         if min(x.shape[-2:]) < smallest:

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from models.base import check_shape
+from models.base import check_shape, with_channel_axis
 from models.layers import BasicBlock, Supervised, check_loss, conv_block
 
 
@@ -46,6 +46,7 @@ class ResNet(Supervised):
                                   nn.Linear(width, cfg.n_outputs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = with_channel_axis(x, self.cfg.in_channels)
         check_shape("resnet input x", x, (None, self.cfg.in_channels, None, None))
         return self.head(self.stages(self.stem(x)))
 

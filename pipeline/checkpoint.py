@@ -35,6 +35,10 @@ class DamagedCheckpoint(UserError):
     """A checkpoint whose bytes changed after it was written (a record fails its CRC32)."""
 
 
+class UnreadableCheckpoint(DamagedCheckpoint):
+    """A file torch.load cannot read at all: empty, cut short, text, another format."""
+
+
 class CheckpointDiskFull(UserError):
     """A checkpoint write that ran out of space; the previous checkpoint is untouched."""
 
@@ -126,11 +130,39 @@ def load(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint, its CRC32s checked first, without executing pickled code
     (`weights_only=True`)."""
     checked = verify(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if checked:  # a whole archive torch refused (pickled code): its own error says why
+            raise
+        raise _unreadable(Path(path), e) from None
     if not checked:
         print(f"[hpcforge] note: checkpoint {path} is in torch's pre-zip format, which carries no "
               f"checksum: loaded unverified", file=sys.stderr, flush=True)
     return ckpt
+
+
+def _unreadable(path: Path, e: Exception) -> UnreadableCheckpoint:
+    """What a file that torch.load cannot read is, in plain words (issue 24: a truncated
+    checkpoint said "(OSError: [Errno 22] Invalid argument)", a text file "(KeyError: 101)")."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(256)
+    text = head.decode("utf-8", errors="ignore")
+    if size == 0:
+        what = "is empty (0 bytes): its write never happened, or its copy failed"
+    elif head.startswith(b"PK\x03\x04"):  # a zip archive's first record, but no directory
+        what = (f"is cut short ({size} bytes, the end of the archive torch.save writes is "
+                f"missing): its write or copy did not finish")
+    elif text and b"\x00" not in head and all(c.isprintable() or c in "\r\n\t" for c in text):
+        what = (f"is a text file (it begins {text.splitlines()[0][:40]!r}), not a file "
+                f"torch.save wrote")
+    else:
+        cause = (str(e).strip().splitlines() or [""])[0][:120]
+        what = f"is not in torch's checkpoint format ({type(e).__name__}: {cause})"
+    return UnreadableCheckpoint(f"{path} is not a readable hpcforge checkpoint: it {what}; pass "
+                             f"one that `hpcforge train` wrote (<output_dir>/train/checkpoints/"
+                             f"*.pt), use an older checkpoint, or train again")
 
 
 def link_atomic(src: Path, dst: Path) -> None:
@@ -211,6 +243,8 @@ class Checkpoints:
                 return path, load(path)
             except FileNotFoundError:  # set aside by rank 0 meanwhile
                 continue
+            except UnreadableCheckpoint as e:
+                log(f"[hpcforge] skipping unreadable checkpoint {path} ({e})")
             except DamagedCheckpoint as e:
                 log(f"[hpcforge] skipping damaged checkpoint {path} ({e})")
             except Exception as e:  # truncated or corrupt: fall back to an older one

@@ -100,7 +100,8 @@ class DataConfig:
     overwrite: bool = False        # replace an existing store (never silently)
     invalid: Literal["fail", "drop", "fill"] = "fail"   # samples holding NaN/Inf
     fill_value: float = 0.0        # what NaN/Inf become with invalid=fill
-    inputs: dict[str, str] = field(default_factory=lambda: {"x": "spins"})  # batch key -> variable
+    # batch key -> variable, or a list of variables: each normalised, flattened and joined (B, F)
+    inputs: dict[str, str | list[str]] = field(default_factory=lambda: {"x": "spins"})
     normalize: Literal["minmax", "standard", "none"] = "minmax"  # from the stored statistics
     dask: DaskConfig = field(default_factory=DaskConfig)
 
@@ -214,7 +215,8 @@ class TrainConfig:
     threads: int = 0               # torch threads per rank; 0: cores / ranks on this node
     prefetch: int = 2              # batches read ahead by the loader's thread
     val_every: int = 0             # validate every N steps (0: at each epoch end)
-    resume: str = "never"          # "auto": newest valid checkpoint in the run dir; or a path
+    resume: str = "never"          # "auto": newest valid checkpoint in the run dir; or a path.
+                                   # never: a new run, refused where output_dir holds one (rundir.py)
     nonfinite: Literal["skip", "fail"] = "skip"  # a step with a NaN/Inf loss or gradient
     max_nonfinite: int = 5         # stop after this many non-finite steps in a row
     inject_nan_at: list[int] = field(default_factory=list)  # fault injection: NaN batch at steps
@@ -358,10 +360,30 @@ def compose(experiment: str = "demo", overrides: list[str] | None = None) -> dic
     return raw
 
 
+# The batch keys the model families read (models/: batch["x"], batch["y"], batch["cond"]).
+BATCH_KEYS = {"x": "the model's input", "y": "its target", "cond": "a conditioning value"}
+
+
+def check_inputs(inputs: dict[str, str | list[str]]) -> None:
+    """data.inputs maps batch keys to store variables; a key no model reads would be loaded and
+    silently ignored (issue 24: `x1: layer_1`), so it is refused, naming the valid ones."""
+    empty = [k for k, v in inputs.items() if not v]
+    if empty:
+        raise ConfigError(f"data.inputs.{empty[0]}: no variable; expected a store variable or a "
+                          f"list of them, e.g. data.inputs.{empty[0]}=[layer_0,layer_1]")
+    unknown = sorted(set(inputs) - set(BATCH_KEYS))
+    if unknown:
+        valid = ", ".join(f"{k} ({what})" for k, what in BATCH_KEYS.items())
+        raise ConfigError(f"data.inputs.{unknown[0]}={inputs[unknown[0]]}: unknown batch key "
+                          f"{unknown[0]!r}; valid keys: {valid}; e.g. data.inputs="
+                          f"{{x: {inputs[unknown[0]]}}}")
+
+
 def load_config(experiment: str = "demo", overrides: list[str] | None = None) -> Config:
     """Compose and type the config; the only entry from YAML into the code."""
     cfg = build(Config, compose(experiment, overrides), "")
     check_ranges(cfg)
+    check_inputs(cfg.data.inputs)
     if not cfg.output_dir:
         cfg.output_dir = f"outputs/{cfg.experiment}"
     if not cfg.data.path:

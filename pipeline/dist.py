@@ -179,7 +179,7 @@ class HorovodDist(Dist):
         named = [(f"{prefix}.{n}", p) for n, p in module.named_parameters()]
         compression = self.hvd.Compression.fp16 if self.cfg.fp16_allreduce else self.hvd.Compression.none
         return self.hvd.DistributedOptimizer(opt, named_parameters=named, op=self.hvd.Average,
-                                             compression=compression,
+                                             compression=_complex_as_real(compression),
                                              backward_passes_per_step=accumulate)
 
     def synchronize(self, opt):
@@ -190,12 +190,16 @@ class HorovodDist(Dist):
             super().step(opt, scaler)
 
     def broadcast(self, module, *optimizers):
-        self.hvd.broadcast_parameters(module.state_dict(), root_rank=0)
+        # (complex tensors as real views: Horovod refuses complex ones)
+        self.hvd.broadcast_parameters({k: as_real(t) for k, t in module.state_dict().items()},
+                                      root_rank=0)
         for opt in optimizers:
             # A fresh optimizer is the same on every rank. Horovod would initialise its empty state
-            # with a zero-gradient step, which moves Adam's step count (bias correction) by one.
+            # with a zero-gradient step, which moves Adam's step count (bias correction) by one;
+            # and its broadcast_optimizer_state refuses complex state (Adam's moments of FNO's
+            # weights). Rank 0's state as an object: a resume's one-off cost.
             if opt.state_dict()["state"]:
-                self.hvd.broadcast_optimizer_state(opt, root_rank=0)
+                opt.load_state_dict(self.broadcast_object(opt.state_dict()))
 
     def _sync_batchnorm_class(self):
         return self.hvd.SyncBatchNorm
@@ -251,6 +255,30 @@ class HorovodDist(Dist):
 
     def shutdown(self):
         self.hvd.shutdown()
+
+
+def as_real(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as a real view of the same memory (a trailing axis of 2: real,
+    imaginary); any other tensor as it is. Collectives on the view fill the complex tensor in
+    place. Horovod has no complex types (FNO's spectral weights are complex; issue 24)."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _complex_as_real(inner: Any) -> Any:
+    """A Horovod compression that all-reduces complex gradients as real views, then `inner`
+    (none or fp16) on them; the gradient comes back complex."""
+    class ComplexAsReal:
+        @staticmethod
+        def compress(tensor):
+            compressed, ctx = inner.compress(as_real(tensor))
+            return compressed, (tensor.is_complex(), ctx)
+
+        @staticmethod
+        def decompress(tensor, ctx):
+            was_complex, inner_ctx = ctx
+            out = inner.decompress(tensor, inner_ctx)
+            return torch.view_as_complex(out.contiguous()) if was_complex else out
+    return ComplexAsReal
 
 
 def _swap_batchnorm(module: torch.nn.Module, cls: type[torch.nn.Module]) -> torch.nn.Module:
@@ -354,7 +382,7 @@ class _GradientBuckets:
         for p in bucket:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in bucket]
+        grads = [as_real(p.grad) for p in bucket]  # (complex ones as real views)
         self.started += 1
         flat = torch.cat([g.reshape(-1) for g in grads]) / self.world_size
         self.pending.append((self.all_reduce(flat, async_op=True), flat, grads))
@@ -395,7 +423,7 @@ class TorchDist(Dist):
 
     def broadcast(self, module, *optimizers):
         for t in module.state_dict().values():
-            self.td.broadcast(t, src=0)
+            self.td.broadcast(as_real(t), src=0)
         for opt in optimizers:  # optimizer state is empty before the first step; kept for resume
             state = self.broadcast_object(opt.state_dict())
             opt.load_state_dict(state)

@@ -147,25 +147,32 @@ def _per_channel(a: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def eval_split(store: Store) -> str:
+    """The test split; a store prepared without one is scored on its val split, said in one line
+    (the val split may have picked best.pt, so its numbers flatter the model)."""
     if store.meta.splits.get("test", 0):
         return "test"
-    print(f"[hpcforge] note: {store.path} has no test split (data.test_fraction=0); "
-          f"evaluating on the val split instead")
+    print(f"[hpcforge] note: {store.path} has no test split (prepared with data.test_fraction=0): "
+          f"evaluating on the val split instead ({store.meta.splits.get('val', 0)} samples, which "
+          f"may have picked best.pt); prepare with data.test_fraction=0.1 for held-out numbers")
     return "val"
 
 
 # --------------------------------------------------------------------------- capabilities
 @torch.no_grad()
 def loss_terms(model: nn.Module, loader: ShardedLoader, phase: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Mean of each named loss over the split; also the inputs, targets and plain predictions."""
+    """Mean of each named loss over every sample of the split (a loader that keeps its partial
+    last batch: each batch's mean weighs by its size); also the inputs, targets and plain
+    predictions."""
     sums: dict[str, float] = defaultdict(float)
     keep: dict[str, list[np.ndarray]] = defaultdict(list)
     # multi-network models (GANs, AAE) have no single forward(); only predictors have one
     predicts = type(model).forward is not nn.Module.forward
     n = 0
-    for n, batch in enumerate(loader, 1):
+    for batch in loader:
+        size = len(next(iter(batch.values())))
+        n += size
         for k, v in model.losses(batch, phase).items():
-            sums[k] += v.item()
+            sums[k] += v.item() * size
         for k, v in batch.items():
             keep[k].append(v.numpy())
         if not predicts:
@@ -180,6 +187,34 @@ def relative_l2(prediction: np.ndarray, truth: np.ndarray) -> float:
     """Mean over samples of ||prediction - truth|| / ||truth||."""
     p, t = (np.asarray(a, np.float64).reshape(len(a), -1) for a in (prediction, truth))
     return float(np.mean(np.linalg.norm(p - t, axis=1) / np.maximum(np.linalg.norm(t, axis=1), 1e-12)))
+
+
+def regression_scores(pred: np.ndarray, truth: np.ndarray, baseline: np.ndarray) -> dict[str, float]:
+    """RMSE, MAE and R² (1 - residual / total sum of squares about the split's own mean, every
+    output value pooled) of `pred` and of `baseline`, the same arrays in the target's units."""
+    truth = np.asarray(truth, np.float64)
+    total = float(np.sum((truth - truth.mean(axis=0)) ** 2))
+    out: dict[str, float] = {}
+    for tag, p in (("", pred), ("_baseline", baseline)):
+        err = np.asarray(p, np.float64) - truth
+        out[f"rmse{tag}"] = float(np.sqrt(np.mean(err ** 2)))
+        out[f"mae{tag}"] = float(np.mean(np.abs(err)))
+        out[f"r2{tag}"] = 1.0 - float(np.sum(err ** 2)) / total if total > 0 else float("nan")
+    return out
+
+
+def class_names(table: dict[str, int] | None, n_classes: int) -> list[str]:
+    """Each label's name from the store's class table (data.params.label_from), else the label
+    itself; a label the table lacks keeps its number."""
+    names = {int(v): str(k) for k, v in (table or {}).items()}
+    return [names.get(i, str(i)) for i in range(n_classes)]
+
+
+def per_class_accuracy(y: np.ndarray, predicted: np.ndarray, names: list[str]) -> dict[str, float]:
+    """"accuracy/<class>": the share of each class's samples predicted as that class (its
+    recall); classes absent from the split are left out."""
+    return {f"accuracy/{name}": float(np.mean(predicted[y == i] == i))
+            for i, name in enumerate(names) if np.any(y == i)}
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -204,7 +239,7 @@ class Evaluation:
         n = self.store.meta.splits[self.split]
         loader = ShardedLoader(self.store, self.split, self.cfg.data.inputs,
                                min(self.cfg.train.batch_size, n), normalize=self.cfg.data.normalize,
-                               seed=self.cfg.train.seed)
+                               seed=self.cfg.train.seed, drop_last=False)  # every sample scored
         phase = self.model.optimizers()[0].name
         terms, arrays = loss_terms(self.model, loader, phase)
         self.metrics.update(terms)
@@ -221,13 +256,40 @@ class Evaluation:
         pred, y = arrays.get("prediction"), arrays.get("y")
         if pred is None or y is None:
             return
+        if y.ndim == 1 and pred.shape == (len(y), 1):
+            pred = pred[:, 0]  # one output per sample against a per-sample scalar target
         if pred.shape == y.shape and np.issubdtype(y.dtype, np.floating):
+            # the loader standardises a target with a channel axis, not a per-sample scalar
+            raw = self._physical_y if y.ndim > 1 else (lambda a: np.asarray(a, np.float64))
             self.metrics["relative_l2"] = relative_l2(pred, y)
-            self.metrics["relative_l2_raw"] = relative_l2(*map(self._physical_y, (pred, y)))
-            self.figures["fields" if pred.ndim == 4 else "forecast"] = (
-                figures.field_panels(pred, y) if pred.ndim == 4 else figures.forecast_figure(pred[0], y[0]))
+            self.metrics["relative_l2_raw"] = relative_l2(*map(raw, (pred, y)))
+            if pred.ndim >= 2:  # (a scalar per sample has no field or series to draw)
+                self.figures["fields" if pred.ndim == 4 else "forecast"] = (
+                    figures.field_panels(pred, y) if pred.ndim == 4 else figures.forecast_figure(pred[0], y[0]))
+            self.regression(raw(pred), raw(y))
         elif pred.ndim == 2 and y.ndim == 1 and np.issubdtype(y.dtype, np.integer) and pred.shape[1] > 1:
-            self.figures["confusion_matrix"] = figures.confusion_matrix(y, pred.argmax(1), pred.shape[1])
+            names = class_names(self.store.meta.classes, pred.shape[1])
+            self.figures["confusion_matrix"] = figures.confusion_matrix(y, pred.argmax(1), pred.shape[1],
+                                                                        names)
+            per_class = per_class_accuracy(y, pred.argmax(1), names)
+            self.metrics.update(per_class)
+            self.notes.append("accuracy per class: " + ", ".join(
+                f"{k.split('/', 1)[1]} {v:.3f}" for k, v in per_class.items()))
+
+    def regression(self, pred: np.ndarray, y: np.ndarray) -> None:
+        """RMSE, MAE and R² in the units of the stored target beside predicting the train
+        split's mean for every sample (R² 0 by construction on the train split), one note line
+        that says them, and the predicted-vs-true figure."""
+        name = self.cfg.data.inputs["y"]
+        mean = np.asarray(self.store.stats("train", name)["mean"], np.float64)
+        baseline = np.broadcast_to(_per_channel(mean, y) if y.ndim > 1 else mean, y.shape)
+        scores = regression_scores(pred, y, baseline)
+        self.metrics.update(scores)
+        self.notes.append(f"regression of {name} (in its stored units): RMSE {scores['rmse']:.4g} "
+                          f"(predicting the train mean: {scores['rmse_baseline']:.4g}), MAE "
+                          f"{scores['mae']:.4g} ({scores['mae_baseline']:.4g}), R\u00b2 "
+                          f"{scores['r2']:.3f} ({scores['r2_baseline']:.3f})")
+        self.figures["predicted_vs_true"] = figures.predicted_vs_true(pred, y, name, scores["r2"])
 
     @torch.no_grad()
     def generative(self, sample: Callable, arrays: dict[str, np.ndarray]) -> None:

@@ -143,13 +143,21 @@ def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
                        minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> Figure:
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
+                     names: Sequence[str] | None = None) -> Figure:
+    """Counts of (true, predicted) classes, each axis ticked with the class names (the store's
+    class table) or the label values 0..K-1."""
     counts = confusion_counts(y_true, y_pred, n_classes)
-    fig, (ax,) = new_figure(1, 3.6, 3.2)
+    size = max(3.2, 0.45 * n_classes + 1.6)  # room for the names
+    fig, (ax,) = new_figure(1, size + 0.4, size)
     ax.imshow(counts, cmap="Blues")
     for (i, j), c in np.ndenumerate(counts):
         ax.text(j, i, str(c), ha="center", va="center", fontsize=7,
                 color="white" if c > counts.max() / 2 else "black")
+    names = [str(n) for n in (names if names is not None else range(n_classes))]
+    ax.set_xticks(range(n_classes), names, rotation=45 if max(map(len, names)) > 3 else 0,
+                  ha="right" if max(map(len, names)) > 3 else "center", fontsize=7)
+    ax.set_yticks(range(n_classes), names, fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"accuracy {np.trace(counts) / max(counts.sum(), 1):.3f}", fontsize=9)
@@ -184,6 +192,23 @@ def forecast_figure(prediction: np.ndarray, truth: np.ndarray, sites: int = 3) -
         ax.set_title(f"variable {i}", fontsize=9)
         ax.set_xlabel("frame")
     axes[0].legend(fontsize=8)
+    return fig
+
+
+def predicted_vs_true(prediction: np.ndarray, truth: np.ndarray, name: str, r2: float,
+                      max_points: int = 5000) -> Figure:
+    """Each predicted value against its true value, in the target's units, with the diagonal a
+    perfect model lies on (a field's values pooled; at most `max_points`, evenly spaced)."""
+    p, t = np.ravel(prediction), np.ravel(truth)
+    keep = np.linspace(0, len(t) - 1, min(len(t), max_points)).astype(int)
+    fig, (ax,) = new_figure(1, 3.6, 3.4)
+    ax.scatter(t[keep], p[keep], s=4, alpha=0.5, color=REAL, linewidths=0)
+    lo, hi = float(min(t.min(), p.min())), float(max(t.max(), p.max()))
+    ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, label="predicted = true")
+    ax.set_xlabel(f"true {name}")
+    ax.set_ylabel(f"predicted {name}")
+    ax.set_title(f"{len(t)} values, R\u00b2 {r2:.3f}", fontsize=9)
+    ax.legend(fontsize=7)
     return fig
 
 

@@ -203,8 +203,9 @@ def build(cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None,
     run.tracker = Tracker(cfg.train.logger, run.run_dir,
                           {**cfg.to_dict(), "dataset": run.store_meta, **run.provenance},
                           active=dist.is_main, run_id=resumed_run_id)
-    if run.resumed_from is not None:  # the rows of the steps the resume discards go
-        run.tracker.drop_after(run.progress.step)
+    # the rows of the steps a resume discards go; a fresh start (resume=auto with no checkpoint
+    # that reads) drops the rows a failed first attempt left: one record, one row per step
+    run.tracker.drop_after(run.progress.step)
     if run.transfer is not None:
         run.tracker.log(run.transfer.counts(), 0)
     announce_ranks(run)
@@ -225,6 +226,23 @@ def _start(run: Run) -> str | None:
         if run.ema is not None:  # from the broadcast weights: the same average on every rank
             run.ema.reset()
     return resumed_run_id
+
+
+CLASS_COUNT_KEYS = ("out_features", "n_outputs", "n_classes", "out_channels")  # models/ spell it so
+
+
+def check_class_count(cfg: Config, classes: dict[str, int] | None) -> None:
+    """A classifier's output count against the store's class table (data.params.label_from),
+    before any rank starts: 10 outputs on a 3-class store trained without a word (issue 24)."""
+    params, y = cfg.model.params, cfg.data.inputs.get("y")
+    if not classes or y != "label" or getattr(params, "loss", None) not in ("ce", "hinge"):
+        return
+    key = next((k for k in CLASS_COUNT_KEYS if hasattr(params, k)), None)
+    if key is not None and getattr(params, key) != len(classes):
+        names = ", ".join(sorted(classes, key=classes.get))
+        raise UserError(f"model.{key}={getattr(params, key)}, but the store at data.path="
+                        f"{cfg.data.path} holds {len(classes)} classes in data.inputs.y=label "
+                        f"({names}); set model.{key}={len(classes)}")
 
 
 def _check_adversarial(cfg: Config, model: Trainable) -> None:
@@ -271,7 +289,8 @@ def _checkpoints(cfg: Config) -> Checkpoints:
 
 def _hooks(cfg: Config, model: Trainable, store: Store) -> list[ImageHook]:
     x_var = cfg.data.inputs.get("x")
-    stats = store.stats("train", x_var) if x_var in store.meta.stats["train"] else None
+    single = isinstance(x_var, str) and x_var in store.meta.stats["train"]  # (not a joined input)
+    stats = store.stats("train", x_var) if single else None
     affine = normalization(stats, cfg.data.normalize) if stats else None
     return image_hooks(model, cfg.data.source, "x" in cfg.data.inputs, affine)
 

@@ -21,7 +21,8 @@ from pipeline.run import Progress, Run, float_buffers
 
 
 def finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+    return all(bool(torch.isfinite(t).all()) for t in tensors
+               if t.is_floating_point() or t.is_complex())  # (FNO's spectral weights)
 
 
 def _state(run: Run) -> dict[str, Any]:

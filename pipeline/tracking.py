@@ -105,6 +105,14 @@ def open_run(cfg: LoggerConfig, mode: str, run_dir: Path, run_id: str | None,
                       resume="allow", settings=wandb.Settings(console="off", x_disable_meta=True))
 
 
+def _row_step(line: str) -> float:
+    """A metrics.jsonl row's step; a row cut short by a crash counts as past every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class Tracker:
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], active: bool,
                  run_id: str | None = None):
@@ -180,7 +188,7 @@ class Tracker:
         if not (self.active and self.metrics_path.is_file()):
             return
         lines = self.metrics_path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        kept = [line for line in lines if _row_step(line) <= step]  # (a half-written row goes too)
         if len(kept) == len(lines):
             return
         tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")

@@ -16,7 +16,9 @@ from pipeline.dist import detect_launcher, init_distributed
 from pipeline.errors import UserError
 from pipeline.loop import NonFiniteError, fit
 from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
-from pipeline.run import build, build_model, seed_for
+from pipeline.data.store import open_store
+from pipeline.run import build, build_model, check_class_count, seed_for
+from pipeline.rundir import check_run_dir
 from pipeline.state import AllCheckpointsDamaged
 from pipeline.watchdog import Heartbeat
 
@@ -26,7 +28,9 @@ __all__ = ["train", "Preempted", "REQUEUE_EXIT_CODE", "NonFiniteError", "build_m
 def train(cfg: Config, flag: PreemptionFlag | None = None) -> dict[str, Any]:
     """Train on every rank the launcher started; the summary's paths are filled on rank 0.
     `flag`: one the caller holds already (the CLI's, caught from its start), else our own."""
-    heartbeat = Heartbeat.from_env(detect_launcher().rank)
+    place = detect_launcher()
+    _check_before_start(cfg, place.rank)
+    heartbeat = Heartbeat.from_env(place.rank)
     held = nullcontext(flag) if flag is not None and flag.catching else PreemptionFlag()
     with held as flag:  # from the start: a signal during set-up is not lost either
         heartbeat.beat("wait:start-up")  # the backend's rendezvous waits for every rank
@@ -48,6 +52,24 @@ def train(cfg: Config, flag: PreemptionFlag | None = None) -> dict[str, Any]:
             raise
 
 
+def _check_before_start(cfg: Config, rank: int) -> None:
+    """Refuse a new run into an output_dir holding one (pipeline.rundir), or a classifier whose
+    output count disagrees with the store's class table, on every rank before the backend starts
+    (so before rank 0 writes anything); rank 0 says it, the others leave."""
+    try:
+        check_before_start(cfg)
+    except UserError:
+        if rank != 0:
+            _leave_to_rank_0()
+        raise
+
+
+def check_before_start(cfg: Config) -> None:
+    """What a run checks before any rank starts (the CLI calls it before launching ranks)."""
+    check_class_count(cfg, open_store(cfg.data.path).meta.classes)
+    check_run_dir(cfg.output_dir, cfg.train.resume)  # last: it makes the run's folder
+
+
 class DataMisfit(UserError):
     """The data does not fit the model: every rank meets it at its first batch alike."""
 
@@ -60,9 +82,19 @@ def _fit(cfg: Config, dist, heartbeat: Heartbeat, flag: PreemptionFlag) -> dict[
         return fit(build(cfg, dist, heartbeat, flag))
     except InputShapeError as e:
         raise DataMisfit(f"{e}: the data at data.path={cfg.data.path} does not fit model={cfg.model.name} "
-                        f"as configured; set the model's shape keys (e.g. model.image_size, "
-                        f"model.n_outputs) to the data's, or choose data.inputs/data.path that fit "
-                        f"the model") from None
+                        f"as configured; set the model's shape keys ({_shape_keys(cfg)}) to the "
+                        f"data's, or choose data.inputs/data.path that fit the model") from None
+
+
+SHAPE_KEYS = ("in_channels", "in_features", "image_size", "seq_len", "data_shape", "n_outputs",
+              "out_features", "n_classes", "out_channels")
+
+
+def _shape_keys(cfg: Config) -> str:
+    """The model family's own shape keys (issue 24: the cnn was told to set model.image_size,
+    a key it does not have)."""
+    keys = [f"model.{k}" for k in SHAPE_KEYS if hasattr(cfg.model.params, k)]
+    return ", ".join(keys) or "its size keys: hpcforge config lists them"
 
 
 def _leave_to_rank_0(grace_s: float = 10.0) -> None:

@@ -94,3 +94,13 @@ def test_cli_reports_bad_config_in_one_line_without_traceback():
     assert lines[0].startswith("hpcforge: error: unknown key train.epoch; valid keys under train: "
                                "accumulate, adversarial, batch_size, checkpoint,")
     assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_an_unknown_data_inputs_key_is_refused_naming_the_valid_ones():
+    """Issue 24: `x1: layer_1` was loaded and silently ignored."""
+    from helpers import hpcforge
+    r = hpcforge("config", "data.inputs={x: spins, x1: energy}")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == ("hpcforge: error: data.inputs.x1=energy: unknown batch key 'x1'; valid "
+                        "keys: x (the model's input), y (its target), cond (a conditioning value); "
+                        "e.g. data.inputs={x: energy}\n")

@@ -42,19 +42,25 @@ _WARNED: set[str] = set()  # stores already reported as unchecked, once per proc
 
 
 class ShardedLoader:
-    def __init__(self, store: Store, split: str, inputs: dict[str, str], batch_size: int,
+    def __init__(self, store: Store, split: str, inputs: dict[str, str | list[str]], batch_size: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, normalize: str = "none",
                  prefetch: int = 2, buffer_blocks: int = 4, pin_memory: bool | None = None,
-                 read_threads: int | None = None, read_ahead: bool = True):
-        self.arrays = {key: store.variable(split, var) for key, var in inputs.items()}
+                 read_threads: int | None = None, read_ahead: bool = True, drop_last: bool = True):
+        # An input of several variables (data.inputs.x=[a, b]) reads each as a part of its own,
+        # normalised by its own statistics, then flattened and joined (issue 24).
+        parts = {key: _parts(key, var) for key, var in inputs.items()}
+        self.joined = {key: [name for name, _ in p] for key, p in parts.items() if len(p) > 1}
+        self.arrays = {name: store.variable(split, var) for p in parts.values() for name, var in p}
         self.readers = {key: ShardReader.of(a) for key, a in self.arrays.items()}
         if rank == 0:
             _warn_unchecked(store, self.arrays)
         self.read_threads = read_threads or min(4, os.cpu_count() or 1)
         self.n = next(iter(self.arrays.values())).shape[0]
         self.block = max(a.chunks[0] for a in self.arrays.values())
-        self.transforms = {key: _normalizer(store.stats("train", var), normalize)
-                           for key, var in inputs.items() if self.arrays[key].ndim > 1}
+        joined = {name for names in self.joined.values() for name in names}
+        self.transforms = {name: _normalizer(store.stats("train", var), normalize)
+                           for p in parts.values() for name, var in p
+                           if self.arrays[name].ndim > 1 or name in joined}
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.prefetch, self.buffer_blocks = max(1, prefetch), buffer_blocks
         self.epoch, self.start_batch = 0, 0
@@ -62,17 +68,31 @@ class ShardedLoader:
         self.busy_s = 0.0  # time the consumer spent between batches (its step)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.read_ahead = read_ahead  # False where the next epoch is never read (validation)
+        # Training drops the tail (equal batches on every rank, as DistributedSampler's drop_last);
+        # evaluation keeps it: the last rank also reads the samples that do not divide evenly,
+        # and the last batch may be partial (issue 24: every test sample scored).
+        self.drop_last = drop_last
         self._pool: Executor | None = None  # made on first use, kept: its threads idle between reads
         # The next epoch's first group, read while this epoch's last batches train:
         # (epoch, its group stream, the group), and the thread reading it.
         self._ahead: tuple[int, Iterator[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
         self._ahead_thread: threading.Thread | None = None
-        if len(self) == 0:
+        if len(self) == 0 and (drop_last or self.n == 0):
             raise ValueError(f"{split}: {self.n} samples over {world_size} ranks give no full batch "
                              f"of {batch_size}; lower train.batch_size or prepare more samples")
 
     def __len__(self) -> int:
-        return (self.n // self.world_size) // self.batch_size
+        return self._batches(self._range()[1] - self._range()[0])
+
+    def _batches(self, samples: int) -> int:
+        """Batches in `samples` samples: full ones only, or with a partial last one."""
+        return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
+
+    def _range(self) -> tuple[int, int]:
+        """This rank's share of an epoch's sample sequence, as [lo, hi)."""
+        per_rank = self.n // self.world_size
+        last = self.rank == self.world_size - 1
+        return self.rank * per_rank, self.n if last and not self.drop_last else (self.rank + 1) * per_rank
 
     def data_wait_fraction(self) -> float:
         """Time waited for data / (waited + time spent on each batch), since the last reset."""
@@ -92,8 +112,7 @@ class ShardedLoader:
         """This rank's contiguous (start, stop) sample ranges for `epoch`, in reading order."""
         n_blocks = -(-self.n // self.block)
         order = np.random.default_rng([self.seed, epoch]).permutation(n_blocks)
-        per_rank = (self.n // self.world_size)
-        lo, hi = self.rank * per_rank, (self.rank + 1) * per_rank
+        lo, hi = self._range()
         out, cursor = [], 0
         for b in order:
             a, z = b * self.block, min((b + 1) * self.block, self.n)
@@ -145,6 +164,8 @@ class ShardedLoader:
             if full:
                 yield {k: v[:full] for k, v in group.items()}
             carry = {k: v[full:] for k, v in group.items()}
+        if not self.drop_last and carry is not None and len(next(iter(carry.values()))):
+            yield carry  # the partial last batch
 
     def _to_torch(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         out = {}
@@ -152,9 +173,12 @@ class ShardedLoader:
             if v.dtype.kind in "iu" and v.ndim == 1:  # class labels: torch losses expect int64
                 v = v.astype(np.int64)
             t = torch.from_numpy(np.ascontiguousarray(v))
-            t = self.transforms[k](t) if k in self.transforms else t
-            out[k] = t.pin_memory() if self.pin_memory else t
-        return out
+            if k in self.transforms:  # (a scalar part of a joined input: one channel)
+                t = self.transforms[k](t if t.ndim > 1 else t[:, None])
+            out[k] = t
+        for key, names in self.joined.items():  # (n, features): each part flattened, in order
+            out[key] = torch.cat([out.pop(name).reshape(len(t), -1) for name in names], 1)
+        return {k: t.pin_memory() if self.pin_memory else t for k, t in out.items()}
 
     def _stream(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         """`epoch`'s groups, starting with the one read ahead at the end of the previous epoch
@@ -211,7 +235,7 @@ class ShardedLoader:
             for group in stream:
                 if first >= len(self) or stop.is_set():
                     break
-                n = len(next(iter(group.values()))) // self.batch_size
+                n = self._batches(len(next(iter(group.values()))))
                 if first + n > skip:  # a resumed epoch skips the groups it already trained on
                     q.put((first, group))
                 first += n
@@ -240,7 +264,7 @@ class ShardedLoader:
             if isinstance(item, BaseException):
                 raise item
             first, group = item
-            n = len(next(iter(group.values()))) // bs
+            n = self._batches(len(next(iter(group.values()))))
             for i in range(max(first, skip), min(first + n, len(self))):
                 j = (i - first) * bs
                 batch = {k: v[j:j + bs] for k, v in group.items()}
@@ -263,6 +287,14 @@ class ShardedLoader:
                 q.get_nowait()
             except queue.Empty:
                 thread.join(0.01)
+
+
+def _parts(key: str, variables: str | list[str]) -> list[tuple[str, str]]:
+    """(array name, variable) of one batch key: the key itself for one variable, `key/variable`
+    for each of several (joined into the key once normalised)."""
+    if isinstance(variables, str):
+        return [(key, variables)]
+    return [(f"{key}/{v}", v) for v in variables] if len(variables) > 1 else [(key, variables[0])]
 
 
 def _zarr_job(array: Any, start: int, stop: int, dest: np.ndarray) -> Callable[[], None]:

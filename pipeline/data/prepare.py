@@ -47,6 +47,7 @@ from pipeline.data.sources.base import Variable
 from pipeline.data.store import FORMAT, FORMAT_VERSION, SPLITS, open_store, shard_checksum
 from pipeline.redaction import redact
 from pipeline.errors import UserError
+from pipeline.rundir import check_writable
 from pipeline.provenance import versions
 
 INNER_CHUNK_BYTES = 1 << 20  # ~1 MiB: large enough that per-read overhead is small, small enough
@@ -552,16 +553,25 @@ def _hpcforge_meta(path: Path) -> dict | None:
     return meta if ok and meta.get("format_version") == FORMAT_VERSION else None
 
 
-def _check_target(paths: Paths, cfg: DataConfig) -> None:
+def _check_target(paths: Paths, cfg: DataConfig) -> bool:
+    """Whether data.path already holds this very dataset, complete (a re-run of a finished
+    prepare: nothing to do); a store of another config is refused without data.overwrite."""
     if not paths.final.exists():
-        return
+        return False
     if not cfg.overwrite:
-        raise UserError(f"data.path {paths.final} already exists; pass data.overwrite=true to "
-                        f"replace it (the old store is kept until the new one is complete)")
+        meta = _hpcforge_meta(paths.final) or {}
+        diff = _differences(meta.get("content", {}), content_config(cfg))
+        if meta.get("complete") and not diff:
+            return True
+        there = f" with another config ({'; '.join(diff[:3])})" if diff else ""
+        raise UserError(f"data.path {paths.final} already exists{there}; pass data.overwrite=true "
+                        f"to replace it (the old store is kept until the new one is complete), "
+                        f"or choose another data.path")
     if _hpcforge_meta(paths.final) is None:
         raise UserError(f"data.path {paths.final} exists and is not an hpcforge store of format "
                         f"version {FORMAT_VERSION}; refusing to replace it even with "
                         f"data.overwrite=true; remove it yourself or choose another data.path")
+    return False
 
 
 def _differences(old: dict, new: dict, prefix: str = "data") -> list[str]:
@@ -591,12 +601,21 @@ def _resume_state(paths: Paths, cfg: DataConfig, content: dict, log) -> dict | N
                 f"(left by an earlier prepare that raced or crashed); starting afresh")
             return _discard(paths)
         diff = "; ".join(_differences(meta.get("content", {}), content)[:5])
-        if not cfg.overwrite:
+        if not cfg.overwrite and not _policy_fix(meta.get("content", {}), content):
             raise UserError(f"{paths.partial} is an interrupted prepare of a different config "
                             f"({diff}); rerun with that config to finish it, or pass "
                             f"data.overwrite=true to discard it")
         log(f"discarding {paths.partial} (a different config: {diff})")
     return _discard(paths)
+
+
+def _policy_fix(old: dict, new: dict) -> bool:
+    """Whether `new` is `old`, a data.invalid=fail prepare, with only its NaN/Inf policy changed:
+    the fix that prepare's error prints (data.invalid=drop or fill), which must work as printed
+    (issue 24). A failing policy's partial store never completes, so nothing is lost."""
+    def rest(c: dict) -> dict:
+        return {k: v for k, v in c.items() if k not in ("invalid", "fill_value")}
+    return old.get("invalid") == "fail" and rest(old) == rest(new)
 
 
 def _discard(paths: Paths) -> None:
@@ -800,13 +819,16 @@ def _disk_error(e: BaseException, paths: Paths, need: int = 0) -> BaseException:
 def prepare(cfg: DataConfig, resolved: dict[str, Any], log=print) -> Path:
     """Write the dataset described by `cfg` to `cfg.path` (resuming an interrupted run); return it."""
     paths = Paths.of(cfg.path)
-    _check_target(paths, cfg)
+    if _check_target(paths, cfg):
+        return _done(paths, log)
+    check_writable(paths.final.parent, "data.path", cfg.path)  # before any work
     n = count_samples(cfg)
     make_layout(cfg, n, 1)  # bad sizes and fractions fail here, before any work
     variables = SOURCES[cfg.source].variables(cfg.params)
     try:
         with store_lock(paths.lock, paths.final, log):
-            _check_target(paths, cfg)  # again: a prepare that held the lock may have finished it
+            if _check_target(paths, cfg):  # again: a prepare that held the lock may have done it
+                return _done(paths, log)
             return _run(cfg, resolved, paths, n, variables, log)
     except UserError:
         raise
@@ -815,6 +837,14 @@ def prepare(cfg: DataConfig, resolved: dict[str, Any], log=print) -> Path:
         if error is e:
             raise
         raise error from None
+
+
+def _done(paths: Paths, log) -> Path:
+    """A finished prepare of the same config, run again (scripts re-run whole pipelines): the
+    store stays as it is, and says so. Only the config is compared, not the input files."""
+    log(f"data.path {paths.final} already holds this dataset, complete, from the same config: "
+        f"nothing to do (data.overwrite=true prepares it again, e.g. after the input files changed)")
+    return paths.final
 
 
 def _run(cfg: DataConfig, resolved: dict, paths: Paths, n: int, variables: dict, log) -> Path:

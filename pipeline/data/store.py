@@ -101,8 +101,14 @@ class Store:
                             f"{', '.join(arrays)}. Fix data.inputs in the config")
         return arrays[name]
 
-    def stats(self, split: str, name: str) -> dict[str, Any]:
-        return self.meta.stats[split][name]
+    def stats(self, split: str, name: str | list[str]) -> dict[str, Any]:
+        """A variable's statistics; for several (a joined input), each one's per-channel values
+        one after another."""
+        if isinstance(name, str):
+            return self.meta.stats[split][name]
+        parts = [self.meta.stats[split][n] for n in name]
+        return {k: np.concatenate([np.ravel(p[k]) for p in parts]).tolist()
+                for k in ("mean", "std", "min", "max")}
 
 
 def open_store(path: str | Path) -> Store:

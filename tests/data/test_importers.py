@@ -77,8 +77,8 @@ def test_import_holds_every_input_sample_once(kind, tmp_path, dask_address):
     cfg = import_config(tmp_path, SOURCE.get(kind, kind), path, address=dask_address)
     store = open_store(prepare(cfg.data, cfg.to_dict(), log=lambda *a: None))
     expected = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    assert store.meta.n_samples == 50 and store.meta.splits == {"train": 40, "val": 10,
-                                                                      "test": 0}
+    assert store.meta.n_samples == 50 and store.meta.splits == {"train": 35, "val": 10,
+                                                                      "test": 5}  # (issue 24)
     got = stored(store)
     assert got["field"].dtype == np.float32 and got["label"].dtype == np.int64
     assert sample_hashes(got) == sample_hashes(expected)
@@ -197,6 +197,11 @@ def test_nan_inf_fail_by_default_with_count_and_first_location(tmp_path, dask_ad
                                         r"\[0, 16\), first at sample 3 index \[1, 2\]; .*"
                                         r"data.invalid=drop .* data.invalid=fill"):
         prepare(cfg.data, cfg.to_dict(), log=lambda *a: None)
+    # the fix works as printed (issue 24): the failed prepare's partial store is not in its way
+    cfg = import_config(tmp_path, "npy", tmp_path / "in", "data.invalid=drop", address=dask_address)
+    said = []
+    assert open_store(prepare(cfg.data, cfg.to_dict(), log=said.append)).meta.n_samples == 47
+    assert any("data.invalid: 'fail' there, 'drop' now" in line for line in said), said
 
 
 def test_nan_inf_drop_removes_those_samples_and_records_counts(tmp_path, dask_address):
@@ -276,7 +281,7 @@ def test_label_stored_as_n_by_1_imports_as_n_scalars(tmp_path, dask_address):
     assert got["label"].shape == (50,)
     expected = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     assert sample_hashes(got) == sample_hashes(expected)
-    assert sum(store.stats("train", "label")["class_counts"].values()) == 40
+    assert sum(store.stats("train", "label")["class_counts"].values()) == 35  # 50 - val - test
 
 
 # --------------------------------------------------------------------------- labels from paths (issue #16)
@@ -321,6 +326,23 @@ def test_calogan_tree_becomes_one_shuffled_store_labelled_by_folder(tmp_path, da
     assert (got["shower"][:, 0, 0] == got["energy"]).all()                      # rows stay whole
     train_energy = store.split("train")["energy"][:]
     assert not (np.diff(train_energy) > 0).all()                               # globally shuffled
+
+
+def test_a_classifier_with_another_class_count_than_the_store_is_refused_before_any_rank(
+        tmp_path, dask_address):
+    """Issue 24: out_features=10 on a 3-class store trained without a word."""
+    from helpers import hpcforge
+    write_calogan_tree(tmp_path / "calo")
+    cfg = calo_config(tmp_path, "parent_dir", address=dask_address)
+    store = prepare(cfg.data, cfg.to_dict(), log=lambda *a: None)
+    r = hpcforge("train", "--nproc", "2", f"output_dir={tmp_path / 'run'}", f"data.path={store}",
+                 "data.inputs={x: shower, y: label}", "model=mlp", "model.in_features=12",
+                 "model.out_features=10", "train.batch_size=4", "train.dist.backend=horovod")
+    assert r.returncode == 2 and r.stdout == "", r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stderr == (f"hpcforge: error: model.out_features=10, but the store at data.path="
+                        f"{store} holds 3 classes in data.inputs.y=label (eplus, gamma, piplus); "
+                        f"set model.out_features=3\n")
+    assert not (tmp_path / "run").exists()
 
 
 def test_label_from_file_stem_and_regex(tmp_path):

@@ -39,6 +39,22 @@ def test_physics_figures_of_showers_in_physical_units():
     assert _drawn(images["profiles"])
 
 
+def test_confusion_matrix_is_ticked_with_the_class_names():
+    y, p = np.array([0, 1, 2, 2]), np.array([0, 2, 2, 1])
+    ax = figures.confusion_matrix(y, p, 3, ["eplus", "gamma", "piplus"]).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["eplus", "gamma", "piplus"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["eplus", "gamma", "piplus"]
+    ax = figures.confusion_matrix(y, p, 3).axes[0]                    # no table: the labels
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2"]
+
+
+def test_predicted_vs_true_draws_the_points_and_the_diagonal():
+    t = np.linspace(0, 10, 50)
+    ax = figures.predicted_vs_true(t + 1, t, "energy", 0.9).axes[0]
+    assert ax.get_xlabel() == "true energy" and ax.get_ylabel() == "predicted energy"
+    assert len(ax.collections[0].get_offsets()) == 50 and "R\u00b2 0.900" in ax.get_title()
+
+
 def test_confusion_counts_equal_sklearn_and_plots_render():
     rng = np.random.default_rng(1)
     y, p = rng.integers(0, 4, 200), rng.integers(0, 4, 200)

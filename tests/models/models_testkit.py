@@ -90,7 +90,7 @@ CASES = [
     Case("cnn", "lenet5-mse", dict(preset="lenet5", in_channels=2, n_outputs=2, loss="mse"),
          lambda: {"x": img(2, 16, 16), "y": torch.randn(B, 2)}, predict, (B, 2), (B, 16, 16)),
     Case("cnn", "vgg-hinge", dict(preset="vgg", n_outputs=3, loss="hinge"),
-         lambda: {"x": img(1, 16, 16), "y": labels(3)}, predict, (B, 3), (B, 1, 16)),
+         lambda: {"x": img(1, 16, 16), "y": labels(3)}, predict, (B, 3), (B, 16)),
     Case("resnet", "2stages-ce", dict(stem_channels=8, channels=(8, 16), blocks_per_stage=(1, 1),
                                       n_outputs=3),
          lambda: {"x": img(1, 16, 16), "y": labels(3)}, predict, (B, 3), (B, 3, 16, 16)),

@@ -95,6 +95,20 @@ def test_cnn_learns_stripe_orientation_loss_falls_10x(params):
     assert last < first / 10
 
 
+@pytest.mark.parametrize("family", ["cnn", "resnet"])
+def test_a_one_channel_network_takes_fields_stored_without_a_channel_axis(family):
+    """Issue 24: a CNN on a store's (N, 12, 12) layer failed on the missing channel axis; it is
+    added for a one-channel network (B, H, W) -> (B, 1, H, W), the same output as with it."""
+    params = dict(channels=(4, 8), n_outputs=3) if family == "cnn" else dict(
+        stem_channels=4, channels=(4, 8), blocks_per_stage=(1, 1), n_outputs=3)
+    model = make(family, **params).eval()
+    x = torch.rand(5, 12, 12)
+    torch.testing.assert_close(model(x), model(x.unsqueeze(1)))
+    two = make(family, **{**params, "in_channels": 2})
+    with pytest.raises(ValueError, match=r"expected shape \(\*, 2, \*, \*\), got \(5, 12, 12\)"):
+        two(x)                                             # two channels: nothing to guess
+
+
 def test_cnn_rejects_inputs_smaller_than_its_downsampling():
     with pytest.raises(ValueError, match=r"expected H, W >= 8 .* got \(2, 1, 4, 4\)"):
         make("cnn", channels=(4, 4, 4))(torch.rand(2, 1, 4, 4))

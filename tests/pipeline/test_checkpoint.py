@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.checkpoint import Checkpoints, load, save_atomic
+from pipeline.checkpoint import Checkpoints, DamagedCheckpoint, load, save_atomic
 from pipeline.errors import UserError
 
 
@@ -124,6 +124,24 @@ def test_resume_auto_passes_over_a_damaged_newest_checkpoint(tmp_path):
     assert len(said) == 1 and said[0].startswith(
         f"[hpcforge] skipping damaged checkpoint {newest} (checkpoint {newest} is damaged: its "
         f"record ")
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("empty", "is empty (0 bytes)"),
+    ("truncated", "is cut short ({} bytes, the end of the archive torch.save writes is missing)"),
+    ("text", "is a text file (it begins 'step,loss'), not a file torch.save wrote")])
+def test_an_unreadable_checkpoint_is_described_in_plain_words(tmp_path, kind, words):
+    """Issue 24: a truncated checkpoint said "(OSError: [Errno 22] Invalid argument)", a text
+    file "(KeyError: 101)"."""
+    path = save_atomic(_real_state(), tmp_path / "final.pt")
+    raw = path.read_bytes()
+    path.write_bytes({"empty": b"", "truncated": raw[:len(raw) // 2],
+                      "text": b"step,loss\n1,0.5\n"}[kind])
+    with pytest.raises(DamagedCheckpoint) as e:
+        load(path)
+    assert str(e.value).startswith(f"{path} is not a readable hpcforge checkpoint: it "
+                                   f"{words.format(len(raw) // 2)}"), str(e.value)
+    assert str(e.value).endswith("or train again")
 
 
 def test_evaluate_on_a_damaged_checkpoint_is_one_line_exit_2(tmp_path):

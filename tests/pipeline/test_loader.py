@@ -28,6 +28,36 @@ def test_two_ranks_cover_every_sample_once_per_epoch(small_store):
     np.testing.assert_array_equal(np.sort(np.concatenate(seen)), everything)
 
 
+@pytest.mark.parametrize("ranks, batch", [(1, 48), (3, 40)])
+def test_keeping_the_tail_reads_every_sample_once_with_a_partial_last_batch(small_store, ranks,
+                                                                           batch):
+    """drop_last=False (evaluation, issue 24): 512 train samples in batches of 48 on 1 rank are
+    10 full batches and one of 32; on 3 ranks the last rank also reads the 2 left over."""
+    store = open_store(small_store[0])
+    everything = np.sort(store.split("train")["energy"][:])
+    loaders = [_loader(store, r, ranks, batch_size=batch, drop_last=False) for r in range(ranks)]
+    seen = [[b["e"].numpy() for b in loader] for loader in loaders]
+    np.testing.assert_array_equal(np.sort(np.concatenate([np.concatenate(s) for s in seen])),
+                                  everything)
+    for loader, batches in zip(loaders, seen):
+        assert len(batches) == len(loader) and all(len(b) == batch for b in batches[:-1])
+    assert len(seen[-1][-1]) == (512 - 512 // ranks * (ranks - 1)) % batch
+    assert len(_loader(store, batch_size=batch)) == 512 // batch        # training: as before
+
+
+def test_several_variables_as_one_input_are_each_normalised_flattened_and_joined(small_store):
+    """data.inputs.x=[spins, energy] (issue 24): one (B, 16*16 + 1) input, each part normalised by
+    its own statistics, in the order listed; the same samples as the parts read alone."""
+    store = open_store(small_store[0])
+    joined = _loader(store, inputs={"x": ["spins", "energy"], "e": "energy"}, normalize="standard")
+    alone = _loader(store, inputs={"s": "spins", "e": "energy"}, normalize="standard")
+    (a, b) = (next(iter(joined)), next(iter(alone)))
+    assert a["x"].shape == (32, 257) and a["x"].dtype == torch.float32
+    torch.testing.assert_close(a["x"][:, :256], b["s"].reshape(32, 256))
+    mean, std = (np.asarray(store.stats("train", "energy")[k]).item() for k in ("mean", "std"))
+    torch.testing.assert_close(a["x"][:, 256], ((b["e"].double() - mean) / std).float())
+
+
 def test_order_is_a_pure_function_of_seed_epoch_rank(small_store):
     store = open_store(small_store[0])
     a, b = _loader(store), _loader(store)

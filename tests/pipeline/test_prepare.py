@@ -81,13 +81,20 @@ def test_same_seed_same_store_whatever_the_worker_count(small_store, tmp_path):
     assert other.meta.checksums != open_store(path).meta.checksums
 
 
-def test_existing_store_is_refused_without_overwrite_and_kept(small_store):
+def test_a_finished_prepare_of_the_same_config_is_a_no_op_that_says_so(small_store):
+    """Scripts re-run whole pipelines (issue 24): the same config finds its store done, keeps it
+    as it is and says so; another config is refused without data.overwrite, the store kept."""
     path, overrides = small_store
-    before = json.dumps(open_store(path).meta.checksums)
+    before = (json.dumps(open_store(path).meta.checksums), path.stat().st_mtime_ns)
     cfg = load_config("demo", overrides)
-    with pytest.raises(UserError, match="already exists; pass data.overwrite=true"):
+    said = []
+    assert prepare(cfg.data, cfg.to_dict(), log=said.append) == path
+    assert len(said) == 1 and "already holds this dataset" in said[0] and "nothing to do" in said[0]
+    cfg = load_config("demo", [*overrides, "data.seed=1"])
+    with pytest.raises(UserError, match=r"already exists with another config \(data.seed: 0 there, "
+                                        r"1 now\); pass data.overwrite=true"):
         prepare(cfg.data, cfg.to_dict())
-    assert json.dumps(open_store(path).meta.checksums) == before
+    assert (json.dumps(open_store(path).meta.checksums), path.stat().st_mtime_ns) == before
 
 
 def test_incomplete_or_foreign_stores_are_refused(small_store, tmp_path):
