@@ -331,14 +331,25 @@ class Evaluation:
         (pipeline/precise.py, issue #23): the model's sampler as configured; for a sampler with
         Metropolis sweeps, the network alone and the same sweeps from the source's own start."""
         from pipeline import precise
-        from pipeline.data.sources.base import chunk_rng
-        source, params = SOURCES[self.store.meta.source], self.cfg.data.params
-        protocol = precise.Protocol(source.temperatures(params), self.per_t, seed=self.seed)
+        params = self.cfg.data.params
+        protocol = precise.Protocol(SOURCES[self.store.meta.source].temperatures(params), self.per_t,
+                                    seed=self.seed)
         a, b = precise.reference(lambda t, seed: make(params, t, seed), protocol, self.store.path,
                                  {"params": dataclasses.asdict(params)})
         cond = protocol.conditions()
         torch.manual_seed(self.seed)
-        rng = np.random.default_rng(self.seed)
+        scores = {}
+        for key, name, run in self._precise_samplers(sample, obs):
+            x, cpu = precise.timed(run, cond)
+            scores[key] = precise.score(name, x, a, b, protocol, cpu_s=cpu)
+            if key == "model" and (acc := getattr(self.model, "last_acceptance", None)) is not None:
+                scores[key].extra["mh_acceptance"] = acc
+        self._precise_record(protocol, precise.floor_scores(a, b, protocol), scores)
+
+    def _precise_samplers(self, sample: Callable, obs: physics.Observables
+                          ) -> list[tuple[str, str, Callable]]:
+        """(key, name, temperatures -> lattices) of the model and its controls."""
+        rng, source, params = np.random.default_rng(self.seed), SOURCES[self.store.meta.source], self.cfg.data.params
 
         def model_sampler(t: np.ndarray) -> np.ndarray:
             out = [sample(len(c), {"cond": torch.as_tensor(c, dtype=torch.float32)}).cpu().numpy()
@@ -346,30 +357,26 @@ class Evaluation:
             return physics.physical(obs, np.concatenate(out), self.affine, rng)
 
         sweeps = int(getattr(getattr(self.model, "cfg", None), "refine_sweeps", 0) or 0)
-        floor = precise.floor_scores(a, b, protocol)
         runs = [("model", f"model ({sweeps} sweeps)" if sweeps else "model", model_sampler)]
         if sweeps:
             runs.append(("network_only", "network alone (0 sweeps)", self._without_sweeps(model_sampler)))
         runs.append(("control", f"no network: source's start + {sweeps} sweeps",
-                     lambda t: no_network(make_start=source.initial_state, params=params, t=t,
-                                          sweeps=sweeps, seed=self.seed)))
-        scores = {}
-        for key, name, sampler_ in runs:
-            x, cpu = precise.timed(sampler_, cond)
-            scores[key] = precise.score(name, x, a, b, protocol, cpu_s=cpu)
-            if (acc := getattr(self.model, "last_acceptance", None)) is not None and key == "model":
-                scores[key].extra["mh_acceptance"] = acc
-        self.metrics.update({f"precise/floor/auc": floor.auc[0], "precise/floor/auc_hi": floor.auc[2],
+                     lambda t: no_network(source.initial_state, params, t, sweeps, self.seed)))
+        return runs
+
+    def _precise_record(self, protocol: Any, floor: Any, scores: dict[str, Any]) -> None:
+        """Metrics (precise/<sampler>/...), the two note lines, the figure and the table per T."""
+        from pipeline import precise
+        self.metrics.update({"precise/floor/auc": floor.auc[0], "precise/floor/auc_hi": floor.auc[2],
                              **{f"precise/floor/{k}": v for k, v in floor.curves.items()}})
         for key, sc in scores.items():
             self.metrics.update(sc.metrics(f"precise/{key}"))
-        self.metrics.update({"precise/per_t": protocol.per_t,
-                             "precise/temperatures": len(protocol.temperatures),
-                             "precise/samples": len(cond)})
+        self.metrics.update({"precise/per_t": protocol.per_t, "precise/samples": protocol.per_t *
+                             len(protocol.temperatures), "precise/temperatures": len(protocol.temperatures)})
         controls = [scores[k] for k in ("network_only", "control") if k in scores]
         self.notes.append(f"precise ({protocol.per_t} per T at {len(protocol.temperatures)} T, "
                           f"held-out midpoints included; independent reference chains; 95 % "
-                          f"bootstrap): W1 / floor " + " | ".join(s.line() for s in scores.values())
+                          f"intervals): W1 / floor " + " | ".join(s.line() for s in scores.values())
                           + f" | floor AUC {floor.auc[0]:.3f}")
         self.notes.append(f"verdict: {precise.verdict(scores['model'], controls)}")
         self.figures["per_temperature"] = precise.figure(protocol, list(scores.values()))
@@ -377,8 +384,7 @@ class Evaluation:
                                 "held_out": protocol.is_held_out(protocol.temperatures).tolist(),
                                 **{f"{key}/{k}": v.tolist() for key, sc in scores.items()
                                    for k, v in sc.per_t.items()},
-                                **{f"floor/{k}": v.tolist() for k, v in floor.per_t.items()
-                                   if k.startswith("curve/")}}
+                                **{f"floor/{k}": v.tolist() for k, v in floor.per_t.items()}}
 
     def _without_sweeps(self, model_sampler: Callable) -> Callable:
         """The model's sampler with its refine_sweeps set to 0 for the call: the network alone."""

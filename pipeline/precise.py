@@ -91,7 +91,10 @@ class Scores:
     def line(self) -> str:
         parts = [f"{k} {v:.2f}x [{lo:.2f}, {hi:.2f}]" for k, (v, lo, hi) in self.ratio.items()
                  if k in VERDICT]
-        return f"{self.name}: " + ", ".join(parts) + f", AUC {self.auc[0]:.3f} [{self.auc[1]:.3f}, {self.auc[2]:.3f}]"
+        acc = (f", Metropolis-Hastings acceptance {self.extra['mh_acceptance']:.2f}"
+               if "mh_acceptance" in self.extra else "")
+        return (f"{self.name}: " + ", ".join(parts)
+                + f", AUC {self.auc[0]:.3f} [{self.auc[1]:.3f}, {self.auc[2]:.3f}]{acc}")
 
 
 # --------------------------------------------------------------------------- reference
