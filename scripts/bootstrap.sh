@@ -42,7 +42,8 @@ install_apt() {
 
 have() { command -v "$1" >/dev/null 2>&1; }
 
-# Which MPI mpi4py and Horovod build against; sets MPI_FROM (path|apt) and says so in one line.
+# Which MPI hpcforge uses (Horovod compiles against it; mpi4py and mpirun run on it); sets
+# MPI_FROM (path|apt) and says so in one line.
 # apt only as root on Debian: a login node has neither, and its MPI comes from `module load`.
 pick_mpi() {
   if have mpicc && have mpirun; then
@@ -159,7 +160,8 @@ install_venv() {
   "$VENV/bin/python" -m pip install -q --upgrade pip
   install_torch
   log "venv: installing hpcforge and its pinned dependencies"
-  # mpi4py builds against the mpicc on PATH: the MPI pick_mpi chose
+  # mpi4py's wheel loads the MPI library it finds at run time; Horovod compiles with the mpicc on
+  # PATH: both the MPI pick_mpi chose
   "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
   install_horovod
   echo "$stamp" > "$VENV/.hpcforge-stamp"
