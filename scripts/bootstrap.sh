@@ -105,16 +105,17 @@ build_horovod_wheel() {
 # CPU wheels where they always were; a CUDA flavour's (built with NCCL) beside them.
 horovod_wheels() { if [[ "$FLAVOUR" == cpu ]]; then echo "$WHEELS"; else echo "$WHEELS/$FLAVOUR"; fi; }
 
-# The most telling line of a failed build's log: its last error, else its last line.
+# The most telling line of a failed build's log: its first compiler, CMake or pip error (what
+# follows it is consequences), else its last line.
 first_cause() {
-  { grep -E '[Ee]rror|ERROR|fatal' "$1" | grep -vE 'subprocess-exited-with-error|Failed building wheel|^ *(╰─>|note:)' || true; } \
-    | tail -n1 | grep . || tail -n1 "$1"
+  grep -m1 -E ': (fatal )?error:|CMake Error|^ *ERROR: (No matching|Could not)|^horovod: ' "$1" \
+    | sed 's/^ *//' || tail -n1 "$1"
 }
 
 # Horovod without it: the reason, one line now and on every later run, and train.dist.backend=ddp.
 horovod_missing() {
   echo "$1" > "$VENV/.hpcforge-no-horovod"
-  log "horovod: not available ($1); setup goes on with torch.distributed only: use train.dist.backend=ddp"
+  log "horovod: not available ($1); setup goes on with torch.distributed only: use train.dist.backend=ddp (to try Horovod again: rm $VENV/.hpcforge-stamp; make setup)"
 }
 
 install_horovod() {
