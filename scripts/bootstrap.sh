@@ -136,7 +136,7 @@ install_horovod() {
   "$VENV/bin/horovodrun" --check-build | tee "$CACHE/check-build.txt" >&2
   local needed=(PyTorch MPI Gloo); [[ "$FLAVOUR" != cpu ]] && needed+=(NCCL)
   for fw in "${needed[@]}"; do
-    grep -Eq "\[X\] $fw" "$CACHE/check-build.txt" || { log "horovod: $fw support missing (horovodrun --check-build); delete $whls/horovod-*.whl and run again"; exit 1; }
+    grep -Eq "\[X\] $fw" "$CACHE/check-build.txt" || { log "horovod: $fw support missing (horovodrun --check-build); remove that build ($VENV/bin/pip uninstall -y horovod; rm $whls/horovod-*.whl) and run again"; exit 1; }
   done
 }
 
