@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 # pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow'"`
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-check clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -33,6 +33,11 @@ test: setup
 
 bench: setup
 	$(BIN)/hpcforge bench
+
+# On a GPU node: NCCL all-reduce (Horovod vs torch.distributed), bf16, torch.compile, and steps/s
+# against a plain PyTorch loop, one table (benchmarks/gpu_check.py). Elsewhere: one line, exit 0.
+gpu-check: setup
+	@$(BIN)/python -m benchmarks.gpu_check
 
 clean:
 	rm -rf outputs

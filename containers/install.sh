@@ -42,6 +42,5 @@ done
 
 # The project, not editable, with the versions pyproject.toml pins (torch/horovod already match).
 "$PIP" install --no-cache-dir /opt/src
-# configs/ is read from next to the pipeline package; a non-editable install does not carry it.
-ln -s /opt/src/configs "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/configs"
+# configs/ ships inside the package (hpcforge/configs): the installed command finds it anywhere.
 "$VENV/bin/hpcforge" config >/dev/null

@@ -253,7 +253,8 @@ def _train(args: argparse.Namespace, flag) -> int:
     extra = [f"train.dist.nproc={args.nproc}"] if args.nproc is not None else []
     cfg = _config(args, extra)  # validate before starting any rank
     from pipeline.launch import needs_launch, relaunch
-    from pipeline.dist import detect_launcher
+    from pipeline.dist import check_backend, detect_launcher
+    check_backend(cfg.train.dist)  # e.g. Horovod missing: one line naming ddp, no rank started
     launch = needs_launch(cfg.train.dist.nproc)
     if launch and cfg.train.dist.backend == "none":
         raise UserError(f"train.dist.nproc={cfg.train.dist.nproc} needs a distributed backend; "

@@ -34,6 +34,7 @@ import os
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,11 +44,15 @@ from pipeline.errors import ConfigError
 
 def _config_dir() -> Path:
     """$HPCFORGE_CONFIG_DIR, else the checkout's configs/ (editable install or run in place),
-    else ./configs (a non-editable install run from a copy of the repository)."""
+    else the copy a non-editable install ships as package data, `hpcforge/configs` (pyproject.toml
+    maps the checkout's configs/ there). Read as files, not imported: `hpcforge` is the layer above,
+    and its __init__ holds no code."""
     if os.environ.get("HPCFORGE_CONFIG_DIR"):
         return Path(os.environ["HPCFORGE_CONFIG_DIR"])
     beside = Path(__file__).resolve().parent.parent / "configs"
-    return beside if beside.is_dir() else Path.cwd() / "configs"
+    if beside.is_dir():
+        return beside
+    return Path(str(resources.files("hpcforge") / "configs"))
 
 
 CONFIG_DIR = _config_dir()

@@ -577,6 +577,25 @@ def apply_cpu_mpi_defaults(env: dict[str, str] | Any = os.environ) -> None:
             env.setdefault(k, v)
 
 
+def _horovod() -> Any:
+    """horovod.torch, or a user error naming ddp: Horovod is optional at run time (issue 26), and
+    its last release may stop building or importing against a later torch."""
+    try:
+        import horovod.torch as hvd
+    except ImportError as e:  # not installed, hidden, or built against another torch
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"train.dist.backend=horovod but Horovod does not import here ({cause}); "
+                        f"set train.dist.backend=ddp (torch.distributed trains the same), or run "
+                        f"`make setup` to build Horovod") from None
+    return hvd
+
+
+def check_backend(cfg: DistConfig) -> None:
+    """Refuse a backend this installation lacks, before any rank starts (the command calls it)."""
+    if cfg.backend == "horovod":
+        _horovod()
+
+
 def init_distributed(cfg: DistConfig) -> Dist:
     """Start the backend, pin this rank's GPU, and check the launcher agrees about the world."""
     place = detect_launcher()
@@ -599,11 +618,7 @@ def init_distributed(cfg: DistConfig) -> Dist:
                               world_size=place.world_size,
                               timeout=datetime.timedelta(seconds=cfg.timeout_s), **meet)
         return TorchDist(place, device, cfg)
-    try:
-        import horovod.torch as hvd
-    except ImportError as e:
-        raise UserError(f"train.dist.backend=horovod but Horovod does not import ({e}); run "
-                        f"`make setup` to build it, or set train.dist.backend=ddp") from None
+    hvd = _horovod()
     # A rank that stops answering ends the job after timeout_s instead of hanging for ever.
     os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(5, cfg.timeout_s // 4)))
     os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(cfg.timeout_s))

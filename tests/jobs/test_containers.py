@@ -14,7 +14,9 @@ RECIPES = {"Dockerfile": C / "Dockerfile", "Apptainer.def": C / "Apptainer.def"}
 
 
 def pyproject_pins() -> dict[str, str]:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + [d for extra in project["optional-dependencies"].values()
+                                      for d in extra]
     pins = (re.match(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([^;\s]+)", d) for d in deps)
     return {m.group(1).lower(): m.group(2) for m in pins if m}
 
