@@ -48,14 +48,7 @@ def allreduce_worker(out: str, backend: str, iters: int = 20) -> None:
         reduce = lambda: dist.hvd.allreduce_(x, op=dist.hvd.Sum, name="gpu_check")  # noqa: E731
     else:
         reduce = lambda: dist.td.all_reduce(x)  # noqa: E731
-    for _ in range(5):
-        reduce()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        reduce()
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t0) / iters
+    seconds = 1.0 / _rate(reduce, iters, warmup=5)
     n = dist.world_size
     busbw = x.numel() * 4 / seconds * (2 * (n - 1) / n if n > 1 else 1) / 1e9
     if dist.is_main:
@@ -87,8 +80,9 @@ def bf16_row() -> dict:
     return _row("bf16", "autocast matmul 2048", err, 2e-2, "relerr", "dtype bfloat16; error < 2e-2")
 
 
-def _rate(fn, steps: int) -> float:
-    for _ in range(3):
+def _rate(fn, steps: int, warmup: int = 3) -> float:
+    """Calls of `fn` per second on the GPU clock (synchronised), after `warmup` calls."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -180,12 +180,20 @@ def score(name: str, generated: np.ndarray, a: np.ndarray, b: np.ndarray, protoc
         out.ratio[k] = (value, value * float(np.exp(-half)), value * float(np.exp(half)))
         out.per_t[k] = num / np.maximum(den, 1e-300)
         out.per_t[f"w1/{k}"], out.per_t[f"floor/{k}"] = num, den
-    out.auc = auc_interval(a, generated, protocol)
-    cond = protocol.conditions()
-    real_c, gen_c = thermo.curves(a, cond), thermo.curves(generated, cond)
-    out.curves = thermo.curve_errors(real_c, gen_c)
+    _, gen_c = _auc_and_curves(out, a, generated, protocol)
     out.per_t.update({f"curve/{k}": gen_c[k] for k in thermo.QUANTITIES})
     return out
+
+
+def _auc_and_curves(out: Scores, real: np.ndarray, other: np.ndarray, protocol: Protocol
+                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The classifier AUC and the thermodynamic curve errors of `other` against `real` into
+    `out`; returns both sets of curves."""
+    out.auc = auc_interval(real, other, protocol)
+    cond = protocol.conditions()
+    real_c, other_c = thermo.curves(real, cond), thermo.curves(other, cond)
+    out.curves = thermo.curve_errors(real_c, other_c)
+    return real_c, other_c
 
 
 def auc_interval(real: np.ndarray, generated: np.ndarray, protocol: Protocol
@@ -224,10 +232,7 @@ def floor_scores(a: np.ndarray, b: np.ndarray, protocol: Protocol) -> Scores:
         ra, rb = _by_t(va, protocol), _by_t(physics.ising_scalars(b)[k], protocol)
         value = float(_ratio(w1_equal(rb, ra), floor_w1(ra, rb, rng, FLOOR_SPLITS)))
         out.ratio[k] = (value, value, value)
-    out.auc = auc_interval(a, b, protocol)
-    cond = protocol.conditions()
-    real_c, b_c = thermo.curves(a, cond), thermo.curves(b, cond)
-    out.curves = thermo.curve_errors(real_c, b_c)
+    real_c, _ = _auc_and_curves(out, a, b, protocol)
     out.per_t.update({f"curve/{k}": real_c[k] for k in thermo.QUANTITIES})
     return out
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import small
+from helpers import small, tmpfs
 
 
 @pytest.fixture(scope="session")
@@ -27,12 +27,6 @@ def small_store(tmp_path_factory) -> tuple[Path, list[str]]:
 
 @pytest.fixture
 def small_disk(tmp_path) -> Path:
-    """A real 8 MiB filesystem of its own (a tmpfs: the tests run as root), for full-disk faults;
-    unmounted afterwards whatever happens (lazily: a killed child may still hold a file there)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
-    try:
+    """A real 8 MiB filesystem of its own, for full-disk faults."""
+    with tmpfs(tmp_path / "disk", "size=8m") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)

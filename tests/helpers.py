@@ -5,9 +5,11 @@ module can be imported under the name `conftest`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,3 +72,15 @@ def process_tree(pid: int) -> list[int]:
         return [pid, *(p.pid for p in me.children(recursive=True))]
     except psutil.NoSuchProcess:
         return []
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs mounted at `path` with mount `options` (the tests run as root); unmounted
+    afterwards whatever happens (lazily: a killed child may still hold a file there)."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)

@@ -97,13 +97,9 @@ def test_resume_auto_continues_the_same_run_with_one_row_per_step(first, small_s
 def read_only(tmp_path) -> Path:
     """A real read-only filesystem (a tmpfs mounted ro: the tests run as root, whom a chmod does
     not stop); unmounted afterwards."""
-    disk = tmp_path / "ro"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(disk)], check=True)
-    try:
+    from helpers import tmpfs
+    with tmpfs(tmp_path / "ro", "size=1m,ro") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 def _one_error_line(r) -> str:
