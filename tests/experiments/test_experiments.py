@@ -55,8 +55,8 @@ def lab(tmp_path_factory):
     from distributed import LocalCluster
     tmp = tmp_path_factory.mktemp("experiments")
     write_ising_domains(tmp / "domains", n=128, burn_in=5, decorrelation=1, chunk=64)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster:
         yield {"tmp": tmp, "scheduler": cluster.scheduler_address, "stores": {}}
 
 

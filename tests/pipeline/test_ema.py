@@ -100,8 +100,8 @@ def test_a_checkpoint_without_average_resumes_into_one_from_its_weights(ema_runs
 
 @pytest.mark.slow  # three full evaluations (observables, Fréchet, classifier test, latent paths)
 def test_evaluate_samples_with_the_average_unless_asked_for_raw(ema_runs, tmp_path):
-    """The averaged weights' W1 equals that of a checkpoint holding them as its model (a manual
-    load), and differs from the raw weights'; old checkpoints load their raw weights."""
+    """The averaged weights' scores equal those of a checkpoint holding them as its model (a
+    manual load), and differ from the raw weights'; old checkpoints load their raw weights."""
     final = load(ema_runs / "whole/train/checkpoints/final.pt")
     manual = {**final, "model": {**final["model"], **final["ema"]["weights"]}, "ema": None}
     paths = {}
@@ -112,8 +112,12 @@ def test_evaluate_samples_with_the_average_unless_asked_for_raw(ema_runs, tmp_pa
     got = {name: evaluate(p) for name, p in paths.items()}
     got["raw"] = evaluate(tmp_path / "raw.pt", ["train.ema.weights=raw"])
     assert [got[k]["weights"] for k in ("ema", "manual", "raw")] == ["ema", "raw", "raw"]
-    w1 = {k: got[k]["metrics"]["w1/energy"] for k in got}
-    assert w1["ema"] == w1["manual"] != w1["raw"]
+    # the test loss (D on real and generated lattices) is a function of G's weights; W1 of
+    # energies is not always (after 4 steps G can emit saturated, fully ordered lattices with
+    # either weights, whose energies are all -2)
+    loss = {k: got[k]["metrics"]["loss"] for k in got}
+    assert loss["ema"] == loss["manual"] != loss["raw"]
+    assert got["ema"]["metrics"]["w1/energy"] == got["manual"]["metrics"]["w1/energy"]
 
 
 def test_load_weights_overlays_only_the_averaged_network(ema_runs):
