@@ -171,10 +171,12 @@ def _dask_client(d: DaskConfig, log) -> Iterator:
     else:
         # Loopback only (issue 25): scheduler, workers and dashboard answer this host alone
         # (the dashboard's /json/identity.json lists workers and folders); its link then is
-        # the address it listens on.
+        # the address it listens on. Thread workers (processes=false) talk in-process, with no
+        # socket to bind, and the in-process transport refuses a host.
         cluster = LocalCluster(n_workers=d.n_workers, threads_per_worker=d.threads_per_worker,
                                memory_limit=d.memory_limit, processes=d.processes,
-                               host=LOOPBACK, dashboard_address=f"{LOOPBACK}:0")
+                               dashboard_address=f"{LOOPBACK}:0",
+                               **({"host": LOOPBACK} if d.processes else {}))
         client = Client(cluster)
     try:
         workers, slots = shape(d, client)
