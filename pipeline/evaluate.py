@@ -499,15 +499,13 @@ class Evaluation:
 
 
 def no_network(make_start: Callable, params: Any, t: np.ndarray, sweeps: int, seed: int) -> np.ndarray:
-    """The control with no network (issue #23): the source's own initial lattices at `t`, then
-    `sweeps` Metropolis sweeps at each lattice's T, then each flipped whole with probability 1/2
-    (what `models.layers.refine_spins` does to a generator's spins)."""
-    from models.layers import metropolis_sweeps
-    s = torch.as_tensor(make_start(params, t, seed), dtype=torch.float32)
+    """The control with no network (issue #23): the source's own initial lattices at `t` through
+    the generators' own refinement (`models.layers.refine_spins`: `sweeps` Metropolis sweeps at
+    each lattice's T, then a whole-lattice flip with probability 1/2), as +-1 spins."""
+    from models.layers import refine_spins
+    start = torch.as_tensor(make_start(params, t, seed), dtype=torch.float32)
     torch.manual_seed(seed)
-    s = metropolis_sweeps(s, torch.as_tensor(t, dtype=torch.float32), sweeps) if sweeps else s
-    flip = torch.where(torch.rand(len(s), 1, 1, 1) < 0.5, -1.0, 1.0)
-    return (s * flip).numpy()
+    return (2 * refine_spins((start + 1) / 2, torch.as_tensor(t, dtype=torch.float32), sweeps) - 1).numpy()
 
 
 # --------------------------------------------------------------------------- entry point

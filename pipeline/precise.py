@@ -228,8 +228,9 @@ def floor_scores(a: np.ndarray, b: np.ndarray, protocol: Protocol) -> Scores:
     is near 1; its AUC and curve errors are the floor of those metrics."""
     rng = np.random.default_rng(protocol.seed)
     out = Scores("real vs real (independent chains)")
+    scalars_b = physics.ising_scalars(b)
     for k, va in physics.ising_scalars(a).items():
-        ra, rb = _by_t(va, protocol), _by_t(physics.ising_scalars(b)[k], protocol)
+        ra, rb = _by_t(va, protocol), _by_t(scalars_b[k], protocol)
         value = float(_ratio(w1_equal(rb, ra), floor_w1(ra, rb, rng, FLOOR_SPLITS)))
         out.ratio[k] = (value, value, value)
     real_c, _ = _auc_and_curves(out, a, b, protocol)

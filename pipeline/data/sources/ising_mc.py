@@ -24,6 +24,8 @@ import math
 
 import numpy as np
 
+from pipeline import physics
+
 T_CRITICAL = 2.0 / math.log(1.0 + math.sqrt(2.0))
 ALGORITHMS = ("metropolis", "swendsen_wang")
 
@@ -127,6 +129,6 @@ def series(algorithm: str, temperature: float, size: int, chains: int, sweeps: i
     m, e = np.empty((chains, sweeps)), np.empty((chains, sweeps))
     for k in range(sweeps):
         mc.sweep(s, rng)
-        m[:, k] = np.abs(s.mean(axis=(1, 2), dtype=np.float64))
-        e[:, k] = -(s * np.roll(s, 1, 1) + s * np.roll(s, 1, 2)).sum(axis=(1, 2)) / size ** 2
+        m[:, k] = np.abs(physics.ising_magnetization(s))
+        e[:, k] = physics.ising_energy(s)
     return {"abs_magnetization": m, "energy": e}
