@@ -72,3 +72,16 @@ def test_reference_names_every_range_and_comment():
     assert "a new run, refused where output_dir holds one" in text
     assert [line for line in text.splitlines() if line.startswith("| `train.dist.interface` |")
             ][0].endswith("open nothing on the network. |")
+
+
+def test_readme_is_a_front_page_whose_links_resolve():
+    """The README stays a front page (issue #27: under about 200 lines; the reference is docs/),
+    and every relative link in it points at a file of the checkout."""
+    import re
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200, "README.md grew past 200 lines: move reference to docs/"
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if "://" not in link]
+    assert local, "the front page links to the docs"
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert not missing, missing
