@@ -35,7 +35,7 @@ from pipeline.checkpoint import load, save_atomic
 from models.base import sampler
 from pipeline.config import Config, config_from_dict
 from pipeline.data.loader import ShardedLoader
-from pipeline.data.sources import SOURCES, declared
+from pipeline.data.sources import SOURCES, declared, observables
 from pipeline.data.store import Store, normalization, open_store
 from pipeline.ema import load_weights
 from pipeline.errors import UserError
@@ -297,7 +297,7 @@ class Evaluation:
         to the same distance between two real samples of the same size: the floor a perfect
         model reaches."""
         source = self.store.meta.source
-        if (obs := physics.observables_for(source)) is None:
+        if (obs := observables(source)) is None:
             self.notes.append(f"no physical observables defined for source {source!r}; "
                               f"W1 and Fréchet distances skipped")
             return
