@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pipeline import figures, physics
+from pipeline.analysis_io import normalized
 from pipeline.data.sources import declared, observables
 
 STEPS = 9              # points on an interpolation path, ends included
@@ -74,7 +75,6 @@ class Explorer:
     normalisation, metrics and figures."""
 
     def __init__(self, ev: Any, arrays: dict[str, np.ndarray]):
-        from pipeline.evaluate import normalized   # here: evaluate imports this module
         self.ev, self.model = ev, ev.model
         self.obs = observables(ev.store.meta.source)
         self.batch = fixed_condition(self.model, arrays)
