@@ -79,6 +79,13 @@ class BufferGuard:
         for b, old in zip(self.buffers, self.saved):
             b.copy_(old)
 
+    def restore_where(self, bad: torch.Tensor) -> None:
+        """`restore` if the 0-d bool tensor `bad` is true, decided on its device without reading
+        it on the host (issue 28). torch.where, not a lerp: a poisoned buffer is NaN, and
+        NaN * 0 is NaN."""
+        for b, old in zip(self.buffers, self.saved):
+            torch.where(bad, old, b, out=b)
+
 
 @dataclass
 class Phase:
@@ -129,6 +136,8 @@ class Run:
     resumed_from: Path | None = None  # the checkpoint train.resume found (pipeline.state.resume)
     transfer: Matched | None = None   # what train.init_from loaded (pipeline.transfer)
     ema: EMA | None = None         # the generating network's weight average (train.ema.decay)
+    unread: list[torch.Tensor] = field(default_factory=list)  # steps' non-finite flags still on
+    # the device, read on the host at log steps and before checkpoints (pipeline.loop.settle)
 
     @property
     def train_cfg(self) -> TrainConfig:
