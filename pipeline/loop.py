@@ -31,6 +31,7 @@ from pipeline.dist import only_grads_of
 from pipeline.ema import digest as ema_digest
 from pipeline.hooks import draw_all
 from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted
+from pipeline.profile import step_timer
 from pipeline.run import Phase, Run, autocast, weights_digest
 from pipeline.state import save
 from pipeline.validation import after_validation, validate
@@ -59,11 +60,14 @@ class Gradients(NamedTuple):
 # ---------------------------------------------------------------------------- the run
 def fit(run: Run) -> dict[str, Any]:
     """Train until the epochs, train.max_steps or early stopping end it; return the summary."""
-    flag = run.preemption.flag
+    flag, cfg = run.preemption.flag, run.cfg.train
+    run.timer = step_timer(cfg.profile, run.dist.device, run.run_dir / "profile", run.dist.rank,
+                           cfg.profile_steps)
     with nullcontext() if flag.catching else flag:
         try:
             return _train(run)
         finally:  # whatever ends the run, the last checkpoint handed to the writer is on disk
+            run.timer.close()
             run.checkpoints.wait()
 
 
@@ -89,10 +93,12 @@ def _epoch(run: Run, window: Window, last: list[Batch] | None) -> tuple[bool, li
             inject_nan(run, group)
             losses, last = train_step(run, group), group
             progress.step += 1
-            bar.update(1)
-            window.add(losses)
-            epoch_losses.add({k: v for k, v in losses.items() if not k.startswith("opt/")})
-            stop = _step_end(run, window, group, bar)
+            with run.timer.part("logging"):
+                bar.update(1)
+                window.add(losses)
+                epoch_losses.add({k: v for k, v in losses.items() if not k.startswith("opt/")})
+                stop = _step_end(run, window, group, bar)
+            run.timer.step_done()
             if stop or (train_cfg.max_steps and progress.step >= train_cfg.max_steps):
                 stop = True
                 break
@@ -104,9 +110,14 @@ def _epoch(run: Run, window: Window, last: list[Batch] | None) -> tuple[bool, li
 def batch_groups(run: Run) -> Iterator[list[Batch]]:
     """The loader's batches on the device, one step's worth (`batches_per_step`) at a time."""
     group: list[Batch] = []
-    for batch in run.loader:
-        run.heartbeat.beat("training", run.progress.step)
-        group.append({k: v.to(run.dist.device, non_blocking=True) for k, v in batch.items()})
+    batches, timer = iter(run.loader), run.timer
+    while True:
+        with timer.part("data"):  # (the loader's wait, and the copy to the device)
+            batch = next(batches, None)
+            if batch is None:
+                return
+            run.heartbeat.beat("training", run.progress.step)
+            group.append({k: v.to(run.dist.device, non_blocking=True) for k, v in batch.items()})
         if len(group) == run.batches_per_step:
             yield group
             group = []
@@ -173,9 +184,10 @@ def train_step(run: Run, batches: list[Batch]) -> Metrics:
         any_bad = bad if any_bad is None else any_bad | bad
         if vote is not None:
             run.preemption.end_vote(vote, step)
-        if last:
-            run.buffer_guard.restore_where(any_bad)
-        _update(run, phase, grads.finite)
+        with run.timer.part("optimizer"):
+            if last:
+                run.buffer_guard.restore_where(any_bad)
+            _update(run, phase, grads.finite)
     if run.scaler is not None:
         run.scaler.update()
     _note_nonfinite(run, any_bad)
@@ -190,10 +202,12 @@ def phase_gradients(run: Run, phase: Phase, batches: list[Batch]) -> Gradients:
     scope = only_grads_of(run.model, phase.params) if len(run.phases) > 1 else nullcontext()
     with scope:
         losses = _backward(run, phase.name, batches)
-    run.dist.synchronize(opt)  # gradients now averaged over ranks: the same on every rank
-    if run.scaler is not None:
-        run.scaler.unscale_(opt)
-    norm = _clip(phase.params, run.cfg.train.grad_clip)
+    with run.timer.part("allreduce"):
+        run.dist.synchronize(opt)  # gradients now averaged over ranks: the same on every rank
+    with run.timer.part("optimizer"):
+        if run.scaler is not None:
+            run.scaler.unscale_(opt)
+        norm = _clip(phase.params, run.cfg.train.grad_clip)
     metrics: Metrics = {f"{phase.name}/{k}": v for k, v in losses.items()}
     metrics[f"opt/{phase.name}/grad_norm"] = norm
     metrics[f"opt/{phase.name}/lr"] = opt.param_groups[0]["lr"]
@@ -206,12 +220,13 @@ def _backward(run: Run, phase: str, batches: list[Batch]) -> dict[str, torch.Ten
     means: dict[str, torch.Tensor] = {}
     n = len(batches)
     for batch in batches:
-        with autocast(run):
+        with run.timer.part("forward"), autocast(run):
             losses = run.train_losses(batch, phase)  # (adversarial examples mixed in, if set)
         loss = losses["loss"].float()
         if n > 1:
             loss = loss / n
-        (run.scaler.scale(loss) if run.scaler else loss).backward()
+        with run.timer.part("backward"):
+            (run.scaler.scale(loss) if run.scaler else loss).backward()
         for k, v in losses.items():
             v = v.detach() / n if n > 1 else v.detach()
             means[k] = means[k] + v if k in means else v

@@ -32,6 +32,7 @@ from pipeline.errors import UserError
 from pipeline.hooks import ImageHook, image_hooks
 from pipeline.optim import build_optimizer, build_scheduler, rank_scale
 from pipeline.preemption import Preemption, PreemptionFlag
+from pipeline.profile import StepTimer
 from pipeline.provenance import git_revision, versions
 from pipeline.tracking import Tracker
 from pipeline.transfer import Matched, freeze, init_from, lr_groups
@@ -136,6 +137,7 @@ class Run:
     resumed_from: Path | None = None  # the checkpoint train.resume found (pipeline.state.resume)
     transfer: Matched | None = None   # what train.init_from loaded (pipeline.transfer)
     ema: EMA | None = None         # the generating network's weight average (train.ema.decay)
+    timer: StepTimer = field(default_factory=StepTimer)  # train.profile (pipeline.profile)
     unread: list[torch.Tensor] = field(default_factory=list)  # steps' non-finite flags still on
     # the device, read on the host at log steps and before checkpoints (pipeline.loop.settle)
 

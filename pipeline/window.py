@@ -73,6 +73,12 @@ class Window:
                         "dist/ranks": float(dist.world_size),
                         "dist/nodes": float(max(1, dist.world_size // dist.local_size)),
                         "epoch": float(run.progress.epoch)})
+        if run.timer.active:  # train.profile: every rank's shares, and their mean
+            ranks = dist.gather_object(run.timer.shares())
+            for rank, shares in enumerate(ranks):
+                metrics.update({f"profile/rank{rank}/{k}": v for k, v in shares.items()})
+            metrics.update({f"profile/{k}": sum(r.get(k, 0.0) for r in ranks) / len(ranks)
+                            for k in ranks[0]})
         if dist.device.type == "cuda":
             metrics["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2 ** 30
         run.tracker.log(metrics, run.progress.step)
