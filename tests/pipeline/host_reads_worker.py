@@ -7,6 +7,10 @@ torch.Tensor and notes, for each read, which part of the loop made it and at whi
 loop's own functions are wrapped to say where it is (pipeline.loop looks them up as globals at
 each call, so the wrapped ones are the ones it runs).
 
+The preemption vote is tagged apart: a sum of host values (signal seen, rank 0's proposed
+interval) at steps 1 and 2, then once per train.dist.signal_check_s seconds, not per step; ddp
+reads its result from a tensor (on a GPU under nccl, a device read once a second).
+
 Run under mpirun (`python host_reads_worker.py OUT.json OVERRIDES...`): every rank trains with
 the real loader and backend, and writes its reads to OUT.json.<rank>.
 """
@@ -38,6 +42,16 @@ class HostReads:
             setattr_(torch.Tensor, name, self._counting(name, getattr(torch.Tensor, name)))
         for name, where in WHERE.items():
             setattr_(loop, name, self._tagging(where, getattr(loop, name)))
+        from pipeline.preemption import Preemption
+        end_vote = Preemption.end_vote
+
+        def vote(preemption, *args):
+            outer, self.where = self.where, "vote"
+            try:
+                return end_vote(preemption, *args)
+            finally:
+                self.where = outer
+        setattr_(Preemption, "end_vote", vote)
 
     def _counting(self, name: str, method):
         reads = self
