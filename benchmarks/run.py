@@ -112,10 +112,28 @@ def bench_trainer(quick: bool) -> list[dict]:
                          f"global samples/s, 2 ranks x 1 thread / 1 rank x 1 thread, median of "
                          f"{len(ratios)} pairs of jobs run back to back (pair ratios "
                          f"{min(ratios):.3f}-{max(ratios):.3f})", ratio=median(ratios)))
+        rows.append(_scaling_model_row(quick, median(ones), median(ratios)))
         ddp, hvd = best(2, ["trainer", store, "ddp", steps], ["trainer", store, "horovod", steps])
         rows.append(row("ddp-vs-hvd", "VAE 16x16, 2 ranks", ddp["steps_per_s"], hvd["steps_per_s"],
                          "step/s", "report", "Trainer steps/s with DDP (gloo) / with Horovod (MPI)"))
     return rows
+
+
+def _scaling_model_row(quick: bool, one_rank_samples_s: float, measured: float) -> dict:
+    """The alpha-beta model's 2-rank / 1-rank prediction (benchmarks/scaling_model.py), calibrated
+    on this machine's all-reduce and the bench ResNet's 1-rank step, beside the measured ratio:
+    what communication alone would cost; the rest of the gap is the ranks sharing the cores."""
+    from benchmarks.scaling_model import two_rank_prediction
+    from benchmarks.trainer import BATCH
+    from models import MODELS
+    cfg_cls, build = MODELS["resnet"]
+    params = sum(p.numel() for p in build(cfg_cls()).parameters())
+    allreduce = bench_allreduce(quick)
+    predicted = two_rank_prediction(params, BATCH / one_rank_samples_s, allreduce)
+    return row("scaling-model", "ResNet 32x32, 2 / 1", predicted, measured, "ratio", "report",
+                f"2-rank / 1-rank samples/s predicted from all-reduce alone (alpha-beta, fitted on "
+                f"this machine's MPI Allreduce of 1-64 MB; {params} parameters) / the measured "
+                f"weak-scaling ratio")
 
 
 def bench_data_prepare(quick: bool) -> list[dict]:

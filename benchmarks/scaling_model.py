@@ -219,6 +219,8 @@ def this_machine(allreduce_rows: list[dict]) -> Cluster:
     n, mean_s, mean_t = len(sizes), sum(sizes) / len(sizes), sum(times) / len(times)
     slope = (sum((s - mean_s) * (t - mean_t) for s, t in zip(sizes, times))
              / sum((s - mean_s) ** 2 for s in sizes))
+    if slope <= 0:  # (noise: larger buffers no slower) all bandwidth, at the best seen
+        slope = min(t / s for s, t in zip(sizes, times))
     alpha = max(0.0, (mean_t - slope * mean_s) / 2)
     link = Link("shared memory (MPI, measured)", 1 / slope, alpha)
     return Cluster(f"this machine, 2 ranks ({n} sizes)", 2, intra=link, inter=link,
