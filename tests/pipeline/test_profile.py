@@ -13,6 +13,7 @@ from pipeline.dist import init_distributed
 from pipeline.errors import ConfigError
 from pipeline.loop import fit
 from pipeline.profile import PARTS
+from pipeline.report import report
 from pipeline.run import build
 
 LOG_EVERY = 4
@@ -44,12 +45,15 @@ def test_profile_steps_logs_the_share_of_each_part_of_the_step(small_store, tmp_
         _check_shares(row, "profile/")
         _check_shares(row, "profile/rank0/")
     assert not (tmp_path / "train" / "profile").exists()  # no trace asked for
+    page = report([tmp_path], tmp_path / "report.html").read_text()
+    assert "Where step time went" in page  # the report's figure of the shares
 
 
 def test_profile_off_by_default_logs_and_writes_nothing(small_store, tmp_path):
     rows = _run(small_store, tmp_path)
     assert rows and not any(k.startswith("profile/") for r in rows for k in r)
     assert not (tmp_path / "train" / "profile").exists()
+    assert "Where step time went" not in report([tmp_path], tmp_path / "r.html").read_text()
 
 
 def test_profile_trace_writes_chrome_trace_json_of_the_chosen_steps(small_store, tmp_path):
