@@ -100,6 +100,8 @@ def bench_trainer(quick: bool) -> list[dict]:
                                  f"{SAMPLES // (BATCH * n)}-step epoch) / {what}, median of "
                                  f"{pairs} rounds run in turn in the same ranks (ratios "
                                  f"{min(ratios):.3f}-{max(ratios):.3f})", ratio=median(ratios)))
+            if n == 1:
+                rows.append(_profile_off_row(median(got["trainer"])))
         ones, twos = [], []  # job pairs, alternating which world size runs first
         for i in range(pairs // 2):
             for n in ((1, 2) if i % 2 == 0 else (2, 1)):
@@ -117,6 +119,15 @@ def bench_trainer(quick: bool) -> list[dict]:
         rows.append(row("ddp-vs-hvd", "VAE 16x16, 2 ranks", ddp["steps_per_s"], hvd["steps_per_s"],
                          "step/s", "report", "Trainer steps/s with DDP (gloo) / with Horovod (MPI)"))
     return rows
+
+
+def _profile_off_row(steps_per_s: float) -> dict:
+    """train.profile=off is free: what its no-op parts cost a step, against the Trainer's step."""
+    from benchmarks.trainer import profile_off_cost
+    off_us, step_us = 1e6 * profile_off_cost(), 1e6 / steps_per_s
+    return _row("profile-off", "VAE 16x16, 1 rank", off_us, step_us, "us", "< 0.002",
+                "time a step spends in train.profile=off's no-op parts (8 a step) / the Trainer's "
+                "step time")
 
 
 def _scaling_model_row(quick: bool, one_rank_samples_s: float, measured: float) -> dict:

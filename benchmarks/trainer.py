@@ -121,6 +121,20 @@ def run_paired(store: str, repeats: int, steps: int) -> dict:
     return {**out, "rank": dist.rank}
 
 
+def profile_off_cost(parts: int = 8, steps: int = 20000) -> float:
+    """Seconds a step pays for train.profile=off: the no-op parts the loop enters (data, forward,
+    backward, all-reduce, optimizer twice, logging: 7 for one phase and one batch; 8 to spare)."""
+    from pipeline.profile import StepTimer
+    timer = StepTimer()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        for _ in range(parts):
+            with timer.part("forward"):
+                pass
+        timer.step_done()
+    return (time.perf_counter() - t0) / steps
+
+
 if __name__ == "__main__":
     out, mode, what, arg, steps = sys.argv[1:6]
     if mode == "paired":
