@@ -125,9 +125,9 @@ def _profile_off_row(steps_per_s: float) -> dict:
     """train.profile=off is free: what its no-op parts cost a step, against the Trainer's step."""
     from benchmarks.trainer import profile_off_cost
     off_us, step_us = 1e6 * profile_off_cost(), 1e6 / steps_per_s
-    return _row("profile-off", "VAE 16x16, 1 rank", off_us, step_us, "us", "< 0.002",
-                "time a step spends in train.profile=off's no-op parts (8 a step) / the Trainer's "
-                "step time")
+    return row("profile-off", "VAE 16x16, 1 rank", off_us, step_us, "us", "< 0.002",
+               "time a step spends in train.profile=off's no-op parts (8 a step) / the Trainer's "
+               "step time")
 
 
 def _scaling_model_row(quick: bool, one_rank_samples_s: float, measured: float) -> dict:
@@ -142,9 +142,9 @@ def _scaling_model_row(quick: bool, one_rank_samples_s: float, measured: float) 
     allreduce = bench_allreduce(quick)
     predicted = two_rank_prediction(params, BATCH / one_rank_samples_s, allreduce)
     return row("scaling-model", "ResNet 32x32, 2 / 1", predicted, measured, "ratio", "report",
-                f"2-rank / 1-rank samples/s predicted from all-reduce alone (alpha-beta, fitted on "
-                f"this machine's MPI Allreduce of 1-64 MB; {params} parameters) / the measured "
-                f"weak-scaling ratio")
+               f"2-rank / 1-rank samples/s predicted from all-reduce alone (alpha-beta, fitted on "
+               f"this machine's MPI Allreduce of 1-64 MB; {params} parameters) / the measured "
+               f"weak-scaling ratio")
 
 
 def bench_data_prepare(quick: bool) -> list[dict]:

@@ -229,7 +229,7 @@ class TrainConfig:
     # time in data wait, forward, backward, all-reduce wait, optimizer and logging; "trace" also
     # writes a torch.profiler trace of profile_steps ([first step, count]) for Perfetto/Chrome
     profile: Literal["off", "steps", "trace"] = "off"
-    profile_steps: list[int] = field(default_factory=lambda: [10, 3])
+    profile_steps: list[int] = field(default_factory=lambda: [10, 3])  # trace: [first step, count]
     init_from: str = ""            # a checkpoint whose model weights start this run (issue #16)
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept fixed
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
