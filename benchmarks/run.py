@@ -85,23 +85,14 @@ def bench_trainer(quick: bool) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         store = _small_store(tmp)
-        for n in (1, 2):
-            got = _mpi_json(n, "benchmarks.trainer", ["paired", store, str(pairs), steps])
-            for base, target, what in (
-                    ("loop", ">= 0.95", "minimal Horovod loop (data in memory, torch.optim.Adam "
-                                        "as it comes)"),
-                    ("loop_fused", "report", "the same loop with the fused Adam the Trainer picks "
-                                             "(train.optim.impl=auto): the Trainer's own overhead")):
-                ratios = [t / b for t, b in zip(got["trainer"], got[base])]
-                rows.append(row("trainer" if base == "loop" else "trainer-own",
-                                 f"VAE 16x16, {n} rank(s)", median(got["trainer"]),
-                                 median(got[base]), "step/s", target,
-                                 f"hpcforge Trainer steps/s (loader, checkpoint each "
-                                 f"{SAMPLES // (BATCH * n)}-step epoch) / {what}, median of "
-                                 f"{pairs} rounds run in turn in the same ranks (ratios "
-                                 f"{min(ratios):.3f}-{max(ratios):.3f})", ratio=median(ratios)))
-            if n == 1:
-                rows.append(_profile_off_row(median(got["trainer"])))
+        for model, name in (("vae", "VAE 16x16"), ("mlp", "MLP 256-64-64-2")):  # ~1 ms steps
+            for n in (1, 2):
+                got = _mpi_json(n, "benchmarks.trainer",
+                                ["paired", store, str(pairs), steps, model])
+                rows += _paired_rows(got, f"{name}, {n} rank(s)", n, pairs,
+                                     targets=(">= 0.95", ">= 0.98"))
+                if n == 1 and model == "vae":
+                    rows.append(_profile_off_row(median(got["trainer"])))
         ones, twos = [], []  # job pairs, alternating which world size runs first
         for i in range(pairs // 2):
             for n in ((1, 2) if i % 2 == 0 else (2, 1)):
@@ -119,6 +110,26 @@ def bench_trainer(quick: bool) -> list[dict]:
         rows.append(row("ddp-vs-hvd", "VAE 16x16, 2 ranks", ddp["steps_per_s"], hvd["steps_per_s"],
                          "step/s", "report", "Trainer steps/s with DDP (gloo) / with Horovod (MPI)"))
     return rows
+
+
+def _paired_rows(got: dict, case: str, n: int, pairs: int, targets: tuple[str, str]) -> list[dict]:
+    """`trainer` (against the loop a user writes) and `trainer-own` (against the same loop with
+    the fused Adam the Trainer picks: the Trainer's own cost; issue 28's target 0.98)."""
+    from benchmarks.trainer import BATCH
+    out = []
+    for base, target, what in (
+            ("loop", targets[0], "minimal Horovod loop (data in memory, torch.optim.Adam as it "
+                                 "comes)"),
+            ("loop_fused", targets[1], "the same loop with the fused Adam the Trainer picks "
+                                       "(train.optim.impl=auto): the Trainer's own overhead")):
+        ratios = [t / b for t, b in zip(got["trainer"], got[base])]
+        out.append(row("trainer" if base == "loop" else "trainer-own", case,
+                       median(got["trainer"]), median(got[base]), "step/s", target,
+                       f"hpcforge Trainer steps/s (loader, checkpoint each "
+                       f"{SAMPLES // (BATCH * n)}-step epoch) / {what}, median of {pairs} rounds "
+                       f"run in turn in the same ranks (ratios {min(ratios):.3f}-"
+                       f"{max(ratios):.3f})", ratio=median(ratios)))
+    return out
 
 
 def _profile_off_row(steps_per_s: float) -> dict:
