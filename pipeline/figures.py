@@ -137,6 +137,33 @@ def loss_curves(runs: dict[str, Rows], keys: Sequence[str] | None = None, max_pa
     return fig
 
 
+STEP_PARTS = ("data", "forward", "backward", "allreduce", "optimizer", "logging", "other")
+
+
+def step_time_shares(rows: Rows) -> Figure | None:
+    """train.profile=steps (issue 28): each rank's share of step time in each part, averaged over
+    the run's log lines, as one stacked bar per rank; None when the run was not profiled."""
+    ranks: dict[str, list[list[float]]] = {}
+    for row in rows:
+        for key in row:
+            if key.startswith("profile/rank") and key.endswith("/forward"):
+                rank = key.split("/")[1]
+                ranks.setdefault(rank, []).append([row.get(f"profile/{rank}/{p}", 0.0)
+                                                   for p in STEP_PARTS])
+    if not ranks:
+        return None
+    fig, axes = new_figure(1)
+    ax, bottom = axes[0], np.zeros(len(ranks))
+    means = np.array([np.mean(v, axis=0) for v in ranks.values()])  # (ranks, parts)
+    for i, part in enumerate(STEP_PARTS):
+        ax.bar(list(ranks), means[:, i], bottom=bottom, label=part)
+        bottom += means[:, i]
+    ax.set_ylabel("share of step time")
+    ax.set_title("where step time went (train.profile)", fontsize=9)
+    ax.legend(fontsize=7)
+    return fig
+
+
 def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
     """(n_classes, n_classes) counts, rows = true class, columns = predicted class."""
     return np.bincount(np.ravel(y_true) * n_classes + np.ravel(y_pred),

@@ -167,6 +167,10 @@ def run_section(run: Run) -> str:
              f" &middot; {len(run.rows)} logged rows</p>",
              "<h3>Loss curves</h3>", img(figures.to_png(figures.loss_curves({run.name: run.rows})),
                                          "train/ and val/ metrics per step")]
+    shares = figures.step_time_shares(run.rows)  # train.profile=steps|trace (issue 28)
+    if shares is not None:
+        parts += ["<h3>Where step time went</h3>",
+                  img(figures.to_png(shares), "each rank's share of step time, mean of the log lines")]
     if run.images:
         parts.append("<h3>Latest samples</h3>")
         parts += [img(p.read_bytes(), f"{k} (last logged)") for k, p in sorted(run.images.items())

@@ -32,6 +32,7 @@ from pipeline.errors import UserError
 from pipeline.hooks import ImageHook, image_hooks
 from pipeline.optim import build_optimizer, build_scheduler, rank_scale
 from pipeline.preemption import Preemption, PreemptionFlag
+from pipeline.profile import StepTimer
 from pipeline.provenance import git_revision, versions
 from pipeline.tracking import Tracker
 from pipeline.transfer import Matched, freeze, init_from, lr_groups
@@ -69,7 +70,17 @@ class BufferGuard:
 
     def __init__(self, model: torch.nn.Module):
         self.buffers = float_buffers(model)
-        self.saved = [b.clone() for b in self.buffers]
+        # the saved copy is one flat tensor where the buffers share a dtype and device, so that
+        # `restore_where` is three kernels however many buffers there are (a GPU pays ~5 us each)
+        kinds = {(b.dtype, b.device) for b in self.buffers}
+        self.flat = torch.cat([b.detach().reshape(-1) for b in self.buffers]) \
+            if len(kinds) == 1 else None
+        self.saved = ([part.view_as(b) for part, b in zip(self.flat.split(self._sizes), self.buffers)]
+                      if self.flat is not None else [b.clone() for b in self.buffers])
+
+    @property
+    def _sizes(self) -> list[int]:
+        return [b.numel() for b in self.buffers]
 
     def save(self) -> None:
         if self.buffers:
@@ -78,6 +89,19 @@ class BufferGuard:
     def restore(self) -> None:
         for b, old in zip(self.buffers, self.saved):
             b.copy_(old)
+
+    def restore_where(self, bad: torch.Tensor) -> None:
+        """`restore` if the 0-d bool tensor `bad` is true, decided on its device without reading
+        it on the host (issue 28). torch.where, not a lerp: a poisoned buffer is NaN, and
+        NaN * 0 is NaN."""
+        if self.flat is None:
+            for b, old in zip(self.buffers, self.saved):
+                torch.where(bad, old, b, out=b)
+            return
+        now = torch.cat([b.reshape(-1) for b in self.buffers])
+        torch.where(bad, self.flat, now, out=now)
+        torch._foreach_copy_(self.buffers, [part.view_as(b) for part, b in
+                                            zip(now.split(self._sizes), self.buffers)])
 
 
 @dataclass
@@ -129,6 +153,9 @@ class Run:
     resumed_from: Path | None = None  # the checkpoint train.resume found (pipeline.state.resume)
     transfer: Matched | None = None   # what train.init_from loaded (pipeline.transfer)
     ema: EMA | None = None         # the generating network's weight average (train.ema.decay)
+    timer: StepTimer = field(default_factory=StepTimer)  # train.profile (pipeline.profile)
+    unread: list[torch.Tensor] = field(default_factory=list)  # steps' non-finite flags still on
+    # the device, read on the host at log steps and before checkpoints (pipeline.loop.settle)
 
     @property
     def train_cfg(self) -> TrainConfig:
