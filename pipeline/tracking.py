@@ -113,6 +113,16 @@ def _row_step(line: str) -> float:
         return float("inf")
 
 
+def _forget_dead_service() -> None:
+    """W&B's service process is gone (Slurm's requeue signal reaches it too): tear our side down
+    now, quietly, so wandb's own exit hook does not print a ConnectionResetError traceback into
+    the job's log after the run has said what happened (issue 25). wandb's teardown unregisters
+    that hook before it talks to the service, which is what then fails."""
+    import wandb
+    with contextlib.suppress(Exception, SystemExit):
+        wandb.teardown()
+
+
 class Tracker:
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], active: bool,
                  run_id: str | None = None):
@@ -155,6 +165,7 @@ class Tracker:
                   f"{self.metrics_path}, and a resumed run continues W&B run {self.run_id}",
                   flush=True)
             self.run = None
+            _forget_dead_service()
 
     @contextlib.contextmanager
     def _named_if_full(self, path: Path | str):
