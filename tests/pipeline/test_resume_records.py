@@ -94,6 +94,7 @@ def test_train_refuses_a_store_a_prepare_is_writing(small_store, tmp_path):
     assert r.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_a_resumed_offline_wandb_run_holds_each_step_once(small_store, tmp_path):
     """The W&B side of 'each step once' (issue 25): a run that got to step 6 but whose step-6
     checkpoint is gone resumes at step 4; what `wandb sync` would upload (`wandb/*/*.wandb`)
