@@ -142,6 +142,12 @@ def test_preempted_job_requeues_and_resumes_to_the_same_weights_and_run(
     # One W&B run, written in two sittings: both offline run folders carry the same run id.
     runs = sorted((tmp_path / "hit" / "train" / "wandb").glob("offline-run-*"))
     assert len(runs) >= 2 and len({r.name.rsplit("-", 1)[-1] for r in runs}) == 1, runs
+    # What `wandb sync` uploads holds each step once, the steps metrics.jsonl holds (issue 25)
+    from wandb_records import history
+    [uploaded] = {p.resolve() for p in (tmp_path / "hit" / "train" / "wandb").glob("*/*.wandb")}
+    steps = [row["_step"] for row in history(uploaded)]
+    metrics = (tmp_path / "hit" / "train" / "metrics.jsonl").read_text().splitlines()
+    assert steps == sorted({json.loads(line)["step"] for line in metrics}), steps
 
 
 def test_a_job_slurm_requeues_itself_says_so_in_one_line_and_resumes(
