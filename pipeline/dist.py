@@ -487,7 +487,7 @@ def pin_transports(place: Placement, cfg: DistConfig, env: dict[str, str] | Any 
     else on train.dist.interface when set (issue 25); anything the user set wins. Before
     MPI_Init (mpi4py's import, hvd.init), which reads OMPI_MCA_*. Open MPI 4.1's TCP transport
     still listens on every address: btl_tcp_if_include picks the interface it talks over
-    (README "Security")."""
+    (docs/security.md)."""
     iface = "lo" if one_node(place) else cfg.interface
     if iface:
         env.setdefault("GLOO_SOCKET_IFNAME", iface)

@@ -59,7 +59,7 @@ def _which(name: str) -> str:
 # orte/mca/oob/tcp/oob_tcp_listener.c bind to INADDR_ANY and in6addr_any whatever
 # oob_tcp_if_include says (it only picks the address mpirun gives the ranks: 127.0.0.1);
 # oob=^tcp refuses to start ("No network interfaces were found for out-of-band
-# communications"), and disabling both address families crashes mpirun. README "Security".
+# communications"), and disabling both address families crashes mpirun. docs/security.md.
 ONE_NODE_MPI = {"OMPI_MCA_btl": "self,vader", "OMPI_MCA_btl_tcp_if_include": "lo",
                 "OMPI_MCA_oob_tcp_if_include": "lo"}
 

@@ -2,7 +2,7 @@
 1. a one-node run opens no listener on a network address: every process of the run (our
    launcher, mpirun, the ranks, W&B's service) listens on loopback or not at all, but for
    mpirun's own bootstrap (oob) listener, which Open MPI 4.1 binds to the wildcard addresses
-   whatever oob_tcp_if_include says (orte/mca/oob/tcp/oob_tcp_listener.c; README "Security");
+   whatever oob_tcp_if_include says (orte/mca/oob/tcp/oob_tcp_listener.c; docs/security.md);
 2. a rank killed with SIGKILL is named by hpcforge's own line (mpirun's block says "PID 0"), with
    the checkpoint to resume from."""
 from __future__ import annotations
