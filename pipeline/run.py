@@ -32,6 +32,7 @@ from pipeline.hooks import ImageHook, image_hooks
 from pipeline.optim import build_optimizer, build_scheduler, rank_scale
 from pipeline.preemption import Preemption, PreemptionFlag
 from pipeline.provenance import git_revision, versions
+from pipeline.shapes import fill_from_store
 from pipeline.tracking import Tracker
 from pipeline.transfer import Matched, freeze, init_from, lr_groups
 from pipeline.watchdog import Heartbeat, NoHeartbeat
@@ -182,6 +183,7 @@ def build(cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None,
     _check_train_config(cfg.train, dist)
     _seed_and_threads(cfg.train, dist)
     store = open_store(cfg.data.path)
+    fill_from_store(cfg, store)  # shape keys left unset (pipeline.trainer said which, on rank 0)
     loader, val_loader = _loader(cfg, dist, store, "train"), _val_loader(cfg, dist, store)
     model = dist.sync_batchnorm(build_model(cfg).to(dist.device))
     _check_adversarial(cfg, model)

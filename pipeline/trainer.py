@@ -19,6 +19,7 @@ from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
 from pipeline.data.store import open_store
 from pipeline.run import build, build_model, check_class_count, seed_for
 from pipeline.rundir import check_run_dir
+from pipeline.shapes import fill_from_store
 from pipeline.state import AllCheckpointsDamaged
 from pipeline.watchdog import Heartbeat
 
@@ -29,7 +30,10 @@ def train(cfg: Config, flag: PreemptionFlag | None = None) -> dict[str, Any]:
     """Train on every rank the launcher started; the summary's paths are filled on rank 0.
     `flag`: one the caller holds already (the CLI's, caught from its start), else our own."""
     place = detect_launcher()
-    _check_before_start(cfg, place.rank)
+    filled = _check_before_start(cfg, place.rank)
+    if filled and place.rank == 0:
+        print("[hpcforge] from the store: " + ", ".join(f"model.{k}={_plain(v)}"
+                                                       for k, v in filled.items()), flush=True)
     heartbeat = Heartbeat.from_env(place.rank)
     held = nullcontext(flag) if flag is not None and flag.catching else PreemptionFlag()
     with held as flag:  # from the start: a signal during set-up is not lost either
@@ -52,22 +56,31 @@ def train(cfg: Config, flag: PreemptionFlag | None = None) -> dict[str, Any]:
             raise
 
 
-def _check_before_start(cfg: Config, rank: int) -> None:
+def _check_before_start(cfg: Config, rank: int) -> dict[str, Any]:
     """Refuse a new run into an output_dir holding one (pipeline.rundir), or a classifier whose
     output count disagrees with the store's class table, on every rank before the backend starts
     (so before rank 0 writes anything); rank 0 says it, the others leave."""
     try:
-        check_before_start(cfg)
+        return check_before_start(cfg)
     except UserError:
         if rank != 0:
             _leave_to_rank_0()
         raise
 
 
-def check_before_start(cfg: Config) -> None:
-    """What a run checks before any rank starts (the CLI calls it before launching ranks)."""
-    check_class_count(cfg, open_store(cfg.data.path).meta.classes)
+def check_before_start(cfg: Config) -> dict[str, Any]:
+    """What a run checks before any rank starts (the CLI calls it before launching ranks); the
+    model's unset shape keys are set from the store first (pipeline.shapes), and returned."""
+    store = open_store(cfg.data.path)
+    filled = fill_from_store(cfg, store)
+    check_class_count(cfg, store.meta.classes)
     check_run_dir(cfg.output_dir, cfg.train.resume)  # last: it makes the run's folder
+    return filled
+
+
+def _plain(value: Any) -> Any:
+    """(3, 96) as [3, 96], as on the command line."""
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 class DataMisfit(UserError):
