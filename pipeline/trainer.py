@@ -92,11 +92,22 @@ def _fit(cfg: Config, dist, heartbeat: Heartbeat, flag: PreemptionFlag) -> dict[
     for a classifier) is the user's to fix: the model's own check names the shapes, and it is met
     at the first batch, before any checkpoint is written, on every rank alike."""
     try:
-        return fit(build(cfg, dist, heartbeat, flag))
+        return _fit_or_discard(build(cfg, dist, heartbeat, flag))
     except InputShapeError as e:
         raise DataMisfit(f"{e}: the data at data.path={cfg.data.path} does not fit model={cfg.model.name} "
                         f"as configured; set the model's shape keys ({_shape_keys(cfg)}) to the "
                         f"data's, or choose data.inputs/data.path that fit the model") from None
+
+
+def _fit_or_discard(run) -> dict[str, Any]:
+    """fit(run); a new run that fails before its first step leaves no W&B run (issue 24: each
+    such failure was an empty run in the project). A resumed run keeps its record."""
+    try:
+        return fit(run)
+    except BaseException:
+        if run.progress.step == 0 and run.resumed_from is None:
+            run.tracker.discard()
+        raise
 
 
 SHAPE_KEYS = ("in_channels", "in_features", "image_size", "seq_len", "data_shape", "n_outputs",
