@@ -25,18 +25,20 @@ import numpy as np
 PARTICLES = ("eplus", "gamma", "piplus")
 LAYERS = {"layer_0": (3, 96), "layer_1": (12, 12), "layer_2": (12, 6)}
 # share of the deposited energy in each layer, and the shower's width in cells, per particle
-SHARES = {"eplus": (0.45, 0.45, 0.10), "gamma": (0.30, 0.55, 0.15), "piplus": (0.10, 0.35, 0.55)}
-WIDTH = {"eplus": 1.0, "gamma": 1.2, "piplus": 2.2}
+# (e+ and gamma differ little, as in a real calorimeter; each shower scatters around its particle's)
+SHARES = {"eplus": (0.42, 0.46, 0.12), "gamma": (0.36, 0.50, 0.14), "piplus": (0.10, 0.35, 0.55)}
+WIDTH = {"eplus": 1.0, "gamma": 1.1, "piplus": 2.2}
 
 
-def _layer(rng: np.random.Generator, shape: tuple[int, int], e: np.ndarray, width: float) -> np.ndarray:
-    """(n, H, W) deposits: a Gaussian core of `width` cells at a jittered centre, total e (n,),
-    with multiplicative sampling noise (a stochastic term of ~15 %/sqrt(E))."""
+def _layer(rng: np.random.Generator, shape: tuple[int, int], e: np.ndarray,
+           width: np.ndarray) -> np.ndarray:
+    """(n, H, W) deposits: a Gaussian core of `width` (n,) cells at a jittered centre, total e
+    (n,), with multiplicative sampling noise (a stochastic term of ~15 %/sqrt(E))."""
     n, (h, w) = len(e), shape
     yy, xx = np.mgrid[:h, :w]
     cy = (h - 1) / 2 + rng.normal(0, 0.5, n)[:, None, None]
     cx = (w - 1) / 2 + rng.normal(0, 0.5, n)[:, None, None]
-    core = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width ** 2))
+    core = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width[:, None, None] ** 2))
     core /= core.sum(axis=(1, 2), keepdims=True)
     noise = rng.gamma(25.0, 1 / 25.0, core.shape)  # mean 1, sd 0.2 per cell
     return (core * noise * (e * (1 + rng.normal(0, 0.15, n) / np.sqrt(e)))[:, None, None]).astype(
@@ -51,11 +53,11 @@ def write_calo_tree(root: Path, files: int = 2, per_file: int = 200, seed: int =
         (Path(root) / particle).mkdir(parents=True, exist_ok=True)
         for i in range(files):
             energy = rng.uniform(10.0, 100.0, per_file)               # GeV
-            shares = np.asarray(SHARES[particle]) * rng.uniform(0.8, 1.2, (per_file, 3))
+            shares = np.asarray(SHARES[particle]) * rng.uniform(0.75, 1.25, (per_file, 3))
+            width = WIDTH[particle] * rng.uniform(0.75, 1.25, per_file)
             with h5py.File(Path(root) / particle / f"{particle}_{i}.h5", "w") as f:
                 for j, (name, shape) in enumerate(LAYERS.items()):
-                    f.create_dataset(name, data=_layer(rng, shape, energy * shares[:, j],
-                                                       WIDTH[particle]))
+                    f.create_dataset(name, data=_layer(rng, shape, energy * shares[:, j], width))
                 f.create_dataset("energy", data=energy[:, None].astype(np.float32))
     return len(PARTICLES) * files * per_file
 

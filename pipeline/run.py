@@ -277,8 +277,15 @@ def _loader(cfg: Config, dist: Dist, store: Store, split: str, **extra: Any) -> 
 
 
 def _val_loader(cfg: Config, dist: Dist, store: Store) -> ShardedLoader | None:
-    """Validation reads epoch 0 every time; none when the split cannot fill one batch per rank."""
-    if store.meta.splits["val"] < dist.world_size * cfg.train.batch_size:
+    """Validation reads epoch 0 every time; none when the split cannot fill one batch per rank,
+    said on rank 0 (issue 24: it went without a word, and with it val/loss and best.pt)."""
+    n, need = store.meta.splits["val"], dist.world_size * cfg.train.batch_size
+    if n < need:
+        if n and dist.is_main:
+            print(f"[hpcforge] no validation: the val split's {n} samples fill no batch of "
+                  f"{cfg.train.batch_size} on each of {dist.world_size} ranks (no val/ metrics, no "
+                  f"best.pt); lower train.batch_size to {max(1, n // dist.world_size)} or raise "
+                  f"data.val_fraction and prepare again", flush=True)
         return None
     return _loader(cfg, dist, store, "val", read_ahead=False)
 

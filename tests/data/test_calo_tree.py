@@ -82,3 +82,19 @@ def test_shape_keys_the_config_sets_are_kept_and_a_wrong_class_count_still_refus
     assert filled == {"out_features": 3} and cfg.model.params.in_features == 504
     with pytest.raises(UserError, match="set model.n_outputs=3"):
         _resolved(calo_store, tmp_path / "b", "model.n_outputs=10")
+
+
+def test_a_val_split_too_small_for_one_batch_per_rank_is_said_not_skipped_silently(
+        calo_store, tmp_path, capsys):
+    """Issue 24: validation was skipped without a word (no val/loss, no best.pt)."""
+    from pipeline.dist import init_distributed
+    from pipeline.run import build
+    store, _ = calo_store
+    n = store.meta.splits["val"]
+    cfg = load_config("calo_tree_pid", [f"data.path={store.path}", f"output_dir={tmp_path}",
+                                        f"train.batch_size={n + 1}", "train.dist.backend=none",
+                                        "train.dist.nproc=1", "train.logger.mode=disabled"])
+    run = build(cfg, init_distributed(cfg.train.dist))
+    assert run.val_loader is None
+    assert (f"no validation: the val split's {n} samples fill no batch of {n + 1} on each of 1 "
+            f"ranks" in capsys.readouterr().out)
