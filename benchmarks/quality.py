@@ -308,7 +308,7 @@ def translation_metrics(checkpoint: Path) -> dict[str, float]:
     from pipeline import physics
     from pipeline.data.store import normalization, open_store
     from pipeline.ema import load_weights
-    from pipeline.evaluate import checkpoint_config, eval_split, load_checkpoint
+    from pipeline.analysis_io import checkpoint_config, eval_split, load_checkpoint
     from pipeline.trainer import build_model
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt, [])
@@ -366,7 +366,7 @@ def thermo_metrics(checkpoint: Path, per_t: int = 64, figure: Path | None = None
     from pipeline import physics, thermo
     from pipeline.data.store import normalization, open_store
     from pipeline.ema import load_weights
-    from pipeline.evaluate import checkpoint_config, eval_split, load_checkpoint
+    from pipeline.analysis_io import checkpoint_config, eval_split, load_checkpoint
     from pipeline.trainer import build_model
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt, overrides or [])

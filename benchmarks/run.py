@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from statistics import median
 
+from benchmarks.table import row
+
 
 def _versions() -> dict[str, str]:
     from pipeline.provenance import versions
@@ -91,7 +93,7 @@ def bench_trainer(quick: bool) -> list[dict]:
                     ("loop_fused", "report", "the same loop with the fused Adam the Trainer picks "
                                              "(train.optim.impl=auto): the Trainer's own overhead")):
                 ratios = [t / b for t, b in zip(got["trainer"], got[base])]
-                rows.append(_row("trainer" if base == "loop" else "trainer-own",
+                rows.append(row("trainer" if base == "loop" else "trainer-own",
                                  f"VAE 16x16, {n} rank(s)", median(got["trainer"]),
                                  median(got[base]), "step/s", target,
                                  f"hpcforge Trainer steps/s (loader, checkpoint each "
@@ -105,22 +107,15 @@ def bench_trainer(quick: bool) -> list[dict]:
                                 ["loop", "resnet", "horovod", scaling_steps])
                 (ones if n == 1 else twos).append(got["samples_per_s"])
         ratios = [t / o for t, o in zip(twos, ones)]
-        rows.append(_row("weak-scaling", "ResNet 32x32, 2x1 / 1x1 thread", median(twos),
+        rows.append(row("weak-scaling", "ResNet 32x32, 2x1 / 1x1 thread", median(twos),
                          median(ones), "img/s", ">= 1.8",
                          f"global samples/s, 2 ranks x 1 thread / 1 rank x 1 thread, median of "
                          f"{len(ratios)} pairs of jobs run back to back (pair ratios "
                          f"{min(ratios):.3f}-{max(ratios):.3f})", ratio=median(ratios)))
         ddp, hvd = best(2, ["trainer", store, "ddp", steps], ["trainer", store, "horovod", steps])
-        rows.append(_row("ddp-vs-hvd", "VAE 16x16, 2 ranks", ddp["steps_per_s"], hvd["steps_per_s"],
+        rows.append(row("ddp-vs-hvd", "VAE 16x16, 2 ranks", ddp["steps_per_s"], hvd["steps_per_s"],
                          "step/s", "report", "Trainer steps/s with DDP (gloo) / with Horovod (MPI)"))
     return rows
-
-
-def _row(name, case, value, baseline, unit, target, what, ratio: float | None = None) -> dict:
-    """One table row; `ratio` is value / baseline unless given (a median of paired ratios)."""
-    ratio = value / baseline if ratio is None else ratio
-    return {"benchmark": name, "case": case, "value": round(value, 2), "baseline": round(baseline, 2),
-            "unit": unit, "ratio": round(ratio, 3), "target": target, "what": what}
 
 
 def bench_data_prepare(quick: bool) -> list[dict]:

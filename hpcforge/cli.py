@@ -51,8 +51,9 @@ class _SourcesEpilog(argparse.RawDescriptionHelpFormatter):
 
     def add_text(self, text):
         if text == _SOURCES:
+            from pipeline.config import available
             from pipeline.data.sources import describe
-            text = describe()
+            text = describe(set(available("data")))
         super().add_text(text)
 
 

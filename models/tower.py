@@ -23,13 +23,13 @@ from models.layers import Supervised, check_loss, conv_block, mlp
 
 @dataclass
 class TowerConfig:
-    # each field's shape as stored, (H, W) or (C, H, W), in the order of data.inputs.x
+    # each field's shape as stored, (H, W) or (C, H, W), in the order of data.inputs.x; unset: the store's
     layer_shapes: tuple[tuple[int, ...], ...] = ((3, 96), (12, 12), (12, 6))
     channels: tuple[int, ...] = (8, 16)   # each tower's 3x3 convolutions (no downsampling)
     pooled: int = 2                       # each tower ends in a pooled x pooled grid per channel
     hidden: int = 64                      # width of the joined head's hidden layer
     dropout: float = 0.0                  # before the head's last layer
-    n_outputs: int = 3                    # classes (ce, hinge) or regression targets (mse)
+    n_outputs: int = 3                    # classes (ce, hinge) or targets (mse); unset: the store's
     loss: Literal["ce", "hinge", "mse"] = "ce"
 
 

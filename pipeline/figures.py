@@ -88,19 +88,19 @@ def comparison_figures(cmp: physics.Comparison) -> dict[str, Figure]:
     return out
 
 
-def physics_figures(source_name: str, real_batch: dict[str, np.ndarray], generated: np.ndarray,
+def physics_figures(obs: physics.Observables | None, real_batch: dict[str, np.ndarray],
+                    generated: np.ndarray,
                     affine: tuple[np.ndarray, np.ndarray] | None = None,
                     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """The training run's physics figures: `comparison_figures` of real vs generated samples as
-    RGB uint8 images, and the W1 distance of each observable ("w1/<name>"); ({}, {}) for a
-    source that declares no observables.
+    RGB uint8 images, and the W1 distance of each observable ("w1/<name>"); ({}, {}) when `obs`
+    (the source's declared observables) is None.
 
     real_batch["x"] and `generated` are (N, ...) in the loader's normalised space when `affine`
     (pipeline.data.store.normalization of the store's train statistics) is given, else in physical units.
     Two-level variables (Ising spins) are drawn from their probabilities, as evaluate does
     (physics.physical: the one spin-conversion rule).
     """
-    obs = physics.observables_for(source_name)
     if obs is None:
         return {}, {}
     real, gen = (physics.physical(obs, a, affine) for a in (real_batch["x"], generated))

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from models import MODELS
+from models import build as build_family
 from models.base import Batch, Trainable
 from models.layers import Supervised
+from pipeline.adversarial import adversarial_batch
 from pipeline.checkpoint import Checkpoints
 from pipeline.config import Config, TrainConfig
 from pipeline.data.loader import ShardedLoader
@@ -44,8 +45,7 @@ def seed_for(seed: int, rank: int, epoch: int = 0) -> int:
 
 
 def build_model(cfg: Config) -> Trainable:
-    _, build = MODELS[cfg.model.name]
-    return build(cfg.model.params)
+    return build_family(cfg.model.name, cfg.model.params)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -160,10 +160,9 @@ class Run:
 
     def train_losses(self, batch: Batch, phase: str) -> dict[str, torch.Tensor]:
         """The losses a training step backpropagates: with train.adversarial.eps > 0, on the batch
-        with part of it replaced by adversarial examples made on this rank (pipeline.attack)."""
+        with part of it replaced by adversarial examples made on this rank (pipeline.adversarial)."""
         adv = self.cfg.train.adversarial
         if adv.eps > 0:
-            from pipeline.attack import adversarial_batch  # (its figures' imports: only if used)
             batch = adversarial_batch(self.model, batch, adv.eps, adv.method, adv.steps,
                                       adv.fraction)
         return self.losses(batch, phase)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import hpcforge
-from pipeline.attack import adversarial_batch
+from pipeline.adversarial import adversarial_batch
 from pipeline.config import load_config
 from pipeline.dist import init_distributed
 from pipeline.errors import UserError

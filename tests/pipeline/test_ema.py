@@ -121,7 +121,7 @@ def test_evaluate_samples_with_the_average_unless_asked_for_raw(ema_runs, tmp_pa
 
 
 def test_load_weights_overlays_only_the_averaged_network(ema_runs):
-    from pipeline.evaluate import checkpoint_config
+    from pipeline.analysis_io import checkpoint_config
     from pipeline.trainer import build_model
     ckpt = load(ema_runs / "whole/train/checkpoints/final.pt")
     model = build_model(checkpoint_config(ckpt, []))
