@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from helpers import hpcforge
 from pipeline.config import LoggerConfig
 from pipeline.tracking import Tracker
@@ -13,6 +15,7 @@ ONE_RANK = ("train.dist.backend=none", "train.dist.nproc=1", "train.batch_size=3
             "train.logger.mode=offline", "train.max_steps=2")
 
 
+@pytest.mark.slow
 def test_a_run_failing_at_its_first_batch_leaves_no_wandb_run(small_store, tmp_path):
     path, overrides = small_store
     data = [o for o in overrides if o.startswith("data.")]   # (the mlp has no model.image_size)
