@@ -4,12 +4,14 @@ from __future__ import annotations
 from typing import Any
 
 from models import (aae, autoencoder, autoregressive, calo_wgan, cgan, cnn, cnn1d, cyclegan, dcgan,
-                    dilated, fno, gan, mlp, resnet, rnn, transformer, unet, vae, wgan_gp)
+                    dilated, fno, gan, mlp, resnet, rnn, tower, transformer, unet, vae,
+                    wgan_gp)
 
 MODELS = {
     "mlp": (mlp.MLPConfig, mlp.build),
     "cnn": (cnn.CNNConfig, cnn.build),
     "resnet": (resnet.ResNetConfig, resnet.build),
+    "tower": (tower.TowerConfig, tower.build),
     "dilated_cnn": (dilated.DilatedConfig, dilated.build),
     "cnn1d": (cnn1d.CNN1DConfig, cnn1d.build),
     "unet": (unet.UNetConfig, unet.build),

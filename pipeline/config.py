@@ -115,6 +115,9 @@ class DataConfig:
 class ModelSection:
     name: str = "vae"              # a name in models.MODELS
     params: Any = None             # the family's config dataclass
+    # the family's keys this config sets; shape keys it leaves unset are taken from the store
+    # (pipeline.shapes, issue 24). Not a setting: never written, a stored config sets them all.
+    given: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
 
 
 @dataclass
@@ -577,7 +580,10 @@ def build(cls: type, raw: Any, key: str) -> Any:
             raise ConfigError(f"missing required value {sub} ({_type_name(hints[name])})")
     if cls in (DataConfig, ModelSection) and "params" not in kwargs:
         kwargs["params"] = build(_params_class(cls, raw, key), {}, f"{key}.params")
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    if cls is ModelSection:
+        built.given = frozenset(raw["params"] or {})
+    return built
 
 
 def _refuse_unknown_keys(raw: dict[str, Any], fields: dict[str, Any], key: str) -> None:

@@ -94,8 +94,8 @@ def rows(cls: type, prefix: str, ranges: dict[str, config.Range]) -> list[str]:
     comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         tp = hints.get(f.name, f.type)
-        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            continue
+        if (isinstance(tp, type) and dataclasses.is_dataclass(tp)) or not f.init:
+            continue  # a section of its own, or a record no config sets (ModelSection.given)
         key = f"{prefix}{f.name}"
         rng = ranges.get(key)
         valid = rng.expected() if rng else ""

@@ -233,14 +233,17 @@ class Evaluation:
             return
         if y.ndim == 1 and pred.shape == (len(y), 1):
             pred = pred[:, 0]  # one output per sample against a per-sample scalar target
+        field = pred.ndim == 4
+        if y.ndim == 3 and pred.shape == (len(y), 1, *y.shape[1:]) and np.issubdtype(y.dtype, np.floating):
+            pred = pred[:, 0]  # a one-channel field against one stored without its channel axis
         if pred.shape == y.shape and np.issubdtype(y.dtype, np.floating):
             # the loader standardises a target with a channel axis, not a per-sample scalar
             raw = self._physical_y if y.ndim > 1 else (lambda a: np.asarray(a, np.float64))
             self.metrics["relative_l2"] = relative_l2(pred, y)
             self.metrics["relative_l2_raw"] = relative_l2(*map(raw, (pred, y)))
             if pred.ndim >= 2:  # (a scalar per sample has no field or series to draw)
-                self.figures["fields" if pred.ndim == 4 else "forecast"] = (
-                    figures.field_panels(pred, y) if pred.ndim == 4 else figures.forecast_figure(pred[0], y[0]))
+                self.figures["fields" if field else "forecast"] = (
+                    figures.field_panels(pred, y) if field else figures.forecast_figure(pred[0], y[0]))
             self.regression(raw(pred), raw(y))
         elif pred.ndim == 2 and y.ndim == 1 and np.issubdtype(y.dtype, np.integer) and pred.shape[1] > 1:
             names = class_names(self.store.meta.classes, pred.shape[1])
@@ -248,6 +251,9 @@ class Evaluation:
                                                                         names)
             per_class = per_class_accuracy(y, pred.argmax(1), names)
             self.metrics.update(per_class)
+            # what no model beats by guessing: the split's most common class, and 1 / classes
+            self.metrics["accuracy_majority"] = float(np.bincount(y).max() / len(y))
+            self.metrics["accuracy_chance"] = 1.0 / pred.shape[1]
             self.notes.append("accuracy per class: " + ", ".join(
                 f"{k.split('/', 1)[1]} {v:.3f}" for k, v in per_class.items()))
 

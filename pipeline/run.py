@@ -34,6 +34,7 @@ from pipeline.optim import build_optimizer, build_scheduler, rank_scale
 from pipeline.preemption import Preemption, PreemptionFlag
 from pipeline.profile import StepTimer
 from pipeline.provenance import git_revision, versions
+from pipeline.shapes import fill_from_store
 from pipeline.tracking import Tracker
 from pipeline.transfer import Matched, freeze, init_from, lr_groups
 from pipeline.watchdog import Heartbeat, NoHeartbeat
@@ -208,6 +209,7 @@ def build(cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None,
     _check_train_config(cfg.train, dist)
     _seed_and_threads(cfg.train, dist)
     store = open_store(cfg.data.path)
+    fill_from_store(cfg, store)  # shape keys left unset (pipeline.trainer said which, on rank 0)
     loader, val_loader = _loader(cfg, dist, store, "train"), _val_loader(cfg, dist, store)
     model = dist.sync_batchnorm(build_model(cfg).to(dist.device))
     _check_adversarial(cfg, model)
@@ -301,8 +303,15 @@ def _loader(cfg: Config, dist: Dist, store: Store, split: str, **extra: Any) -> 
 
 
 def _val_loader(cfg: Config, dist: Dist, store: Store) -> ShardedLoader | None:
-    """Validation reads epoch 0 every time; none when the split cannot fill one batch per rank."""
-    if store.meta.splits["val"] < dist.world_size * cfg.train.batch_size:
+    """Validation reads epoch 0 every time; none when the split cannot fill one batch per rank,
+    said on rank 0 (issue 24: it went without a word, and with it val/loss and best.pt)."""
+    n, need = store.meta.splits["val"], dist.world_size * cfg.train.batch_size
+    if n < need:
+        if n and dist.is_main:
+            print(f"[hpcforge] no validation: the val split's {n} samples fill no batch of "
+                  f"{cfg.train.batch_size} on each of {dist.world_size} ranks (no val/ metrics, no "
+                  f"best.pt); lower train.batch_size to {max(1, n // dist.world_size)} or raise "
+                  f"data.val_fraction and prepare again", flush=True)
         return None
     return _loader(cfg, dist, store, "val", read_ahead=False)
 

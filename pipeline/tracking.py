@@ -9,6 +9,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,24 @@ class Tracker:
             return
         with quiet_log_handlers(), contextlib.suppress(Exception):  # the caller names the disk
             run.finish(exit_code=1)
+
+    def discard(self) -> None:
+        """A run that failed before its first step: its W&B run is closed as failed and its folder
+        removed, with the links W&B made to it (latest-run, debug logs), so no empty run is left
+        for `wandb sync` or the project page (issue 24). Another run's files in the folder stay."""
+        run, self.run = self.run, None
+        if run is None:
+            return
+        folder = Path(self.run_path or run.dir).resolve()
+        with quiet_log_handlers(), contextlib.suppress(Exception):  # the failure is the news
+            run.finish(exit_code=1)
+        shutil.rmtree(folder, ignore_errors=True)
+        for link in folder.parent.iterdir():
+            if link.is_symlink() and not link.exists():
+                link.unlink()
+        with contextlib.suppress(OSError):  # only if nothing else is in it
+            folder.parent.rmdir()
+        self.run_id = self.run_path = None
 
     def write_json(self, path: Path, obj: Any) -> None:
         """A run file (summary.json); a full disk is one line naming it."""
