@@ -26,7 +26,7 @@ def _setup(experiment: str):
     """The experiment's model, a batch like its data (32x32 spins in {0, 1}, phase labels), the
     optimizers, and the number of steps of its run on one rank."""
     from pipeline.config import load_config
-    from pipeline.run import build_model
+    from pipeline.assembly import build_model
     cfg = load_config(experiment)
     torch.manual_seed(0)
     model = build_model(cfg)

@@ -45,7 +45,7 @@ def _config(store: str, backend: str, steps: int, model: str):
 def _fit(cfg, dist) -> float:
     """fit's steps/s: all of it (loader start, checkpoints, the final save), not set-up (build)."""
     from pipeline.loop import fit
-    from pipeline.run import build
+    from pipeline.assembly import build
     run = build(cfg, dist)
     dist.barrier()
     t0 = time.perf_counter()

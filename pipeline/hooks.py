@@ -1,7 +1,7 @@
 """What rank 0 draws every train.logger.images_every steps, as hooks the loop calls in turn.
 
 The loop never asks which model or data set it trains (STYLE.md, "the loop never branches on the
-model's kind"): `build` (pipeline.run) picks the hooks once, from what the model can do and what
+model's kind"): `build` (pipeline.assembly) picks the hooks once, from what the model can do and what
 the source declares. A hook takes the model (in eval mode, training's RNG forked) and the step's
 first batch, and returns images to log and scalar metrics to log beside them.
 """

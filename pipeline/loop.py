@@ -4,16 +4,10 @@ Per step: fetch a group of `accumulate` batches; for each phase the model declar
 `repeats` times) let only that network make gradients, average them over ranks, clip them, skip
 the update if they are not finite, and step; then the step's end: log, draw, validate,
 checkpoint, and stop if the ranks voted to (pipeline.preemption). Rank 0 logs and writes
-checkpoints; every rank computes. The parts come from pipeline.run.build.
+checkpoints; every rank computes. The parts come from pipeline.assembly.build.
 
-Between log steps nothing is read back to the host (issue 28): a read waits for the device's
-queue to drain, and a GPU runs a step of these models in about a millisecond. The losses and
-gradient norms stay on the device (pipeline.window.Sums), and so does the non-finite check: torch's
-fused optimizers (train.optim.impl=auto picks them) take it as `found_inf` and skip the update on
-the device, as they do under AMP's GradScaler. `settle` reads the steps' flags on the host at each
-log step and before any checkpoint is written, so a bad step still never reaches a checkpoint and
-NonFiniteError still names the step. Unfused optimizers, and fp16 with a GradScaler, read the
-check at each step, as before.
+Between log steps nothing is read back to the host (issue 28): losses and norms stay on the device
+(pipeline.window.Sums), and so does the non-finite check (pipeline.nonfinite).
 """
 from __future__ import annotations
 
@@ -26,10 +20,13 @@ from typing import Any, NamedTuple
 import torch
 from tqdm import tqdm
 
+from models.base import Batch
+from pipeline import nonfinite
 from pipeline.checkpoint import link_atomic
 from pipeline.dist import only_grads_of
 from pipeline.ema import digest as ema_digest
 from pipeline.hooks import draw_all
+from pipeline.optim import clip_gradients, fused
 from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted
 from pipeline.profile import step_timer
 from pipeline.run import Phase, Run, autocast, weights_digest
@@ -37,16 +34,7 @@ from pipeline.state import save
 from pipeline.validation import after_validation, validate
 from pipeline.window import Sums, Window
 
-Batch = dict[str, torch.Tensor]
-
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite steps (or one, with train.nonfinite=fail)."""
-
-
 Metrics = dict[str, "torch.Tensor | float"]  # 0-d tensors on the device; the lr a float
-
-FOLD_EVERY = 1024  # unread flags are joined into one tensor this often (bounded Python objects)
 
 
 class Gradients(NamedTuple):
@@ -83,14 +71,14 @@ def _train(run: Run) -> dict[str, Any]:
 
 def _epoch(run: Run, window: Window, last: list[Batch] | None) -> tuple[bool, list[Batch] | None]:
     train_cfg, progress = run.cfg.train, run.progress
-    epoch, stop = progress.epoch, False
+    epoch = progress.epoch
     if run.loader.epoch != epoch:
         run.loader.set_epoch(epoch)
     run.model.reset_state()  # stateful RNNs start each epoch from a zero state
     epoch_losses = Sums()  # on the device, read once at the epoch's end
     with _progress_bar(run, epoch) as bar:  # closed on an error too: its line ends before ours
         for group in batch_groups(run):
-            inject_nan(run, group)
+            nonfinite.inject_nan(run, group)
             losses, last = train_step(run, group), group
             progress.step += 1
             with run.timer.part("logging"):
@@ -100,11 +88,8 @@ def _epoch(run: Run, window: Window, last: list[Batch] | None) -> tuple[bool, li
                 stop = _step_end(run, window, group, bar)
             run.timer.step_done()
             if stop or (train_cfg.max_steps and progress.step >= train_cfg.max_steps):
-                stop = True
-                break
-    if not stop:
-        stop = _epoch_end(run, epoch, epoch_losses)
-    return stop, last
+                return True, last
+    return _epoch_end(run, epoch, epoch_losses), last
 
 
 def batch_groups(run: Run) -> Iterator[list[Batch]]:
@@ -128,14 +113,14 @@ def _step_end(run: Run, window: Window, group: list[Batch], bar: tqdm) -> bool:
     whether early stopping says stop."""
     train_cfg, step, stop = run.cfg.train, run.progress.step, False
     if step % train_cfg.logger.log_every == 0:
-        settle(run)
+        nonfinite.settle(run)
         window.log(run, bar)
     if train_cfg.logger.images_every and step % train_cfg.logger.images_every == 0:
         log_images(run, group)
     if train_cfg.val_every and step % train_cfg.val_every == 0:
         stop = after_validation(run, validate(run))
     if train_cfg.checkpoint.every_steps and step % train_cfg.checkpoint.every_steps == 0:
-        settle(run)
+        nonfinite.settle(run)
         save(run)
     if run.preemption.agreed:  # by every rank, at the end of train_step
         preempted(run)
@@ -144,7 +129,7 @@ def _step_end(run: Run, window: Window, group: list[Batch], bar: tqdm) -> bool:
 
 def _epoch_end(run: Run, epoch: int, epoch_losses: Sums) -> bool:
     run.progress.epoch = epoch + 1
-    settle(run)
+    nonfinite.settle(run)
     means = run.dist.mean({f"train/{k}": v for k, v in epoch_losses.means().items()})
     val = validate(run) if not run.cfg.train.val_every else {}
     stop = after_validation(run, {"epoch": float(epoch), **means, **val})
@@ -162,11 +147,11 @@ def _progress_bar(run: Run, epoch: int) -> tqdm:
 # ---------------------------------------------------------------------------- one step
 def train_step(run: Run, batches: list[Batch]) -> Metrics:
     """One step of every phase, in the model's order; repetition r of a phase trains on the r-th
-    `accumulate` batches of `batches`. A phase whose gradients are not finite is
-    skipped, and the step's batch-norm updates are undone with it, on the device; the step's
-    flag joins `run.unread` for `settle`. When a vote is due, the ranks
-    vote on preemption while the last phase computes its gradients (a collective of its own
-    after the step cost 2 ranks ~10 % of their steps/s); `run.preemption.agreed` has the result."""
+    `accumulate` batches of `batches`. A phase whose gradients are not finite is skipped, and the
+    step's batch-norm updates are undone with it, on the device; the step's flag joins
+    `run.unread` for `nonfinite.settle`. When a vote is due, the ranks vote on preemption while the
+    last phase computes its gradients (a collective of its own after the step cost 2 ranks ~10 %
+    of their steps/s); `run.preemption.agreed` has the result."""
     if not run.model.training:  # walking the module tree costs ~0.2 ms: only after eval
         run.model.train()
     run.buffer_guard.save()
@@ -190,7 +175,7 @@ def train_step(run: Run, batches: list[Batch]) -> Metrics:
             _update(run, phase, grads.finite)
     if run.scaler is not None:
         run.scaler.update()
-    _note_nonfinite(run, any_bad)
+    nonfinite.note(run, any_bad)
     return metrics
 
 
@@ -207,7 +192,7 @@ def phase_gradients(run: Run, phase: Phase, batches: list[Batch]) -> Gradients:
     with run.timer.part("optimizer"):
         if run.scaler is not None:
             run.scaler.unscale_(opt)
-        norm = _clip(phase.params, run.cfg.train.grad_clip)
+        norm = clip_gradients(phase.params, run.cfg.train.grad_clip)
     metrics: Metrics = {f"{phase.name}/{k}": v for k, v in losses.items()}
     metrics[f"opt/{phase.name}/grad_norm"] = norm
     metrics[f"opt/{phase.name}/lr"] = opt.param_groups[0]["lr"]
@@ -233,18 +218,6 @@ def _backward(run: Run, phase: str, batches: list[Batch]) -> dict[str, torch.Ten
     return means
 
 
-def _clip(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """The gradients' global norm (before clipping), clipped to `max_norm` if set; on the device.
-    Non-finite gradients are clipped too (NaN stays NaN): their update is skipped anyway."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), device=params[0].device if params else None)
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    if max_norm:  # (with the norm just taken, not again)
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
-
-
 def _update(run: Run, phase: Phase, finite: torch.Tensor) -> None:
     """Step the phase's optimizer unless its gradients are not finite. Fused kernels skip on the
     device (`found_inf`: no update, Adam's step count kept); others read `finite` here. The lr
@@ -252,7 +225,7 @@ def _update(run: Run, phase: Phase, finite: torch.Tensor) -> None:
     skipped steps the schedule counts too); a skipped step's EMA update folds in the unchanged
     weights."""
     opt = phase.optimizer
-    if run.scaler is None and _fused(opt):
+    if run.scaler is None and fused(opt):
         opt.found_inf = finite.logical_not().float()  # read by torch's fused Adam/AdamW/SGD step
         try:
             run.dist.step(opt)
@@ -265,55 +238,6 @@ def _update(run: Run, phase: Phase, finite: torch.Tensor) -> None:
     phase.scheduler.step()
     if run.ema is not None and run.ema.follows(phase.params):
         run.ema.update()
-
-
-def _fused(opt: torch.optim.Optimizer) -> bool:
-    """Whether every param group steps with torch's fused kernels (pipeline.optim, impl=auto)."""
-    return all(group.get("fused") for group in opt.param_groups)
-
-
-def _note_nonfinite(run: Run, bad: torch.Tensor) -> None:
-    """Keep the step's flag on the device until `settle`; many steps between reads (a large
-    train.logger.log_every) are joined into one tensor every FOLD_EVERY steps."""
-    run.unread.append(bad.reshape(1))
-    if len(run.unread) >= FOLD_EVERY:
-        run.unread[:] = [torch.cat(run.unread)]
-
-
-def settle(run: Run) -> None:
-    """Read the unread steps' non-finite flags on the host and count them, raising
-    NonFiniteError for the step that crossed the limit, as a check at that step would have.
-    Called at log steps, before every checkpoint and at the end; the skipped steps changed no
-    weights, so what is saved after a settle never holds a bad step. Every rank settles at the
-    same steps and reads the same flags (decided on averaged gradients)."""
-    if not run.unread:
-        return
-    flags = torch.cat(run.unread).tolist()
-    run.unread.clear()
-    first = run.progress.step - len(flags) + 1  # the steps they belong to end at this one
-    for i, bad in enumerate(flags):
-        _count_nonfinite(run, bad, first + i)
-
-
-def _count_nonfinite(run: Run, bad: bool, step: int) -> None:
-    progress, train_cfg = run.progress, run.cfg.train
-    progress.nonfinite_total += bad
-    progress.nonfinite_run = progress.nonfinite_run + 1 if bad else 0
-    if bad and (train_cfg.nonfinite == "fail" or progress.nonfinite_run >= train_cfg.max_nonfinite):
-        raise NonFiniteError(f"{progress.nonfinite_run} non-finite step(s) in a row at step "
-                             f"{step} (train.nonfinite={train_cfg.nonfinite}, "
-                             f"train.max_nonfinite={train_cfg.max_nonfinite}); the last good "
-                             f"checkpoint is in {run.checkpoints.folder}. Lower train.lr or set "
-                             f"train.grad_clip")
-
-
-def inject_nan(run: Run, batches: list[Batch]) -> None:
-    """Fault injection (train.inject_nan_at): rank 0's first float input becomes NaN."""
-    if run.progress.step + 1 in run.cfg.train.inject_nan_at and run.dist.is_main:
-        for k, v in batches[0].items():
-            if v.is_floating_point():
-                batches[0][k] = torch.full_like(v, float("nan"))
-                break
 
 
 # ---------------------------------------------------------------------------- step end
@@ -332,7 +256,7 @@ def log_images(run: Run, batches: list[Batch]) -> None:
 # ---------------------------------------------------------------------------- the end
 def preempted(run: Run) -> None:
     """The contract's steps 4-5 (pipeline.preemption): checkpoint on disk, then `Preempted`."""
-    settle(run)
+    nonfinite.settle(run)
     path = save(run)
     run.checkpoints.wait()  # on disk before anyone hears "requeue me"
     signum = run.preemption.signum
@@ -346,7 +270,7 @@ def preempted(run: Run) -> None:
 
 def finish(run: Run) -> dict[str, Any]:
     """The final checkpoint (also final.pt), every rank's weight digest, the summary."""
-    settle(run)
+    nonfinite.settle(run)
     final, p, dist = save(run), run.progress, run.dist
     dist.average_buffers(run.model)  # training is over: every rank ends with the mean
     digests = dist.gather_object(weights_digest(run.model))

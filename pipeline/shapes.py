@@ -5,7 +5,7 @@ channels, the shape of each variable of a joined input, the classes of the store
 the size of a regression target. Writing them again in the config is a chance to get them wrong
 (a store of 3 classes trained with out_features=10), so a key the config does not set (pipeline
 .config.ModelSection.given) is read from the store before any rank starts. A key the config sets is
-kept as set; pipeline.run.check_class_count still refuses one that disagrees with the class table.
+kept as set; pipeline.assembly.check_class_count still refuses one that disagrees with the class table.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """`hpcforge train` on this rank: start the backend, build the run, fit it.
 
-The parts: pipeline.run (`build(cfg, dist) -> Run`), pipeline.loop (`fit`, `train_step`),
+The parts: pipeline.assembly (`build(cfg, dist) -> Run`, the parts of pipeline.run),
+pipeline.loop (`fit`, `train_step`),
 pipeline.state (checkpoint save and resume), pipeline.hooks (what rank 0 draws),
 pipeline.preemption (the signal, vote and exit-75 contract). The CLI and jobs.tasks call `train`.
 """
@@ -14,10 +15,12 @@ from models.base import InputShapeError
 from pipeline.config import Config
 from pipeline.dist import detect_launcher, init_distributed
 from pipeline.errors import UserError
-from pipeline.loop import NonFiniteError, fit
+from pipeline.loop import fit
+from pipeline.nonfinite import NonFiniteError
 from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
 from pipeline.data.store import open_store
-from pipeline.run import build, build_model, check_class_count, seed_for
+from pipeline.assembly import build, build_model, check_class_count
+from pipeline.run import seed_for
 from pipeline.rundir import check_run_dir
 from pipeline.shapes import fill_from_store
 from pipeline.state import AllCheckpointsDamaged

@@ -13,7 +13,7 @@ from pipeline.data.loader import ShardedLoader
 from pipeline.data.prepare import prepare
 from pipeline.data.store import open_store
 from pipeline.errors import UserError
-from pipeline.run import build_model
+from pipeline.assembly import build_model
 from pipeline.trainer import check_before_start
 
 LAYERS = ["layer_0", "layer_1", "layer_2"]
@@ -88,7 +88,7 @@ def test_a_val_split_too_small_for_one_batch_per_rank_is_said_not_skipped_silent
         calo_store, tmp_path, capsys):
     """Issue 24: validation was skipped without a word (no val/loss, no best.pt)."""
     from pipeline.dist import init_distributed
-    from pipeline.run import build
+    from pipeline.assembly import build
     store, _ = calo_store
     n = store.meta.splits["val"]
     cfg = load_config("calo_tree_pid", [f"data.path={store.path}", f"output_dir={tmp_path}",

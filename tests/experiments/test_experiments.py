@@ -83,7 +83,7 @@ def prepared(lab, name: str):
 def test_experiment_prepares_and_trains(lab, name):
     from pipeline.dist import init_distributed
     from pipeline.loop import fit
-    from pipeline.run import build
+    from pipeline.assembly import build
     cfg = prepared(lab, name)
     run = build(cfg, init_distributed(cfg.train.dist))
     phases = [p.name for p in run.phases]

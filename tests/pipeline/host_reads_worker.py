@@ -101,7 +101,7 @@ def main(out: str, overrides: list[str]) -> None:
     from pipeline.config import load_config
     from pipeline.dist import init_distributed
     from pipeline.loop import fit
-    from pipeline.run import build
+    from pipeline.assembly import build
     cfg = load_config("demo", overrides)
     dist = init_distributed(cfg.train.dist)
     counter = HostReads()

@@ -16,7 +16,8 @@ from pipeline.dist import init_distributed
 from pipeline.ema import load_weights
 from pipeline.evaluate import evaluate
 from pipeline.loop import batch_groups, fit, train_step
-from pipeline.run import Run, build
+from pipeline.assembly import build
+from pipeline.run import Run
 
 DCGAN = ("model=dcgan", "model.channels=[16,8]", "model.latent_dim=8")
 

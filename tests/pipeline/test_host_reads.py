@@ -19,8 +19,9 @@ from host_reads_worker import HostReads
 from pipeline.config import load_config
 from pipeline.dist import init_distributed
 from pipeline.launch import mpirun_command
-from pipeline.loop import NonFiniteError, fit
-from pipeline.run import build
+from pipeline.loop import fit
+from pipeline.nonfinite import NonFiniteError
+from pipeline.assembly import build
 
 LOG_EVERY = 4
 RUN = ["train.dist.backend=none", "train.batch_size=32", "train.logger.mode=disabled",

@@ -14,7 +14,7 @@ from pipeline.errors import ConfigError
 from pipeline.loop import fit
 from pipeline.profile import PARTS
 from pipeline.report import report
-from pipeline.run import build
+from pipeline.assembly import build
 
 LOG_EVERY = 4
 
