@@ -68,6 +68,13 @@ deps() {
   for fw in "${needed[@]}"; do
     grep -Eq "\[X\] $fw" /opt/horovod-check-build.txt || { echo "horovod: $fw missing" >&2; exit 1; }
   done
+  # The project's pinned dependencies, when its pyproject.toml is there already (Dockerfile.cpu
+  # copies it before the sources): in this layer, a change to the sources does not reinstall them.
+  if [[ -f /opt/src/pyproject.toml ]]; then
+    local reqs; mapfile -t reqs < <("$VENV/bin/python" -c 'import tomllib
+for d in tomllib.load(open("/opt/src/pyproject.toml", "rb"))["project"]["dependencies"]: print(d)')
+    "$PIP" install "${reqs[@]}"
+  fi
 }
 
 # Horovod's last release does not build against PyTorch 2.x as is (DESIGN.md, horovod#3996):
