@@ -199,6 +199,7 @@ install_venv() {
 }
 
 main() {
+  [[ "${HPCFORGE_HOROVOD:-1}" =~ ^[01]$ ]] || { log "error: HPCFORGE_HOROVOD=$HPCFORGE_HOROVOD: expected 1 (build Horovod, the default) or 0 (skip it: torch.distributed only); set it to 0 or unset it"; exit 2; }
   pick_mpi
   [[ "${1:-}" == --check-mpi ]] && return 0
   FLAVOUR="$(cuda_flavour)"

