@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 # pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow'"`
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench gpu-check clean
+.PHONY: setup demo test bench gpu-check container clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -38,6 +38,12 @@ bench: setup
 # against a plain PyTorch loop, one table (benchmarks/gpu_check.py). Elsewhere: one line, exit 0.
 gpu-check: setup
 	@$(BIN)/python -m benchmarks.gpu_check
+
+# The CPU image (containers/Dockerfile.cpu, the same install.sh as the CUDA recipes) built with
+# podman on a Debian 12 base made with debootstrap, then hpcforge --help, a 2-rank train and an
+# evaluate inside it (containers/make_container.sh; as root on Debian it installs podman with apt).
+container:
+	@bash containers/make_container.sh
 
 clean:
 	rm -rf outputs

