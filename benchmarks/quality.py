@@ -418,7 +418,8 @@ def study(experiment: str, cpu_s: float, seeds: list[int], overrides: list[str] 
         result = {k: v for k, v in asdict(row).items() if k not in ("metrics",)}
         result.update(tag=tag, overrides=list(overrides or []))
         result["metrics"] = {k: v for k, v in row.metrics.items()
-                             if k.startswith(("w1", "elbo", "frechet", "precise", "nll"))}
+                             if k.startswith(("w1", "elbo", "frechet", "precise", "nll", "bins/",
+                                            "classifier/", "response_bin/"))}
         for k in ("energy", "abs_magnetization"):
             if f"w1/{k}" in row.metrics:
                 result[f"ratio/{k}"] = row.metrics[f"w1/{k}"] / row.metrics[f"w1_reference/{k}"]
