@@ -1,9 +1,9 @@
 """Monte Carlo of the 2-D Ising model: the samplers behind the ising2d source, the independent
 reference of `hpcforge evaluate`, and the autocorrelation time that sizes their burn-in (issue #23).
 
-H = -sum_<ij> s_i s_j on an L x L periodic lattice, J = k_B = 1. Two exact Markov chains for the
-Boltzmann distribution exp(-H / T) / Z, both vectorised over many independent lattices (N, L, L),
-each at its own temperature:
+H = -sum_<ij> s_i s_j on an L x L periodic lattice, J = k_B = 1. Three exact Markov chains for the
+Boltzmann distribution exp(-H / T) / Z, all vectorised over many independent lattices (N, L, L),
+each at its own temperature (the source uses the first two, `chain`):
 
   * checkerboard Metropolis (Metropolis et al. 1953): one sweep updates the two sublattices in
     turn. Near T_c it suffers critical slowing down, tau ~ L^z with z ~ 2.17: measured here
@@ -11,9 +11,11 @@ each at its own temperature:
   * Swendsen-Wang (PRL 58, 86, 1987): bonds between equal neighbours are kept with probability
     1 - exp(-2 / T), the connected clusters (scipy.sparse.csgraph.connected_components) are each
     flipped with probability 1/2. Its tau is a few sweeps at every T on these lattices, so a few
-    tens of sweeps equilibrate a lattice from any start. Wolff's single-cluster update (PRL 62,
-    361, 1989) flips one of these Fortuin-Kasteleyn clusters, chosen through a random site; both
-    sample the same distribution, and Swendsen-Wang is the one that vectorises in NumPy.
+    tens of sweeps equilibrate a lattice from any start;
+  * Wolff's single-cluster update (PRL 62, 361, 1989, `Wolff`): one of these Fortuin-Kasteleyn
+    clusters, grown from a random site, is flipped; the physicist's usual baseline, measured
+    beside the others in benchmarks/ising_speed.py (at L = 32 and 64 it costs what
+    Swendsen-Wang does per independent lattice, in NumPy).
 
 `integrated_time` estimates tau_int with Sokal's automatic window, as emcee's
 `autocorr.integrated_time` does (10 lines; written here rather than adding a dependency).
