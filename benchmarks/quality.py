@@ -418,7 +418,7 @@ def study(experiment: str, cpu_s: float, seeds: list[int], overrides: list[str] 
         result = {k: v for k, v in asdict(row).items() if k not in ("metrics",)}
         result.update(tag=tag, overrides=list(overrides or []))
         result["metrics"] = {k: v for k, v in row.metrics.items()
-                             if k.startswith(("w1", "elbo", "frechet", "precise", "nll", "bins/",
+                             if k.startswith(("w1", "elbo", "frechet", "precise", "nll", "bins/", "bin/",
                                             "classifier/", "response_bin/"))}
         for k in ("energy", "abs_magnetization"):
             if f"w1/{k}" in row.metrics:
@@ -443,6 +443,10 @@ def study_rows(experiment: str, cpu_s: float, path: Path | None = None) -> list[
         r = json.loads(text)
         if r["experiment"] == experiment and not r.get("tag") and abs(r["cpu_s"] - cpu_s) < 0.2 * cpu_s:
             rows[r["seed"]] = r
+    for seed, r in rows.items():      # metrics the row left out (bin edges), from its evaluation
+        for f in sorted((ROOT / STUDY).glob(f"{int(cpu_s)}s-seed{seed}/{experiment}/train/"
+                                            f"checkpoints/step-*.eval.json"))[-1:]:
+            r["metrics"] = {**json.loads(f.read_text())["metrics"], **r["metrics"]}
     return [rows[k] for k in sorted(rows)]
 
 
@@ -503,6 +507,7 @@ def summary(experiment: str, cpu_s: float) -> str:
 def bins_figure(experiment: str, cpu_s: float, out: Path) -> Path:
     """W1 / floor per incident-energy bin over seeds (median, bars from min to max) for the model
     and its two no-network controls, one panel per observable: benchmarks/<experiment>_bins.png."""
+    from matplotlib.ticker import NullFormatter
     from pipeline.figures import new_figure, to_png
     rows = study_rows(experiment, cpu_s)
     m = [r["metrics"] for r in rows]
@@ -521,6 +526,7 @@ def bins_figure(experiment: str, cpu_s: float, out: Path) -> Path:
         ax.axhline(2.0, ls="--", color="grey", lw=0.8)
         ax.axhline(1.0, ls=":", color="grey", lw=0.8)
         ax.set(xscale="log", yscale="log", xlabel="incident energy (GeV)", ylabel=f"W1({o}) / floor")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{o}: median, range over seeds {', '.join(str(r['seed']) for r in rows)}", fontsize=7)
     axes[0].legend(fontsize=6)
     out.write_bytes(to_png(fig))
