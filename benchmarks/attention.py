@@ -18,6 +18,8 @@ from statistics import median
 import torch
 import torch.nn.functional as F
 
+from benchmarks.table import row
+
 
 def explicit_forward(attn, x: torch.Tensor) -> torch.Tensor:
     """The hand-written attention models/transformer.py had before issue #16."""
@@ -32,7 +34,7 @@ def explicit_forward(attn, x: torch.Tensor) -> torch.Tensor:
 
 def _setup():
     from pipeline.config import load_config
-    from pipeline.run import build_model
+    from pipeline.assembly import build_model
     cfg = load_config("transformer_lorenz96")
     torch.manual_seed(0)
     model = build_model(cfg).train()
@@ -70,14 +72,13 @@ def measure(rounds: int, seconds: float) -> dict[str, float]:
 
 def bench_attention(quick: bool) -> list[dict]:
     """The `hpcforge bench` row (one thread, as the study above; quick: 1 round of 1 s)."""
-    from benchmarks.run import _row
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         m = measure(1 if quick else 7, 1.0 if quick else 3.0)
     finally:
         torch.set_num_threads(threads)
-    return [_row("attention", "SDPA / explicit, 1 thr", m["sdpa_steps_per_s"],
+    return [row("attention", "SDPA / explicit, 1 thr", m["sdpa_steps_per_s"],
                  m["explicit_steps_per_s"], "step/s", "report",
                  f"transformer_lorenz96 forward+backward steps/s with scaled_dot_product_attention "
                  f"/ with the explicit softmax(QK^T)V, median of {m['rounds']} rounds run in turn "

@@ -117,7 +117,7 @@ def _store(tmp: str) -> str:
 def _run(store: str, experiment: str, out: str):
     from pipeline.config import load_config
     from pipeline.dist import init_distributed
-    from pipeline.run import build
+    from pipeline.assembly import build
     cfg = load_config(experiment, [f"data.path={store}", f"output_dir={out}",
                                    "train.dist.backend=none", "train.dist.nproc=1",
                                    f"train.max_steps={STEPS}", "train.epochs=1000",

@@ -308,7 +308,7 @@ def translation_metrics(checkpoint: Path) -> dict[str, float]:
     from pipeline import physics
     from pipeline.data.store import normalization, open_store
     from pipeline.ema import load_weights
-    from pipeline.evaluate import checkpoint_config, eval_split, load_checkpoint
+    from pipeline.analysis_io import checkpoint_config, eval_split, load_checkpoint
     from pipeline.trainer import build_model
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt, [])
@@ -366,7 +366,7 @@ def thermo_metrics(checkpoint: Path, per_t: int = 64, figure: Path | None = None
     from pipeline import physics, thermo
     from pipeline.data.store import normalization, open_store
     from pipeline.ema import load_weights
-    from pipeline.evaluate import checkpoint_config, eval_split, load_checkpoint
+    from pipeline.analysis_io import checkpoint_config, eval_split, load_checkpoint
     from pipeline.trainer import build_model
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt, overrides or [])
@@ -506,7 +506,7 @@ def summary(experiment: str, cpu_s: float) -> str:
 
 def bins_figure(experiment: str, cpu_s: float, out: Path) -> Path:
     """W1 / floor per incident-energy bin over seeds (median, bars from min to max) for the model
-    and its two no-network controls, one panel per observable: benchmarks/<experiment>_bins.png."""
+    and its two no-network controls, one panel per observable: docs/img/<experiment>_bins.png."""
     from matplotlib.ticker import NullFormatter
     from pipeline.figures import new_figure, to_png
     rows = study_rows(experiment, cpu_s)
@@ -690,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.quality", description=__doc__.split("\n")[0])
     p.add_argument("what", nargs="?", choices=["all", "domains", "thermo", "study", "summary"],
                    default="all", help="summary: --only's study rows at --cpu-s over seeds, as "
-                   "markdown, and a calorimeter model's per-bin figure (benchmarks/<exp>_bins.png)")
+                   "markdown, and a calorimeter model's per-bin figure (docs/img/<exp>_bins.png)")
     p.add_argument("--cpu-s", type=float, default=CPU_BUDGET_S, help="study: the CPU budget")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="study: train.seed values")
     p.add_argument("--checkpoint", type=Path, help="thermo: a temperature-conditional Ising "
@@ -715,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.only or []:
             print(summary(name, args.cpu_s))
             if any(k.startswith("bins/") for r in study_rows(name, args.cpu_s) for k in r["metrics"]):
-                print(bins_figure(name, args.cpu_s, OUT / f"{name}_bins.png"))
+                print(bins_figure(name, args.cpu_s, ROOT / "docs/img" / f"{name}_bins.png"))
         return 0
     if args.what == "study":
         for name in args.only or []:

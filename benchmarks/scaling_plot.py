@@ -4,7 +4,7 @@ Reads `<dir>/{n1,n2,n4}` (seed 0) and `<dir>/s<S>-n<N>` (seeds 1, 2), each a `hp
 output of demo_generator's model with `hpcforge evaluate` run on its final checkpoint, and draws
 W1 / floor of |m| and E and the classifier AUC per run, the medians joined.
 
-    python -m benchmarks.scaling_plot outputs/scaling --figure benchmarks/scaling.png
+    python -m benchmarks.scaling_plot outputs/scaling --figure docs/img/scaling.png
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def plot(root: Path, figure: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("root", type=Path)
-    p.add_argument("--figure", type=Path, default=Path("benchmarks/scaling.png"))
+    p.add_argument("--figure", type=Path, default=Path("docs/img/scaling.png"))
     args = p.parse_args()
     plot(args.root, args.figure)
 

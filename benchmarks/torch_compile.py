@@ -17,6 +17,8 @@ from statistics import median
 
 import torch
 
+from benchmarks.table import row
+
 EXPERIMENTS = {"VAE": "vae_ising2d", "ResNet": "resnet_ising2d", "DCGAN": "dcgan_ising2d"}
 
 
@@ -24,7 +26,7 @@ def _setup(experiment: str):
     """The experiment's model, a batch like its data (32x32 spins in {0, 1}, phase labels), the
     optimizers, and the number of steps of its run on one rank."""
     from pipeline.config import load_config
-    from pipeline.run import build_model
+    from pipeline.assembly import build_model
     cfg = load_config(experiment)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -78,7 +80,6 @@ def _measure(experiment: str, rounds: int, seconds: float) -> dict[str, float]:
 
 
 def bench_compile(quick: bool) -> list[dict]:
-    from benchmarks.run import _row
     import torch._inductor.config as inductor
     inductor.fx_graph_cache = False  # a first run's compile time, not a cache hit
     threads = torch.get_num_threads()
@@ -87,12 +88,12 @@ def bench_compile(quick: bool) -> list[dict]:
     try:
         for label, experiment in EXPERIMENTS.items():
             m = _measure(experiment, 1 if quick else 3, 1.0 if quick else 4.0)
-            rows.append(_row("compile", f"{label} ({experiment}), 1 thr", m["compiled"],
+            rows.append(row("compile", f"{label} ({experiment}), 1 thr", m["compiled"],
                              m["eager"], "step/s", "report",
                              f"train.compile=true / eager training steps/s, median of rounds run "
                              f"in turn; compile time {m['compile_s']:.1f} s (caches off)",
                              ratio=m["ratio"]))
-            rows.append(_row("compile-run", f"{label}, {m['run_steps']} steps", m["run_steps"] /
+            rows.append(row("compile-run", f"{label}, {m['run_steps']} steps", m["run_steps"] /
                              m["eager"], m["compile_s"] + m["run_steps"] / m["compiled"], "s",
                              "> 1: compile wins", "the experiment's run on one rank: eager time / "
                              "(compile time + compiled time)", ratio=m["run_ratio"]))

@@ -51,8 +51,9 @@ class _SourcesEpilog(argparse.RawDescriptionHelpFormatter):
 
     def add_text(self, text):
         if text == _SOURCES:
+            from pipeline.config import available
             from pipeline.data.sources import describe
-            text = describe()
+            text = describe(set(available("data")))
         super().add_text(text)
 
 
@@ -269,7 +270,7 @@ def _train(args: argparse.Namespace, flag) -> int:
         return relaunch(cfg.train.dist.nproc, argv, cfg.train.dist.launcher,
                         cfg.train.dist.timeout_s, Path(cfg.output_dir) / "train" / "checkpoints",
                         flag)
-    from pipeline.loop import NonFiniteError
+    from pipeline.nonfinite import NonFiniteError
     from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted
     from pipeline.trainer import train
     from pipeline.watchdog import preempted_status

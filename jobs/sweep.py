@@ -155,9 +155,10 @@ def observable_names(data_path: str, variable: str) -> list[str]:
     """The scalar observables evaluate compares for the store's source (pipeline/physics.py),
     computed on two stored samples."""
     from pipeline import physics
+    from pipeline.data.sources import observables
     from pipeline.data.store import open_store
     store = open_store(data_path)
-    obs = physics.observables_for(store.meta.source)
+    obs = observables(store.meta.source)
     if obs is None:
         return []
     return list(obs.scalars(physics.physical(obs, store.variable("train", variable)[:2])))

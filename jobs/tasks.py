@@ -41,6 +41,12 @@ def restarts() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
 
 
+def requeued_by_slurm(job_id: str, n: int) -> bool:
+    """Whether Slurm has requeued job `job_id` since this, its `n`-th restart, started: Restarts
+    counts up at the requeue while the job is still COMPLETING, as a cancelled one is (scancel)."""
+    return int(records.scontrol_job(job_id).get("Restarts", n)) > n
+
+
 def placement() -> dict[str, Any]:
     """This task's rank and place, as pipeline.dist reads them from srun (or nothing: rank 0 of 1)."""
     from pipeline.dist import detect_launcher, node_name  # torch: not in `hpcforge submit`
@@ -166,15 +172,23 @@ class TrainJob(submitit.helpers.Checkpointable):
         return {**me, "restarts": restarts(), "summary": summary}
 
     def _requeue_or_fail(self) -> None:
-        n = restarts()
+        from pipeline.dist import detect_launcher
+        from pipeline.preemption import REQUEUE_EXIT_CODE
+        n, rank = restarts(), detect_launcher().rank
+        job_id = os.environ.get("SLURM_JOB_ID")
+        checkpoints = Path(self.cfg.output_dir) / "train" / "checkpoints"
+        if rank == 0 and job_id and requeued_by_slurm(job_id, n):
+            # Slurm requeued the job itself (`scontrol requeue`, preemption with PreemptMode=
+            # REQUEUE) and its signal got us here: say so in one line and leave with 75, no
+            # traceback (issue 25: the log said "COMPLETING (cancelled) ... not requeueing").
+            print(f"[hpcforge] checkpoint written; Slurm is requeueing job {job_id} itself "
+                  f"(requeue {n + 1}); it resumes from {checkpoints} when it starts again",
+                  flush=True)
+            sys.exit(REQUEUE_EXIT_CODE)
         if n >= self.max_requeues:
             raise RuntimeError(f"preempted/timed out again after {n} requeues "
                                f"(cluster.max_requeues={self.max_requeues}); the last checkpoint "
-                               f"is in {Path(self.cfg.output_dir) / 'train' / 'checkpoints'}: "
-                               f"resubmit to continue from it")
-        job_id = os.environ.get("SLURM_JOB_ID")
-        from pipeline.dist import detect_launcher
-        rank = detect_launcher().rank
+                               f"is in {checkpoints}: resubmit to continue from it")
         if job_id is None:
             raise RuntimeError("preempted outside Slurm: nothing requeues this run; the checkpoint "
                                "is written, resubmit with train.resume=auto to continue")
@@ -188,13 +202,11 @@ class TrainJob(submitit.helpers.Checkpointable):
                 print(f"[hpcforge] job {job_id} is {state} (cancelled): checkpoint written, not "
                       f"requeueing", flush=True)
                 raise RuntimeError(f"job {job_id} was cancelled (scancel); the last checkpoint is "
-                                   f"in {Path(self.cfg.output_dir) / 'train' / 'checkpoints'}: "
-                                   f"resubmit to continue from it")
+                                   f"in {checkpoints}: resubmit to continue from it")
             print(f"[hpcforge] checkpoint written; requeueing job {job_id} "
                   f"(requeue {n + 1} of at most {self.max_requeues})", flush=True)
             # Requeue may already be under way (Slurm's own preemption requeue): not an error.
             subprocess.run(["scontrol", "requeue", job_id], timeout=60, check=False)
-        from pipeline.preemption import REQUEUE_EXIT_CODE
         sys.exit(REQUEUE_EXIT_CODE)  # SystemExit: submitit writes no result; the requeued job will
 
     def checkpoint(self, *args: Any, **kwargs: Any):

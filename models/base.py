@@ -85,6 +85,14 @@ def with_channel_axis(x: torch.Tensor, in_channels: int) -> torch.Tensor:
     return x.unsqueeze(1) if x.dim() == 3 and in_channels == 1 else x
 
 
+def field_target(y: torch.Tensor, out: torch.Tensor, loss: str) -> torch.Tensor:
+    """A regression target field stored without its channel axis, (B, H, W), as the one-channel
+    output (B, 1, H, W) it is compared with (a NetCDF (time, y, x) variable; issue 24)."""
+    if loss == "mse" and y.dim() == 3 and out.dim() == 4 and out.shape[1] == 1:
+        return y.unsqueeze(1)
+    return y
+
+
 def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int | None, ...]) -> None:
     """Raise InputShapeError unless `tensor` has `expected` shape (None matches any size)."""
     got = tuple(tensor.shape)

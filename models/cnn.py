@@ -26,7 +26,7 @@ PRESETS = {
 
 @dataclass
 class CNNConfig:
-    in_channels: int = 1
+    in_channels: int = 1                    # unset: the store's (1 for (H, W) fields)
     preset: Literal["custom", "lenet5", "vgg"] = "custom"  # non-custom replaces the 6 fields below
     channels: tuple[int, ...] = (16, 32)    # width of each stage; each stage halves H and W
     convs_per_stage: int = 1                # convolutions per stage
@@ -35,7 +35,7 @@ class CNNConfig:
     activation: Literal["relu", "tanh", "gelu", "sigmoid"] = "relu"
     batchnorm: bool = True
     dropout: float = 0.0                    # before the linear head
-    n_outputs: int = 10                     # classes (ce, hinge) or regression targets (mse)
+    n_outputs: int = 10                     # classes (ce, hinge) or targets (mse); unset: the store's
     loss: Literal["ce", "hinge", "mse"] = "ce"
 
 

@@ -188,14 +188,25 @@ def check_loss(family: str, loss: str, allowed: tuple[str, ...]) -> None:
 
 
 def check_labels(name: str, y: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Class labels as int64 indices: any integer dtype (stores keep int8) in [0, n_classes)."""
+    """Class labels as int64 indices: any integer dtype (stores keep int8) in [0, n_classes).
+    The range is checked on the labels' device, not read on the host at every step (issue 28: a
+    read waits for a GPU's queue): on the CPU a bad label is refused here, on a GPU it is a
+    device-side assert (the store's class table is checked before the run starts, run.py)."""
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise InputShapeError(f"{name}: expected integer class indices, got dtype {y.dtype}; "
                               f"store labels as integers or use a regression loss")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+    if y.numel() and not _in_range(y, n_classes):
         raise InputShapeError(f"{name}: expected class indices in [0, {n_classes}), got values in "
                               f"[{int(y.min())}, {int(y.max())}]; check the model's class count")
     return y.long()
+
+
+def _in_range(y: torch.Tensor, n: int) -> bool:
+    try:
+        torch._assert_async(((y >= 0) & (y < n)).all(), "class index out of range")
+        return True
+    except RuntimeError:  # (raised at once on the CPU; on a GPU the assert fires on the device)
+        return False
 
 
 def supervised_losses(out: torch.Tensor, y: torch.Tensor, loss: str) -> dict[str, torch.Tensor]:

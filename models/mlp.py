@@ -13,9 +13,9 @@ from models.layers import Supervised, check_loss, mlp
 
 @dataclass
 class MLPConfig:
-    in_features: int = 16                  # values per input sample (flattened if not a vector)
+    in_features: int = 16                  # values per input sample (flattened); unset: the store's
     hidden: tuple[int, ...] = (64, 64)     # width of each hidden layer
-    out_features: int = 2                  # classes (ce, hinge), 1 (bce) or targets (mse)
+    out_features: int = 2                  # classes (ce, hinge), 1 (bce), targets (mse); unset: the store's
     activation: Literal["relu", "tanh", "gelu", "sigmoid"] = "relu"
     dropout: float = 0.0                   # after each hidden activation; 0 disables
     batchnorm: bool = False                # BatchNorm1d before each hidden activation

@@ -15,11 +15,11 @@ from models.layers import BasicBlock, Supervised, check_loss, conv_block
 
 @dataclass
 class ResNetConfig:
-    in_channels: int = 1
+    in_channels: int = 1                    # unset: the store's (1 for (H, W) fields)
     stem_channels: int = 16                   # width after the 3x3 stem
     channels: tuple[int, ...] = (16, 32, 64)  # stage widths; stages after the first halve H, W
     blocks_per_stage: tuple[int, ...] = (2, 2, 2)  # depth: basic blocks in each stage
-    n_outputs: int = 10                       # classes (ce, hinge) or regression targets (mse)
+    n_outputs: int = 10                       # classes (ce, hinge) or targets (mse); unset: the store's
     loss: Literal["ce", "hinge", "mse"] = "ce"
 
 

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from models.base import Batch, check_shape
+from models.base import Batch, check_shape, field_target, with_channel_axis
 from models.layers import (Supervised, check_loss, conv_block, field_figures, relative_l2,
                            supervised_losses)
 
@@ -50,6 +50,7 @@ class UNet(Supervised):
         self.out = nn.Conv2d(w[0], cfg.out_channels, 1)  # (B, w0, H, W) -> (B, out_channels, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = with_channel_axis(x, self.cfg.in_channels)
         check_shape("unet input x", x, (None, self.cfg.in_channels, None, None))
         k = 2 ** self.cfg.depth
         h_in, w_in = x.shape[-2:]
@@ -68,14 +69,16 @@ class UNet(Supervised):
 
     def losses(self, batch: Batch, phase: str) -> dict[str, torch.Tensor]:
         out = self(batch["x"])
-        terms = supervised_losses(out, batch["y"], self.cfg.loss)
+        y = field_target(batch["y"], out, self.cfg.loss)
+        terms = supervised_losses(out, y, self.cfg.loss)
         if self.cfg.loss == "mse":
-            terms["rel_l2"] = relative_l2(out.detach(), batch["y"])
+            terms["rel_l2"] = relative_l2(out.detach(), y)
         return terms
 
     @torch.no_grad()
     def figures(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return field_figures(self(batch["x"][:8]), batch["y"][:8], self.cfg.loss)
+        out = self(batch["x"][:8])
+        return field_figures(out, field_target(batch["y"][:8], out, self.cfg.loss), self.cfg.loss)
 
 
 def build(cfg: UNetConfig) -> UNet:

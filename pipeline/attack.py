@@ -10,17 +10,12 @@ eps is in the model's input units: the store's normalised inputs (data.normalize
 Ising spins, 1 is the gap between a down and an up spin). No clipping to a data range: physics
 fields have no natural box such as an image's [0, 1].
 
-Adversarial training (`train.adversarial`, issue #16) makes its examples with the same two
-functions (`adversarial_batch`), against the model being trained.
-
-Both attacks are written here with plain autograd: they are the textbook definitions in a dozen
-lines, while torchattacks and ART are not pinned in this project, and captum.robust's FGSM/PGD
-attack a forward function with a loss over (output, target) only, not a model's `losses(batch)`
-with its conditioning inputs.
+The attacks themselves live in pipeline/adversarial.py, below this command: adversarial training
+(`train.adversarial`, issue #16) makes its examples with the same two functions, and training does
+not import the analysis commands (issue #27).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,61 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.base import Trainable
 from models.layers import relative_l2
 from pipeline import figures
+from pipeline.adversarial import ATTACKS, PGD_STEP, Batch
 from pipeline.errors import UserError
 from pipeline.probe import Probed, Results, as_2d, open_probed, write_results
-
-Batch = dict[str, torch.Tensor]
-PGD_STEP = 2.5  # step size = PGD_STEP * eps / steps (Madry et al. 2018)
-
-
-def loss_grad(model: Trainable, batch: Batch, x: torch.Tensor) -> torch.Tensor:
-    """d(model's training loss)/dx at x, the rest of the batch (y, cond) unchanged. Only x's
-    gradient is computed: the parameters' .grad (and the ranks' gradient hooks) are untouched."""
-    x = x.detach().requires_grad_()
-    loss = model.losses({**batch, "x": x}, "model")["loss"]
-    return torch.autograd.grad(loss, x)[0]
-
-
-def fgsm(model: Trainable, batch: Batch, eps: float, **_: Any) -> torch.Tensor:
-    """One step of size eps along the sign of the loss gradient."""
-    x = batch["x"]
-    return (x + eps * loss_grad(model, batch, x).sign()).detach()
-
-
-def pgd(model: Trainable, batch: Batch, eps: float, steps: int = 10,
-        generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random start in the eps-ball, then `steps` signed-gradient steps, each projected onto it."""
-    x0 = batch["x"]
-    noise = torch.rand(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device) * 2 - 1
-    x = x0 + eps * noise
-    for _ in range(steps):
-        x = x + PGD_STEP * eps / steps * loss_grad(model, batch, x).sign()
-        x = torch.minimum(torch.maximum(x, x0 - eps), x0 + eps).detach()
-    return x
-
-
-ATTACKS: dict[str, Callable[..., torch.Tensor]] = {"fgsm": fgsm, "pgd": pgd}
-
-
-def adversarial_batch(model: Trainable, batch: Batch, eps: float, method: str, steps: int,
-                      fraction: float) -> Batch:
-    """`batch` with its first `fraction` of samples (at least one) replaced by FGSM/PGD examples
-    against the model's own loss (Goodfellow et al. 2014; Madry et al. 2018 train on all-PGD
-    batches, fraction=1). The examples are made in eval mode: batch norm normalises them with
-    its running statistics and does not update those, so only the training forward does."""
-    n = len(batch["x"])
-    k = min(n, max(1, round(fraction * n)))
-    head = {key: v[:k] for key, v in batch.items()}
-    model.eval()
-    try:
-        x_adv = ATTACKS[method](model, head, eps, steps=steps)
-    finally:
-        model.train()
-    return {**batch, "x": torch.cat([x_adv.to(batch["x"].dtype), batch["x"][k:]])}
-
 
 @torch.no_grad()
 def score(p: Probed, batch: Batch, x: torch.Tensor) -> float:

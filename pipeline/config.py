@@ -115,6 +115,9 @@ class DataConfig:
 class ModelSection:
     name: str = "vae"              # a name in models.MODELS
     params: Any = None             # the family's config dataclass
+    # the family's keys this config sets; shape keys it leaves unset are taken from the store
+    # (pipeline.shapes, issue 24). Not a setting: never written, a stored config sets them all.
+    given: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
 
 
 @dataclass
@@ -225,6 +228,11 @@ class TrainConfig:
     nonfinite: Literal["skip", "fail"] = "skip"  # a step with a NaN/Inf loss or gradient
     max_nonfinite: int = 5         # stop after this many non-finite steps in a row
     inject_nan_at: list[int] = field(default_factory=list)  # fault injection: NaN batch at steps
+    # where step time goes (issue 28, pipeline/profile.py): "steps" logs each rank's share of step
+    # time in data wait, forward, backward, all-reduce wait, optimizer and logging; "trace" also
+    # writes a torch.profiler trace of profile_steps ([first step, count]) for Perfetto/Chrome
+    profile: Literal["off", "steps", "trace"] = "off"
+    profile_steps: list[int] = field(default_factory=lambda: [10, 3])  # trace: [first step, count]
     init_from: str = ""            # a checkpoint whose model weights start this run (issue #16)
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept fixed
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
@@ -474,6 +482,7 @@ RANGES: dict[str, Range] = {
     "train.val_every": AT_LEAST_0,         # 0: at epoch ends
     "train.max_nonfinite": AT_LEAST_1,
     "train.inject_nan_at": AT_LEAST_1,     # each item: a step, counted from 1
+    "train.profile_steps": AT_LEAST_1,     # [first step (from 1), count]
     "train.optim.weight_decay": AT_LEAST_0,
     "train.adversarial.eps": AT_LEAST_0,          # 0: off
     "train.adversarial.steps": AT_LEAST_1,
@@ -519,6 +528,9 @@ def check_ranges(cfg: Config) -> None:
             if not rng.holds(v):
                 name = key if i is None else f"{key}[{i}]"
                 raise ConfigError(f"{name}={v}: expected {rng.expected()}; {rng.fix(name)}")
+    if len(cfg.train.profile_steps) != 2:
+        raise ConfigError(f"train.profile_steps={cfg.train.profile_steps}: expected two numbers, "
+                          f"[first step, count]; e.g. train.profile_steps=[10,3]")
 
 
 # --------------------------------------------------------------------------- typing
@@ -568,7 +580,10 @@ def build(cls: type, raw: Any, key: str) -> Any:
             raise ConfigError(f"missing required value {sub} ({_type_name(hints[name])})")
     if cls in (DataConfig, ModelSection) and "params" not in kwargs:
         kwargs["params"] = build(_params_class(cls, raw, key), {}, f"{key}.params")
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    if cls is ModelSection:
+        built.given = frozenset(raw["params"] or {})
+    return built
 
 
 def _refuse_unknown_keys(raw: dict[str, Any], fields: dict[str, Any], key: str) -> None:

@@ -483,12 +483,17 @@ def one_node(place: Placement) -> bool:
 
 
 def pin_transports(place: Placement, cfg: DistConfig, env: dict[str, str] | Any = os.environ) -> None:
-    """Gloo's and NCCL's own sockets on loopback when every rank is on this node, else on
-    train.dist.interface when set (issue 25); anything the user set wins."""
+    """Gloo's, NCCL's and Open MPI's TCP traffic on loopback when every rank is on this node,
+    else on train.dist.interface when set (issue 25); anything the user set wins. Before
+    MPI_Init (mpi4py's import, hvd.init), which reads OMPI_MCA_*. Open MPI 4.1's TCP transport
+    still listens on every address: btl_tcp_if_include picks the interface it talks over
+    (docs/security.md)."""
     iface = "lo" if one_node(place) else cfg.interface
     if iface:
         env.setdefault("GLOO_SOCKET_IFNAME", iface)
         env.setdefault("NCCL_SOCKET_IFNAME", iface)
+        if "OMPI_MCA_btl_tcp_if_exclude" not in env:  # (Open MPI refuses both)
+            env.setdefault("OMPI_MCA_btl_tcp_if_include", iface)
 
 
 def interface_address(name: str) -> str:
@@ -623,6 +628,7 @@ def init_distributed(cfg: DistConfig) -> Dist:
     os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(5, cfg.timeout_s // 4)))
     os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(cfg.timeout_s))
     apply_cpu_mpi_defaults()  # read by MPI_Init, which hvd.init() calls: srun launches get it too
+    pin_transports(place, cfg)
     hvd.init()
     place = Placement(place.launcher, hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
     return HorovodDist(place, device, cfg)

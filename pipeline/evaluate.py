@@ -32,12 +32,15 @@ from torch import nn
 
 from pipeline import figures, latent, physics
 from pipeline.checkpoint import load, save_atomic
+from models import build as build_model
 from models.base import sampler
-from pipeline.config import Config, config_from_dict
+from pipeline.config import Config
 from pipeline.data.loader import ShardedLoader
-from pipeline.data.sources import SOURCES, declared
+from pipeline.data.sources import SOURCES, declared, observables
 from pipeline.data.store import Store, normalization, open_store
 from pipeline.ema import load_weights
+from pipeline.analysis_io import (as_image, checkpoint_config, eval_split, load_checkpoint,
+                                  log_to_wandb, normalized, per_channel)
 from pipeline.errors import UserError
 
 MAX_SAMPLES = 2048        # cap on real and generated samples per distance (W1, Fréchet)
@@ -70,11 +73,6 @@ class FeatureNet(nn.Module):
         self.eval()
         t = torch.as_tensor(as_image(x), dtype=torch.float32)
         return torch.cat([self.body(t[i:i + batch]) for i in range(0, len(t), batch)]).numpy()
-
-
-def as_image(x: np.ndarray) -> np.ndarray:
-    """(N, H, W) sequences or single-channel fields -> (N, 1, H, W); (N, C, H, W) unchanged."""
-    return x[:, None] if x.ndim == 3 else x
 
 
 def class_labels(values: np.ndarray, max_classes: int = 16) -> np.ndarray:
@@ -132,29 +130,6 @@ def _fit(net: FeatureNet, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: 
             nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
             opt.step()
     return net.eval()
-
-
-# --------------------------------------------------------------------------- data
-def normalized(store: Store, split: str, variable: str, how: str, n: int) -> np.ndarray:
-    """The first n samples of a split (the store is globally shuffled), in the loader's space."""
-    raw = np.asarray(store.variable(split, variable)[:n], np.float64)
-    shift, scale = normalization(store.stats("train", variable), how)
-    return as_image((raw - _per_channel(shift, raw)) / _per_channel(scale, raw)).astype(np.float32)
-
-
-def _per_channel(a: np.ndarray, x: np.ndarray) -> np.ndarray:
-    return np.atleast_1d(a).reshape((1, -1) + (1,) * (x.ndim - 2))
-
-
-def eval_split(store: Store) -> str:
-    """The test split; a store prepared without one is scored on its val split, said in one line
-    (the val split may have picked best.pt, so its numbers flatter the model)."""
-    if store.meta.splits.get("test", 0):
-        return "test"
-    print(f"[hpcforge] note: {store.path} has no test split (prepared with data.test_fraction=0): "
-          f"evaluating on the val split instead ({store.meta.splits.get('val', 0)} samples, which "
-          f"may have picked best.pt); prepare with data.test_fraction=0.1 for held-out numbers")
-    return "val"
 
 
 # --------------------------------------------------------------------------- capabilities
@@ -258,14 +233,17 @@ class Evaluation:
             return
         if y.ndim == 1 and pred.shape == (len(y), 1):
             pred = pred[:, 0]  # one output per sample against a per-sample scalar target
+        field = pred.ndim == 4
+        if y.ndim == 3 and pred.shape == (len(y), 1, *y.shape[1:]) and np.issubdtype(y.dtype, np.floating):
+            pred = pred[:, 0]  # a one-channel field against one stored without its channel axis
         if pred.shape == y.shape and np.issubdtype(y.dtype, np.floating):
             # the loader standardises a target with a channel axis, not a per-sample scalar
             raw = self._physical_y if y.ndim > 1 else (lambda a: np.asarray(a, np.float64))
             self.metrics["relative_l2"] = relative_l2(pred, y)
             self.metrics["relative_l2_raw"] = relative_l2(*map(raw, (pred, y)))
             if pred.ndim >= 2:  # (a scalar per sample has no field or series to draw)
-                self.figures["fields" if pred.ndim == 4 else "forecast"] = (
-                    figures.field_panels(pred, y) if pred.ndim == 4 else figures.forecast_figure(pred[0], y[0]))
+                self.figures["fields" if field else "forecast"] = (
+                    figures.field_panels(pred, y) if field else figures.forecast_figure(pred[0], y[0]))
             self.regression(raw(pred), raw(y))
         elif pred.ndim == 2 and y.ndim == 1 and np.issubdtype(y.dtype, np.integer) and pred.shape[1] > 1:
             names = class_names(self.store.meta.classes, pred.shape[1])
@@ -273,6 +251,9 @@ class Evaluation:
                                                                         names)
             per_class = per_class_accuracy(y, pred.argmax(1), names)
             self.metrics.update(per_class)
+            # what no model beats by guessing: the split's most common class, and 1 / classes
+            self.metrics["accuracy_majority"] = float(np.bincount(y).max() / len(y))
+            self.metrics["accuracy_chance"] = 1.0 / pred.shape[1]
             self.notes.append("accuracy per class: " + ", ".join(
                 f"{k.split('/', 1)[1]} {v:.3f}" for k, v in per_class.items()))
 
@@ -282,7 +263,7 @@ class Evaluation:
         that says them, and the predicted-vs-true figure."""
         name = self.cfg.data.inputs["y"]
         mean = np.asarray(self.store.stats("train", name)["mean"], np.float64)
-        baseline = np.broadcast_to(_per_channel(mean, y) if y.ndim > 1 else mean, y.shape)
+        baseline = np.broadcast_to(per_channel(mean, y) if y.ndim > 1 else mean, y.shape)
         scores = regression_scores(pred, y, baseline)
         self.metrics.update(scores)
         self.notes.append(f"regression of {name} (in its stored units): RMSE {scores['rmse']:.4g} "
@@ -297,7 +278,7 @@ class Evaluation:
         to the same distance between two real samples of the same size: the floor a perfect
         model reaches."""
         source = self.store.meta.source
-        if (obs := physics.observables_for(source)) is None:
+        if (obs := observables(source)) is None:
             self.notes.append(f"no physical observables defined for source {source!r}; "
                               f"W1 and Fréchet distances skipped")
             return
@@ -441,7 +422,6 @@ class Evaluation:
         fluctuations). Metrics "bins/<sampler>/...", a note line, a verdict line and a figure."""
         from pipeline import binned, precise
         from pipeline.classifier_test import classifier_scores
-        from pipeline.trainer import build_model
         seed = self.cfg.train.seed
         real = physics.physical(obs, real_norm, self.affine, np.random.default_rng(seed))
         train_cond = self._train_condition(len(train))
@@ -450,7 +430,7 @@ class Evaluation:
         state = torch.get_rng_state()            # the metrics after these stay as they were
         try:
             torch.manual_seed(seed)
-            untrained = sampler(build_model(self.cfg).eval())
+            untrained = sampler(build_model(self.cfg.model.name, self.cfg.model.params).eval())
             raw = untrained(len(real), {"cond": torch.as_tensor(cond)}).cpu().numpy()
         finally:
             torch.set_rng_state(state)
@@ -506,11 +486,11 @@ class Evaluation:
         shift, scale = normalization(self.store.stats("train", self.cfg.data.inputs["y"]),
                                      self.cfg.data.normalize)
         y = np.asarray(y, np.float64)
-        return y * _per_channel(scale, y) + _per_channel(shift, y)
+        return y * per_channel(scale, y) + per_channel(shift, y)
 
     def _renormalize(self, phys: np.ndarray) -> np.ndarray:
         shift, scale = self.affine
-        return as_image((phys - _per_channel(shift, phys)) / _per_channel(scale, phys)).astype(np.float32)
+        return as_image((phys - per_channel(shift, phys)) / per_channel(scale, phys)).astype(np.float32)
 
     def frechet(self, real: np.ndarray, generated: np.ndarray, train: np.ndarray) -> None:
         try:
@@ -533,7 +513,7 @@ class Evaluation:
         ood = SOURCES[source].generate(outliers_of(self.cfg.data.params), seed=self.cfg.data.seed + 1,
                                        chunk_index=0, start=0, n=OOD_SAMPLES)[self.var]
         shift, scale = self.affine
-        ood = ((ood - _per_channel(shift, ood)) / _per_channel(scale, ood)).astype(np.float32)
+        ood = ((ood - per_channel(shift, ood)) / per_channel(scale, ood)).astype(np.float32)
         outliers = self.model.anomaly_score(torch.as_tensor(ood)).numpy()
         scores = np.concatenate([inliers, outliers])
         labels = np.r_[np.zeros(len(inliers)), np.ones(len(outliers))]
@@ -554,39 +534,13 @@ def no_network(make_start: Callable, params: Any, t: np.ndarray, sweeps: int, se
 
 
 # --------------------------------------------------------------------------- entry point
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}; pass the .pt file `hpcforge train` wrote "
-                        f"(e.g. outputs/<experiment>/train/checkpoints/final.pt)")
-    try:
-        ckpt = load(path)
-    except UserError:  # damaged (a CRC32 fails): its own line names the record and the fix
-        raise
-    except Exception as e:  # truncated, not a torch file, or pickled code the safe loader refuses
-        raise UserError(f"{path} is not a readable hpcforge checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}); train again or point at another "
-                        f"checkpoint") from None
-    missing = {"model", "config", "step"} - set(ckpt) if isinstance(ckpt, dict) else {"model"}
-    if missing:
-        raise UserError(f"{path} is not an hpcforge checkpoint (missing {', '.join(sorted(missing))}); "
-                        f"pass a checkpoint written by `hpcforge train`")
-    return ckpt
-
-
-def checkpoint_config(ckpt: dict[str, Any], overrides: list[str]) -> Config:
-    """The checkpoint's resolved config with `key=value` overrides (e.g. data.path=...)."""
-    return config_from_dict(ckpt["config"], overrides)
-
-
 def evaluate(checkpoint: str | Path, overrides: list[str] | None = None, seed: int | None = None,
              per_t: int = PER_T) -> dict[str, Any]:
     """Score a checkpoint; write `<checkpoint>.eval.json` and figures, log to its W&B run."""
-    from pipeline.trainer import build_model
     path = Path(checkpoint)
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(ckpt, overrides or [])
-    model = build_model(cfg)
+    model = build_model(cfg.model.name, cfg.model.params)
     weights = load_weights(model, ckpt, cfg.train.ema.weights)  # the average, if saved (issue #15)
     store = open_store(cfg.data.path)
     split = eval_split(store)
@@ -613,23 +567,3 @@ def evaluate(checkpoint: str | Path, overrides: list[str] | None = None, seed: i
     return result
 
 
-def log_to_wandb(cfg: Config, path: Path, ckpt: dict[str, Any], ev: Evaluation,
-                 prefix: str = "eval") -> str | None:
-    """Append the metrics and figures to the checkpoint's W&B run (same id, resume="allow"),
-    under `<prefix>/` and `<prefix>_figures/`. `ev` is an Evaluation or any object with the same
-    metrics, figures and notes (pipeline.probe.Results, for explain and attack)."""
-    from pipeline.tracking import open_run, resolve_mode
-    run_id, mode = ckpt.get("wandb_run_id"), resolve_mode(cfg.train.logger.mode)
-    if not run_id or mode == "disabled":
-        ev.notes.append("no W&B run to log to (the checkpoint holds no run id, or logger.mode=disabled)")
-        return None
-    import wandb
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    run = open_run(cfg.train.logger, mode, run_dir, run_id)
-    metrics = {f"{prefix}/{k}": v for k, v in ev.metrics.items()}
-    run.log({**metrics, **{f"{prefix}_figures/{k}": wandb.Image(figures.to_array(f))
-                           for k, f in ev.figures.items()}})
-    run.summary.update(metrics)
-    run_path = str(Path(run.dir).parent)
-    run.finish()
-    return run_path

@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import figures, physics
+from pipeline.data.sources import observables
 from pipeline.errors import UserError
 from pipeline.probe import Probed, Results, as_2d, open_probed, scored, write_results
 
@@ -93,7 +94,7 @@ def summary(p: Probed, x: torch.Tensor, attr: torch.Tensor) -> dict[str, Any]:
     axis = 1 if mag.dim() == 4 else mag.dim() - 1
     per_channel = mag.mean(dim=[d for d in range(mag.dim()) if d != axis])
     out: dict[str, Any] = {"mean_abs_per_channel": per_channel.tolist()}
-    obs = physics.observables_for(p.store.meta.source)
+    obs = observables(p.store.meta.source)
     if obs is not None and obs.binary and x.dim() == 4 and x.shape[1] == 1:  # spins, as in ising2d
         walls = domain_walls(x)
         mass = (mag * walls).flatten(1).sum(1) / mag.flatten(1).sum(1).clamp_min(1e-30)

@@ -88,19 +88,19 @@ def comparison_figures(cmp: physics.Comparison) -> dict[str, Figure]:
     return out
 
 
-def physics_figures(source_name: str, real_batch: dict[str, np.ndarray], generated: np.ndarray,
+def physics_figures(obs: physics.Observables | None, real_batch: dict[str, np.ndarray],
+                    generated: np.ndarray,
                     affine: tuple[np.ndarray, np.ndarray] | None = None,
                     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """The training run's physics figures: `comparison_figures` of real vs generated samples as
-    RGB uint8 images, and the W1 distance of each observable ("w1/<name>"); ({}, {}) for a
-    source that declares no observables.
+    RGB uint8 images, and the W1 distance of each observable ("w1/<name>"); ({}, {}) when `obs`
+    (the source's declared observables) is None.
 
     real_batch["x"] and `generated` are (N, ...) in the loader's normalised space when `affine`
     (pipeline.data.store.normalization of the store's train statistics) is given, else in physical units.
     Two-level variables (Ising spins) are drawn from their probabilities, as evaluate does
     (physics.physical: the one spin-conversion rule).
     """
-    obs = physics.observables_for(source_name)
     if obs is None:
         return {}, {}
     real, gen = (physics.physical(obs, a, affine) for a in (real_batch["x"], generated))
@@ -134,6 +134,33 @@ def loss_curves(runs: dict[str, Rows], keys: Sequence[str] | None = None, max_pa
         ax.set_xlabel("step")
     if len(runs) > 1 and keys:
         axes[0].legend(fontsize=7)
+    return fig
+
+
+STEP_PARTS = ("data", "forward", "backward", "allreduce", "optimizer", "logging", "other")
+
+
+def step_time_shares(rows: Rows) -> Figure | None:
+    """train.profile=steps (issue 28): each rank's share of step time in each part, averaged over
+    the run's log lines, as one stacked bar per rank; None when the run was not profiled."""
+    ranks: dict[str, list[list[float]]] = {}
+    for row in rows:
+        for key in row:
+            if key.startswith("profile/rank") and key.endswith("/forward"):
+                rank = key.split("/")[1]
+                ranks.setdefault(rank, []).append([row.get(f"profile/{rank}/{p}", 0.0)
+                                                   for p in STEP_PARTS])
+    if not ranks:
+        return None
+    fig, axes = new_figure(1)
+    ax, bottom = axes[0], np.zeros(len(ranks))
+    means = np.array([np.mean(v, axis=0) for v in ranks.values()])  # (ranks, parts)
+    for i, part in enumerate(STEP_PARTS):
+        ax.bar(list(ranks), means[:, i], bottom=bottom, label=part)
+        bottom += means[:, i]
+    ax.set_ylabel("share of step time")
+    ax.set_title("where step time went (train.profile)", fontsize=9)
+    ax.legend(fontsize=7)
     return fig
 
 

@@ -1,7 +1,7 @@
 """What rank 0 draws every train.logger.images_every steps, as hooks the loop calls in turn.
 
 The loop never asks which model or data set it trains (STYLE.md, "the loop never branches on the
-model's kind"): `build` (pipeline.run) picks the hooks once, from what the model can do and what
+model's kind"): `build` (pipeline.assembly) picks the hooks once, from what the model can do and what
 the source declares. A hook takes the model (in eval mode, training's RNG forked) and the step's
 first batch, and returns images to log and scalar metrics to log beside them.
 """
@@ -24,20 +24,21 @@ def model_figures(model: Trainable, batch: Batch) -> tuple[dict[str, Any], dict[
 
 
 def source_has_observables(source: str) -> bool:
-    from pipeline import physics
-    return physics.observables_for(source) is not None
+    from pipeline.data.sources import observables
+    return observables(source) is not None
 
 
 def physics_hook(source: str, affine: tuple[np.ndarray, np.ndarray] | None) -> ImageHook:
     """Generated vs real samples in physical units (`affine` undoes the store's normalisation):
     the source's observables plotted, and their 1-Wasserstein distances as physics/<name>."""
     from pipeline import figures
+    from pipeline.data.sources import observables
 
     def draw(model: Trainable, batch: Batch) -> tuple[dict[str, Any], dict[str, float]]:
         sample = sampler(model)
         generated = sample(batch["x"].shape[0], batch).float().cpu().numpy()
         real = {"x": batch["x"].float().cpu().numpy()}
-        images, distances = figures.physics_figures(source, real, generated, affine)
+        images, distances = figures.physics_figures(observables(source), real, generated, affine)
         return images, {f"physics/{k}": v for k, v in distances.items()}
     return draw
 

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from pipeline import figures, physics
-from pipeline.data.sources import declared
+from pipeline.analysis_io import normalized
+from pipeline.data.sources import declared, observables
 
 STEPS = 9              # points on an interpolation path, ends included
 TRAVERSED = 4          # latent dimensions traversed (fewer if the latent space is smaller)
@@ -74,9 +75,8 @@ class Explorer:
     normalisation, metrics and figures."""
 
     def __init__(self, ev: Any, arrays: dict[str, np.ndarray]):
-        from pipeline.evaluate import normalized   # here: evaluate imports this module
         self.ev, self.model = ev, ev.model
-        self.obs = physics.observables_for(ev.store.meta.source)
+        self.obs = observables(ev.store.meta.source)
         self.batch = fixed_condition(self.model, arrays)
         # the split's first samples (the store is globally shuffled): the same whatever the loader
         self.x = torch.as_tensor(normalized(ev.store, ev.split, ev.var, ev.cfg.data.normalize, CANDIDATES))
@@ -156,7 +156,7 @@ def fixed_condition(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> di
 def explore(ev: Any, arrays: dict[str, np.ndarray]) -> None:
     """Interpolations and traversals of `ev.model` into ev.metrics / ev.figures (module docstring);
     a note instead when the source declares no observables to follow along the path."""
-    if physics.observables_for(ev.store.meta.source) is None:
+    if observables(ev.store.meta.source) is None:
         ev.notes.append(f"no observables for source {ev.store.meta.source!r}; latent paths skipped")
         return
     explorer = Explorer(ev, arrays)

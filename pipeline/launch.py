@@ -53,9 +53,15 @@ def _which(name: str) -> str:
 
 # Our mpirun starts every rank on this node (issue 25: a one-node run listens on no network
 # address): ranks talk through shared memory (vader), not the TCP transport, whose listener
-# binds every interface; the bootstrap (oob) talks over loopback. Measured with OpenMPI 4.1:
-# mpirun's own oob listener still binds the wildcard address whatever oob_tcp_if_include says.
-ONE_NODE_MPI = {"OMPI_MCA_btl": "self,vader", "OMPI_MCA_oob_tcp_if_include": "lo"}
+# binds every interface (a user's btl=...,tcp still talks over loopback); the bootstrap (oob)
+# and PMIx talk over loopback. What stays open, and why (Open MPI 4.1.4, measured and read in
+# its source): mpirun's own oob listener, which create_listen()/create_listen6() in
+# orte/mca/oob/tcp/oob_tcp_listener.c bind to INADDR_ANY and in6addr_any whatever
+# oob_tcp_if_include says (it only picks the address mpirun gives the ranks: 127.0.0.1);
+# oob=^tcp refuses to start ("No network interfaces were found for out-of-band
+# communications"), and disabling both address families crashes mpirun. docs/security.md.
+ONE_NODE_MPI = {"OMPI_MCA_btl": "self,vader", "OMPI_MCA_btl_tcp_if_include": "lo",
+                "OMPI_MCA_oob_tcp_if_include": "lo"}
 
 
 def mpi_env() -> dict[str, str]:

@@ -4,55 +4,58 @@ Per step: fetch a group of `accumulate` batches; for each phase the model declar
 `repeats` times) let only that network make gradients, average them over ranks, clip them, skip
 the update if they are not finite, and step; then the step's end: log, draw, validate,
 checkpoint, and stop if the ranks voted to (pipeline.preemption). Rank 0 logs and writes
-checkpoints; every rank computes. The parts come from pipeline.run.build.
+checkpoints; every rank computes. The parts come from pipeline.assembly.build.
+
+Between log steps nothing is read back to the host (issue 28): losses and norms stay on the device
+(pipeline.window.Sums), and so does the non-finite check (pipeline.nonfinite).
 """
 from __future__ import annotations
 
-import math
 import signal
-from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.base import Batch
+from pipeline import nonfinite
 from pipeline.checkpoint import link_atomic
 from pipeline.dist import only_grads_of
 from pipeline.ema import digest as ema_digest
 from pipeline.hooks import draw_all
+from pipeline.optim import clip_gradients, fused
 from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted
+from pipeline.profile import step_timer
 from pipeline.run import Phase, Run, autocast, weights_digest
 from pipeline.state import save
 from pipeline.validation import after_validation, validate
-from pipeline.window import Window
+from pipeline.window import Sums, Window
 
-Batch = dict[str, torch.Tensor]
-
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite steps (or one, with train.nonfinite=fail)."""
+Metrics = dict[str, "torch.Tensor | float"]  # 0-d tensors on the device; the lr a float
 
 
 class Gradients(NamedTuple):
     """One phase's averaged, clipped gradients are in its parameters' .grad; this is what the
     step learned about them: the named losses, norm and lr to log, and whether they are finite
-    (decided on averaged gradients, so every rank decides the same)."""
-    metrics: dict[str, float]
-    finite: bool
+    (decided on averaged gradients, so every rank decides the same), all on the device."""
+    metrics: Metrics
+    finite: torch.Tensor  # 0-d bool
 
 
 # ---------------------------------------------------------------------------- the run
 def fit(run: Run) -> dict[str, Any]:
     """Train until the epochs, train.max_steps or early stopping end it; return the summary."""
-    flag = run.preemption.flag
+    flag, cfg = run.preemption.flag, run.cfg.train
+    run.timer = step_timer(cfg.profile, run.dist.device, run.run_dir / "profile", run.dist.rank,
+                           cfg.profile_steps)
     with nullcontext() if flag.catching else flag:
         try:
             return _train(run)
         finally:  # whatever ends the run, the last checkpoint handed to the writer is on disk
+            run.timer.close()
             run.checkpoints.wait()
 
 
@@ -68,35 +71,38 @@ def _train(run: Run) -> dict[str, Any]:
 
 def _epoch(run: Run, window: Window, last: list[Batch] | None) -> tuple[bool, list[Batch] | None]:
     train_cfg, progress = run.cfg.train, run.progress
-    epoch, stop = progress.epoch, False
+    epoch = progress.epoch
     if run.loader.epoch != epoch:
         run.loader.set_epoch(epoch)
     run.model.reset_state()  # stateful RNNs start each epoch from a zero state
-    epoch_losses: dict[str, list[float]] = defaultdict(list)
+    epoch_losses = Sums()  # on the device, read once at the epoch's end
     with _progress_bar(run, epoch) as bar:  # closed on an error too: its line ends before ours
         for group in batch_groups(run):
-            inject_nan(run, group)
+            nonfinite.inject_nan(run, group)
             losses, last = train_step(run, group), group
             progress.step += 1
-            bar.update(1)
-            window.add(losses)
-            for k, v in losses.items():
-                epoch_losses[k].append(v)
-            stop = _step_end(run, window, group, bar)
+            with run.timer.part("logging"):
+                bar.update(1)
+                window.add(losses)
+                epoch_losses.add({k: v for k, v in losses.items() if not k.startswith("opt/")})
+                stop = _step_end(run, window, group, bar)
+            run.timer.step_done()
             if stop or (train_cfg.max_steps and progress.step >= train_cfg.max_steps):
-                stop = True
-                break
-    if not stop:
-        stop = _epoch_end(run, epoch, epoch_losses)
-    return stop, last
+                return True, last
+    return _epoch_end(run, epoch, epoch_losses), last
 
 
 def batch_groups(run: Run) -> Iterator[list[Batch]]:
     """The loader's batches on the device, one step's worth (`batches_per_step`) at a time."""
     group: list[Batch] = []
-    for batch in run.loader:
-        run.heartbeat.beat("training", run.progress.step)
-        group.append({k: v.to(run.dist.device, non_blocking=True) for k, v in batch.items()})
+    batches, timer = iter(run.loader), run.timer
+    while True:
+        with timer.part("data"):  # (the loader's wait, and the copy to the device)
+            batch = next(batches, None)
+            if batch is None:
+                return
+            run.heartbeat.beat("training", run.progress.step)
+            group.append({k: v.to(run.dist.device, non_blocking=True) for k, v in batch.items()})
         if len(group) == run.batches_per_step:
             yield group
             group = []
@@ -107,22 +113,24 @@ def _step_end(run: Run, window: Window, group: list[Batch], bar: tqdm) -> bool:
     whether early stopping says stop."""
     train_cfg, step, stop = run.cfg.train, run.progress.step, False
     if step % train_cfg.logger.log_every == 0:
+        nonfinite.settle(run)
         window.log(run, bar)
     if train_cfg.logger.images_every and step % train_cfg.logger.images_every == 0:
         log_images(run, group)
     if train_cfg.val_every and step % train_cfg.val_every == 0:
         stop = after_validation(run, validate(run))
     if train_cfg.checkpoint.every_steps and step % train_cfg.checkpoint.every_steps == 0:
+        nonfinite.settle(run)
         save(run)
     if run.preemption.agreed:  # by every rank, at the end of train_step
         preempted(run)
     return stop
 
 
-def _epoch_end(run: Run, epoch: int, epoch_losses: dict[str, list[float]]) -> bool:
+def _epoch_end(run: Run, epoch: int, epoch_losses: Sums) -> bool:
     run.progress.epoch = epoch + 1
-    means = run.dist.mean({f"train/{k}": float(np.mean(v)) for k, v in epoch_losses.items()
-                           if not k.startswith("opt/")})
+    nonfinite.settle(run)
+    means = run.dist.mean({f"train/{k}": v for k, v in epoch_losses.means().items()})
     val = validate(run) if not run.cfg.train.val_every else {}
     stop = after_validation(run, {"epoch": float(epoch), **means, **val})
     save(run)
@@ -137,17 +145,18 @@ def _progress_bar(run: Run, epoch: int) -> tqdm:
 
 
 # ---------------------------------------------------------------------------- one step
-def train_step(run: Run, batches: list[Batch]) -> dict[str, float]:
+def train_step(run: Run, batches: list[Batch]) -> Metrics:
     """One step of every phase, in the model's order; repetition r of a phase trains on the r-th
-    `accumulate` batches of `batches`. A phase whose gradients are not finite is
-    skipped, and the step's batch-norm updates are undone with it. When a vote is due, the ranks
-    vote on preemption while the last phase computes its gradients (a collective of its own
-    after the step cost 2 ranks ~10 % of their steps/s); `run.preemption.agreed` has the result."""
+    `accumulate` batches of `batches`. A phase whose gradients are not finite is skipped, and the
+    step's batch-norm updates are undone with it, on the device; the step's flag joins
+    `run.unread` for `nonfinite.settle`. When a vote is due, the ranks vote on preemption while the
+    last phase computes its gradients (a collective of its own after the step cost 2 ranks ~10 %
+    of their steps/s); `run.preemption.agreed` has the result."""
     if not run.model.training:  # walking the module tree costs ~0.2 ms: only after eval
         run.model.train()
     run.buffer_guard.save()
-    metrics: dict[str, float] = {}
-    order, step, any_bad, vote = run.phase_order, run.progress.step, False, None
+    metrics: Metrics = {}
+    order, step, any_bad, vote = run.phase_order, run.progress.step, None, None
     acc = run.cfg.train.accumulate
     assert len(batches) == run.batches_per_step, (len(batches), run.batches_per_step)
     for i, (phase, rep) in enumerate(order):
@@ -156,15 +165,17 @@ def train_step(run: Run, batches: list[Batch]) -> dict[str, float]:
             vote = run.preemption.begin_vote(step)
         grads = phase_gradients(run, phase, batches[rep * acc:(rep + 1) * acc])
         metrics.update(grads.metrics)
-        any_bad |= not grads.finite
+        bad = grads.finite.logical_not()
+        any_bad = bad if any_bad is None else any_bad | bad
         if vote is not None:
             run.preemption.end_vote(vote, step)
-        if last and any_bad:
-            run.buffer_guard.restore()
-        _update(run, phase, grads.finite)
+        with run.timer.part("optimizer"):
+            if last:
+                run.buffer_guard.restore_where(any_bad)
+            _update(run, phase, grads.finite)
     if run.scaler is not None:
         run.scaler.update()
-    _count_nonfinite(run, any_bad)
+    nonfinite.note(run, any_bad)
     return metrics
 
 
@@ -176,73 +187,57 @@ def phase_gradients(run: Run, phase: Phase, batches: list[Batch]) -> Gradients:
     scope = only_grads_of(run.model, phase.params) if len(run.phases) > 1 else nullcontext()
     with scope:
         losses = _backward(run, phase.name, batches)
-    run.dist.synchronize(opt)  # gradients now averaged over ranks: the same on every rank
-    if run.scaler is not None:
-        run.scaler.unscale_(opt)
-    norm = _clip(phase.params, run.cfg.train.grad_clip)
-    metrics = {f"{phase.name}/{k}": v for k, v in losses.items()}
+    with run.timer.part("allreduce"):
+        run.dist.synchronize(opt)  # gradients now averaged over ranks: the same on every rank
+    with run.timer.part("optimizer"):
+        if run.scaler is not None:
+            run.scaler.unscale_(opt)
+        norm = clip_gradients(phase.params, run.cfg.train.grad_clip)
+    metrics: Metrics = {f"{phase.name}/{k}": v for k, v in losses.items()}
     metrics[f"opt/{phase.name}/grad_norm"] = norm
     metrics[f"opt/{phase.name}/lr"] = opt.param_groups[0]["lr"]
-    return Gradients(metrics, math.isfinite(norm))
+    return Gradients(metrics, torch.isfinite(norm))
 
 
-def _backward(run: Run, phase: str, batches: list[Batch]) -> dict[str, float]:
-    """Backward of the mean loss over the group's batches (accumulation); their mean losses."""
-    means: dict[str, float] = defaultdict(float)
+def _backward(run: Run, phase: str, batches: list[Batch]) -> dict[str, torch.Tensor]:
+    """Backward of the mean loss over the group's batches (accumulation); their mean losses, as
+    0-d tensors on the device (detached: a logged loss must not keep its graph alive)."""
+    means: dict[str, torch.Tensor] = {}
     n = len(batches)
     for batch in batches:
-        with autocast(run):
+        with run.timer.part("forward"), autocast(run):
             losses = run.train_losses(batch, phase)  # (adversarial examples mixed in, if set)
         loss = losses["loss"].float()
         if n > 1:
             loss = loss / n
-        (run.scaler.scale(loss) if run.scaler else loss).backward()
+        with run.timer.part("backward"):
+            (run.scaler.scale(loss) if run.scaler else loss).backward()
         for k, v in losses.items():
-            means[k] += v.item() / n
+            v = v.detach() / n if n > 1 else v.detach()
+            means[k] = means[k] + v if k in means else v
     return means
 
 
-def _clip(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """The gradients' global norm (before clipping), clipped to `max_norm` if set and finite."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    norm = float(total)
-    if max_norm and math.isfinite(norm):  # (with the norm just taken, not again)
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return norm
-
-
-def _update(run: Run, phase: Phase, finite: bool) -> None:
-    if not finite:
-        phase.optimizer.zero_grad()
-        return
-    run.dist.step(phase.optimizer, run.scaler)
+def _update(run: Run, phase: Phase, finite: torch.Tensor) -> None:
+    """Step the phase's optimizer unless its gradients are not finite. Fused kernels skip on the
+    device (`found_inf`: no update, Adam's step count kept); others read `finite` here. The lr
+    schedule and the EMA count every step, skipped or not (as under torch's GradScaler, whose
+    skipped steps the schedule counts too); a skipped step's EMA update folds in the unchanged
+    weights."""
+    opt = phase.optimizer
+    if run.scaler is None and fused(opt):
+        opt.found_inf = finite.logical_not().float()  # read by torch's fused Adam/AdamW/SGD step
+        try:
+            run.dist.step(opt)
+        finally:
+            del opt.found_inf
+    elif finite.item():  # unfused, or fp16 with a GradScaler: read on the host, every step
+        run.dist.step(opt, run.scaler)
+    else:
+        opt.zero_grad()
     phase.scheduler.step()
     if run.ema is not None and run.ema.follows(phase.params):
         run.ema.update()
-
-
-def _count_nonfinite(run: Run, bad: bool) -> None:
-    progress, train_cfg = run.progress, run.cfg.train
-    progress.nonfinite_total += bad
-    progress.nonfinite_run = progress.nonfinite_run + 1 if bad else 0
-    if bad and (train_cfg.nonfinite == "fail" or progress.nonfinite_run >= train_cfg.max_nonfinite):
-        raise NonFiniteError(f"{progress.nonfinite_run} non-finite step(s) in a row at step "
-                             f"{progress.step + 1} (train.nonfinite={train_cfg.nonfinite}, "
-                             f"train.max_nonfinite={train_cfg.max_nonfinite}); the last good "
-                             f"checkpoint is in {run.checkpoints.folder}. Lower train.lr or set "
-                             f"train.grad_clip")
-
-
-def inject_nan(run: Run, batches: list[Batch]) -> None:
-    """Fault injection (train.inject_nan_at): rank 0's first float input becomes NaN."""
-    if run.progress.step + 1 in run.cfg.train.inject_nan_at and run.dist.is_main:
-        for k, v in batches[0].items():
-            if v.is_floating_point():
-                batches[0][k] = torch.full_like(v, float("nan"))
-                break
 
 
 # ---------------------------------------------------------------------------- step end
@@ -261,6 +256,7 @@ def log_images(run: Run, batches: list[Batch]) -> None:
 # ---------------------------------------------------------------------------- the end
 def preempted(run: Run) -> None:
     """The contract's steps 4-5 (pipeline.preemption): checkpoint on disk, then `Preempted`."""
+    nonfinite.settle(run)
     path = save(run)
     run.checkpoints.wait()  # on disk before anyone hears "requeue me"
     signum = run.preemption.signum
@@ -274,6 +270,7 @@ def preempted(run: Run) -> None:
 
 def finish(run: Run) -> dict[str, Any]:
     """The final checkpoint (also final.pt), every rank's weight digest, the summary."""
+    nonfinite.settle(run)
     final, p, dist = save(run), run.progress, run.dist
     dist.average_buffers(run.model)  # training is over: every rank ends with the mean
     digests = dist.gather_object(weights_digest(run.model))

@@ -89,3 +89,20 @@ def lr_factor(cfg: ScheduleConfig, step: int, total: int, scale: float) -> float
 def build_scheduler(opt: torch.optim.Optimizer, cfg: ScheduleConfig, total: int,
                     scale: float) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step, total, scale))
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """The gradients' global norm (before clipping), clipped to `max_norm` if set; on the device.
+    Non-finite gradients are clipped too (NaN stays NaN): their update is skipped anyway."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device if params else None)
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if max_norm:  # (with the norm just taken, not again)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def fused(opt: torch.optim.Optimizer) -> bool:
+    """Whether every param group steps with torch's fused kernels (build_optimizer, impl=auto)."""
+    return all(group.get("fused") for group in opt.param_groups)

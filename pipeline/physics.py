@@ -205,17 +205,6 @@ def sequence_scalars(x: np.ndarray) -> Arrays:
     return {"mean": x.mean(1), "energy": 0.5 * (x ** 2).mean(1)}
 
 
-def observables_for(source: str) -> Observables | None:
-    """What `source` declared (its module's OBSERVABLES), or None if it declared nothing.
-
-    The registry is imported here, not at the top: the source modules import this module for the
-    observable functions they declare."""
-    from pipeline.data.sources import SOURCES, declared
-    if source not in SOURCES:
-        raise ValueError(f"unknown data source {source!r}; known: {', '.join(sorted(SOURCES))}")
-    return declared(source, "OBSERVABLES")
-
-
 # --------------------------------------------------------------------------- comparison
 @dataclass(frozen=True)
 class Comparison:

@@ -18,7 +18,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from models import MODELS
+from models import MODELS, build as build_model
 from models.layers import Supervised
 from pipeline import figures
 from pipeline.config import Config
@@ -26,7 +26,7 @@ from pipeline.data.loader import ShardedLoader
 from pipeline.data.store import Store, open_store
 from pipeline.ema import load_weights
 from pipeline.errors import UserError
-from pipeline.evaluate import checkpoint_config, eval_split, load_checkpoint, log_to_wandb
+from pipeline.analysis_io import checkpoint_config, eval_split, load_checkpoint, log_to_wandb
 
 
 def supervised_families() -> list[str]:
@@ -70,11 +70,10 @@ class Probed:
 
 def open_probed(checkpoint: str | Path, overrides: list[str], command: str) -> Probed:
     """Load a checkpoint the way `hpcforge evaluate` does; refuse a model that is not supervised."""
-    from pipeline.trainer import build_model
     path = Path(checkpoint)
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(ckpt, overrides)
-    model = build_model(cfg)
+    model = build_model(cfg.model.name, cfg.model.params)
     if not isinstance(model, Supervised):
         raise UserError(f"{path}: model {cfg.model.name!r} ({type(model).__name__}) is not a "
                         f"supervised x -> prediction network; `hpcforge {command}` works on "

@@ -154,6 +154,128 @@ def _fmt(v: Any) -> str:
     return f"{v:.5g}" if isinstance(v, float) else html.escape(str(v))
 
 
+# --------------------------------------------------------------------------- scorecard
+# A generator is judged by W1 / the real-vs-real floor (1 is perfect, issue #15's goal 2x) and by a
+# classifier told to separate its samples from real ones (0.5: it cannot). AUC_GOAL: the CaloChallenge
+# 2022 entries' best low-level AUCs lay at 0.53-0.68, its GANs' at 0.89-0.94 (arXiv 2410.21611).
+W1_GOAL = 2.0
+AUC_GOAL = 0.6
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of a run's scorecard: a verdict metric, its reference, met or not."""
+    what: str
+    value: float
+    reference: str
+    met: bool
+
+
+def checks(m: dict[str, Any]) -> list[Check]:
+    """The task's verdict metrics of one evaluation (`hpcforge evaluate`'s metrics) against their
+    references: accuracy against the most common class and chance, RMSE against predicting the
+    train mean, W1 / floor against the 2x goal, classifier AUC, Frechet distance / its floor,
+    anomaly ROC AUC against chance."""
+    out = []
+    if "accuracy" in m and ("accuracy_majority" in m or "accuracy_chance" in m):
+        ref = max(m.get("accuracy_majority", 0.0), m.get("accuracy_chance", 0.0))
+        out.append(Check("accuracy", m["accuracy"], f"most common class {_num(m.get('accuracy_majority'))}"
+                         f", chance {_num(m.get('accuracy_chance'))}", m["accuracy"] > ref))
+    if "rmse" in m and "rmse_baseline" in m:
+        r2 = f"; R\u00b2 {m['r2']:.3f}" if "r2" in m else ""
+        out.append(Check("RMSE (target's units)", m["rmse"],
+                         f"predicting the train mean {_num(m['rmse_baseline'])}{r2}",
+                         m["rmse"] < m["rmse_baseline"]))
+    for k in sorted(k for k in m if k.startswith("w1_ratio/")):
+        out.append(Check(f"W1 / floor, {k.split('/', 1)[1]}", m[k],
+                         f"goal \u2264 {W1_GOAL:g} (1 is perfect)", m[k] <= W1_GOAL))
+    if "classifier/auc" in m:
+        out.append(Check("classifier AUC, generated vs real", m["classifier/auc"],
+                         f"goal \u2264 {AUC_GOAL:g} (0.5: indistinguishable; real vs real "
+                         f"{_num(m.get('classifier/auc_reference'))})", m["classifier/auc"] <= AUC_GOAL))
+    if m.get("frechet_reference"):
+        ratio = m["frechet_distance"] / m["frechet_reference"]
+        out.append(Check("Fr\u00e9chet distance / floor", ratio, f"goal \u2264 {W1_GOAL:g}",
+                         ratio <= W1_GOAL))
+    if "anomaly_roc_auc" in m:
+        out.append(Check("anomaly ROC AUC", m["anomaly_roc_auc"], "0.5 (chance)",
+                         m["anomaly_roc_auc"] > 0.5))
+    return out
+
+
+def _num(v: Any) -> str:
+    return "?" if v is None else f"{v:.4g}"
+
+
+def latest_eval(run: Run) -> dict[str, Any] | None:
+    evals = [ev for ev in run.evals if ev.get("kind", "eval") == "eval"]
+    return max(evals, key=lambda ev: ev.get("step", 0)) if evals else None
+
+
+def scorecard(run: Run) -> str:
+    """The run's answer: its verdict metrics against their references, met or not."""
+    ev = latest_eval(run)
+    head = f"<h3>{html.escape(run.name)}</h3>"
+    if ev is None:
+        return head + ("<p class=note>not evaluated: run <code>hpcforge evaluate "
+                       "&lt;its checkpoint&gt;</code>, then report again</p>")
+    rows = "".join(f"<tr><td>{html.escape(c.what)}</td><td>{_fmt(float(c.value))}</td>"
+                   f"<td class=ref>{html.escape(c.reference)}</td>"
+                   f"<td class={'met' if c.met else 'unmet'}>{'met' if c.met else 'not met'}</td></tr>"
+                   for c in checks(ev["metrics"]))
+    verdicts = [n for n in ev.get("notes", []) if n.startswith("verdict:")]
+    where = (f"<p class=meta>{html.escape(Path(ev['checkpoint']).name)}, step {ev['step']}, "
+             f"{html.escape(ev['split'])} split, {ev['metrics'].get('samples', '?')} samples</p>")
+    table = (f"<table class=score><tr><th>check</th><th>value</th><th>reference</th><th></th></tr>"
+             f"{rows}</table>" if rows else "<p class=note>no verdict metric in its evaluation</p>")
+    return head + where + table + "".join(f"<p class=note>{html.escape(v)}</p>" for v in verdicts)
+
+
+# --------------------------------------------------------------------------- panels of all runs
+def unit_of(run: Run, key: str) -> str:
+    """What a logged value of `key` is measured in for this run: a loss term means what the run's
+    loss, target and normalisation make it (GeV\u00b2 MSE, cross-entropy, standardised MSE share
+    a key but not a unit); a generator's terms are its family's own."""
+    model = run.config.get("model") if isinstance(run.config.get("model"), dict) else {}
+    data = run.config.get("data") if isinstance(run.config.get("data"), dict) else {}
+    y = (data.get("inputs") or {}).get("y")
+    if key.endswith("accuracy"):
+        return "fraction correct"
+    if model.get("loss") and y:
+        return f"{model['loss']} of {y}, data.normalize={data.get('normalize', '?')}"
+    return f"{model.get('name', '?')} objective"
+
+
+def shared_panels(runs: list[Run], max_panels: int = 9) -> dict[str, dict[str, list[dict]]]:
+    """'key [unit]' -> {run name: its rows with that key}: one panel per key and unit, for the
+    keys two runs or more log in one unit; runs never share a panel across units."""
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for run in runs:
+        keys = dict.fromkeys(k for row in run.rows for k, v in row.items()
+                             if k.startswith(("train/", "val/")) and isinstance(v, (int, float)))
+        for key in keys:
+            label = f"{key} [{unit_of(run, key)}]"
+            groups.setdefault(label, {})[run.name] = [
+                {"_step": r["_step"], label: r[key]} for r in run.rows if key in r]
+    shared = {k: v for k, v in groups.items() if len(v) > 1}
+    order = sorted(shared, key=lambda k: (not k.startswith("train/"), "loss" not in k, k))
+    return {k: shared[k] for k in order[:max_panels]}
+
+
+def all_runs_section(runs: list[Run]) -> list[str]:
+    panels = shared_panels(runs)
+    if not panels:
+        return ["<h2>All runs</h2>", "<p class=note>no metric is logged in one unit by two of these "
+                "runs (their losses differ in kind, target or scaling); each run's curves are below</p>"]
+    by_run: dict[str, list[dict]] = {}
+    for label, runs_rows in panels.items():
+        for name, rows in runs_rows.items():
+            by_run.setdefault(name, []).extend(rows)
+    fig = figures.loss_curves(by_run, list(panels))
+    return ["<h2>All runs</h2>", img(figures.to_png(fig), "each panel one metric in one unit; "
+                                     "runs whose values are in other units are not drawn in it")]
+
+
 # --------------------------------------------------------------------------- page
 def img(png: bytes, caption: str) -> str:
     data = base64.b64encode(png).decode()
@@ -167,6 +289,10 @@ def run_section(run: Run) -> str:
              f" &middot; {len(run.rows)} logged rows</p>",
              "<h3>Loss curves</h3>", img(figures.to_png(figures.loss_curves({run.name: run.rows})),
                                          "train/ and val/ metrics per step")]
+    shares = figures.step_time_shares(run.rows)  # train.profile=steps|trace (issue 28)
+    if shares is not None:
+        parts += ["<h3>Where step time went</h3>",
+                  img(figures.to_png(shares), "each rank's share of step time, mean of the log lines")]
     if run.images:
         parts.append("<h3>Latest samples</h3>")
         parts += [img(p.read_bytes(), f"{k} (last logged)") for k, p in sorted(run.images.items())
@@ -188,7 +314,9 @@ table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;paddin
 td:not(:first-child){text-align:right;font-family:monospace}th{background:#f0f0f0}
 figure{display:inline-block;margin:6px;vertical-align:top}img{max-width:100%;border:1px solid #ddd}
 figcaption{font-size:12px;color:#555}.meta,.note{color:#666;font-size:13px}
-section{border-top:2px solid #ddd;margin-top:1.5em}pre{font-size:11px}"""
+section{border-top:2px solid #ddd;margin-top:1.5em}pre{font-size:11px}
+.met{color:#176f2c;font-weight:bold}.unmet{color:#b3261e;font-weight:bold}
+td.ref{text-align:left;font-family:sans-serif;color:#555}"""
 
 # Counts the images that decoded, for tests and for a reader wondering whether the page is whole.
 SCRIPT = """window.addEventListener('load',function(){var n=0;for(var i of document.images){
@@ -196,15 +324,15 @@ if(i.complete&&i.naturalWidth>0)n++;}document.body.setAttribute('data-images-loa
 
 
 def render(runs: list[Run]) -> str:
+    """The answer first (issue 24): a scorecard per run, then the figures, then every metric's
+    final value, folded."""
     parts = [f"<h1>hpcforge report: {len(runs)} run{'s' * (len(runs) > 1)}</h1>",
-             "<h2>Metrics</h2>", metrics_table(runs)]
+             "<h2>Scorecard</h2>", *(scorecard(r) for r in runs)]
     if len(runs) > 1:
-        common = [k for k in (k for r in runs for row in r.rows for k in row)
-                  if k.startswith(("train/", "val/")) and all(any(k in row for row in r.rows) for r in runs)]
-        keys = list(dict.fromkeys(common))[:9]
-        parts += ["<h2>All runs</h2>", img(figures.to_png(figures.loss_curves(
-            {r.name: r.rows for r in runs}, keys)), "metrics shared by all runs, per step")]
+        parts += all_runs_section(runs)
     parts += [run_section(r) for r in runs]
+    parts += ["<details><summary>All metrics (final values)</summary>", metrics_table(runs),
+              "</details>"]
     return (f"<!DOCTYPE html><html><head><meta charset=utf-8><title>hpcforge report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}<script>{SCRIPT}</script>"
             f"</body></html>")

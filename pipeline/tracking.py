@@ -9,6 +9,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,16 @@ def _row_step(line: str) -> float:
         return float("inf")
 
 
+def _forget_dead_service() -> None:
+    """W&B's service process is gone (Slurm's requeue signal reaches it too): tear our side down
+    now, quietly, so wandb's own exit hook does not print a ConnectionResetError traceback into
+    the job's log after the run has said what happened (issue 25). wandb's teardown unregisters
+    that hook before it talks to the service, which is what then fails."""
+    import wandb
+    with contextlib.suppress(Exception, SystemExit):
+        wandb.teardown()
+
+
 class Tracker:
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], active: bool,
                  run_id: str | None = None):
@@ -155,6 +166,7 @@ class Tracker:
                   f"{self.metrics_path}, and a resumed run continues W&B run {self.run_id}",
                   flush=True)
             self.run = None
+            _forget_dead_service()
 
     @contextlib.contextmanager
     def _named_if_full(self, path: Path | str):
@@ -176,6 +188,24 @@ class Tracker:
         with quiet_log_handlers(), contextlib.suppress(Exception):  # the caller names the disk
             run.finish(exit_code=1)
 
+    def discard(self) -> None:
+        """A run that failed before its first step: its W&B run is closed as failed and its folder
+        removed, with the links W&B made to it (latest-run, debug logs), so no empty run is left
+        for `wandb sync` or the project page (issue 24). Another run's files in the folder stay."""
+        run, self.run = self.run, None
+        if run is None:
+            return
+        folder = Path(self.run_path or run.dir).resolve()
+        with quiet_log_handlers(), contextlib.suppress(Exception):  # the failure is the news
+            run.finish(exit_code=1)
+        shutil.rmtree(folder, ignore_errors=True)
+        for link in folder.parent.iterdir():
+            if link.is_symlink() and not link.exists():
+                link.unlink()
+        with contextlib.suppress(OSError):  # only if nothing else is in it
+            folder.parent.rmdir()
+        self.run_id = self.run_path = None
+
     def write_json(self, path: Path, obj: Any) -> None:
         """A run file (summary.json); a full disk is one line naming it."""
         with self._named_if_full(path):
@@ -184,17 +214,38 @@ class Tracker:
     def drop_after(self, step: int) -> None:
         """A resumed run: metrics.jsonl keeps the rows of steps up to `step`, where the checkpoint
         was; the rows of the steps the resume discards go (issue 25: each step once, the history
-        the run goes on from). Rewritten whole and renamed over the file: never half there."""
+        the run goes on from). Rewritten whole and renamed over the file: never half there.
+        An offline W&B run gets the same history (`_resume_offline_wandb`)."""
         if not (self.active and self.metrics_path.is_file()):
             return
         lines = self.metrics_path.read_text().splitlines(keepends=True)
         kept = [line for line in lines if _row_step(line) <= step]  # (a half-written row goes too)
-        if len(kept) == len(lines):
+        if len(kept) != len(lines):
+            tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
+            with self._named_if_full(self.metrics_path):
+                tmp.write_text("".join(kept))
+                os.replace(tmp, self.metrics_path)
+        self._resume_offline_wandb([json.loads(line) for line in kept])
+
+    def _resume_offline_wandb(self, rows: list[dict[str, Any]]) -> None:
+        """Issue 25: after a resume, the W&B files hold each step once, the resumed history.
+
+        W&B cannot resume an offline run: each sitting writes a run file of its own under the
+        same id, and `wandb sync` does not merge them (wandb#3841, wandb#5865: a later file's
+        history replaces or collides with the earlier one's, whose discarded steps stay). So the
+        new sitting's file holds the whole history: the kept metrics.jsonl rows are logged again
+        at their steps (scalars; earlier images stay in the earlier folders' media/), and the
+        earlier sittings' run files become `run-<id>.wandb.superseded`, kept as they were but
+        out of what `wandb sync` uploads (it takes `*.wandb`). Online runs are W&B's to resume."""
+        if self.run is None or not self.run.offline:
             return
-        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
-        with self._named_if_full(self.metrics_path):
-            tmp.write_text("".join(kept))
-            os.replace(tmp, self.metrics_path)
+        here = Path(self.run_path).resolve()
+        for old in Path(self.run_path).parent.glob(f"offline-run-*-{self.run_id}/run-*.wandb"):
+            if old.parent.resolve() != here:
+                old.rename(old.with_name(old.name + ".superseded"))
+        for row in rows:
+            step = row.pop("step")
+            self._call_wandb(lambda: self.run.log(row, step=step))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:

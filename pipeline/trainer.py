@@ -1,6 +1,7 @@
 """`hpcforge train` on this rank: start the backend, build the run, fit it.
 
-The parts: pipeline.run (`build(cfg, dist) -> Run`), pipeline.loop (`fit`, `train_step`),
+The parts: pipeline.assembly (`build(cfg, dist) -> Run`, the parts of pipeline.run),
+pipeline.loop (`fit`, `train_step`),
 pipeline.state (checkpoint save and resume), pipeline.hooks (what rank 0 draws),
 pipeline.preemption (the signal, vote and exit-75 contract). The CLI and jobs.tasks call `train`.
 """
@@ -14,11 +15,14 @@ from models.base import InputShapeError
 from pipeline.config import Config
 from pipeline.dist import detect_launcher, init_distributed
 from pipeline.errors import UserError
-from pipeline.loop import NonFiniteError, fit
+from pipeline.loop import fit
+from pipeline.nonfinite import NonFiniteError
 from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
 from pipeline.data.store import open_store
-from pipeline.run import build, build_model, check_class_count, seed_for
+from pipeline.assembly import build, build_model, check_class_count
+from pipeline.run import seed_for
 from pipeline.rundir import check_run_dir
+from pipeline.shapes import fill_from_store
 from pipeline.state import AllCheckpointsDamaged
 from pipeline.watchdog import Heartbeat
 
@@ -29,7 +33,10 @@ def train(cfg: Config, flag: PreemptionFlag | None = None) -> dict[str, Any]:
     """Train on every rank the launcher started; the summary's paths are filled on rank 0.
     `flag`: one the caller holds already (the CLI's, caught from its start), else our own."""
     place = detect_launcher()
-    _check_before_start(cfg, place.rank)
+    filled = _check_before_start(cfg, place.rank)
+    if filled and place.rank == 0:
+        print("[hpcforge] from the store: " + ", ".join(f"model.{k}={_plain(v)}"
+                                                       for k, v in filled.items()), flush=True)
     heartbeat = Heartbeat.from_env(place.rank)
     held = nullcontext(flag) if flag is not None and flag.catching else PreemptionFlag()
     with held as flag:  # from the start: a signal during set-up is not lost either
@@ -52,22 +59,31 @@ def train(cfg: Config, flag: PreemptionFlag | None = None) -> dict[str, Any]:
             raise
 
 
-def _check_before_start(cfg: Config, rank: int) -> None:
+def _check_before_start(cfg: Config, rank: int) -> dict[str, Any]:
     """Refuse a new run into an output_dir holding one (pipeline.rundir), or a classifier whose
     output count disagrees with the store's class table, on every rank before the backend starts
     (so before rank 0 writes anything); rank 0 says it, the others leave."""
     try:
-        check_before_start(cfg)
+        return check_before_start(cfg)
     except UserError:
         if rank != 0:
             _leave_to_rank_0()
         raise
 
 
-def check_before_start(cfg: Config) -> None:
-    """What a run checks before any rank starts (the CLI calls it before launching ranks)."""
-    check_class_count(cfg, open_store(cfg.data.path).meta.classes)
+def check_before_start(cfg: Config) -> dict[str, Any]:
+    """What a run checks before any rank starts (the CLI calls it before launching ranks); the
+    model's unset shape keys are set from the store first (pipeline.shapes), and returned."""
+    store = open_store(cfg.data.path)
+    filled = fill_from_store(cfg, store)
+    check_class_count(cfg, store.meta.classes)
     check_run_dir(cfg.output_dir, cfg.train.resume)  # last: it makes the run's folder
+    return filled
+
+
+def _plain(value: Any) -> Any:
+    """(3, 96) as [3, 96], as on the command line."""
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 class DataMisfit(UserError):
@@ -79,11 +95,22 @@ def _fit(cfg: Config, dist, heartbeat: Heartbeat, flag: PreemptionFlag) -> dict[
     for a classifier) is the user's to fix: the model's own check names the shapes, and it is met
     at the first batch, before any checkpoint is written, on every rank alike."""
     try:
-        return fit(build(cfg, dist, heartbeat, flag))
+        return _fit_or_discard(build(cfg, dist, heartbeat, flag))
     except InputShapeError as e:
         raise DataMisfit(f"{e}: the data at data.path={cfg.data.path} does not fit model={cfg.model.name} "
                         f"as configured; set the model's shape keys ({_shape_keys(cfg)}) to the "
                         f"data's, or choose data.inputs/data.path that fit the model") from None
+
+
+def _fit_or_discard(run) -> dict[str, Any]:
+    """fit(run); a new run that fails before its first step leaves no W&B run (issue 24: each
+    such failure was an empty run in the project). A resumed run keeps its record."""
+    try:
+        return fit(run)
+    except BaseException:
+        if run.progress.step == 0 and run.resumed_from is None:
+            run.tracker.discard()
+        raise
 
 
 SHAPE_KEYS = ("in_channels", "in_features", "image_size", "seq_len", "data_shape", "n_outputs",

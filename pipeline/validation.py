@@ -5,8 +5,6 @@ statistics and training's RNG untouched, so its numbers compare across steps and
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
 from pipeline.run import Run, autocast
@@ -20,7 +18,7 @@ def validate(run: Run) -> dict[str, float]:
     # fork_rng: training's RNG stays untouched; the ranks' mean batch-norm statistics
     with torch.no_grad(), torch.random.fork_rng(devices=[]), averaged_buffers(run):
         run.model.eval()
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, torch.Tensor] = {}  # float64 on the device, read once (issue 28)
         run.val_loader.set_epoch(0)
         n = 0
         for n, batch in enumerate(run.val_loader, 1):
@@ -28,8 +26,10 @@ def validate(run: Run) -> dict[str, float]:
             batch = {k: v.to(run.dist.device) for k, v in batch.items()}
             with autocast(run):
                 for k, v in run.losses(batch, run.phases[0].name).items():
-                    sums[k] += v.item()
-        return run.dist.mean({f"val/{k}": v / max(n, 1) for k, v in sums.items()})
+                    v = v.detach().double()
+                    sums[k] = sums[k] + v if k in sums else v
+        values = torch.stack(list(sums.values())).tolist() if sums else []
+        return run.dist.mean({f"val/{k}": v / max(n, 1) for k, v in zip(sums, values)})
 
 
 def after_validation(run: Run, metrics: dict[str, float]) -> bool:

@@ -39,3 +39,18 @@ def test_bench_attention_is_a_row_of_the_table(tmp_path):
     [row] = json.loads(out.read_text())["results"]
     assert row["benchmark"] == "attention" and row["value"] > 0 and row["baseline"] > 0
     assert row["ratio"] == pytest.approx(row["value"] / row["baseline"], rel=0.05)  # 1 round
+
+
+def test_bench_rows_of_profile_off_and_the_scaling_model(monkeypatch):
+    """The trainer benchmark's two issue-28 rows from given measurements (the real model and
+    timer; the all-reduce rows stand in for benchmarks/allreduce.py's 2-rank job)."""
+    from benchmarks import run
+    row = run._profile_off_row(250.0)  # a 4 ms step
+    assert row["benchmark"] == "profile-off" and 0 < row["value"] < 100 and row["baseline"] == 4000
+    mb = 2 ** 20
+    rows = [{"case": f"{n} MB x 2 ranks", "baseline": n / (2 * 50e-6 + n * mb / 2e9)}
+            for n in (1, 16, 64)]
+    monkeypatch.setattr(run, "bench_allreduce", lambda quick: rows)
+    row = run._scaling_model_row(True, one_rank_samples_s=600.0, measured=1.59)
+    assert row["benchmark"] == "scaling-model" and row["baseline"] == 1.59
+    assert 1.9 < row["value"] <= 2.0  # 0.7 MB of ResNet gradients against a 53 ms step

@@ -60,3 +60,84 @@ def test_the_walk_sees_function_local_imports():
 def test_every_package_is_checked():
     packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
     assert packages == set(FORBIDDEN), f"give {sorted(packages ^ set(FORBIDDEN))} a layer here"
+
+
+# ------------------------------------------------------------------ import circles (issue #27)
+def module_files(root: Path = ROOT) -> dict[str, Path]:
+    """Dotted name -> file of every module of the repository's packages."""
+    found = {}
+    for package in FORBIDDEN:
+        for path in (root / package).rglob("*.py"):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join(parts)] = path
+    return found
+
+
+def import_graph(files: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the repository modules it imports, at any depth of its tree. `from pkg import
+    mod` depends on pkg.mod alone (Python runs pkg's __init__ first for any submodule, so a
+    child's edge to its own package is not a choice the code made)."""
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                subs = {f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in files}
+                targets |= subs if len(subs) == len(node.names) else subs | {base}
+        deps = set()
+        for target in targets:
+            while target and target not in files:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                deps.add(target)
+        graph[name] = deps
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one module (scipy's csgraph)."""
+    import numpy as np
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+    names = sorted(graph)
+    index = {n: i for i, n in enumerate(names)}
+    rows = [index[a] for a in names for b in graph[a]]
+    cols = [index[b] for a in names for b in graph[a]]
+    adjacency = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(names), len(names)))
+    _, label = connected_components(adjacency, directed=True, connection="strong")
+    groups: dict[int, set[str]] = {}
+    for n, lab in zip(names, label):
+        groups.setdefault(int(lab), set()).add(n)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def test_no_import_circle():
+    """No module imports, through any chain, one that imports it back (issue #27: there were three
+    circles of 12, 10 and 3 modules). A circle is named by its modules."""
+    found = [sorted(c) for c in circles(import_graph(module_files()))]
+    assert not found, "import circle(s) among: " + " | ".join(" <-> ".join(c) for c in found) + \
+        " (break it at its cause: move the shared code below both, or pass it in as an argument)"
+
+
+def test_a_planted_circle_is_found_and_named(tmp_path):
+    for package in FORBIDDEN:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "pipeline" / "a.py").write_text("from pipeline import b\n")
+    (tmp_path / "pipeline" / "b.py").write_text("def f():\n    from pipeline.c import g\n")
+    (tmp_path / "pipeline" / "c.py").write_text("import pipeline.a\n")
+    (tmp_path / "pipeline" / "d.py").write_text("from pipeline import a, b\n")   # no circle
+    (tmp_path / "models" / "m.py").write_text("from models import n\n")           # child ->
+    (tmp_path / "models" / "n.py").write_text("from models import m\n")           # and back
+    found = circles(import_graph(module_files(tmp_path)))
+    assert sorted(map(sorted, found)) == [["models.m", "models.n"],
+                                          ["pipeline.a", "pipeline.b", "pipeline.c"]]

@@ -12,10 +12,13 @@ internal threads are off; otherwise N workers x (cores) threads oversubscribe th
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,18 +176,54 @@ def _dask_client(d: DaskConfig, log) -> Iterator:
         # (the dashboard's /json/identity.json lists workers and folders); its link then is
         # the address it listens on. Thread workers (processes=false) talk in-process, with no
         # socket to bind, and the in-process transport refuses a host.
-        cluster = LocalCluster(n_workers=d.n_workers, threads_per_worker=d.threads_per_worker,
-                               memory_limit=d.memory_limit, processes=d.processes,
-                               dashboard_address=f"{LOOPBACK}:0",
-                               **({"host": LOOPBACK} if d.processes else {}))
+        with _workers_ignore_ctrl_c():
+            cluster = LocalCluster(n_workers=d.n_workers, threads_per_worker=d.threads_per_worker,
+                                   memory_limit=d.memory_limit, processes=d.processes,
+                                   dashboard_address=f"{LOOPBACK}:0",
+                                   **({"host": LOOPBACK} if d.processes else {}))
         client = Client(cluster)
+    interrupted = False
     try:
         workers, slots = shape(d, client)
         client.register_plugin(ZarrInWorkers(slots // workers))
         n = len(client.scheduler_info(n_workers=-1)["workers"])
         log(f"dask: {mode} cluster, {n} workers, dashboard {_dashboard(client, cluster)}")
         yield client
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        with _quiet_dask_logs() if interrupted else contextlib.nullcontext():
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Worker processes started inside ignore SIGINT: a terminal's Ctrl-C goes to its whole
+    process group, and each worker printed ~30 lines of traceback before the one line the CLI
+    says (issue 24). An ignored signal stays ignored across fork and exec, so the workers start
+    so; this process takes Ctrl-C again on the way out and closes them itself (a Ctrl-C during
+    the few seconds of start-up is not seen: press it again)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@contextlib.contextmanager
+def _quiet_dask_logs() -> Iterator[None]:
+    """While an interrupted prepare closes its cluster: Dask's warnings of workers still busy
+    ("still alive after 4.0 seconds, killing") are expected, not news."""
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

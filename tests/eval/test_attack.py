@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.attack import fgsm, parse_eps, pgd
+from pipeline.adversarial import fgsm, pgd
+from pipeline.attack import parse_eps
 from pipeline.checkpoint import load
 from pipeline.config import Config, build
 from pipeline.data.store import normalization, open_store

@@ -93,6 +93,9 @@ def test_a_classifier_reports_per_class_accuracy_under_the_stores_class_names(tm
     for name, label in store.meta.classes.items():
         assert m[f"accuracy/{name}"] == pytest.approx(np.mean(pred[y == label] == label)), name
     assert "accuracy per class: eplus" in " ".join(result["notes"])
+    # the scorecard's references (pipeline.report): the most common class's share, and chance
+    assert m["accuracy_majority"] == pytest.approx(np.bincount(y).max() / len(y))
+    assert m["accuracy_chance"] == pytest.approx(1 / 3)
 
 
 def test_several_variables_as_one_input_train_and_evaluate(small_store, tmp_path):

@@ -7,7 +7,7 @@ from sklearn.metrics import confusion_matrix
 
 from pipeline import figures, physics
 from pipeline.data.store import normalization
-from pipeline.data.sources import calo, ising2d
+from pipeline.data.sources import calo, ising2d, observables
 
 
 def _drawn(img: np.ndarray) -> bool:
@@ -19,20 +19,20 @@ def test_physics_figures_of_ising_in_normalised_space_give_w1_of_the_observables
     real = (spins + 1) / 2                                  # the loader's minmax space
     generated = np.random.default_rng(1).random(real.shape)  # a useless generator
     affine = normalization({"min": [-1.0], "max": [1.0]}, "minmax")
-    images, dists = figures.physics_figures("ising2d", {"x": real}, generated, affine)
+    images, dists = figures.physics_figures(observables("ising2d"), {"x": real}, generated, affine)
     assert set(images) == {"observables", "profiles"} and all(map(_drawn, images.values()))
     # the one spin rule (physics.physical): drawn with P(+1) = its output, never thresholded
     gen_spins = physics.to_spins(2 * generated - 1, np.random.default_rng(0))
     assert dists["w1/energy"] == pytest.approx(physics.wasserstein1(
         physics.ising_energy(spins), physics.ising_energy(gen_spins)))
     assert dists["w1/energy"] > 0.5        # ordered/critical lattices vs independent coin flips
-    same, dists_same = figures.physics_figures("ising2d", {"x": real}, real, affine)
+    same, dists_same = figures.physics_figures(observables("ising2d"), {"x": real}, real, affine)
     assert all(v == 0 for v in dists_same.values())
 
 
 def test_physics_figures_of_showers_in_physical_units():
     d = calo.generate(calo.Params(layers=4, eta=8, phi=8), 0, 0, 0, 24)["energy_deposits"]
-    images, dists = figures.physics_figures("calo", {"x": d}, d * 1.5)
+    images, dists = figures.physics_figures(observables("calo"), {"x": d}, d * 1.5)
     assert set(dists) == {"w1/total_energy", "w1/shower_depth", "w1/shower_width"}
     assert dists["w1/total_energy"] == pytest.approx(0.5 * np.abs(d.sum((1, 2, 3))).mean(), rel=1e-6)
     assert dists["w1/shower_depth"] == pytest.approx(0, abs=1e-6)   # scaling keeps the shape (float32)

@@ -13,7 +13,8 @@ import torch
 from pipeline import latent
 from pipeline.config import load_config
 from pipeline.data.store import open_store
-from pipeline.evaluate import Evaluation, checkpoint_config, eval_split, load_checkpoint, normalized
+from pipeline.analysis_io import checkpoint_config, eval_split, load_checkpoint, normalized
+from pipeline.evaluate import Evaluation
 from pipeline.trainer import build_model
 from wandb_records import history
 

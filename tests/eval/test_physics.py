@@ -7,7 +7,7 @@ import scipy.stats
 from sklearn.metrics import roc_auc_score
 
 from pipeline import physics
-from pipeline.data.sources import calo, ising2d
+from pipeline.data.sources import calo, ising2d, observables
 from pipeline.data.store import normalization
 
 RNG = np.random.default_rng(0)
@@ -121,7 +121,7 @@ def test_every_simulated_source_declares_consistent_observables_label_and_outlie
     simulated = {name: mod for name, mod in SOURCES.items() if not hasattr(mod, "n_available")}
     assert set(simulated) == {"ising2d", "darcy2d", "calo", "lorenz96", "digits"}
     for name, mod in simulated.items():
-        obs, p = physics.observables_for(name), mod.Params()
+        obs, p = observables(name), mod.Params()
         assert obs is mod.OBSERVABLES and isinstance(obs, physics.Observables), name
         variables = mod.variables(p)
         main = next(k for k, v in variables.items() if len(v.shape) > 1)   # the sample, not a label
@@ -135,9 +135,9 @@ def test_every_simulated_source_declares_consistent_observables_label_and_outlie
             assert variables[label].shape == (), (name, label)
         if (outliers := getattr(mod, "out_of_distribution", None)) is not None:
             assert isinstance(outliers(p), mod.Params) and outliers(p) != p
-    assert physics.observables_for("netcdf") is None          # an importer declares nothing
+    assert observables("netcdf") is None          # an importer declares nothing
     with pytest.raises(ValueError, match="known: calo"):
-        physics.observables_for("nope")
+        observables("nope")
 
 
 def _toy_source():
@@ -170,19 +170,19 @@ def test_a_new_source_declaring_observables_is_picked_up_by_figures_and_evaluate
     from pipeline.data.sources import SOURCES
     toy = _toy_source()
     monkeypatch.setitem(SOURCES, "toy", toy)
-    assert physics.observables_for("toy") is toy.OBSERVABLES
+    assert observables("toy") is toy.OBSERVABLES
     assert evaluate.declared("toy", "FEATURE_LABEL") == "kind"
     assert "toy" in evaluate.declaring("FEATURE_LABEL").split(", ")
     assert evaluate.declared("toy", "out_of_distribution")(toy.Params()).scale == 3.0
     real = toy.generate(toy.Params(), 0, 0, 0, 64)["field"]
     wide = toy.generate(toy.out_of_distribution(toy.Params()), 1, 0, 0, 64)["field"]
     affine = (np.array([0.5]), np.array([2.0]))                  # normalised = (x - 0.5) / 2
-    images, dists = figures.physics_figures("toy", {"x": (real - 0.5) / 2}, (wide - 0.5) / 2, affine)
+    images, dists = figures.physics_figures(observables("toy"), {"x": (real - 0.5) / 2}, (wide - 0.5) / 2, affine)
     peak = lambda f: f.reshape(len(f), -1).max(1)
     assert dists == {"w1/peak": pytest.approx(scipy.stats.wasserstein_distance(peak(real), peak(wide)),
                                               rel=1e-6)}
     assert set(images) == {"observables", "profiles"} and images["profiles"].dtype == np.uint8
-    assert figures.physics_figures("netcdf", {"x": real}, wide) == ({}, {})
+    assert figures.physics_figures(observables("netcdf"), {"x": real}, wide) == ({}, {})
 
 
 def test_compare_is_the_chain_evaluate_and_training_figures_share():

@@ -53,10 +53,11 @@ def page(vae_run, ae_run, cli, tmp_path_factory):
 
 
 def expected_plots(vae_run, ae_run) -> int:
-    """1 plot of all runs + per run: its loss curves, its latest W&B images, its eval figures."""
+    """Per run: its loss curves, its latest W&B images, its eval figures. No plot of all runs:
+    a VAE's and an autoencoder's objectives are not one unit (test_all_runs_panels_never_mix_units)."""
     vae_images = {p.name.split("_")[0] for p in
                   vae_run[0].parent.parent.glob("wandb/offline-run-*/files/media/images/images/*.png")}
-    return 1 + (1 + len(vae_images) + len(vae_run[2]["figures"])) + (1 + 0 + len(ae_run[2]["figures"]))
+    return (1 + len(vae_images) + len(vae_run[2]["figures"])) + (1 + 0 + len(ae_run[2]["figures"]))
 
 
 def test_page_is_self_contained(page):
@@ -116,3 +117,65 @@ def test_wandb_record_reader_checks_each_chunks_crc(tmp_path):
     path.write_bytes(HEADER + chunk[:-1] + bytes([chunk[-1] ^ 1]))
     with pytest.raises(ValueError, match="CRC mismatch"):
         history(path)
+
+
+# ------------------------------------------------------------------ the answer first (issue 24)
+def _run(name: str, model: dict, y: str | None, metrics: dict | None, steps: int = 4):
+    from pipeline.report import Run
+    rows = [{"_step": s, "step": s, "train/model/loss": 1.0 / s, "val/loss": 1.2 / s}
+            for s in range(1, steps + 1)]
+    evals = [] if metrics is None else [{"checkpoint": f"/x/{name}/final.pt", "step": steps,
+                                         "split": "test", "metrics": metrics, "notes": []}]
+    config = {"model": model, "data": {"inputs": {"x": "a", **({"y": y} if y else {})},
+                                       "normalize": "standard"}}
+    return Run(name, Path(f"/x/{name}/train"), "metrics.jsonl (no W&B run)", rows, config, {}, evals)
+
+
+RUNS = {
+    "pid": ({"name": "tower", "loss": "ce"}, "label",
+            {"accuracy": 0.91, "accuracy_majority": 0.34, "accuracy_chance": 1 / 3, "samples": 60}),
+    "pid-cnn": ({"name": "cnn", "loss": "ce"}, "label",
+                {"accuracy": 0.30, "accuracy_majority": 0.34, "accuracy_chance": 1 / 3}),
+    "energy": ({"name": "tower", "loss": "mse"}, "energy",
+               {"rmse": 3.1, "rmse_baseline": 25.0, "r2": 0.98}),
+    "gan": ({"name": "dcgan"}, None, {"w1_ratio/m": 1.4, "w1_ratio/E": 3.2,
+                                       "classifier/auc": 0.55, "classifier/auc_reference": 0.5}),
+    "vae": ({"name": "vae"}, None, None),
+}
+
+
+def test_scorecard_marks_each_verdict_metric_met_or_not_against_its_reference():
+    from pipeline.report import checks
+    got = {name: [(c.what, c.met) for c in checks(m)] for name, (_, _, m) in RUNS.items() if m}
+    assert got == {"pid": [("accuracy", True)], "pid-cnn": [("accuracy", False)],
+                   "energy": [("RMSE (target's units)", True)],
+                   "gan": [("W1 / floor, E", False), ("W1 / floor, m", True),
+                           ("classifier AUC, generated vs real", True)]}
+
+
+def test_report_puts_scorecards_first_then_figures_then_the_raw_table_folded():
+    from pipeline.report import render
+    page = render([_run(n, *spec) for n, spec in RUNS.items()])
+    card, first_img = page.index("<h2>Scorecard</h2>"), page.index("<img ")
+    raw = page.index("<details><summary>All metrics (final values)</summary>")
+    assert card < first_img < raw
+    assert page.index("<table><tr><th>metric (final value)") > raw    # the raw table is folded
+    cards = page[card:first_img]
+    assert cards.count("<td class=met>met</td>") == 4 and cards.count(">not met</td>") == 2
+    assert "predicting the train mean 25" in cards and "most common class 0.34" in cards
+    assert "not evaluated: run <code>hpcforge evaluate" in cards      # the vae
+
+
+def test_all_runs_panels_never_mix_units():
+    """The issue's report overlaid GeV² MSE, cross-entropy and standardised MSE on one axis:
+    every run logs train/model/loss, in the unit of its own loss and target."""
+    from pipeline.report import shared_panels
+    runs = [_run(n, *spec) for n, spec in RUNS.items()]
+    panels = shared_panels(runs)
+    loss = [k for k in panels if k.startswith("train/model/loss")]
+    assert loss == ["train/model/loss [ce of label, data.normalize=standard]"]
+    assert set(panels[loss[0]]) == {"pid", "pid-cnn"}                 # the two classifiers only
+    for label, by_run in panels.items():
+        units = {next(k for k in rows[0] if k != "_step") for rows in by_run.values()}
+        assert units == {label}
+    assert not shared_panels([runs[2], runs[3]])                       # mse of energy vs a GAN

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.own_data import write_calo_tree
 from benchmarks.quality import HEADLINES, write_ising_domains
 from pipeline.config import CONFIG_DIR, load_config
 
@@ -30,6 +31,7 @@ SHRINK = {
                  "data.shard_size=64"],
     "digits": ["data.n_samples=256", "data.chunk_size=128", "data.shard_size=128"],
     "npy": ["data.chunk_size=64", "data.shard_size=64"],
+    "hdf5": ["data.chunk_size=64", "data.shard_size=64"],   # the CaloGAN-style tree, written small
 }
 TRAIN = [f"train.max_steps={STEPS}", "train.batch_size=16", "train.dist.backend=none",
          "train.dist.nproc=1", "train.logger.mode=disabled", "train.logger.log_every=1",
@@ -44,6 +46,8 @@ def shrunk(name: str, tmp: Path, scheduler: str) -> list[str]:
            *SHRINK[cfg.data.source], *TRAIN]
     if cfg.data.source == "npy":  # the CycleGAN's two Ising domains, written small
         out.append(f"data.params.path={tmp / 'domains'}")
+    if cfg.data.source == "hdf5":  # a user's CaloGAN-style tree (benchmarks.own_data)
+        out.append(f"data.params.path={tmp / 'calo' / '*' / '*.h5'}")
     if cfg.train.init_from:  # another experiment's full-size output (tests/pipeline/test_transfer)
         out.append("train.init_from=")
     return out
@@ -55,6 +59,7 @@ def lab(tmp_path_factory):
     from distributed import LocalCluster
     tmp = tmp_path_factory.mktemp("experiments")
     write_ising_domains(tmp / "domains", n=128, burn_in=5, decorrelation=1, chunk=64)
+    write_calo_tree(tmp / "calo", files=1, per_file=50)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0") as cluster:
         yield {"tmp": tmp, "scheduler": cluster.scheduler_address, "stores": {}}
@@ -78,7 +83,7 @@ def prepared(lab, name: str):
 def test_experiment_prepares_and_trains(lab, name):
     from pipeline.dist import init_distributed
     from pipeline.loop import fit
-    from pipeline.run import build
+    from pipeline.assembly import build
     cfg = prepared(lab, name)
     run = build(cfg, init_distributed(cfg.train.dist))
     phases = [p.name for p in run.phases]
@@ -104,9 +109,10 @@ def test_every_experiment_has_a_quality_row():
     tests' base VAE; demo_generator: `make demo`, dcgan_ising2d_cond's model for fewer steps) and
     the transfer and adversarial experiments, which are measured against each other by their own
     protocol (README, "Transfer learning and adversarial training"; finetune needs pretrain's
-    checkpoint, which one budgeted row cannot give)."""
+    checkpoint, which one budgeted row cannot give), and the CaloGAN-style tree's two, which run
+    on a user's files (README, "Bring your own data")."""
     own_protocol = {"cnn_ising2d_pretrain", "cnn_ising2d_finetune", "cnn_ising2d_scratch",
-                    "cnn_ising2d_adv"}
+                    "cnn_ising2d_adv", "calo_tree_pid", "calo_tree_energy"}
     assert sorted(HEADLINES) == sorted(set(EXPERIMENTS) - {"demo", "demo_generator"} - own_protocol)
 
 

@@ -138,9 +138,40 @@ def test_preempted_job_requeues_and_resumes_to_the_same_weights_and_run(
     assert b["summary"]["weights_sha256_per_rank"] == a["summary"]["weights_sha256_per_rank"]
     log = log_of(hit)
     assert "requeueing job" in log and "resumed from" in log
+    assert "Traceback" not in log and "not requeueing" not in log, log  # issue 25
     # One W&B run, written in two sittings: both offline run folders carry the same run id.
     runs = sorted((tmp_path / "hit" / "train" / "wandb").glob("offline-run-*"))
     assert len(runs) >= 2 and len({r.name.rsplit("-", 1)[-1] for r in runs}) == 1, runs
+    # What `wandb sync` uploads holds each step once, the steps metrics.jsonl holds (issue 25)
+    from wandb_records import history
+    [uploaded] = {p.resolve() for p in (tmp_path / "hit" / "train" / "wandb").glob("*/*.wandb")}
+    steps = [row["_step"] for row in history(uploaded)]
+    metrics = (tmp_path / "hit" / "train" / "metrics.jsonl").read_text().splitlines()
+    assert steps == sorted({json.loads(line)["step"] for line in metrics}), steps
+
+
+def test_a_job_slurm_requeues_itself_says_so_in_one_line_and_resumes(
+        slurm, small_store, tmp_path, jobs_dir, submit, slurm_tools):
+    """Slurm's own requeue (`scontrol requeue`, as a preemption with PreemptMode=REQUEUE does):
+    the job is COMPLETING when its SIGTERM reaches the trainer, as a cancelled one is; the log
+    says the checkpoint is written and Slurm requeues the job, without a traceback (issue 25)."""
+    [job] = submit(*job_args(small_store, tmp_path, jobs_dir, "cluster.nodes=1",
+                             "cluster.tasks_per_node=2", "train.epochs=10",
+                             "train.dist.signal_check_s=0"))
+    _wait_steps(tmp_path / "train" / "metrics.jsonl", 4)
+    subprocess.run(["scontrol", "requeue", job["job_id"]], check=True)
+    t0 = time.monotonic()
+    while slurm_tools.show(job["job_id"]).get("JobState") != "PENDING":
+        assert time.monotonic() - t0 < 120, f"job was not requeued:\n{log_of(job)}"
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", f"JobId={job['job_id']}", "StartTime=now"], check=True)
+    assert slurm_tools.wait(job["job_id"], ENDED) == "COMPLETED", log_of(job)
+    assert results(json.loads(Path(job["record"]).read_text()), 2)[0]["restarts"] == 1
+    log = log_of(job)
+    assert f"checkpoint written; Slurm is requeueing job {job['job_id']} itself (requeue 1)" \
+        in log, log
+    assert "resumed from" in log, log
+    assert "Traceback" not in log and "not requeueing" not in log, log
 
 
 def test_sweep_over_three_architectures_is_one_array_with_a_summary(

@@ -16,7 +16,7 @@ from models.base import Trainable
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 FAMILIES = {"mlp", "cnn", "resnet", "dilated_cnn", "cnn1d", "unet", "fno", "rnn", "transformer",
             "autoencoder", "vae", "gan", "dcgan", "wgan_gp", "cgan", "cyclegan", "aae",
-            "calo_wgan", "autoregressive"}
+            "calo_wgan", "autoregressive", "tower"}
 YAMLS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 

@@ -23,7 +23,7 @@ from pipeline.config import load_config
 from pipeline.data.store import open_store
 from pipeline.dist import init_distributed
 from pipeline.loop import train_step
-from pipeline.run import build
+from pipeline.assembly import build
 
 RANDN, RANDN_LIKE = torch.randn, torch.randn_like
 

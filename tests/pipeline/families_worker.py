@@ -2,7 +2,7 @@
 steps of the real pipeline.loop.train_step on batches that differ per rank, under one backend.
 
 Each family is the first case of tests/models/models_testkit.py (small shapes). Its Run is
-assembled from the real parts pipeline.run.build uses (phases with the backend's optimizer
+assembled from the real parts pipeline.assembly.build uses (phases with the backend's optimizer
 wrappers, rank 0's weights broadcast to every rank, the preemption vote, the buffer guard) with a
 stand-in loader, since each family takes data of its own shape. After the steps: the ranks'
 mean batch-norm statistics, every rank's weight digest, and a checkpoint written by
@@ -27,7 +27,8 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.dist import init_distributed  # noqa: E402
 from pipeline.loop import train_step  # noqa: E402
 from pipeline.preemption import Preemption, PreemptionFlag  # noqa: E402
-from pipeline.run import BufferGuard, Run, build_phases, weights_digest  # noqa: E402
+from pipeline.assembly import build_phases  # noqa: E402
+from pipeline.run import BufferGuard, Run, weights_digest  # noqa: E402
 from pipeline.state import save  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
 from pipeline.watchdog import NoHeartbeat  # noqa: E402

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from helpers import hpcforge
-from pipeline.attack import adversarial_batch
+from pipeline.adversarial import adversarial_batch
 from pipeline.config import load_config
 from pipeline.dist import init_distributed
 from pipeline.errors import UserError
 from pipeline.loop import batch_groups, train_step
-from pipeline.run import Run, build
+from pipeline.assembly import build
+from pipeline.run import Run
 
 TINY = ["model.channels=[4,8]", "train.batch_size=32", "train.logger.mode=disabled",
         "train.epochs=1"]

@@ -50,6 +50,26 @@ def test_cpu_ranks_yield_in_mpi_waits_and_gpu_ranks_keep_polling_gpu_mocked(monk
     assert gpu == {} and "OMPI_MCA_mpi_yield_when_idle" not in mpi_env()
 
 
+def test_transports_talk_over_loopback_on_one_node_and_over_the_interface_across_nodes():
+    """Issue 25: gloo's, NCCL's and Open MPI's TCP traffic (the variables they read at start)."""
+    from pipeline.config import DistConfig
+    from pipeline.dist import Placement, pin_transports
+    one, two_nodes = Placement("mpirun", 0, 2, 0, 2), Placement("srun (Slurm)", 0, 4, 0, 2)
+    names = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "OMPI_MCA_btl_tcp_if_include")
+    for place, cfg, iface in [(one, DistConfig(), "lo"), (one, DistConfig(interface="ib0"), "lo"),
+                              (two_nodes, DistConfig(interface="ib0"), "ib0")]:
+        env: dict[str, str] = {}
+        pin_transports(place, cfg, env)
+        assert env == dict.fromkeys(names, iface)
+    env = {}
+    pin_transports(two_nodes, DistConfig(), env)
+    assert env == {}  # no interface set: each library's own choice
+    env = {"OMPI_MCA_btl_tcp_if_exclude": "eth0", "NCCL_SOCKET_IFNAME": "ib1"}
+    pin_transports(two_nodes, DistConfig(interface="ib0"), env)
+    assert env == {"OMPI_MCA_btl_tcp_if_exclude": "eth0", "NCCL_SOCKET_IFNAME": "ib1",
+                   "GLOO_SOCKET_IFNAME": "ib0"}  # the user's settings stay
+
+
 def _on_two_ranks(worker: str, tmp_path) -> dict:
     """Run tests/pipeline/`worker`.py on 2 ranks; what they wrote, checked to be the same."""
     import json

@@ -16,7 +16,8 @@ from pipeline.dist import init_distributed
 from pipeline.ema import load_weights
 from pipeline.evaluate import evaluate
 from pipeline.loop import batch_groups, fit, train_step
-from pipeline.run import Run, build
+from pipeline.assembly import build
+from pipeline.run import Run
 
 DCGAN = ("model=dcgan", "model.channels=[16,8]", "model.latent_dim=8")
 
@@ -121,7 +122,7 @@ def test_evaluate_samples_with_the_average_unless_asked_for_raw(ema_runs, tmp_pa
 
 
 def test_load_weights_overlays_only_the_averaged_network(ema_runs):
-    from pipeline.evaluate import checkpoint_config
+    from pipeline.analysis_io import checkpoint_config
     from pipeline.trainer import build_model
     ckpt = load(ema_runs / "whole/train/checkpoints/final.pt")
     model = build_model(checkpoint_config(ckpt, []))

@@ -92,3 +92,27 @@ def test_train_refuses_a_store_a_prepare_is_writing(small_store, tmp_path):
     assert r.returncode == 2, r.stderr[-3000:]
     assert f"is being prepared by pid {os.getpid()} on host " in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_resumed_offline_wandb_run_holds_each_step_once(small_store, tmp_path):
+    """The W&B side of 'each step once' (issue 25): a run that got to step 6 but whose step-6
+    checkpoint is gone resumes at step 4; what `wandb sync` would upload (`wandb/*/*.wandb`)
+    then holds steps 1-6 once, as metrics.jsonl does, and the first sitting's file is kept."""
+    from wandb_records import history
+    out, offline = tmp_path / "run", "train.logger.mode=offline"
+    assert _train(small_store, out, offline).returncode == 0
+    (out / "train" / "checkpoints" / "step-00000006.pt").unlink()
+    r = _train(small_store, out, offline, "train.resume=auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step-00000004.pt at step 4" in r.stdout, r.stdout
+    wandb_dir = out / "train" / "wandb"
+    # wandb sync's own pattern, one file once (latest-run links to a folder; wandb/cli/beta_sync.py)
+    [uploaded] = {p.resolve() for p in wandb_dir.glob("*/*.wandb")}
+    [kept] = {p.resolve() for p in wandb_dir.glob("*/*.wandb.superseded")}
+    assert kept.parent != uploaded.parent and kept.name == uploaded.name + ".superseded"
+    logged = {row["_step"]: row for row in history(uploaded)}
+    assert sorted(logged) == list(range(1, 7)) and len(history(uploaded)) == 6
+    for line in (out / "train" / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        assert all(logged[row["step"]][k] == v for k, v in row.items() if k != "step"), row

@@ -12,7 +12,8 @@ from pipeline.config import load_config
 from pipeline.dist import init_distributed
 from pipeline.errors import UserError
 from pipeline.loop import fit, train_step
-from pipeline.run import build, build_model, weights_digest
+from pipeline.assembly import build, build_model
+from pipeline.run import weights_digest
 
 pytestmark = pytest.mark.slow  # inductor compiles the VAE's forward and backward: a minute or more
 

@@ -18,7 +18,8 @@ from models.base import OptimizerSpec
 from pipeline.config import OptimConfig
 from pipeline.optim import build_optimizer, load_optimizer_state, lr_factor
 from pipeline.loop import fit, train_step
-from pipeline.run import Run, build
+from pipeline.assembly import build
+from pipeline.run import Run
 
 
 def _trainer(store, tmp_path, *extra: str) -> Run:

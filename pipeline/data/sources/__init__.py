@@ -60,16 +60,25 @@ def declared(name: str, what: str) -> Any:
     return getattr(SOURCES.get(name), what, None)
 
 
-def describe() -> str:
+def observables(name: str) -> Any:
+    """The `physics.Observables` source `name` declared (its OBSERVABLES), or None if it declared
+    none; an unknown name is refused. Looked up here, in the registry: physics defines what an
+    observable is and the sources declare theirs, so physics never imports the sources (issue 27)."""
+    if name not in SOURCES:
+        raise ValueError(f"unknown data source {name!r}; known: {', '.join(sorted(SOURCES))}")
+    return declared(name, "OBSERVABLES")
+
+
+def describe(groups: set[str] | frozenset[str] = frozenset()) -> str:
     """The sources and importers, one example command each: the epilog of `hpcforge prepare
-    --help`, built from SOURCES so that it names every one, whatever is added later."""
-    from pipeline.config import CONFIG_DIR
+    --help`, built from SOURCES so that it names every one, whatever is added later. `groups`:
+    the data config groups there are (configs/data/NAME.yaml), for the `data=NAME` form."""
     from pipeline.data.importers import EXAMPLES, SUFFIXES
     lines = ["sources (data.source; each has a config group, configs/data/NAME.yaml):"]
     for name, source in SOURCES.items():
         if name in IMPORTERS:
             continue
-        group = (CONFIG_DIR / "data" / f"{name}.yaml").is_file()
+        group = name in groups
         lines += [f"  {name:<9} {_summary(source.__doc__ or '')}",
                   f"            hpcforge prepare data={name}" if group else
                   f"            hpcforge prepare data.source={name}"]

@@ -1,0 +1,37 @@
+"""Issue 25: a job's log says what happened without a traceback. Slurm's requeue or preemption
+signal reaches every process of the job, W&B's service (wandb-core) included; the run goes on
+without W&B with one line, and nothing prints a traceback when the process exits."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from helpers import ROOT
+
+SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+import psutil
+from pipeline.config import LoggerConfig
+from pipeline.tracking import Tracker
+tracker = Tracker(LoggerConfig(mode="offline"), Path(sys.argv[1]), {}, active=True)
+tracker.log({"loss": 1.0}, step=1)
+[core] = [p for p in psutil.Process().children(recursive=True) if p.name() == "wandb-core"]
+core.send_signal(signal.SIGTERM)  # as srun passes Slurm's signal on to every task's process
+core.wait(30)
+tracker.log({"loss": 0.5}, step=2)
+assert tracker.run is None
+"""
+
+
+def test_wandb_service_killed_by_the_jobs_signal_leaves_one_line_and_no_traceback(tmp_path):
+    # its own W&B service: not one an earlier test of this session left in WANDB_SERVICE
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("[hpcforge] W&B stopped answering") == 1, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        '{"step": 1, "loss": 1.0}', '{"step": 2, "loss": 0.5}']
