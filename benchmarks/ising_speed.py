@@ -13,9 +13,14 @@ costs one draw and two likelihood passes, and its effective samples are the acce
 so its cost is that over the acceptance rate. Everything on one thread (torch.set_num_threads(1);
 NumPy and SciPy are single-threaded here), CPU time of this process (time.process_time).
 
-Wolff's single-cluster update is the usual physicist's choice; it flips one Fortuin-Kasteleyn
-cluster of the same family as Swendsen-Wang's, but a Python loop over a cluster's sites would
-measure the interpreter, so the vectorised Swendsen-Wang stands for the cluster algorithms.
+Wolff's single-cluster update (`ising_mc.Wolff`), the usual physicist's choice, flips one
+Fortuin-Kasteleyn cluster per step. Its tau_int is measured in cluster flips and converted to
+sweeps (x <cluster size> / L^2); its cost per independent lattice is 2 tau_int(flips) x (CPU s
+per flip per lattice). Its chains start from Swendsen-Wang equilibrium (a random start grows
+only small clusters for a long while at L = 64). The clusters of WOLFF_CHAINS lattices grow
+together, layer by layer, so NumPy's fixed cost per layer is shared: with 16 chains a flip costs
+about twice as much. A compiled Wolff (a C loop over a stack of sites) would be cheaper still;
+this one is what the project can run without a compiler.
 Writes benchmarks/ising_speed.json and .md.
 """
 from __future__ import annotations
@@ -34,6 +39,8 @@ from pipeline.data.sources import ising_mc
 OUT = Path(__file__).resolve().parent
 CHAIN_SWEEPS = {32: (1000, 2000), 64: (3000, 4000)}   # (burn-in, measured) Metropolis sweeps
 SW_SWEEPS = (60, 300)
+WOLFF_FLIPS = (50, 2000)         # (burn-in, measured) cluster flips, after 60 Swendsen-Wang sweeps
+WOLFF_CHAINS = 64
 
 
 def chain_cost(algorithm: str, size: int, t: float, chains: int, burn_in: int, sweeps: int,
@@ -46,6 +53,24 @@ def chain_cost(algorithm: str, size: int, t: float, chains: int, burn_in: int, s
     return {"tau_abs_magnetization": tau["abs_magnetization"], "tau_energy": tau["energy"],
             "cpu_s_per_sweep": per_sweep, "sweeps_per_sample": 2 * slowest,
             "cpu_s_per_sample": 2 * slowest * per_sweep}
+
+
+def wolff_cost(size: int, t: float, chains: int, burn_in: int, flips: int,
+               rng: np.random.Generator) -> dict[str, float]:
+    """As chain_cost, for Wolff: tau_int in flips, converted to sweeps by the mean cluster."""
+    start = ising_mc.equilibrium(np.full(chains, t), size, rng, "swendsen_wang", SW_SWEEPS[0])
+    t0 = time.process_time()
+    series = ising_mc.series("wolff", t, size, chains, flips, rng, burn_in=burn_in, initial=start)
+    per_flip = (time.process_time() - t0) / ((burn_in + flips) * chains)
+    tau = {k: ising_mc.integrated_time(series[k]) for k in ("abs_magnetization", "energy")}
+    slowest = max(tau.values())
+    sweeps_per_flip = float(series["cluster_size"].mean()) / size**2
+    return {"tau_flips_abs_magnetization": tau["abs_magnetization"], "tau_flips_energy": tau["energy"],
+            "cluster_fraction": sweeps_per_flip,
+            "tau_sweeps_abs_magnetization": tau["abs_magnetization"] * sweeps_per_flip,
+            "tau_sweeps_energy": tau["energy"] * sweeps_per_flip, "chains": chains,
+            "cpu_s_per_flip": per_flip, "flips_per_sample": 2 * slowest,
+            "cpu_s_per_sample": 2 * slowest * per_flip}
 
 
 def generator_cost(size: int, t: float, batch: int, checkpoint: Path | None) -> dict[str, float]:
@@ -81,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"L": size, "T": args.t,
                "metropolis": chain_cost("metropolis", size, args.t, 16, burn, sweeps, rng),
                "swendsen_wang": chain_cost("swendsen_wang", size, args.t, 16, *SW_SWEEPS, rng),
+               "wolff": wolff_cost(size, args.t, WOLFF_CHAINS, *WOLFF_FLIPS, rng),
                "autoregressive": generator_cost(size, args.t, 256,
                                                 args.checkpoint if size == args.sizes[0] else None)}
         rows.append(row)
@@ -90,16 +116,22 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d")}
     (OUT / "ising_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = ["| L | T | Metropolis tau_int(abs m) | Metropolis ms / sample | SW tau_int (abs m, E) | "
-             "SW ms / sample | generator ms / sample | Metropolis / generator | SW / generator |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "SW ms / sample | Wolff tau_int in flips (abs m, E) | Wolff tau_int in sweeps (abs m, E) | "
+             "Wolff ms / sample | generator ms / sample | Metropolis / generator | SW / generator | "
+             "Wolff / generator |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        mh, sw, ar = r["metropolis"], r["swendsen_wang"], r["autoregressive"]
+        mh, sw, wo, ar = r["metropolis"], r["swendsen_wang"], r["wolff"], r["autoregressive"]
         lines.append(f"| {r['L']} | {r['T']} | {mh['tau_abs_magnetization']:.0f} | "
                      f"{1e3 * mh['cpu_s_per_sample']:.1f} | {sw['tau_abs_magnetization']:.1f}, "
                      f"{sw['tau_energy']:.1f} | {1e3 * sw['cpu_s_per_sample']:.2f} | "
+                     f"{wo['tau_flips_abs_magnetization']:.1f}, {wo['tau_flips_energy']:.1f} | "
+                     f"{wo['tau_sweeps_abs_magnetization']:.1f}, {wo['tau_sweeps_energy']:.1f} | "
+                     f"{1e3 * wo['cpu_s_per_sample']:.2f} | "
                      f"{1e3 * ar['cpu_s_per_sample']:.2f} | "
                      f"{mh['cpu_s_per_sample'] / ar['cpu_s_per_sample']:.1f} | "
-                     f"{sw['cpu_s_per_sample'] / ar['cpu_s_per_sample']:.2f} |")
+                     f"{sw['cpu_s_per_sample'] / ar['cpu_s_per_sample']:.2f} | "
+                     f"{wo['cpu_s_per_sample'] / ar['cpu_s_per_sample']:.2f} |")
     (OUT / "ising_speed.md").write_text("\n".join(lines) + f"\n\n{json.dumps(meta)}\n")
     print("\n".join(lines))
     return 0

@@ -418,7 +418,8 @@ def study(experiment: str, cpu_s: float, seeds: list[int], overrides: list[str] 
         result = {k: v for k, v in asdict(row).items() if k not in ("metrics",)}
         result.update(tag=tag, overrides=list(overrides or []))
         result["metrics"] = {k: v for k, v in row.metrics.items()
-                             if k.startswith(("w1", "elbo", "frechet", "precise", "nll"))}
+                             if k.startswith(("w1", "elbo", "frechet", "precise", "nll", "bins/", "bin/",
+                                            "classifier/", "response_bin/"))}
         for k in ("energy", "abs_magnetization"):
             if f"w1/{k}" in row.metrics:
                 result[f"ratio/{k}"] = row.metrics[f"w1/{k}"] / row.metrics[f"w1_reference/{k}"]
@@ -426,6 +427,109 @@ def study(experiment: str, cpu_s: float, seeds: list[int], overrides: list[str] 
         with open(ROOT / "outputs/study.jsonl", "a") as f:
             f.write(json.dumps(result) + "\n")
         out.append(result)
+    return out
+
+
+# --------------------------------------------------------------------------- study summaries
+PRECISE_SAMPLERS = ("model", "network_only", "control")
+BIN_SAMPLERS = ("model", "untrained", "mean_shower")
+BIN_OBSERVABLES = ("shower_depth", "shower_width", "total_energy")
+
+
+def study_rows(experiment: str, cpu_s: float, path: Path | None = None) -> list[dict[str, Any]]:
+    """The last row of each seed of one experiment at one budget in outputs/study.jsonl (no tag)."""
+    rows: dict[int, dict[str, Any]] = {}
+    for text in (path or ROOT / "outputs/study.jsonl").read_text().splitlines():
+        r = json.loads(text)
+        if r["experiment"] == experiment and not r.get("tag") and abs(r["cpu_s"] - cpu_s) < 0.2 * cpu_s:
+            rows[r["seed"]] = r
+    for seed, r in rows.items():      # metrics the row left out (bin edges), from its evaluation
+        for f in sorted((ROOT / STUDY).glob(f"{int(cpu_s)}s-seed{seed}/{experiment}/train/"
+                                            f"checkpoints/step-*.eval.json"))[-1:]:
+            r["metrics"] = {**json.loads(f.read_text())["metrics"], **r["metrics"]}
+    return [rows[k] for k in sorted(rows)]
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    """'median [min, max]' of values over seeds (NaN-free), or '—'."""
+    v = [x for x in values if x is not None and np.isfinite(x)]
+    if not v:
+        return "—"
+    return f"{np.median(v):.{digits}f} [{min(v):.{digits}f}, {max(v):.{digits}f}]"
+
+
+def half_width(rows: list[dict[str, Any]], key: str) -> float:
+    """The median over seeds of a 95 % interval's half-width as a factor, sqrt(hi / lo)."""
+    f = [np.sqrt(r["metrics"][f"{key}_hi"] / r["metrics"][f"{key}_lo"]) for r in rows
+         if r["metrics"].get(f"{key}_lo", 0) > 0]
+    return float(np.median(f)) if f else float("nan")
+
+
+def summary(experiment: str, cpu_s: float) -> str:
+    """Markdown rows over seeds: the precise protocol's samplers for an Ising generator, or the
+    per-bin table with controls for a conditional calorimeter model."""
+    rows = study_rows(experiment, cpu_s)
+    seeds = ", ".join(str(r["seed"]) for r in rows)
+    lines = [f"{experiment}, {cpu_s:.0f} CPU s, seeds {seeds}: median [min, max] over seeds"]
+    m = [r["metrics"] for r in rows]
+    if any("precise/model/auc" in x for x in m):
+        for key in PRECISE_SAMPLERS:
+            if f"precise/{key}/auc" not in m[0]:
+                continue
+            cells = [spread([x[f"precise/{key}/w1_ratio/{o}"] for x in m])
+                     for o in ("energy", "abs_magnetization")]
+            cells.append(spread([x[f"precise/{key}/auc"] for x in m], 3))
+            iv = max(half_width(rows, f"precise/{key}/w1_ratio/{o}") for o in ("energy", "abs_magnetization"))
+            lines.append(f"| {key} | " + " | ".join(cells) + f" | x/÷ {iv:.2f} |")
+    if any("bins/model/auc" in x for x in m):
+        n_bins = 1 + max(int(k.split("/")[3]) for k in m[0] if k.startswith("bins/model/w1_ratio/"))
+        edges = [spread([x[f"bin/{k}/low"] for x in m], 1) + "–" + spread([x[f"bin/{k}/high"] for x in m], 1)
+                 for k in range(n_bins)]
+        lines.append("bins (GeV, median over seeds): " + "; ".join(
+            f"{k}: {np.median([x[f'bin/{k}/low'] for x in m]):.1f}–{np.median([x[f'bin/{k}/high'] for x in m]):.1f}"
+            for k in range(n_bins)))
+        for key in BIN_SAMPLERS:
+            for o in BIN_OBSERVABLES:
+                cells = [spread([x[f"bins/{key}/w1_ratio/{k}/{o}"] for x in m]) for k in range(n_bins)]
+                iv = np.median([half_width(rows, f"bins/{key}/w1_ratio/{k}/{o}") for k in range(n_bins)])
+                lines.append(f"| {key} | {o} | " + " | ".join(cells) + f" | x/÷ {iv:.2f} |")
+            auc = spread([x[f"bins/{key}/auc"] for x in m], 3)
+            lo = spread([x[f"bins/{key}/auc_lo"] for x in m], 3)
+            hi = spread([x[f"bins/{key}/auc_hi"] for x in m], 3)
+            lines.append(f"| {key} | AUC {auc} (95 % lo {lo}, hi {hi}) |")
+        del edges
+    lines += [f"seed {r['seed']}: {r['steps']} steps, {r['cpu_s']:.0f} CPU s, train {r['train_s']:.0f} s wall, "
+              f"total {r['total_s']:.0f} s wall; " + "; ".join(n for n in r["notes"] if n.startswith("verdict"))
+              for r in rows]
+    return "\n".join(lines)
+
+
+def bins_figure(experiment: str, cpu_s: float, out: Path) -> Path:
+    """W1 / floor per incident-energy bin over seeds (median, bars from min to max) for the model
+    and its two no-network controls, one panel per observable: docs/img/<experiment>_bins.png."""
+    from matplotlib.ticker import NullFormatter
+    from pipeline.figures import new_figure, to_png
+    rows = study_rows(experiment, cpu_s)
+    m = [r["metrics"] for r in rows]
+    n_bins = 1 + max(int(k.split("/")[3]) for k in m[0] if k.startswith("bins/model/w1_ratio/"))
+    centres = np.array([np.sqrt(np.median([x[f"bin/{k}/low"] for x in m]) *
+                                np.median([x[f"bin/{k}/high"] for x in m])) for k in range(n_bins)])
+    names = {"model": "model", "untrained": "same network, untrained",
+             "mean_shower": "no network: bin's mean shower x E"}
+    fig, axes = new_figure(len(BIN_OBSERVABLES), width=3.4, height=2.9, ncol=len(BIN_OBSERVABLES))
+    for ax, o in zip(axes, BIN_OBSERVABLES):
+        for (key, label), dx in zip(names.items(), (-0.05, 0.0, 0.05)):
+            v = np.array([[x[f"bins/{key}/w1_ratio/{k}/{o}"] for x in m] for k in range(n_bins)])
+            med = np.median(v, axis=1)
+            ax.errorbar(centres * np.exp(dx), med, yerr=[med - v.min(1), v.max(1) - med], fmt="o-",
+                        ms=3, capsize=2, lw=1, label=label)
+        ax.axhline(2.0, ls="--", color="grey", lw=0.8)
+        ax.axhline(1.0, ls=":", color="grey", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlabel="incident energy (GeV)", ylabel=f"W1({o}) / floor")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(f"{o}: median, range over seeds {', '.join(str(r['seed']) for r in rows)}", fontsize=7)
+    axes[0].legend(fontsize=6)
+    out.write_bytes(to_png(fig))
     return out
 
 
@@ -584,7 +688,9 @@ def rescore(row: Row, runs: str = RUNS) -> Row:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.quality", description=__doc__.split("\n")[0])
-    p.add_argument("what", nargs="?", choices=["all", "domains", "thermo", "study"], default="all")
+    p.add_argument("what", nargs="?", choices=["all", "domains", "thermo", "study", "summary"],
+                   default="all", help="summary: --only's study rows at --cpu-s over seeds, as "
+                   "markdown, and a calorimeter model's per-bin figure (docs/img/<exp>_bins.png)")
     p.add_argument("--cpu-s", type=float, default=CPU_BUDGET_S, help="study: the CPU budget")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="study: train.seed values")
     p.add_argument("--checkpoint", type=Path, help="thermo: a temperature-conditional Ising "
@@ -605,6 +711,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = [rescore(r) if r.value is None and r.steps else r for r in merge([])]
         write(rows, machine())
         return 0 if all(r.value is not None for r in rows) else 1
+    if args.what == "summary":
+        for name in args.only or []:
+            print(summary(name, args.cpu_s))
+            if any(k.startswith("bins/") for r in study_rows(name, args.cpu_s) for k in r["metrics"]):
+                print(bins_figure(name, args.cpu_s, ROOT / "docs/img" / f"{name}_bins.png"))
+        return 0
     if args.what == "study":
         for name in args.only or []:
             study(name, args.cpu_s, args.seeds, args.set, args.tag, args.wall_s)

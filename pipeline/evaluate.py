@@ -302,6 +302,7 @@ class Evaluation:
             self.conditional(curves, real_aligned, gen_phys, arrays["cond"][:n])
         if "cond" in arrays and conditional and (bins := declared(source, "CONDITION_BINS")):
             self.condition_bins(bins, obs, real_norm, gen_phys, train_phys, arrays["cond"][:n])
+            self.bin_controls(bins, obs, sample, real_norm, gen_phys, train_phys, arrays["cond"][:n])
         self.frechet(real_norm, self._renormalize(gen_phys), self._renormalize(train_phys))
         self.classifier(obs, real_norm, gen_phys, train_phys, arrays.get("cond") if conditional else None)
         if conditional and (make := declared(source, "reference")) is not None and self.per_t:
@@ -410,6 +411,49 @@ class Evaluation:
         self.notes.append(binned.summary(result))
         if result.response:
             self.figures["response"] = binned.response_figure(spec, result)
+
+    def bin_controls(self, spec: Any, obs: physics.Observables, sample: Callable, real_norm: np.ndarray,
+                     generated: np.ndarray, train: np.ndarray, cond: np.ndarray) -> None:
+        """Issue #23, point 5: every per-bin W1 / floor with a 95 % interval (the floor averaged
+        over re-splits of the test and train samples of the bin) and the classifier AUC with its
+        interval, for the model and for two controls with no trained network, measured the same
+        way: the same network at initialisation (what training adds), and the bin's mean shower
+        scaled to each E (binned.mean_shower: the right mean response and profiles, no
+        fluctuations). Metrics "bins/<sampler>/...", a note line, a verdict line and a figure."""
+        from pipeline import binned, precise
+        from pipeline.classifier_test import classifier_scores
+        seed = self.cfg.train.seed
+        real = physics.physical(obs, real_norm, self.affine, np.random.default_rng(seed))
+        train_cond = self._train_condition(len(train))
+        bin_edges = binned.edges(cond, spec.n_bins)
+        in_real, in_ref = binned.index(cond, bin_edges), binned.index(train_cond, bin_edges)
+        state = torch.get_rng_state()            # the metrics after these stay as they were
+        try:
+            torch.manual_seed(seed)
+            untrained = sampler(build_model(self.cfg.model.name, self.cfg.model.params).eval())
+            raw = untrained(len(real), {"cond": torch.as_tensor(cond)}).cpu().numpy()
+        finally:
+            torch.set_rng_state(state)
+        runs = {"model": ("model", generated),
+                "untrained": ("the same network untrained",
+                              physics.physical(obs, raw, self.affine, np.random.default_rng(seed))),
+                "mean_shower": ("no network: the bin's mean shower x E",
+                                binned.mean_shower(train, train_cond, cond, bin_edges))}
+        real_s, ref_s = obs.scalars(real), obs.scalars(train)
+        scores = []
+        for key, (name, x) in runs.items():
+            ratio = binned.bin_ratios(real_s, obs.scalars(x), ref_s, in_real, in_ref, spec.n_bins,
+                                      seed=self.seed)
+            y, s = classifier_scores(real, x, obs, cond, seed=seed)
+            scores.append(binned.BinScores(name, ratio, precise.auc_with_interval(y, s, binned.BOOT,
+                                                                                  self.seed)))
+            self.metrics.update(scores[-1].metrics(f"bins/{key}"))
+        self.notes.append(f"per condition bin ({spec.n_bins} bins, 95 % intervals, floor averaged "
+                          f"over {binned.FLOOR_SPLITS} re-splits of test and train): W1 / floor "
+                          + " | ".join(binned.line(s) for s in scores))
+        self.notes.append(f"verdict: {binned.verdict(scores[0], scores[1:])}")
+        centres = np.array([cond[in_real == k].mean() for k in range(spec.n_bins)])
+        self.figures["ratio_per_bin"] = binned.ratio_figure(spec, centres, scores)
 
     def classifier(self, obs: physics.Observables, real_norm: np.ndarray, generated: np.ndarray,
                    train: np.ndarray, cond: np.ndarray | None) -> None:

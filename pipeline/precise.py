@@ -199,19 +199,26 @@ def _auc_and_curves(out: Scores, real: np.ndarray, other: np.ndarray, protocol: 
 def auc_interval(real: np.ndarray, generated: np.ndarray, protocol: Protocol
                  ) -> tuple[float, float, float]:
     """The classifier test's ROC AUC with its 95 % bootstrap interval over the held-out scores."""
-    from sklearn.metrics import roc_auc_score
     from pipeline.classifier_test import classifier_scores
     cond = protocol.conditions()
     y, s = classifier_scores(real, generated, physics.Observables(physics.ising_scalars,
                                                                   physics.field_profiles, True),
                              cond, seed=protocol.seed)
-    rng = np.random.default_rng(protocol.seed)
-    boot = []
-    for _ in range(protocol.boot):
+    return auc_with_interval(y, s, protocol.boot, protocol.seed)
+
+
+def auc_with_interval(y: np.ndarray, s: np.ndarray, boot: int = 200, seed: int = 0
+                      ) -> tuple[float, float, float]:
+    """ROC AUC of held-out labels `y` and scores `s`, and the 2.5 and 97.5 percentiles of its
+    bootstrap over the held-out samples (the classifier itself is not refitted)."""
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(boot):
         i = rng.integers(0, len(y), len(y))
         if y[i].min() != y[i].max():
-            boot.append(roc_auc_score(y[i], s[i]))
-    lo, hi = np.percentile(boot, [2.5, 97.5])
+            values.append(roc_auc_score(y[i], s[i]))
+    lo, hi = np.percentile(values, [2.5, 97.5])
     return float(roc_auc_score(y, s)), float(lo), float(hi)
 
 

@@ -64,3 +64,69 @@ def test_every_sample_ends_its_own_chain_when_chains_cover_the_chunk():
 def test_an_unknown_algorithm_is_named():
     with pytest.raises(ValueError, match="algorithm 'heatbath': expected one of metropolis, swendsen_wang"):
         ising_mc.chain("heatbath", np.array([2.0]), 8)
+
+
+def exact_4x4(temperature: float) -> dict[float, float]:
+    """The Boltzmann probability of each energy per spin of the 4 x 4 periodic lattice, by
+    enumerating its 2^16 configurations."""
+    states = ((np.arange(2**16)[:, None] >> np.arange(16)) & 1).astype(np.int8) * 2 - 1
+    e = np.round(physics.ising_energy(states.reshape(-1, 4, 4)), 6)
+    w = np.exp(-16 * e / temperature)
+    levels = np.unique(e)
+    return {float(k): float(w[e == k].sum() / w.sum()) for k in levels}
+
+
+@pytest.mark.parametrize("temperature", [1.8, ising_mc.T_CRITICAL, 3.0])
+def test_wolff_samples_the_exact_boltzmann_distribution_of_a_4x4_lattice(temperature):
+    """4000 Wolff chains of 40 cluster flips from the source's start: the histogram of their
+    final energies matches the exact distribution (chi-square p > 0.001 with this seed; a bond
+    probability of 1 - exp(-1 / T) in place of 1 - exp(-2 / T) gives p < 1e-10)."""
+    from scipy.stats import chisquare
+    rng = np.random.default_rng(2)
+    t = np.full(4000, temperature)
+    s = ising_mc.start(t, 4, rng)
+    mc = ising_mc.Wolff(t, 4)
+    for _ in range(40):
+        mc.sweep(s, rng)
+    exact = exact_4x4(temperature)
+    e = np.round(physics.ising_energy(s), 6)
+    levels = [k for k, p in exact.items() if p * len(t) >= 5]   # chi-square needs >= 5 expected
+    seen = np.array([np.sum(e == k) for k in levels] + [np.sum(~np.isin(e, levels))], float)
+    want = np.array([exact[k] for k in levels] + [1 - sum(exact[k] for k in levels)]) * len(t)
+    keep = want > 0
+    assert chisquare(seen[keep], want[keep]).pvalue > 1e-3, (temperature, seen, want)
+
+
+def test_wolff_flips_whole_clusters_of_one_sign_and_reaches_swendsen_wangs_equilibrium():
+    """Each step flips one connected cluster of equal spins per lattice (its sizes are the sites
+    that changed); 100 16 x 16 lattices at T = 2.0, T_c and 2.8 after 200 flips have Swendsen-Wang's
+    mean energy and |m| within 4 standard errors."""
+    rng = np.random.default_rng(4)
+    temps = np.repeat([2.0, ising_mc.T_CRITICAL, 2.8], 100)
+    s = ising_mc.start(temps, 16, rng)
+    mc = ising_mc.Wolff(temps, 16)
+    for _ in range(200):
+        before = s.copy()
+        mc.sweep(s, rng)
+        changed = before != s
+        assert np.array_equal(changed.sum(axis=(1, 2)), mc.sizes) and mc.sizes.min() >= 1
+        assert np.all(np.abs(np.where(changed, before, 0).sum(axis=(1, 2))) == mc.sizes)
+    sw = ising_mc.equilibrium(temps, 16, rng, "swendsen_wang", 60)
+    for f in (physics.ising_energy, lambda x: np.abs(physics.ising_magnetization(x))):
+        for at in np.split(np.arange(len(temps)), 3):
+            a, b = f(s[at]), f(sw[at])
+            se = np.hypot(a.std(), b.std()) / np.sqrt(len(a))
+            assert abs(a.mean() - b.mean()) < 4 * se, (temps[at[0]], a.mean(), b.mean(), se)
+
+
+def test_wolff_decorrelates_in_a_few_sweeps_equivalent_at_the_critical_point():
+    """tau_int of |m| at T_c on 16 x 16, in sweeps (cluster flips x mean cluster size / L^2):
+    Wolff's is several times below Metropolis's."""
+    rng = np.random.default_rng(0)
+    init = ising_mc.equilibrium(np.full(16, ising_mc.T_CRITICAL), 16, rng, "swendsen_wang", 40)
+    w = ising_mc.series("wolff", ising_mc.T_CRITICAL, 16, 16, 400, rng, initial=init)
+    sweeps_per_flip = w["cluster_size"].mean() / 16**2
+    tau_wolff = ising_mc.integrated_time(w["abs_magnetization"]) * sweeps_per_flip
+    tau_metropolis = ising_mc.integrated_time(ising_mc.series(
+        "metropolis", ising_mc.T_CRITICAL, 16, 16, 400, rng, burn_in=100)["abs_magnetization"])
+    assert 0.2 < sweeps_per_flip < 1 and tau_metropolis > 3 * tau_wolff, (tau_wolff, tau_metropolis)
