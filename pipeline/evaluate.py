@@ -427,16 +427,8 @@ class Evaluation:
         train_cond = self._train_condition(len(train))
         bin_edges = binned.edges(cond, spec.n_bins)
         in_real, in_ref = binned.index(cond, bin_edges), binned.index(train_cond, bin_edges)
-        state = torch.get_rng_state()            # the metrics after these stay as they were
-        try:
-            torch.manual_seed(seed)
-            untrained = sampler(build_model(self.cfg.model.name, self.cfg.model.params).eval())
-            raw = untrained(len(real), {"cond": torch.as_tensor(cond)}).cpu().numpy()
-        finally:
-            torch.set_rng_state(state)
         runs = {"model": ("model", generated),
-                "untrained": ("the same network untrained",
-                              physics.physical(obs, raw, self.affine, np.random.default_rng(seed))),
+                "untrained": ("the same network untrained", self._untrained(obs, cond)),
                 "mean_shower": ("no network: the bin's mean shower x E",
                                 binned.mean_shower(train, train_cond, cond, bin_edges))}
         real_s, ref_s = obs.scalars(real), obs.scalars(train)
@@ -454,6 +446,18 @@ class Evaluation:
         self.notes.append(f"verdict: {binned.verdict(scores[0], scores[1:])}")
         centres = np.array([cond[in_real == k].mean() for k in range(spec.n_bins)])
         self.figures["ratio_per_bin"] = binned.ratio_figure(spec, centres, scores)
+
+    def _untrained(self, obs: physics.Observables, cond: np.ndarray) -> np.ndarray:
+        """Samples of the same network at initialisation (seeded by train.seed), one per `cond`,
+        in physical units; torch's generator is left as it was, so later metrics do not move."""
+        seed, state = self.cfg.train.seed, torch.get_rng_state()
+        try:
+            torch.manual_seed(seed)
+            untrained = sampler(build_model(self.cfg.model.name, self.cfg.model.params).eval())
+            raw = untrained(len(cond), {"cond": torch.as_tensor(cond)}).cpu().numpy()
+        finally:
+            torch.set_rng_state(state)
+        return physics.physical(obs, raw, self.affine, np.random.default_rng(seed))
 
     def classifier(self, obs: physics.Observables, real_norm: np.ndarray, generated: np.ndarray,
                    train: np.ndarray, cond: np.ndarray | None) -> None:
