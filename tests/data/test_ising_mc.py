@@ -10,6 +10,16 @@ from pipeline import physics
 from pipeline.data.sources import ising2d, ising_mc
 
 
+
+def assert_same_means(x: np.ndarray, y: np.ndarray, temps: np.ndarray, groups: int = 3) -> None:
+    """Two samplers' lattices (one per entry of `temps`, in `groups` equal runs of one T each)
+    have the same mean energy and mean |m| at each T, within 4 standard errors of the difference."""
+    for f in (physics.ising_energy, lambda lat: np.abs(physics.ising_magnetization(lat))):
+        for at in np.split(np.arange(len(temps)), groups):
+            a, b = f(x[at]), f(y[at])
+            se = np.hypot(a.std(), b.std()) / np.sqrt(len(a))
+            assert abs(a.mean() - b.mean()) < 4 * se, (temps[at[0]], a.mean(), b.mean(), se)
+
 def test_swendsen_wang_and_metropolis_reach_the_same_equilibrium():
     """100 independent 16 x 16 lattices at each of T = 2.0, T_c and 2.8: Swendsen-Wang after 60
     sweeps and Metropolis after 800 (> 50 tau) have the same mean energy and mean |m| at each T
@@ -18,11 +28,7 @@ def test_swendsen_wang_and_metropolis_reach_the_same_equilibrium():
     temps = np.repeat([2.0, 2.27, 2.8], 100)
     sw = ising_mc.equilibrium(temps, 16, rng, "swendsen_wang", 60)
     mh = ising_mc.equilibrium(temps, 16, rng, "metropolis", 800)
-    for f in (physics.ising_energy, lambda s: np.abs(physics.ising_magnetization(s))):
-        for at in np.split(np.arange(len(temps)), 3):
-            a, b = f(sw[at]), f(mh[at])
-            se = np.hypot(a.std(), b.std()) / np.sqrt(len(a))
-            assert abs(a.mean() - b.mean()) < 4 * se, (temps[at[0]], a.mean(), b.mean(), se)
+    assert_same_means(sw, mh, temps)
 
 
 def test_integrated_time_of_an_ar1_process():
@@ -112,11 +118,7 @@ def test_wolff_flips_whole_clusters_of_one_sign_and_reaches_swendsen_wangs_equil
         assert np.array_equal(changed.sum(axis=(1, 2)), mc.sizes) and mc.sizes.min() >= 1
         assert np.all(np.abs(np.where(changed, before, 0).sum(axis=(1, 2))) == mc.sizes)
     sw = ising_mc.equilibrium(temps, 16, rng, "swendsen_wang", 60)
-    for f in (physics.ising_energy, lambda x: np.abs(physics.ising_magnetization(x))):
-        for at in np.split(np.arange(len(temps)), 3):
-            a, b = f(s[at]), f(sw[at])
-            se = np.hypot(a.std(), b.std()) / np.sqrt(len(a))
-            assert abs(a.mean() - b.mean()) < 4 * se, (temps[at[0]], a.mean(), b.mean(), se)
+    assert_same_means(s, sw, temps)
 
 
 def test_wolff_decorrelates_in_a_few_sweeps_equivalent_at_the_critical_point():
