@@ -212,7 +212,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_one_step(cfg, ranks: int) -> None:
+def _check_store_fills_a_step(cfg, ranks: int) -> None:
     """Refuse a store too small for one optimizer step, before any rank starts. The rule is the
     loader's (pipeline/data/loader.py): each rank gets (n // ranks) samples of the train split, cut
     into full batches (the tail is dropped), and a step sums `accumulate` of them."""
@@ -262,7 +262,7 @@ def _train(args: argparse.Namespace, flag) -> int:
                         f"set train.dist.backend=horovod")
     from pipeline.data.lock import check_free
     check_free(Path(cfg.data.path))  # not while a prepare writes it
-    _check_one_step(cfg, cfg.train.dist.nproc if launch else detect_launcher().world_size)
+    _check_store_fills_a_step(cfg, cfg.train.dist.nproc if launch else detect_launcher().world_size)
     if launch:
         from pipeline.trainer import check_before_start  # (ranks started elsewhere: train())
         check_before_start(cfg)  # one run, one record; the store's classes: before any rank

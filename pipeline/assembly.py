@@ -65,7 +65,7 @@ def build(cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None,
               buffer_guard=BufferGuard(model),
               scaler=torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None)
     run.draws = max(model.schedule.values())
-    _check_one_step(run)
+    _check_draws_fit_the_split(run)
     run.phases = build_phases(run)
     run.ema = build_ema(model, cfg.train.ema.decay, cfg.train.ema.start)
     resumed_run_id = _start(run)
@@ -223,7 +223,7 @@ def _trainable(run: Run, spec: Any) -> list[torch.nn.Parameter]:
     return params
 
 
-def _check_one_step(run: Run) -> None:
+def _check_draws_fit_the_split(run: Run) -> None:
     """The CLI refuses a store too small for `accumulate` batches; a model whose phase repeats
     (WGAN-GP's n_critic) draws a batch group per repetition, which only the model knows."""
     if run.steps_per_epoch == 0:

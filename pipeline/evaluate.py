@@ -421,7 +421,7 @@ class Evaluation:
         scaled to each E (binned.mean_shower: the right mean response and profiles, no
         fluctuations). Metrics "bins/<sampler>/...", a note line, a verdict line and a figure."""
         from pipeline import binned, precise
-        from pipeline.classifier_test import classifier_scores
+        from pipeline.two_sample_classifier import classifier_scores
         seed = self.cfg.train.seed
         real = physics.physical(obs, real_norm, self.affine, np.random.default_rng(seed))
         train_cond = self._train_condition(len(train))
@@ -461,12 +461,12 @@ class Evaluation:
 
     def classifier(self, obs: physics.Observables, real_norm: np.ndarray, generated: np.ndarray,
                    train: np.ndarray, cond: np.ndarray | None) -> None:
-        """The CaloChallenge classifier test (pipeline/classifier_test.py, issue 15): ROC AUC of
+        """The CaloChallenge classifier test (pipeline/two_sample_classifier.py, issue 15): ROC AUC of
         telling the generated samples from the real ones they were generated beside (a
         conditional model's condition is a feature), 0.5 = indistinguishable; beside it the same
         test of the training split against them ("classifier/auc_reference"), what a perfect
         generator scores with as many samples. Its own rng: the metrics above stay as they were."""
-        from pipeline.classifier_test import classifier_auc
+        from pipeline.two_sample_classifier import classifier_auc
         seed = self.cfg.train.seed
         real = physics.physical(obs, real_norm, self.affine, np.random.default_rng(seed))
         cond = None if cond is None else cond[:len(real)]

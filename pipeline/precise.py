@@ -13,7 +13,7 @@ generator from a sampler with no network: six evaluations of one checkpoint gave
   * the verdict metric is pooled over temperatures: R = sum_T W1_T(gen, A) / sum_T W1_T(B, A) per
     observable (1 is perfect; issue #15's goal is 2), with a 95 % bootstrap interval (samples
     resampled within each temperature, A, B and the generated set independently);
-  * the classifier test (pipeline/classifier_test.py) on gen against A and B against A at the
+  * the classifier test (pipeline/two_sample_classifier.py) on gen against A and B against A at the
     same temperatures, its AUC with a bootstrap interval over the held-out scores; the
     thermodynamic curves' errors (pipeline/thermo.py) against the floor's;
   * controls: every sampler is measured the same way. A model with Metropolis sweeps in its
@@ -199,7 +199,7 @@ def _auc_and_curves(out: Scores, real: np.ndarray, other: np.ndarray, protocol: 
 def auc_interval(real: np.ndarray, generated: np.ndarray, protocol: Protocol
                  ) -> tuple[float, float, float]:
     """The classifier test's ROC AUC with its 95 % bootstrap interval over the held-out scores."""
-    from pipeline.classifier_test import classifier_scores
+    from pipeline.two_sample_classifier import classifier_scores
     cond = protocol.conditions()
     y, s = classifier_scores(real, generated, physics.Observables(physics.ising_scalars,
                                                                   physics.field_profiles, True),

@@ -29,7 +29,9 @@ PROBE_FIGURES = tuple(f"{kind}_figures/" for kind in PROBES)
 
 
 @dataclass
-class Run:
+class RunRecord:
+    """What the report reads of one finished run: its logged rows, config, latest images and
+    evaluations (not pipeline.run.Run, the live run a trainer steps)."""
     name: str
     train_dir: Path
     origin: str                                   # where the metrics came from
@@ -87,7 +89,7 @@ def metric_rows(train_dir: Path) -> list[dict[str, Any]]:
     return [{"_step": r.get("step", i), **r} for i, r in enumerate(map(json.loads, lines))]
 
 
-def read_run(arg: str | Path) -> Run:
+def read_run(arg: str | Path) -> RunRecord:
     path = Path(arg)
     if not path.is_dir():
         raise UserError(f"no run folder at {path}; pass an experiment's output_dir, its train/ "
@@ -105,7 +107,7 @@ def read_run(arg: str | Path) -> Run:
     config = _checkpoint_config(train_dir)
     model = config.get("model", {}).get("name", "?") if isinstance(config.get("model"), dict) else "?"
     name = f"{train_dir.parent.name} ({model})" if train_dir.name == "train" else f"{train_dir.name} ({model})"
-    return Run(name, train_dir, origin, rows, config, images_of([f.parent for f in files]), evals)
+    return RunRecord(name, train_dir, origin, rows, config, images_of([f.parent for f in files]), evals)
 
 
 RUN_CONFIG = ("dataset", "versions", "code_version")   # what the trainer adds to W&B's config
@@ -124,7 +126,7 @@ def _checkpoint_config(train_dir: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- tables
-def final_values(run: Run) -> dict[str, float]:
+def final_values(run: RunRecord) -> dict[str, float]:
     """The last logged value of every scalar train/, val/, perf/ key, and the evaluation metrics."""
     out: dict[str, float] = {}
     for row in run.rows:
@@ -139,7 +141,7 @@ def final_values(run: Run) -> dict[str, float]:
     return out
 
 
-def metrics_table(runs: list[Run]) -> str:
+def metrics_table(runs: list[RunRecord]) -> str:
     finals = [final_values(r) for r in runs]
     keys = sorted(set().union(*finals), key=lambda k: (k.split("/")[0] != "steps", k))
     head = "".join(f"<th>{html.escape(r.name)}</th>" for r in runs)
@@ -207,12 +209,12 @@ def _num(v: Any) -> str:
     return "?" if v is None else f"{v:.4g}"
 
 
-def latest_eval(run: Run) -> dict[str, Any] | None:
+def latest_eval(run: RunRecord) -> dict[str, Any] | None:
     evals = [ev for ev in run.evals if ev.get("kind", "eval") == "eval"]
     return max(evals, key=lambda ev: ev.get("step", 0)) if evals else None
 
 
-def scorecard(run: Run) -> str:
+def scorecard(run: RunRecord) -> str:
     """The run's answer: its verdict metrics against their references, met or not."""
     ev = latest_eval(run)
     head = f"<h3>{html.escape(run.name)}</h3>"
@@ -232,7 +234,7 @@ def scorecard(run: Run) -> str:
 
 
 # --------------------------------------------------------------------------- panels of all runs
-def unit_of(run: Run, key: str) -> str:
+def unit_of(run: RunRecord, key: str) -> str:
     """What a logged value of `key` is measured in for this run: a loss term means what the run's
     loss, target and normalisation make it (GeV\u00b2 MSE, cross-entropy, standardised MSE share
     a key but not a unit); a generator's terms are its family's own."""
@@ -246,7 +248,7 @@ def unit_of(run: Run, key: str) -> str:
     return f"{model.get('name', '?')} objective"
 
 
-def shared_panels(runs: list[Run], max_panels: int = 9) -> dict[str, dict[str, list[dict]]]:
+def shared_panels(runs: list[RunRecord], max_panels: int = 9) -> dict[str, dict[str, list[dict]]]:
     """'key [unit]' -> {run name: its rows with that key}: one panel per key and unit, for the
     keys two runs or more log in one unit; runs never share a panel across units."""
     groups: dict[str, dict[str, list[dict]]] = {}
@@ -262,7 +264,7 @@ def shared_panels(runs: list[Run], max_panels: int = 9) -> dict[str, dict[str, l
     return {k: shared[k] for k in order[:max_panels]}
 
 
-def all_runs_section(runs: list[Run]) -> list[str]:
+def all_runs_section(runs: list[RunRecord]) -> list[str]:
     panels = shared_panels(runs)
     if not panels:
         return ["<h2>All runs</h2>", "<p class=note>no metric is logged in one unit by two of these "
@@ -283,7 +285,7 @@ def img(png: bytes, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def run_section(run: Run) -> str:
+def run_section(run: RunRecord) -> str:
     parts = [f"<h2>{html.escape(run.name)}</h2>",
              f"<p class=meta>{html.escape(str(run.train_dir))} &middot; {html.escape(run.origin)}"
              f" &middot; {len(run.rows)} logged rows</p>",
@@ -323,7 +325,7 @@ SCRIPT = """window.addEventListener('load',function(){var n=0;for(var i of docum
 if(i.complete&&i.naturalWidth>0)n++;}document.body.setAttribute('data-images-loaded',n);});"""
 
 
-def render(runs: list[Run]) -> str:
+def render(runs: list[RunRecord]) -> str:
     """The answer first (issue 24): a scorecard per run, then the figures, then every metric's
     final value, folded."""
     parts = [f"<h1>hpcforge report: {len(runs)} run{'s' * (len(runs) > 1)}</h1>",

@@ -121,14 +121,14 @@ def test_wandb_record_reader_checks_each_chunks_crc(tmp_path):
 
 # ------------------------------------------------------------------ the answer first (issue 24)
 def _run(name: str, model: dict, y: str | None, metrics: dict | None, steps: int = 4):
-    from pipeline.report import Run
+    from pipeline.report import RunRecord
     rows = [{"_step": s, "step": s, "train/model/loss": 1.0 / s, "val/loss": 1.2 / s}
             for s in range(1, steps + 1)]
     evals = [] if metrics is None else [{"checkpoint": f"/x/{name}/final.pt", "step": steps,
                                          "split": "test", "metrics": metrics, "notes": []}]
     config = {"model": model, "data": {"inputs": {"x": "a", **({"y": y} if y else {})},
                                        "normalize": "standard"}}
-    return Run(name, Path(f"/x/{name}/train"), "metrics.jsonl (no W&B run)", rows, config, {}, evals)
+    return RunRecord(name, Path(f"/x/{name}/train"), "metrics.jsonl (no W&B run)", rows, config, {}, evals)
 
 
 RUNS = {

@@ -1,11 +1,11 @@
-"""The CaloChallenge classifier test (pipeline/classifier_test.py, issue 15) on real Monte Carlo
+"""The CaloChallenge classifier test (pipeline/two_sample_classifier.py, issue 15) on real Monte Carlo
 lattices, and its place in `hpcforge evaluate`."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.classifier_test import classifier_auc
+from pipeline.two_sample_classifier import classifier_auc
 from pipeline.data.sources import ising2d
 
 # 512 + 512 independent lattices: 256 of each class score the classifier, where the AUC of two
