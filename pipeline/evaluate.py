@@ -441,7 +441,7 @@ class Evaluation:
                                                                                   self.seed)))
             self.metrics.update(scores[-1].metrics(f"bins/{key}"))
         self.notes.append(f"per condition bin ({spec.n_bins} bins, 95 % intervals, floor averaged "
-                          f"over {binned.FLOOR_SPLITS} re-splits of test and train): W1 / floor "
+                          f"over {precise.FLOOR_SPLITS} re-splits of test and train): W1 / floor "
                           + " | ".join(binned.line(s) for s in scores))
         self.notes.append(f"verdict: {binned.verdict(scores[0], scores[1:])}")
         centres = np.array([cond[in_real == k].mean() for k in range(spec.n_bins)])

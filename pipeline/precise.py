@@ -155,6 +155,13 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return num.sum(axis=-1) / np.maximum(den.sum(axis=-1), 1e-300)
 
 
+def log_interval(value: float, logs) -> tuple[float, float, float]:
+    """(value, lo, hi): a 95 % normal interval of the log ratio around `value`, its width the
+    spread of the bootstrap's log ratios `logs` (their centre is biased low: see `score`)."""
+    half = Z95 * float(np.std(logs))
+    return value, value * float(np.exp(-half)), value * float(np.exp(half))
+
+
 def score(name: str, generated: np.ndarray, a: np.ndarray, b: np.ndarray, protocol: Protocol,
           cpu_s: float = 0.0) -> Scores:
     """Every number of one sampler against the reference: W1 to A and to B averaged, over the
@@ -175,9 +182,7 @@ def score(name: str, generated: np.ndarray, a: np.ndarray, b: np.ndarray, protoc
         # A resample's duplicates inflate every W1, the floor's (near 0 in truth) most, so the
         # bootstrap's ratios sit below the estimate: only their spread is used, as a normal
         # interval for the log ratio around the estimate (Efron & Tibshirani 1993, sec. 13.3)
-        value = float(_ratio(num, den))
-        half = Z95 * float(np.std(logs))
-        out.ratio[k] = (value, value * float(np.exp(-half)), value * float(np.exp(half)))
+        out.ratio[k] = log_interval(float(_ratio(num, den)), logs)
         out.per_t[k] = num / np.maximum(den, 1e-300)
         out.per_t[f"w1/{k}"], out.per_t[f"floor/{k}"] = num, den
     _, gen_c = _auc_and_curves(out, a, generated, protocol)
