@@ -244,7 +244,7 @@ class Tracker:
             if old.parent.resolve() != here:
                 old.rename(old.with_name(old.name + ".superseded"))
         for row in rows:
-            step = row.pop("step")
+            step = int(row.pop("step"))  # (rows written before 2026-12-06 could hold 16.0)
             self._call_wandb(lambda: self.run.log(row, step=step))
 
     def log(self, metrics: dict[str, float], step: int) -> None:

@@ -34,9 +34,9 @@ def validate(run: Run) -> dict[str, float]:
 
 def after_validation(run: Run, metrics: dict[str, float]) -> bool:
     """Record the validation metrics; returns whether early stopping says stop."""
+    run.tracker.log(metrics, run.progress.step)  # the step is the row's own (an int), once
     metrics = {**metrics, "step": float(run.progress.step)}
     run.progress.history.append(metrics)
-    run.tracker.log(metrics, run.progress.step)
     return _early_stop(run, metrics)
 
 

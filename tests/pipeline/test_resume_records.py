@@ -98,14 +98,17 @@ def test_train_refuses_a_store_a_prepare_is_writing(small_store, tmp_path):
 def test_a_resumed_offline_wandb_run_holds_each_step_once(small_store, tmp_path):
     """The W&B side of 'each step once' (issue 25): a run that got to step 6 but whose step-6
     checkpoint is gone resumes at step 4; what `wandb sync` would upload (`wandb/*/*.wandb`)
-    then holds steps 1-6 once, as metrics.jsonl does, and the first sitting's file is kept."""
+    then holds steps 1-6 once, as metrics.jsonl does, and the first sitting's file is kept.
+    Validation rows (steps 2, 4, 6) are among the re-logged ones: their step was written as 16.0
+    once, which W&B refused on the resume, and the new sitting's run lost every later step."""
     from wandb_records import history
-    out, offline = tmp_path / "run", "train.logger.mode=offline"
-    assert _train(small_store, out, offline).returncode == 0
+    out, offline = tmp_path / "run", ["train.logger.mode=offline", "train.val_every=2"]
+    assert _train(small_store, out, *offline).returncode == 0
     (out / "train" / "checkpoints" / "step-00000006.pt").unlink()
-    r = _train(small_store, out, offline, "train.resume=auto")
+    r = _train(small_store, out, *offline, "train.resume=auto")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "step-00000004.pt at step 4" in r.stdout, r.stdout
+    assert "step-00000004.pt at step 4" in r.stdout and "W&B stopped" not in r.stdout, r.stdout
+    assert all(type(s) is int for s in _steps(out)) and _steps(out).count(4) == 2  # train + val
     wandb_dir = out / "train" / "wandb"
     # wandb sync's own pattern, one file once (latest-run links to a folder; wandb/cli/beta_sync.py)
     [uploaded] = {p.resolve() for p in wandb_dir.glob("*/*.wandb")}
