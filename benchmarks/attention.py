@@ -34,7 +34,7 @@ def explicit_forward(attn, x: torch.Tensor) -> torch.Tensor:
 
 def _setup():
     from pipeline.config import load_config
-    from pipeline.assembly import build_model
+    from pipeline.train.assembly import build_model
     cfg = load_config("transformer_lorenz96")
     torch.manual_seed(0)
     model = build_model(cfg).train()

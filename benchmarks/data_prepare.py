@@ -156,7 +156,7 @@ def bench_memory(quick: bool) -> list[dict]:
 # --------------------------------------------------------------------------- 6. generators
 def generate_count(source: str, params, seed: int, chunk: int, n: int) -> int:
     """Generate one chunk in a worker; return only its size (the data stays there)."""
-    from pipeline.data.sources import SOURCES
+    from pipeline.sources import SOURCES
     SOURCES[source].generate(params, seed, chunk, chunk * n, n)
     return n
 
@@ -164,7 +164,7 @@ def generate_count(source: str, params, seed: int, chunk: int, n: int) -> int:
 def bench_generate(quick: bool) -> list[dict]:
     from distributed import Client, LocalCluster
 
-    from pipeline.data.sources import darcy2d, ising2d
+    from pipeline.sources import darcy2d, ising2d
     cases = {"ising2d": (ising2d.Params(lattice=32, burn_in=100 if quick else 300), 64),
              "darcy2d": (darcy2d.Params(resolution=32), 16 if quick else 32)}
     chunks = 8 if quick else 16

@@ -41,7 +41,7 @@ def _row(benchmark, case, value, baseline, unit, what) -> dict:
 def allreduce_worker(out: str, backend: str, iters: int = 20) -> None:
     """Rank r on GPU r: bus bandwidth (GB/s, nccl-tests' definition) of a 64 MiB sum."""
     from pipeline.config import DistConfig
-    from pipeline.dist import init_distributed
+    from pipeline.runtime.dist import init_distributed
     dist = init_distributed(DistConfig(backend=backend))
     x = torch.ones(64 * MIB // 4, device=dist.device)
     if backend == "horovod":
@@ -116,8 +116,8 @@ def _store(tmp: str) -> str:
 
 def _run(store: str, experiment: str, out: str):
     from pipeline.config import load_config
-    from pipeline.dist import init_distributed
-    from pipeline.assembly import build
+    from pipeline.runtime.dist import init_distributed
+    from pipeline.train.assembly import build
     cfg = load_config(experiment, [f"data.path={store}", f"output_dir={out}",
                                    "train.dist.backend=none", "train.dist.nproc=1",
                                    f"train.max_steps={STEPS}", "train.epochs=1000",
@@ -140,7 +140,7 @@ def _plain_loop(run) -> float:
 
 
 def step_rows() -> list[dict]:
-    from pipeline.loop import fit
+    from pipeline.train.loop import fit
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         store = _store(tmp)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data.sources import ising_mc
+from pipeline.sources import ising_mc
 
 OUT = Path(__file__).resolve().parent
 CHAIN_SWEEPS = {32: (1000, 2000), 64: (3000, 4000)}   # (burn-in, measured) Metropolis sweeps
@@ -81,7 +81,7 @@ def generator_cost(size: int, t: float, batch: int, checkpoint: Path | None) -> 
     model.draw(temps)
     out = {"cpu_s_per_sample": (time.process_time() - t0) / batch}
     if checkpoint is not None:
-        from pipeline.checkpoint import load
+        from pipeline.core.checkpoint import load
         ckpt = load(checkpoint)
         model.load_state_dict(ckpt["model"])
         t0 = time.process_time()

@@ -25,8 +25,8 @@ import argparse
 import json
 import os
 import re
-import shutil
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,7 +85,7 @@ HEADLINES: dict[str, Headline] = {
     "wgan_gp_ising2d_cond": Headline("w1/energy", "lower", "w1_reference/energy", ISING_W1),
     "ar_ising2d_cond": Headline("precise/model/w1_ratio/energy", "lower", "",
                                 ("precise/model/w1_ratio/abs_magnetization", "precise/model/auc"),
-                                "W1 / floor pooled over 31 temperatures (pipeline/precise.py), "
+                                "W1 / floor pooled over 31 temperatures (pipeline/analysis/precise.py), "
                                 "no Metropolis sweeps"),
     "vae_ising2d": Headline("elbo", "higher", "", ("w1/energy", "w1_reference/energy"),
                             "nats per 32 x 32 configuration"),
@@ -233,7 +233,7 @@ def write_ising_domains(out: str | Path = DOMAINS_DIR, n: int = 2048, lattice: i
     """The CycleGAN's two unpaired Ising domains as .npy files for the npy importer: low.npy holds
     ordered configurations (T in [1.6, 2.0]), high.npy disordered ones (T in [2.6, 3.2]), each
     (n, 1, L, L) int8 from independent chains (different seeds). Written atomically."""
-    from pipeline.data.sources import ising2d
+    from pipeline.sources import ising2d
     out = Path(out) if Path(out).is_absolute() else ROOT / out
     out.mkdir(parents=True, exist_ok=True)
     for k, (name, t_min, t_max) in enumerate((("low", 1.6, 2.0), ("high", 2.6, 3.2))):
@@ -278,8 +278,8 @@ def ensure_store(experiment: str, extra: list[str]) -> tuple[list[str], float]:
 # --------------------------------------------------------------------------- baselines
 def baselines(cfg: Any, split: str) -> dict[str, float]:
     """Trivial predictors on the evaluated split, in the headline metric's units."""
+    from pipeline.analysis.evaluate import relative_l2
     from pipeline.data.store import open_store
-    from pipeline.evaluate import relative_l2
     store = open_store(ROOT / cfg.data.path)
     inputs, out = cfg.data.inputs, {"baseline/chance": 0.5}
     if "y" not in inputs:
@@ -306,10 +306,10 @@ def translation_metrics(checkpoint: Path) -> dict[str, float]:
     import torch
 
     from pipeline import physics
+    from pipeline.analysis.shared import checkpoint_config, eval_split, load_checkpoint
     from pipeline.data.store import normalization, open_store
-    from pipeline.ema import load_weights
-    from pipeline.analysis_io import checkpoint_config, eval_split, load_checkpoint
-    from pipeline.trainer import build_model
+    from pipeline.train.ema import load_weights
+    from pipeline.train.trainer import build_model
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt, [])
     model = build_model(cfg)
@@ -347,7 +347,7 @@ def held_out_temperatures(t_min: float = 1.6, t_max: float = 3.2, levels: int = 
 def monte_carlo(temps: np.ndarray, per_t: int, lattice: int = 32, seed: int = 7) -> dict[str, np.ndarray]:
     """`per_t` configurations at each temperature from the data's own sampler and settings
     (configs/data/ising2d.yaml: burn-in 300, 20 sweeps apart)."""
-    from pipeline.data.sources import ising2d
+    from pipeline.sources import ising2d
     p = ising2d.Params(lattice=lattice, t_min=float(temps[0]), t_max=float(temps[-1]),
                        n_temperatures=len(temps), chains=2 * len(temps))
     out = ising2d.generate(p, seed, 0, 0, per_t * len(temps))
@@ -356,18 +356,19 @@ def monte_carlo(temps: np.ndarray, per_t: int, lattice: int = 32, seed: int = 7)
 
 def thermo_metrics(checkpoint: Path, per_t: int = 64, figure: Path | None = None,
                    overrides: list[str] | None = None) -> dict[str, float]:
-    """A temperature-conditional generator's thermodynamic curves (pipeline/thermo.py) against the
+    """A temperature-conditional generator's thermodynamic curves (pipeline/physics/thermo.py) against the
     Monte Carlo ones: on the test split's temperatures (the training grid) and on the held-out
     midpoints between them. Each generated sample is made at a real sample's temperature and
     turned into spins by the one conversion rule (thermo.spins_from_output). `overrides` as
     for `hpcforge evaluate` (e.g. model.refine_sweeps=40)."""
     import torch
 
-    from pipeline import physics, thermo
+    from pipeline import physics
+    from pipeline.analysis.shared import checkpoint_config, eval_split, load_checkpoint
     from pipeline.data.store import normalization, open_store
-    from pipeline.ema import load_weights
-    from pipeline.analysis_io import checkpoint_config, eval_split, load_checkpoint
-    from pipeline.trainer import build_model
+    from pipeline.physics import thermo
+    from pipeline.train.ema import load_weights
+    from pipeline.train.trainer import build_model
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt, overrides or [])
     model = build_model(cfg)
@@ -508,7 +509,8 @@ def bins_figure(experiment: str, cpu_s: float, out: Path) -> Path:
     """W1 / floor per incident-energy bin over seeds (median, bars from min to max) for the model
     and its two no-network controls, one panel per observable: docs/img/<experiment>_bins.png."""
     from matplotlib.ticker import NullFormatter
-    from pipeline.figures import new_figure, to_png
+
+    from pipeline.core.figures import new_figure, to_png
     rows = study_rows(experiment, cpu_s)
     m = [r["metrics"] for r in rows]
     n_bins = 1 + max(int(k.split("/")[3]) for k in m[0] if k.startswith("bins/model/w1_ratio/"))

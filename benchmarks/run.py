@@ -18,7 +18,7 @@ from benchmarks.table import row
 
 
 def _versions() -> dict[str, str]:
-    from pipeline.provenance import versions
+    from pipeline.core.provenance import versions
     out = versions()
     try:
         from mpi4py import MPI
@@ -31,7 +31,7 @@ def _versions() -> dict[str, str]:
 def _mpi_json(nproc: int, module: str, args: list[str]):
     """Run `python -m module OUT args...` on nproc ranks; return what rank 0 wrote to OUT. The
     ranks' output (the Trainer's progress bars) is kept off the terminal and shown on failure."""
-    from pipeline.launch import mpi_env, mpirun_command
+    from pipeline.runtime.launch import mpi_env, mpirun_command
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
         cmd = mpirun_command(nproc, [str(out), *args], module=module)
@@ -196,7 +196,7 @@ def main(quick: bool = False, out: str = "outputs/bench/results.json",
          only: list[str] | None = None) -> int:
     unknown = sorted(set(only or []) - set(BENCHMARKS))
     if unknown:
-        from pipeline.errors import UserError
+        from pipeline.core.errors import UserError
         raise UserError(f"bench --only {','.join(unknown)}: no such benchmark; "
                         f"choose from {', '.join(BENCHMARKS)}")
     rows = []

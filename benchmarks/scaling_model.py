@@ -181,7 +181,7 @@ def family_workload(family: str, experiment: str) -> Workload:
     from torch.utils.flop_counter import FlopCounterMode
 
     from pipeline.config import load_config
-    from pipeline.assembly import build_model
+    from pipeline.train.assembly import build_model
     cfg = load_config(experiment)
     torch.manual_seed(0)
     model = build_model(cfg)

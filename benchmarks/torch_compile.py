@@ -26,7 +26,7 @@ def _setup(experiment: str):
     """The experiment's model, a batch like its data (32x32 spins in {0, 1}, phase labels), the
     optimizers, and the number of steps of its run on one rank."""
     from pipeline.config import load_config
-    from pipeline.assembly import build_model
+    from pipeline.train.assembly import build_model
     cfg = load_config(experiment)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -39,7 +39,7 @@ def _setup(experiment: str):
 
 
 def _stepper(model, batch, phases, losses):
-    from pipeline.dist import only_grads_of
+    from pipeline.runtime.dist import only_grads_of
 
     def step() -> None:
         for name, params, opt in phases:

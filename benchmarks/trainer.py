@@ -44,8 +44,8 @@ def _config(store: str, backend: str, steps: int, model: str):
 
 def _fit(cfg, dist) -> float:
     """fit's steps/s: all of it (loader start, checkpoints, the final save), not set-up (build)."""
-    from pipeline.loop import fit
-    from pipeline.assembly import build
+    from pipeline.train.assembly import build
+    from pipeline.train.loop import fit
     run = build(cfg, dist)
     dist.barrier()
     t0 = time.perf_counter()
@@ -54,7 +54,7 @@ def _fit(cfg, dist) -> float:
 
 
 def run_trainer(store: str, backend: str, steps: int) -> dict:
-    from pipeline.dist import init_distributed
+    from pipeline.runtime.dist import init_distributed
     cfg = _config(store, backend, steps, "vae")
     dist = init_distributed(cfg.train.dist)
     rate = _fit(cfg, dist)
@@ -64,6 +64,7 @@ def run_trainer(store: str, backend: str, steps: int) -> dict:
 def _loop(model_name: str, fused: bool = False):
     """The baseline: no loader, no metrics, no checkpoints; plain Horovod. Returns step()."""
     import horovod.torch as hvd
+
     from models import MODELS
     torch.set_num_threads(1)
     hvd.init()
@@ -111,7 +112,7 @@ def run_loop(model_name: str, backend: str, steps: int) -> dict:
 
 
 def run_paired(store: str, repeats: int, steps: int, model: str = "vae") -> dict:
-    from pipeline.dist import init_distributed
+    from pipeline.runtime.dist import init_distributed
     loops = {"loop": _loop(model), "loop_fused": _loop(model, fused=True)}
     out: dict = {"trainer": [], **{side: [] for side in loops}}
     warm = _config(store, "horovod", min(steps, 100), model)
@@ -132,7 +133,7 @@ def run_paired(store: str, repeats: int, steps: int, model: str = "vae") -> dict
 def profile_off_cost(parts: int = 8, steps: int = 20000) -> float:
     """Seconds a step pays for train.profile=off: the no-op parts the loop enters (data, forward,
     backward, all-reduce, optimizer twice, logging: 7 for one phase and one batch; 8 to spare)."""
-    from pipeline.profile import StepTimer
+    from pipeline.train.profile import StepTimer
     timer = StepTimer()
     t0 = time.perf_counter()
     for _ in range(steps):

@@ -25,7 +25,7 @@ import signal
 import sys
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,12 +47,12 @@ _SOURCES = "(the sources and importers)"   # replaced by the registry's text, fo
 
 class _SourcesEpilog(argparse.RawDescriptionHelpFormatter):
     """`prepare --help` lists every source and importer with an example, built from the registry
-    (pipeline.data.sources.describe) when help is shown: importing it takes ~1 s."""
+    (pipeline.sources.describe) when help is shown: importing it takes ~1 s."""
 
     def add_text(self, text):
         if text == _SOURCES:
             from pipeline.config import available
-            from pipeline.data.sources import describe
+            from pipeline.sources import describe
             text = describe(set(available("data")))
         super().add_text(text)
 
@@ -124,7 +124,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-# pipeline.explain.METHODS, spelled out: importing it (torch, Captum's users) would slow every command
+# pipeline.analysis.explain.METHODS, spelled out: importing it (torch, Captum's users) would slow every command
 EXPLAIN_METHODS = ("saliency", "guided_backprop", "integrated_gradients", "gradient_shap")
 
 
@@ -231,10 +231,10 @@ def _check_store_fills_a_step(cfg, ranks: int) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Preemption signals are caught from here on, before torch is imported (pipeline.preemption):
+    """Preemption signals are caught from here on, before torch is imported (pipeline.runtime.preemption):
     one that comes while the command starts or ends is acted on or, once the run is done,
     ignored, but never kills it (issue 25)."""
-    from pipeline.preemption import SIGNALS, PreemptionFlag
+    from pipeline.runtime.preemption import SIGNALS, PreemptionFlag
     flag = PreemptionFlag().__enter__()
     try:
         return _train(args, flag)
@@ -253,8 +253,8 @@ def _train(args: argparse.Namespace, flag) -> int:
         raise UserError(f"--nproc {args.nproc}: expected at least 1 rank; pass --nproc 1 or more")
     extra = [f"train.dist.nproc={args.nproc}"] if args.nproc is not None else []
     cfg = _config(args, extra)  # validate before starting any rank
-    from pipeline.launch import needs_launch, relaunch
-    from pipeline.dist import check_backend, detect_launcher
+    from pipeline.runtime.dist import check_backend, detect_launcher
+    from pipeline.runtime.launch import needs_launch, relaunch
     check_backend(cfg.train.dist)  # e.g. Horovod missing: one line naming ddp, no rank started
     launch = needs_launch(cfg.train.dist.nproc)
     if launch and cfg.train.dist.backend == "none":
@@ -264,16 +264,16 @@ def _train(args: argparse.Namespace, flag) -> int:
     check_free(Path(cfg.data.path))  # not while a prepare writes it
     _check_store_fills_a_step(cfg, cfg.train.dist.nproc if launch else detect_launcher().world_size)
     if launch:
-        from pipeline.trainer import check_before_start  # (ranks started elsewhere: train())
+        from pipeline.train.trainer import check_before_start  # (ranks started elsewhere: train())
         check_before_start(cfg)  # one run, one record; the store's classes: before any rank
         argv = ["train", "-e", args.experiment, *args.overrides, *extra]
         return relaunch(cfg.train.dist.nproc, argv, cfg.train.dist.launcher,
                         cfg.train.dist.timeout_s, Path(cfg.output_dir) / "train" / "checkpoints",
                         flag)
-    from pipeline.nonfinite import NonFiniteError
-    from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted
-    from pipeline.trainer import train
-    from pipeline.watchdog import preempted_status
+    from pipeline.runtime.preemption import REQUEUE_EXIT_CODE, Preempted
+    from pipeline.runtime.watchdog import preempted_status
+    from pipeline.train.nonfinite import NonFiniteError
+    from pipeline.train.trainer import train
     try:
         summary = train(cfg, flag)
     except Preempted as e:
@@ -305,7 +305,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import evaluate
+    from pipeline.analysis.evaluate import evaluate
     if args.per_t < 0:
         raise UserError(f"--per-t {args.per_t}: expected 0 (skip the precise evaluation) or a "
                         f"positive count of samples per temperature, e.g. --per-t 256")
@@ -334,7 +334,7 @@ def parse_ints(flag: str, text: str) -> list[int]:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from pipeline.explain import explain
+    from pipeline.analysis.explain import explain
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     heads = None if args.heads is None else parse_ints("--heads", args.heads)
     result = explain(args.checkpoint, list(args.overrides), args.n, methods, heads)
@@ -343,14 +343,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from pipeline.attack import attack, parse_eps
+    from pipeline.analysis.attack import attack, parse_eps
     result = attack(args.checkpoint, parse_eps(args.eps), args.steps, args.n, list(args.overrides))
     _print_result(result, result["kind"])
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.report import report
+    from pipeline.analysis.report import report
     out = report(args.run_dirs, args.out)
     print(f"[hpcforge] report: {out}")
     return 0

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.config import ClusterConfig
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 # Training time the job must get before the checkpoint signal; below this a job would be
 # signalled before (or right after) it starts, checkpoint nothing and requeue forever.

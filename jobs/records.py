@@ -30,7 +30,7 @@ import submitit
 from submitit.core.utils import pickle_load
 from submitit.local.local import LocalJob
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 
 def command_line() -> list[str]:

@@ -17,9 +17,9 @@ from jobs.executor import (make_executor, private_files, resolve_backend, submit
                            tasks_per_node, validate)
 from jobs.tasks import EvaluateJob, PrepareJob, TrainJob, final_checkpoint
 from pipeline.config import ClusterConfig, Config, load_config
-from pipeline.errors import UserError
-from pipeline.provenance import git_revision
-from pipeline.redaction import redact
+from pipeline.core.errors import UserError
+from pipeline.core.provenance import git_revision
+from pipeline.core.redaction import redact
 
 STAGES = ("prepare", "train", "evaluate")
 

@@ -33,7 +33,7 @@ never reads the value as an option.
 
 Kept rather than Hydra's: the swept keys are the ones after `--grid`, so a common override never
 becomes an axis by holding a comma (under `-m` Hydra sweeps any `key=a,b`); `--task` lists
-combinations a grid cannot; and the configs are composed by pipeline/config.py, not by Hydra.
+combinations a grid cannot; and the configs are composed by pipeline/config/__init__.py, not by Hydra.
 """
 from __future__ import annotations
 
@@ -55,9 +55,9 @@ from jobs.executor import make_executor, private_files, resolve_backend, submit_
 from jobs.submit import record_for, resolved, slurm_ranks
 from jobs.tasks import TrainJob
 from pipeline.config import LoggerConfig, parse_overrides
-from pipeline.errors import UserError
-from pipeline.provenance import git_revision
-from pipeline.redaction import redact
+from pipeline.core.errors import UserError
+from pipeline.core.provenance import git_revision
+from pipeline.core.redaction import redact
 
 
 def split_values(text: str) -> list[str]:
@@ -101,7 +101,7 @@ def _task_words(task: str) -> list[str]:
 
 
 SWEEP_STAGES = (["train"], ["train", "evaluate"])
-# Metrics only `hpcforge evaluate` writes (pipeline/evaluate.py), never the trainer's history.
+# Metrics only `hpcforge evaluate` writes (pipeline/analysis/evaluate.py), never the trainer's history.
 EVALUATION_ONLY = ("w1/", "w1_reference/", "classifier/", "frechet_", "relative_l2", "anomaly_",
                    "precise/")
 
@@ -152,11 +152,11 @@ def check_rank_by(rank: RankBy | None, stages: list[str], data_path: str, variab
 
 
 def observable_names(data_path: str, variable: str) -> list[str]:
-    """The scalar observables evaluate compares for the store's source (pipeline/physics.py),
+    """The scalar observables evaluate compares for the store's source (pipeline/physics/__init__.py),
     computed on two stored samples."""
     from pipeline import physics
-    from pipeline.data.sources import observables
     from pipeline.data.store import open_store
+    from pipeline.sources import observables
     store = open_store(data_path)
     obs = observables(store.meta.source)
     if obs is None:
@@ -341,7 +341,7 @@ class SweepSummary:
         return {"rows": rows, "summary": str(out / "summary.json"), "wandb_run": run_path}
 
     def _log_wandb(self, columns: list[str], rows: list[dict[str, Any]], out: Path) -> str | None:
-        from pipeline.tracking import resolve_mode
+        from pipeline.runtime.tracking import resolve_mode
         mode = resolve_mode(self.logger.mode)  # auto: online with an API key, else offline
         if mode == "disabled":
             return None

@@ -1,18 +1,18 @@
 """The callables submitit runs on the cluster: one class per pipeline stage.
 
 Every srun task of a job calls the same object; each task is one rank. Rank, world size, local
-rank and node come from pipeline/dist.py alone (`detect_launcher`, `node_name`), here as in the
+rank and node come from pipeline/runtime/dist.py alone (`detect_launcher`, `node_name`), here as in the
 trainer; what this module knows is Slurm's side: requeues, job ids, and the rendezvous address
 of a torch.distributed job (`export_rendezvous`, from submitit). Submitit pickles the object
 into the job folder, so a requeued job calls it again with the same config.
 
-Preemption and time limits follow the one contract written in pipeline/preemption.py (signals,
+Preemption and time limits follow the one contract written in pipeline/runtime/preemption.py (signals,
 the step-boundary vote, checkpoint on disk before exit 75); what is Slurm's side of it lives here:
 `TrainJob` requeues the job itself (`scontrol requeue`, rank 0) when `train()` raises `Preempted`,
 bounded by `cluster.max_requeues` (Slurm counts them in SLURM_RESTART_COUNT), and outside `train()`
 submitit's own handler calls `checkpoint()`, which resubmits the same job (it resumes from last.pt).
 
-A frozen rank (pipeline.watchdog): every task runs a watchdog thread over all ranks' heartbeats in
+A frozen rank (pipeline.runtime.watchdog): every task runs a watchdog thread over all ranks' heartbeats in
 the job folder; when a rank is silent longer than `train.dist.timeout_s`, the lowest other rank
 prints the line naming it and kills the job step (SIGKILL), so the job FAILS instead of holding
 the allocation until its time limit (a failure, never requeued).
@@ -48,8 +48,8 @@ def requeued_by_slurm(job_id: str, n: int) -> bool:
 
 
 def placement() -> dict[str, Any]:
-    """This task's rank and place, as pipeline.dist reads them from srun (or nothing: rank 0 of 1)."""
-    from pipeline.dist import detect_launcher, node_name  # torch: not in `hpcforge submit`
+    """This task's rank and place, as pipeline.runtime.dist reads them from srun (or nothing: rank 0 of 1)."""
+    from pipeline.runtime.dist import detect_launcher, node_name  # torch: not in `hpcforge submit`
     place = detect_launcher()
     return {"rank": place.rank, "node": node_name(), "local_rank": place.local_rank,
             "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "none"), "pid": os.getpid()}
@@ -58,7 +58,7 @@ def placement() -> dict[str, Any]:
 def export_rendezvous() -> None:
     """MASTER_ADDR and MASTER_PORT for a torch.distributed job (train.dist.backend=ddp): the job's
     first node and a port drawn from the job id, as submitit's TorchDistributedEnvironment
-    computes them (every task gets the same), for pipeline.dist to use. Values already set (by
+    computes them (every task gets the same), for pipeline.runtime.dist to use. Values already set (by
     the user, cluster.setup) are kept. Horovod needs none: it wires up through MPI."""
     env = submitit.helpers.TorchDistributedEnvironment()
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
@@ -71,7 +71,7 @@ def announce_ranks(folder: Path) -> dict[str, Any]:
     A file per rank, not a collective: the backend (Horovod or DDP) is the trainer's to start,
     and the job folder is on a filesystem every node sees (submitit needs that anyway).
     """
-    from pipeline.dist import detect_launcher
+    from pipeline.runtime.dist import detect_launcher
     me = placement()
     world_size = detect_launcher().world_size
     d = folder / f"ranks-{os.environ.get('SLURM_JOB_ID', os.getpid())}-{restarts()}"
@@ -100,11 +100,11 @@ def watch_ranks(folder: Path, cfg: Config) -> threading.Event:
     event to stop watching. Every task watches (any of them may be the frozen one) but only the
     lowest rank other than the silent one acts, so the line is printed once. A thread is enough
     here: it needs the GIL only every POLL_S, and a rank blocked in a collective has given it up."""
-    from pipeline.dist import detect_launcher
-    from pipeline.watchdog import WATCH_DIR_ENV, Watchdog
+    from pipeline.runtime.dist import detect_launcher
+    from pipeline.runtime.watchdog import WATCH_DIR_ENV, Watchdog
     d = folder / f"heartbeats-{os.environ.get('SLURM_JOB_ID', os.getpid())}-{restarts()}"
     d.mkdir(parents=True, exist_ok=True)
-    os.environ[WATCH_DIR_ENV] = str(d)  # the trainer beats there (pipeline.watchdog.Heartbeat)
+    os.environ[WATCH_DIR_ENV] = str(d)  # the trainer beats there (pipeline.runtime.watchdog.Heartbeat)
     stop = threading.Event()
     dog = Watchdog(d, detect_launcher().world_size, cfg.train.dist.timeout_s)
     threading.Thread(target=_watch, args=(dog, stop, Path(cfg.output_dir) / "train" / "checkpoints"),
@@ -113,7 +113,7 @@ def watch_ranks(folder: Path, cfg: Config) -> threading.Event:
 
 
 def _watch(dog: Any, stop: threading.Event, checkpoints: Path) -> None:
-    from pipeline.watchdog import POLL_S, latest_checkpoint
+    from pipeline.runtime.watchdog import POLL_S, latest_checkpoint
     me = placement()["rank"]
     while not stop.wait(POLL_S):
         stall = dog.stalled()
@@ -135,7 +135,7 @@ def job_folder() -> Path:
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """`pipeline.trainer.train(cfg)` on every task of the job, surviving preemption by requeue.
+    """`pipeline.train.trainer.train(cfg)` on every task of the job, surviving preemption by requeue.
 
     With `evaluate=True` (a sweep's `--stages train,evaluate`, issue 15) rank 0 then scores the
     final checkpoint in the same task, as `hpcforge evaluate` would: no second job to queue per
@@ -150,13 +150,13 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.evaluate = evaluate
 
     def __call__(self) -> dict[str, Any]:
-        from pipeline.dist import detect_launcher
+        from pipeline.runtime.dist import detect_launcher
         cfg = resumable(self.cfg)
         under_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"  # ranks are srun's tasks
         if not under_slurm and detect_launcher().world_size == 1 and cfg.train.dist.nproc > 1:
             return self._relaunch_locally(cfg)  # local executor: start the ranks with mpirun
-        from pipeline.preemption import Preempted
-        from pipeline.trainer import train
+        from pipeline.runtime.preemption import Preempted
+        from pipeline.train.trainer import train
         if under_slurm and cfg.train.dist.backend == "ddp":
             export_rendezvous()
         me = announce_ranks(job_folder())
@@ -172,8 +172,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         return {**me, "restarts": restarts(), "summary": summary}
 
     def _requeue_or_fail(self) -> None:
-        from pipeline.dist import detect_launcher
-        from pipeline.preemption import REQUEUE_EXIT_CODE
+        from pipeline.runtime.dist import detect_launcher
+        from pipeline.runtime.preemption import REQUEUE_EXIT_CODE
         n, rank = restarts(), detect_launcher().rank
         job_id = os.environ.get("SLURM_JOB_ID")
         checkpoints = Path(self.cfg.output_dir) / "train" / "checkpoints"
@@ -216,8 +216,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
     def _relaunch_locally(self, cfg: Config) -> dict[str, Any]:
-        from pipeline.launch import relaunch
-        from pipeline.preemption import REQUEUE_EXIT_CODE
+        from pipeline.runtime.launch import relaunch
+        from pipeline.runtime.preemption import REQUEUE_EXIT_CODE
         rc = relaunch(cfg.train.dist.nproc, ["train", *self.argv], cfg.train.dist.launcher,
                       cfg.train.dist.timeout_s, Path(cfg.output_dir) / "train" / "checkpoints")
         if rc == REQUEUE_EXIT_CODE:  # the ranks checkpointed after a preemption signal
@@ -232,7 +232,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 
 def final_checkpoint(cfg: Config) -> Path:
-    """Where `hpcforge train` leaves the run's final checkpoint (pipeline/loop.py)."""
+    """Where `hpcforge train` leaves the run's final checkpoint (pipeline/train/loop.py)."""
     return Path(cfg.output_dir) / "train" / "checkpoints" / "final.pt"
 
 
@@ -268,7 +268,7 @@ class EvaluateJob:
         self.checkpoint = checkpoint
 
     def __call__(self) -> dict[str, Any]:
-        from pipeline.evaluate import evaluate
+        from pipeline.analysis.evaluate import evaluate
         result = evaluate(self.checkpoint)
         print(f"[hpcforge] evaluated {self.checkpoint}: {json.dumps(result['metrics'])}", flush=True)
         return result

@@ -4,8 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from models import (aae, autoencoder, autoregressive, calo_wgan, cgan, cnn, cnn1d, cyclegan, dcgan,
-                    dilated, fno, gan, mlp, resnet, rnn, tower, transformer, unet, vae,
-                    wgan_gp)
+                    dilated, fno, gan, mlp, resnet, rnn, tower, transformer, unet, vae, wgan_gp)
 
 MODELS = {
     "mlp": (mlp.MLPConfig, mlp.build),
@@ -33,7 +32,7 @@ MODELS = {
 
 def config_class(name: str) -> type:
     """The dataclass that types `model.params` for family `name`. The registry owns its names, so
-    an unknown one is refused here, listing the families (pipeline/config.py adds the key)."""
+    an unknown one is refused here, listing the families (pipeline/config/__init__.py adds the key)."""
     if name not in MODELS:
         raise LookupError(f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")
     return MODELS[name][0]

@@ -57,7 +57,7 @@ class AAE(Trainable):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return decoded(self.autoencoder["decoder"](z), self.cfg.decoder)
 
-    # ---- latent space (pipeline/latent.py, issue #16); the prior is N(0, I)
+    # ---- latent space (pipeline/analysis/latent.py, issue #16); the prior is N(0, I)
     @property
     def latent_dim(self) -> int:
         return self.cfg.latent_dim

@@ -15,7 +15,7 @@ core), log(r / ratio_ref), the shower's fractions per layer and per ring around 
 three times summary_scale: they set the total, the depth and the width issue #15 judges), and
 the condition log E mapped onto [0, 1]. With `cell_features=False` the critic sees only the
 summaries, the high-level features of the CaloChallenge's second classifier (Krause et al. 2024,
-arXiv:2410.21611) and of pipeline/two_sample_classifier.py: a critic of ~20 inputs instead of ~2000 takes
+arXiv:2410.21611) and of pipeline/analysis/two_sample_classifier.py: a critic of ~20 inputs instead of ~2000 takes
 many more steps per CPU second, and the cells are then constrained only through the per-layer and
 per-ring sums (what that leaves out, the Fréchet distance on learned features shows).
 

@@ -42,7 +42,8 @@ class FNO(Supervised):
         for key, least in (("modes", 1), ("width", 1), ("n_layers", 1), ("pad", 0)):
             if getattr(cfg, key) < least:
                 raise ValueError(f"fno: {key} {getattr(cfg, key)}: expected >= {least}")
-        from neuralop.models import FNO as NeuralOpFNO  # imports tensorly & co (seconds): only when built
+        from neuralop.models import \
+            FNO as NeuralOpFNO  # imports tensorly & co (seconds): only when built
         self.cfg = cfg
         # (B, C_in, H + pad, W + pad) + 2 grid channels -> lift (B, 2 width) -> (B, width)
         #   -> n_layers x [spectral conv on modes x modes + linear skip, GELU] -> project -> (B, C_out, H, W)
@@ -53,7 +54,7 @@ class FNO(Supervised):
     def state_dict(self, *args, **kwargs) -> dict[str, Any]:
         """Parameters only: neuralop's BaseModel.state_dict adds a `_metadata` entry (its constructor
         arguments, the GELU function among them) that torch.load(weights_only=True), the way
-        pipeline/checkpoint.py reads checkpoints, refuses. The checkpoint's config rebuilds the model."""
+        pipeline/core/checkpoint.py reads checkpoints, refuses. The checkpoint's config rebuilds the model."""
         state = super().state_dict(*args, **kwargs)
         state.pop("_metadata", None)
         return state

@@ -58,7 +58,7 @@ class GAN(Trainable):
 
     @torch.no_grad()
     def decode_latent(self, z: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """G(z) at batch's condition (pipeline/latent.py, issue #16); no refinement sweeps, so a
+        """G(z) at batch's condition (pipeline/analysis/latent.py, issue #16); no refinement sweeps, so a
         path through z stays continuous."""
         return self.generate(z, batch)
 

@@ -356,7 +356,7 @@ class TemperatureCondition:
 def metropolis_sweeps(spins: torch.Tensor, temperature: torch.Tensor, sweeps: int) -> torch.Tensor:
     """`sweeps` checkerboard Metropolis sweeps (Metropolis et al. 1953) of +-1 spins (B, 1, L, L),
     periodic, J = k_B = 1, each sample at its own temperature (B,): the dynamics that made the
-    training data (pipeline/data/sources/ising2d.py). A few sweeps equilibrate a generated
+    training data (pipeline/sources/ising2d.py). A few sweeps equilibrate a generated
     lattice's nearest-neighbour correlations, which a network that outputs independent spins
     cannot make, and leave its large-scale order (|m|, domains), which relaxes over many more
     sweeps near T_c, to the network. L must be even (two sublattices)."""

@@ -6,7 +6,7 @@ of one event, each a 2-D image of its own granularity that no single convolution
 The input is the fields flattened and joined, in order, as the loader gives several variables
 (`data.inputs.x=[layer_0, layer_1, layer_2]`: (B, 288 + 144 + 72)); the model cuts it back into
 `layer_shapes`, each (H, W) or (C, H, W), so it takes each layer as it is stored. Left unset,
-`layer_shapes` and `n_outputs` come from the store (pipeline.shapes).
+`layer_shapes` and `n_outputs` come from the store (pipeline.train.shapes).
 """
 from __future__ import annotations
 

@@ -132,7 +132,7 @@ class VAE(Trainable):
         p = self.decode(torch.randn(n, self.cfg.latent_dim, device=device), t)
         return refine_spins(p, t, self.cfg.refine_sweeps) if self.cfg.refine_sweeps else p
 
-    # ---- latent space (pipeline/latent.py, issue #16): encode, decode and rank dimensions
+    # ---- latent space (pipeline/analysis/latent.py, issue #16): encode, decode and rank dimensions
     @property
     def latent_dim(self) -> int:
         return self.cfg.latent_dim

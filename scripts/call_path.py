@@ -11,8 +11,8 @@ the running code. Consecutive events in one module are one *stay*. The report co
 - re-entries: stays in a module that had been left before (the "climbs back");
 - returns: moves caused by a function returning to its caller's module.
 
-Module bodies run by imports are not counted, only function calls. Third-party code (torch, dask, zarr ...) is transparent: a call from pipeline.loop through torch
-back into pipeline.loop is one stay. The numbers depend on the command and its steps, so compare
+Module bodies run by imports are not counted, only function calls. Third-party code (torch, dask, zarr ...) is transparent: a call from pipeline.train.loop through torch
+back into pipeline.train.loop is one stay. The numbers depend on the command and its steps, so compare
 two trees with the same command line.
 """
 from __future__ import annotations

@@ -45,7 +45,7 @@ def files_holding(root: Path, secrets: list[str]) -> list[str]:
             with zipfile.ZipFile(path) as z:
                 blobs += [z.read(name) for name in z.namelist()]
         if path.suffix == ".pt":
-            from pipeline.checkpoint import load
+            from pipeline.core.checkpoint import load
             blobs.append(json.dumps(load(path).get("config"), default=str).encode())
         hits += [f"{path.relative_to(root)}: {s}" for s in secrets
                  if any(s.encode() in b for b in blobs)]

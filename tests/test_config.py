@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers import hpcforge
-from pipeline.config import CONFIG_DIR, Config, ConfigError, available, build, load_config
-from pipeline.data.sources.ising2d import Params as IsingParams
+
 from models.vae import VAEConfig
+from pipeline.config import CONFIG_DIR, Config, ConfigError, available, build, load_config
+from pipeline.sources.ising2d import Params as IsingParams
 
 
 def test_demo_composes_groups_and_experiment_overrides():
@@ -69,7 +69,7 @@ def test_missing_required_value_is_named():
 
 def test_every_yaml_under_configs_composes_and_builds():
     from models import MODELS
-    from pipeline.trainer import build_model
+    from pipeline.train.trainer import build_model
 
     for exp in available("experiment"):
         cfg = load_config(exp)

@@ -53,15 +53,15 @@ def test_a_page_outside_the_navigation_fails_the_build(tmp_path):
 
 
 def test_configuration_reference_is_generated_from_the_code():
-    from pipeline.config_reference import page
+    from pipeline.config.reference import page
     assert REFERENCE.read_text() == page(), (
         "docs/reference/configuration.md differs from the code; regenerate it: "
-        ".venv/bin/python -m pipeline.config_reference > docs/reference/configuration.md")
+        ".venv/bin/python -m pipeline.config.reference > docs/reference/configuration.md")
 
 
 def test_reference_names_every_range_and_comment():
     from pipeline.config import RANGES
-    from pipeline.config_reference import page
+    from pipeline.config.reference import page
     text = page()
     for key, rng in RANGES.items():
         row = next((line for line in text.splitlines() if line.startswith(f"| `{key}` |")), None)

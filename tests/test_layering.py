@@ -128,6 +128,64 @@ def test_no_import_circle():
         " (break it at its cause: move the shared code below both, or pass it in as an argument)"
 
 
+
+# ------------------------------------------------------- pipeline's subpackages (issue #27)
+# subpackage -> the subpackages it may import; imports point one way (bottom to top):
+# physics -> core -> sources -> config -> data, runtime -> train -> analysis
+PIPELINE_LAYERS = {
+    "physics": set(),                                   # observables, bins: numpy alone
+    "core": {"physics"},                                # errors, checkpoint files, figures, ...
+    "sources": {"core", "physics"},                     # the simulators and importers
+    "config": {"core", "sources"},                      # the config dataclasses (typed by sources)
+    "data": {"config", "core", "physics", "sources"},   # stores, loader, prepare on Dask
+    "runtime": {"config", "core"},                      # ranks, signals, watchdog, W&B
+    "train": {"config", "core", "data", "physics", "runtime", "sources"},
+    "analysis": {"config", "core", "data", "physics", "runtime", "sources", "train"},
+}
+
+
+def layer_of(module: str) -> str | None:
+    """`pipeline.train.loop` -> `train`; pipeline itself -> None."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "pipeline" and len(parts) > 1 else None
+
+
+def wrong_way_imports(graph: dict[str, set[str]]) -> list[str]:
+    """`a imports b` for each pipeline import between subpackages that PIPELINE_LAYERS does not
+    allow (an import within one subpackage is always allowed)."""
+    bad = []
+    for module, deps in sorted(graph.items()):
+        here = layer_of(module)
+        for dep in sorted(deps):
+            there = layer_of(dep)
+            if here and there and here != there and there not in PIPELINE_LAYERS.get(here, set()):
+                bad.append(f"{module} imports {dep} ({here} may import only "
+                           f"{', '.join(sorted(PIPELINE_LAYERS.get(here, ()))) or 'nothing'})")
+    return bad
+
+
+def test_every_pipeline_module_sits_in_one_subpackage_and_imports_point_one_way():
+    files = module_files()
+    loose = sorted(m for m in files if m.startswith("pipeline.") and m.count(".") == 1
+                   and layer_of(m) not in PIPELINE_LAYERS)
+    assert not loose, f"modules outside pipeline's subpackages: {loose}"
+    packages = {layer_of(m) for m in files if layer_of(m)}
+    assert packages == set(PIPELINE_LAYERS), sorted(packages ^ set(PIPELINE_LAYERS))
+    bad = wrong_way_imports(import_graph(files))
+    assert not bad, "imports against pipeline's layers: " + "; ".join(bad)
+
+
+def test_the_layers_themselves_have_no_circle():
+    """The allowed directions form a DAG: a circle there would allow a circle of modules."""
+    assert not circles({k: set(v) for k, v in PIPELINE_LAYERS.items()})
+
+
+def test_an_import_against_the_layers_is_named():
+    graph = {"pipeline.core.errors": set(), "pipeline.train.loop": {"pipeline.core.errors"},
+             "pipeline.core.figures": {"pipeline.train.loop"}}
+    assert wrong_way_imports(graph) == [
+        "pipeline.core.figures imports pipeline.train.loop (core may import only physics)"]
+
 def test_a_planted_circle_is_found_and_named(tmp_path):
     for package in FORBIDDEN:
         (tmp_path / package).mkdir()

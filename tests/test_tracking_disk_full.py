@@ -7,10 +7,10 @@ import hashlib
 from pathlib import Path
 
 import pytest
-
 from helpers import hpcforge
+
 from pipeline.config import LoggerConfig
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 
 def fill(disk: Path) -> Path:
@@ -56,7 +56,7 @@ def test_train_on_a_full_disk_is_one_line_and_keeps_the_checkpoint(small_store, 
 
 def test_disk_filling_up_during_the_run_names_the_file(small_disk, capfd):
     """Metrics, W&B's files and summary.json on a disk that fills while the run is open."""
-    from pipeline.tracking import Tracker
+    from pipeline.runtime.tracking import Tracker
 
     run_dir = small_disk / "train"
     tracker = Tracker(LoggerConfig(mode="offline"), run_dir, {"lr": 0.1}, active=True)
@@ -74,7 +74,7 @@ def test_disk_filling_up_during_the_run_names_the_file(small_disk, capfd):
 
 
 def test_w_and_b_files_on_a_full_disk_are_named(small_disk, capfd):
-    from pipeline.tracking import Tracker
+    from pipeline.runtime.tracking import Tracker
 
     run_dir = small_disk / "train"
     tracker = Tracker(LoggerConfig(mode="offline"), run_dir, {"lr": 0.1}, active=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from pipeline.config import DaskConfig
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 ZARR_IO_PER_THREAD = 4   # concurrent chunk reads/writes per Dask thread: hides latency, bounded
 LOOPBACK = "127.0.0.1"   # where a local cluster listens: nobody else on the network reaches it

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 ATTEMPTS = 50          # tries to create the lock while a stale one is being taken over
 RETRY_S = 0.1          # pause between tries

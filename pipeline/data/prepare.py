@@ -41,14 +41,14 @@ import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from pipeline.config import DataConfig
+from pipeline.core.errors import UserError
+from pipeline.core.provenance import versions
+from pipeline.core.redaction import redact
+from pipeline.core.rundir import check_writable
 from pipeline.data.lock import store_lock
-from pipeline.data.sources import SOURCES, declared
-from pipeline.data.sources.base import Variable
 from pipeline.data.store import FORMAT, FORMAT_VERSION, SPLITS, open_store, shard_checksum
-from pipeline.redaction import redact
-from pipeline.errors import UserError
-from pipeline.rundir import check_writable
-from pipeline.provenance import versions
+from pipeline.sources import SOURCES, declared
+from pipeline.sources.base import Variable
 
 INNER_CHUNK_BYTES = 1 << 20  # ~1 MiB: large enough that per-read overhead is small, small enough
 #                              that a shuffle buffer of blocks mixes samples (bench data_loader)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 _EMPTY = np.uint64(2 ** 64 - 1)
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 FORMAT = "hpcforge-zarr"
 FORMAT_VERSION = 1

@@ -8,9 +8,9 @@ import pytest
 import zarr
 
 from pipeline.config import load_config
+from pipeline.core.errors import UserError
 from pipeline.data.prepare import Paths, _hpcforge_meta, prepare
 from pipeline.data.store import open_store
-from pipeline.errors import UserError
 
 SMALL = ["data.params.lattice=8", "data.params.burn_in=5", "data.params.decorrelation=1",
          "data.n_samples=256", "data.chunk_size=64", "data.shard_size=64", "data.dask.progress=false"]

@@ -9,12 +9,12 @@ import torch
 
 from benchmarks.own_data import write_calo_tree
 from pipeline.config import load_config
+from pipeline.core.errors import UserError
 from pipeline.data.loader import ShardedLoader
 from pipeline.data.prepare import prepare
 from pipeline.data.store import open_store
-from pipeline.errors import UserError
-from pipeline.assembly import build_model
-from pipeline.trainer import check_before_start
+from pipeline.train.assembly import build_model
+from pipeline.train.trainer import check_before_start
 
 LAYERS = ["layer_0", "layer_1", "layer_2"]
 
@@ -87,8 +87,8 @@ def test_shape_keys_the_config_sets_are_kept_and_a_wrong_class_count_still_refus
 def test_a_val_split_too_small_for_one_batch_per_rank_is_said_not_skipped_silently(
         calo_store, tmp_path, capsys):
     """Issue 24: validation was skipped without a word (no val/loss, no best.pt)."""
-    from pipeline.dist import init_distributed
-    from pipeline.assembly import build
+    from pipeline.runtime.dist import init_distributed
+    from pipeline.train.assembly import build
     store, _ = calo_store
     n = store.meta.splits["val"]
     cfg = load_config("calo_tree_pid", [f"data.path={store.path}", f"output_dir={tmp_path}",

@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
-
 from data_helpers import import_config, sample_hashes, stored
+
+from pipeline.core.errors import UserError
 from pipeline.data.prepare import prepare
-from pipeline.data.sources import SOURCES
 from pipeline.data.store import open_store
-from pipeline.errors import UserError
+from pipeline.sources import SOURCES
 
 SIZES = (30, 20)   # samples in the two input files
 

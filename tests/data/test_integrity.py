@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from helpers import hpcforge, small
 from zarr.codecs import BloscCodec
 
-from helpers import hpcforge, small
+from pipeline.core.errors import UserError
 from pipeline.data.loader import ShardedLoader
 from pipeline.data.store import open_store
-from pipeline.errors import UserError
 
 INPUTS = {"x": "spins", "e": "energy", "t": "temperature"}
 

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline import physics
-from pipeline.data.sources import ising2d, ising_mc
-
+from pipeline.sources import ising2d, ising_mc
 
 
 def assert_same_means(x: np.ndarray, y: np.ndarray, temps: np.ndarray, groups: int = 3) -> None:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import ROOT, hpcforge
+
 from pipeline.config import load_config
+from pipeline.core.errors import UserError
 from pipeline.data.prepare import Paths, _hpcforge_meta, prepare
 from pipeline.data.store import open_store
-from pipeline.errors import UserError
 
 # 640 Ising samples, 10 chunks, 20 shards: a few seconds of work on one worker
 SMALL = ["data.params.lattice=16", "data.params.burn_in=40", "data.params.decorrelation=4",

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
+from pipeline.core.errors import UserError
 from pipeline.data.prepare import Paths, _hpcforge_meta, _start_partial, content_config, prepare
 from pipeline.data.store import open_store
-from pipeline.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 # 640 Ising samples in 10 chunks, 16 + 4 shards of 32: pass 2 is long enough to be killed in

@@ -8,10 +8,10 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from pipeline.core.errors import UserError
 from pipeline.data.loader import ShardedLoader
 from pipeline.data.shards import ShardReader
 from pipeline.data.store import open_store
-from pipeline.errors import UserError
 
 BLOSC = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
+from pipeline.core.errors import UserError
 from pipeline.data.prepare import (PASS2_COPIES, TASK_MIN_BYTES, WORKER_BASE, Permutation,
                                    destinations, group_chunks, make_layout, piece_table,
                                    sample_bytes, scatter_chunk, shard_pieces, size_shards,
                                    task_memory, write_shard)
-from pipeline.data.sources import SOURCES
-from pipeline.errors import UserError
+from pipeline.sources import SOURCES
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097, 100_003])

@@ -6,8 +6,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipeline.data.sources import SOURCES, calo, darcy2d, digits, lorenz96
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
+from pipeline.sources import SOURCES, calo, darcy2d, digits, lorenz96
 
 # (source, Params overrides): defaults, plus the other mode / interpolation where there is one
 CASES = [

@@ -6,8 +6,8 @@ import json
 import pytest
 import zarr
 
+from pipeline.core.errors import UserError
 from pipeline.data.store import LATER, PROVENANCE, StoreMeta, open_store
-from pipeline.errors import UserError
 
 
 def _attrs(path) -> dict:

@@ -77,9 +77,9 @@ def classifier_run(small_store, tmp_path_factory) -> Path:
 def generative_checkpoint(small_store, tmp_path_factory) -> Path:
     """A VAE checkpoint in the trainer's format (weights of the untrained net: explain and attack
     refuse it before reading any weight)."""
-    from pipeline.checkpoint import save_atomic
     from pipeline.config import load_config
-    from pipeline.trainer import build_model
+    from pipeline.core.checkpoint import save_atomic
+    from pipeline.train.trainer import build_model
     store, overrides = small_store
     cfg = load_config("demo", [*overrides, f"data.path={store}"])
     path = tmp_path_factory.mktemp("vae") / "final.pt"

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.adversarial import fgsm, pgd
-from pipeline.attack import parse_eps
-from pipeline.checkpoint import load
+from pipeline.analysis.attack import parse_eps
+from pipeline.analysis.probe import open_probed
 from pipeline.config import Config, build
+from pipeline.core.checkpoint import load
+from pipeline.core.errors import UserError
 from pipeline.data.store import normalization, open_store
-from pipeline.errors import UserError
-from pipeline.probe import open_probed
-from pipeline.trainer import build_model
+from pipeline.train.adversarial import fgsm, pgd
+from pipeline.train.trainer import build_model
 
 pytestmark = pytest.mark.slow  # trains the shared classifier (~20 s) the first time
 

@@ -1,4 +1,4 @@
-"""Quality per incident-energy bin (pipeline/binned.py, issue #15): the per-bin W1, its floor and
+"""Quality per incident-energy bin (pipeline/analysis/binned.py, issue #15): the per-bin W1, its floor and
 the response equal a hand computation, on arrays and on a real calo store through evaluate's
 method; and `hpcforge evaluate` of a trained calo WGAN-GP reports them with the response figure."""
 from __future__ import annotations
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from scipy.stats import wasserstein_distance
 
-from pipeline import binned, physics
-from pipeline.data.sources import calo
+from pipeline import physics
+from pipeline.analysis import binned
+from pipeline.sources import calo
 
 TINY = ["data.path={}", "data.n_samples=320", "data.chunk_size=64", "data.shard_size=0",
         "data.params.layers=4", "data.params.eta=8", "data.params.phi=8", "data.dask.n_workers=1",

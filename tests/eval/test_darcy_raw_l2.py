@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import load
 from pipeline.config import Config, build
+from pipeline.core.checkpoint import load
 from pipeline.data.store import normalization, open_store
 
 pytestmark = pytest.mark.slow  # prepares, trains and evaluates through the CLI (3 processes)
@@ -40,7 +40,7 @@ def test_evaluate_reports_raw_and_standardised_relative_l2_of_the_pressure(tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads(ckpt.with_name("final.eval.json").read_text())["metrics"]
 
-    from pipeline.trainer import build_model
+    from pipeline.train.trainer import build_model
     state = load(ckpt)   # the weights_only loader: the fno checkpoint holds tensors only
     model = build_model(build(Config, state["config"], "")).eval()
     model.load_state_dict(state["model"])

@@ -10,12 +10,12 @@ import pytest
 import torch
 from sklearn.metrics import mean_absolute_error, r2_score
 
-from pipeline.checkpoint import save_atomic
+from pipeline.analysis.evaluate import evaluate
 from pipeline.config import load_config
+from pipeline.core.checkpoint import save_atomic
 from pipeline.data.prepare import prepare
 from pipeline.data.store import normalization, open_store
-from pipeline.evaluate import evaluate
-from pipeline.trainer import build_model
+from pipeline.train.trainer import build_model
 
 
 def _checkpoint(cfg, path) -> torch.nn.Module:
@@ -93,7 +93,7 @@ def test_a_classifier_reports_per_class_accuracy_under_the_stores_class_names(tm
     for name, label in store.meta.classes.items():
         assert m[f"accuracy/{name}"] == pytest.approx(np.mean(pred[y == label] == label)), name
     assert "accuracy per class: eplus" in " ".join(result["notes"])
-    # the scorecard's references (pipeline.report): the most common class's share, and chance
+    # the scorecard's references (pipeline.analysis.report): the most common class's share, and chance
     assert m["accuracy_majority"] == pytest.approx(np.bincount(y).max() / len(y))
     assert m["accuracy_chance"] == pytest.approx(1 / 3)
 

@@ -10,12 +10,11 @@ import pytest
 import scipy.stats
 import torch
 from sklearn.metrics import roc_auc_score
-
-from pipeline.checkpoint import load
-from pipeline.config import Config, build
-from pipeline.data.store import open_store
 from wandb_records import history, records
 
+from pipeline.config import Config, build
+from pipeline.core.checkpoint import load
+from pipeline.data.store import open_store
 from tests.eval.conftest import evaluate, train
 
 pytestmark = pytest.mark.slow  # trains and evaluates real models through the CLI (~1 min)
@@ -80,8 +79,8 @@ def test_feature_extractor_is_cached_next_to_the_store_and_reused(vae_run, cli):
 def test_autoencoder_reconstruction_error_and_anomaly_auc_equal_direct_computations(ae_run):
     """Rebuild the model, score the same val samples and the same out-of-distribution samples
     (hotter Ising lattices) directly, and compare with the JSON."""
-    from pipeline.data.sources import ising2d
-    from pipeline.trainer import build_model
+    from pipeline.sources import ising2d
+    from pipeline.train.trainer import build_model
     ckpt, _, result = ae_run
     state = load(ckpt)
     cfg = build(Config, state["config"], "")
@@ -115,7 +114,7 @@ def test_classifier_accuracy_equals_argmax_over_the_test_split(tmp_path, cli):
                  "train.lr=0.01", "train.dist.backend=none", "train.dist.nproc=1",
                  "train.batch_size=32", "train.logger.mode=disabled")
     assert r.returncode == 0, r.stderr[-2000:]
-    from pipeline.trainer import build_model
+    from pipeline.train.trainer import build_model
     ckpt = tmp_path / "train" / "checkpoints" / "final.pt"
     r = cli("evaluate", str(ckpt))
     assert r.returncode == 0 and "val split instead" not in r.stdout, r.stderr[-2000:]
@@ -157,7 +156,7 @@ def test_a_temperature_conditional_generator_is_compared_on_the_thermodynamic_cu
                                                                                      tmp_path):
     """A conditional DCGAN (issue #15) gets <|m|>, <E>, C and chi against T, real vs generated at
     the test samples' own temperatures: one error per curve and the figure, beside the W1s."""
-    from pipeline import thermo
+    from pipeline.physics import thermo
     ckpt = train(small_store, tmp_path, "model=dcgan", "model.image_size=16",
                  "model.channels=[16,8]", "model.cond_temperature=true", "model.circular=true",
                  "model.refine_sweeps=2", "train.max_steps=6", "train.logger.mode=disabled")

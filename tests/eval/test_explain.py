@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from wandb_records import history
 
 from hpcforge.cli import EXPLAIN_METHODS
-from pipeline.errors import UserError
-from pipeline.explain import METHODS, attributions, domain_walls, explain
-from pipeline.probe import open_probed
-from pipeline.trainer import build_model
-from wandb_records import history
+from pipeline.analysis.explain import METHODS, attributions, domain_walls, explain
+from pipeline.analysis.probe import open_probed
+from pipeline.core.errors import UserError
+from pipeline.train.trainer import build_model
 
 pytestmark = pytest.mark.slow  # trains the shared classifier (~20 s) the first time
 
@@ -121,7 +121,8 @@ def test_unknown_method_is_refused_naming_the_choices(classifier_run):
 
 def test_report_shows_the_attribution_figures(explained, classifier_run, tmp_path):
     import base64
-    from pipeline.report import report
+
+    from pipeline.analysis.report import report
     _, result = explained
     page = report([classifier_run.parent.parent], tmp_path / "report.html").read_text()
     assert "<h3>Attributions of final.pt" in page and "explain/saliency/wall_ratio" in page

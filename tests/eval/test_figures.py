@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix
 
-from pipeline import figures, physics
+from pipeline import physics
+from pipeline.core import figures
 from pipeline.data.store import normalization
-from pipeline.data.sources import calo, ising2d, observables
+from pipeline.sources import calo, ising2d, observables
 
 
 def _drawn(img: np.ndarray) -> bool:

@@ -1,4 +1,4 @@
-"""Latent-space exploration (pipeline/latent.py, issue #16): the paths' geometry and metrics, the
+"""Latent-space exploration (pipeline/analysis/latent.py, issue #16): the paths' geometry and metrics, the
 evaluate JSON, figures and W&B run of a real trained VAE, and GANs (plain and conditional at a
 fixed condition) explored on the real small Ising store."""
 from __future__ import annotations
@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from wandb_records import history
 
-from pipeline import latent
+from pipeline.analysis import latent
+from pipeline.analysis.evaluate import Evaluation
+from pipeline.analysis.shared import checkpoint_config, eval_split, load_checkpoint, normalized
 from pipeline.config import load_config
 from pipeline.data.store import open_store
-from pipeline.analysis_io import checkpoint_config, eval_split, load_checkpoint, normalized
-from pipeline.evaluate import Evaluation
-from pipeline.trainer import build_model
-from wandb_records import history
+from pipeline.train.trainer import build_model
 
 FIGURES = ("latent_interpolation", "latent_path_observables", "latent_traversals")
 
@@ -109,7 +109,7 @@ def test_conditional_gan_is_explored_at_the_median_condition(small_store):
 
 
 def test_report_shows_the_latent_figures_of_the_evaluation(vae_run, tmp_path):
-    from pipeline.report import report
+    from pipeline.analysis.report import report
     ckpt, _, _ = vae_run
     page = report([ckpt.parent.parent], tmp_path / "report.html").read_text()
     for name in FIGURES:

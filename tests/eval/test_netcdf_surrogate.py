@@ -4,10 +4,10 @@ your own data"): fields stored without a channel axis train a U-Net through the 
 from __future__ import annotations
 
 import pytest
+from helpers import hpcforge
 
 from benchmarks.own_data import write_netcdf3
-from helpers import hpcforge
-from pipeline.evaluate import evaluate
+from pipeline.analysis.evaluate import evaluate
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ import scipy.stats
 from sklearn.metrics import roc_auc_score
 
 from pipeline import physics
-from pipeline.data.sources import calo, ising2d, observables
 from pipeline.data.store import normalization
+from pipeline.sources import calo, ising2d, observables
 
 RNG = np.random.default_rng(0)
 
@@ -104,6 +104,7 @@ def test_power_spectrum_of_a_plane_wave_peaks_at_its_wavenumber():
 
 def test_denormalize_inverts_the_loaders_normalisation():
     import torch
+
     from pipeline.data.loader import _normalizer
     stats = {"min": [-1.0, 2.0], "max": [1.0, 5.0], "mean": [0.1, 3.0], "std": [0.5, 2.0]}
     x = RNG.normal(size=(4, 2, 3, 3))
@@ -114,10 +115,10 @@ def test_denormalize_inverts_the_loaders_normalisation():
 
 
 def test_every_simulated_source_declares_consistent_observables_label_and_outliers():
-    """What a source module declares (pipeline/data/sources/__init__.py) fits what it generates:
+    """What a source module declares (pipeline/sources/__init__.py) fits what it generates:
     observables give one value per sample (profiles one curve per sample), FEATURE_LABEL names a
     scalar variable, out_of_distribution returns the source's own Params."""
-    from pipeline.data.sources import SOURCES
+    from pipeline.sources import SOURCES
     simulated = {name: mod for name, mod in SOURCES.items() if not hasattr(mod, "n_available")}
     assert set(simulated) == {"ising2d", "darcy2d", "calo", "lorenz96", "digits"}
     for name, mod in simulated.items():
@@ -144,7 +145,8 @@ def _toy_source():
     """A source written as a user would add one: its module, nothing else touched."""
     import types
     from dataclasses import dataclass
-    from pipeline.data.sources.base import Variable
+
+    from pipeline.sources.base import Variable
 
     @dataclass
     class Params:
@@ -166,8 +168,9 @@ def _toy_source():
 
 
 def test_a_new_source_declaring_observables_is_picked_up_by_figures_and_evaluate(monkeypatch):
-    from pipeline import evaluate, figures
-    from pipeline.data.sources import SOURCES
+    from pipeline.analysis import evaluate
+    from pipeline.core import figures
+    from pipeline.sources import SOURCES
     toy = _toy_source()
     monkeypatch.setitem(SOURCES, "toy", toy)
     assert observables("toy") is toy.OBSERVABLES

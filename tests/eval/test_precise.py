@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import precise
-from pipeline.data.sources import ising2d, ising_mc
+from pipeline.analysis import precise
+from pipeline.sources import ising2d, ising_mc
 
 P = ising2d.Params(lattice=16, t_min=1.8, t_max=2.8, n_temperatures=4)
 PROTOCOL = precise.Protocol(ising2d.temperatures(P), per_t=96, boot=100)

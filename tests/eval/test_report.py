@@ -104,6 +104,7 @@ def test_wandb_record_reader_checks_each_chunks_crc(tmp_path):
     """tests/wandb_records.py (what the tests use to see what reached W&B) refuses a damaged chunk."""
     import struct
     import zlib
+
     from wandb.proto import wandb_internal_pb2 as pb
     from wandb_records import HEADER, history
     rec = pb.Record()
@@ -121,7 +122,7 @@ def test_wandb_record_reader_checks_each_chunks_crc(tmp_path):
 
 # ------------------------------------------------------------------ the answer first (issue 24)
 def _run(name: str, model: dict, y: str | None, metrics: dict | None, steps: int = 4):
-    from pipeline.report import RunRecord
+    from pipeline.analysis.report import RunRecord
     rows = [{"_step": s, "step": s, "train/model/loss": 1.0 / s, "val/loss": 1.2 / s}
             for s in range(1, steps + 1)]
     evals = [] if metrics is None else [{"checkpoint": f"/x/{name}/final.pt", "step": steps,
@@ -145,7 +146,7 @@ RUNS = {
 
 
 def test_scorecard_marks_each_verdict_metric_met_or_not_against_its_reference():
-    from pipeline.report import checks
+    from pipeline.analysis.report import checks
     got = {name: [(c.what, c.met) for c in checks(m)] for name, (_, _, m) in RUNS.items() if m}
     assert got == {"pid": [("accuracy", True)], "pid-cnn": [("accuracy", False)],
                    "energy": [("RMSE (target's units)", True)],
@@ -154,7 +155,7 @@ def test_scorecard_marks_each_verdict_metric_met_or_not_against_its_reference():
 
 
 def test_report_puts_scorecards_first_then_figures_then_the_raw_table_folded():
-    from pipeline.report import render
+    from pipeline.analysis.report import render
     page = render([_run(n, *spec) for n, spec in RUNS.items()])
     card, first_img = page.index("<h2>Scorecard</h2>"), page.index("<img ")
     raw = page.index("<details><summary>All metrics (final values)</summary>")
@@ -169,7 +170,7 @@ def test_report_puts_scorecards_first_then_figures_then_the_raw_table_folded():
 def test_all_runs_panels_never_mix_units():
     """The issue's report overlaid GeV² MSE, cross-entropy and standardised MSE on one axis:
     every run logs train/model/loss, in the unit of its own loss and target."""
-    from pipeline.report import shared_panels
+    from pipeline.analysis.report import shared_panels
     runs = [_run(n, *spec) for n, spec in RUNS.items()]
     panels = shared_panels(runs)
     loss = [k for k in panels if k.startswith("train/model/loss")]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import thermo
-from pipeline.data.sources import ising2d
+from pipeline.physics import thermo
+from pipeline.sources import ising2d
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
-"""The CaloChallenge classifier test (pipeline/two_sample_classifier.py, issue 15) on real Monte Carlo
+"""The CaloChallenge classifier test (pipeline/analysis/two_sample_classifier.py, issue 15) on real Monte Carlo
 lattices, and its place in `hpcforge evaluate`."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.two_sample_classifier import classifier_auc
-from pipeline.data.sources import ising2d
+from pipeline.analysis.two_sample_classifier import classifier_auc
+from pipeline.sources import ising2d
 
 # 512 + 512 independent lattices: 256 of each class score the classifier, where the AUC of two
 # samples of one distribution has a standard deviation of about 0.026; 0.1 is four of them.

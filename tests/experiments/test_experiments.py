@@ -81,9 +81,9 @@ def prepared(lab, name: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_prepares_and_trains(lab, name):
-    from pipeline.dist import init_distributed
-    from pipeline.loop import fit
-    from pipeline.assembly import build
+    from pipeline.runtime.dist import init_distributed
+    from pipeline.train.assembly import build
+    from pipeline.train.loop import fit
     cfg = prepared(lab, name)
     run = build(cfg, init_distributed(cfg.train.dist))
     phases = [p.name for p in run.phases]

@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-from jobs.executor import container_python, make_executor, slurm_parameters, tasks_per_node, validate
+from jobs.executor import (container_python, make_executor, slurm_parameters, tasks_per_node,
+                           validate)
 from jobs.sweep import expand, split_values
 from pipeline.config import CONFIG_DIR, available, load_config
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 ROOT = CONFIG_DIR.parent
 

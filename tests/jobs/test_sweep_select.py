@@ -8,7 +8,7 @@ import math
 import pytest
 
 from jobs.sweep import RankBy, rank_rows
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 
 def _args(small_store, tmp_path, *extra: str) -> list[str]:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from models_testkit import make, one_thread  # noqa: F401  (one_thread: autouse)
 
 from models.calo_wgan import deposits_from_fractions, draw_spots, energy_fractions, ring_matrix
-from models_testkit import make, one_thread  # noqa: F401  (one_thread: autouse)
 from pipeline import physics
-from pipeline.data.sources import calo
+from pipeline.sources import calo
 
 SMALL = dict(data_shape=(4, 8, 8), latent_dim=8, g_hidden=(32,), d_hidden=(32,), n_critic=2)
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from models_testkit import ends, make, one_thread, train  # one_thread: autouse
 from torch import nn
 
 from models.layers import TemperatureCondition, metropolis_sweeps, refine_spins
-from models_testkit import ends, make, one_thread, train  # one_thread: autouse
 from pipeline import physics
-from pipeline.data.sources import ising2d
+from pipeline.sources import ising2d
 
 ISING = dict(image_size=16, channels=(16, 8), latent_dim=8, circular=True, cond_temperature=True)
 
@@ -24,7 +24,7 @@ def energy(spins: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("t", [1.8, 2.6, 3.2])
 def test_sweeps_reach_the_energy_of_the_data_sampler(t):
     """Random spins swept 300 times at T have the mean energy of the store's own Monte Carlo
-    (pipeline/data/sources/ising2d.py) within 0.03 per spin, 3 standard errors of the difference
+    (pipeline/sources/ising2d.py) within 0.03 per spin, 3 standard errors of the difference
     of two 256-sample means: same dynamics, same equilibrium."""
     torch.manual_seed(0)
     start = torch.where(torch.rand(256, 1, 16, 16) < 0.5, 1.0, -1.0)

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from pipeline.config import DistConfig
-from pipeline.dist import init_distributed
+from pipeline.runtime.dist import init_distributed
 
 
 def grads_after(model, dist, opt, x, passes: int) -> tuple[list[int], list[torch.Tensor]]:

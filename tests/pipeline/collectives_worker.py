@@ -7,7 +7,7 @@ import sys
 import torch
 
 from pipeline.config import DistConfig
-from pipeline.dist import init_distributed
+from pipeline.runtime.dist import init_distributed
 
 if __name__ == "__main__":
     dist = init_distributed(DistConfig(backend="horovod"))

@@ -1,6 +1,6 @@
 """Run by tests/pipeline/test_trainer_dist.py under mpirun (2 ranks) or alone (the reference).
 
-Feeds the real pipeline.loop.train_step fixed batches cut from one global batch per step:
+Feeds the real pipeline.train.loop.train_step fixed batches cut from one global batch per step:
   ranks   each of 2 ranks takes its half (the data-parallel run under test);
   global  one process takes the whole global batch;
   halves  one process takes the global batch as 2 accumulated halves (batch norm then sees the
@@ -21,9 +21,9 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.data.store import open_store
-from pipeline.dist import init_distributed
-from pipeline.loop import train_step
-from pipeline.assembly import build
+from pipeline.runtime.dist import init_distributed
+from pipeline.train.assembly import build
+from pipeline.train.loop import train_step
 
 RANDN, RANDN_LIKE = torch.randn, torch.randn_like
 

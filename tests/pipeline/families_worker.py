@@ -1,12 +1,12 @@
 """Run by tests/pipeline/test_families_dist.py under mpirun (2 ranks): every model family, two
-steps of the real pipeline.loop.train_step on batches that differ per rank, under one backend.
+steps of the real pipeline.train.loop.train_step on batches that differ per rank, under one backend.
 
 Each family is the first case of tests/models/models_testkit.py (small shapes). Its Run is
-assembled from the real parts pipeline.assembly.build uses (phases with the backend's optimizer
+assembled from the real parts pipeline.train.assembly.build uses (phases with the backend's optimizer
 wrappers, rank 0's weights broadcast to every rank, the preemption vote, the buffer guard) with a
 stand-in loader, since each family takes data of its own shape. After the steps: the ranks'
 mean batch-norm statistics, every rank's weight digest, and a checkpoint written by
-pipeline.state.save and loaded back into a fresh model. Rank 0 writes one JSON file:
+pipeline.train.state.save and loaded back into a fresh model. Rank 0 writes one JSON file:
 {family: {"before": [per rank, before the broadcast], "start": after it, "digests": [per rank],
 "reloaded": digest, "complex": bool}}.
 """
@@ -22,16 +22,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
 from models_testkit import CASES  # noqa: E402
 
-from pipeline.checkpoint import Checkpoints, load  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.dist import init_distributed  # noqa: E402
-from pipeline.loop import train_step  # noqa: E402
-from pipeline.preemption import Preemption, PreemptionFlag  # noqa: E402
-from pipeline.assembly import build_phases  # noqa: E402
-from pipeline.run import BufferGuard, Run, weights_digest  # noqa: E402
-from pipeline.state import save  # noqa: E402
-from pipeline.tracking import Tracker  # noqa: E402
-from pipeline.watchdog import NoHeartbeat  # noqa: E402
+from pipeline.core.checkpoint import Checkpoints, load  # noqa: E402
+from pipeline.runtime.dist import init_distributed  # noqa: E402
+from pipeline.runtime.preemption import Preemption, PreemptionFlag  # noqa: E402
+from pipeline.runtime.tracking import Tracker  # noqa: E402
+from pipeline.runtime.watchdog import NoHeartbeat  # noqa: E402
+from pipeline.train.assembly import build_phases  # noqa: E402
+from pipeline.train.loop import train_step  # noqa: E402
+from pipeline.train.run import BufferGuard, Run, weights_digest  # noqa: E402
+from pipeline.train.state import save  # noqa: E402
 
 STEPS = 2
 

@@ -4,7 +4,7 @@ A read (`.item()`, `float(t)`, `bool(t)`, `.tolist()`, `.numpy()`, `.cpu()`, ...
 device's queue to drain; on a GPU, one between logging steps stalls every step. CPU tensors have
 no queue, so the reads are counted where they are made: `HostReads` wraps those methods of
 torch.Tensor and notes, for each read, which part of the loop made it and at which step. The
-loop's own functions are wrapped to say where it is (pipeline.loop looks them up as globals at
+loop's own functions are wrapped to say where it is (pipeline.train.loop looks them up as globals at
 each call, so the wrapped ones are the ones it runs).
 
 The preemption vote is tagged apart: a sum of host values (signal seen, rank 0's proposed
@@ -37,12 +37,12 @@ class HostReads:
         self.reads: list[tuple[str, int, str]] = []
 
     def install(self, setattr_) -> None:
-        from pipeline import loop
+        from pipeline.train import loop
         for name in READS:
             setattr_(torch.Tensor, name, self._counting(name, getattr(torch.Tensor, name)))
         for name, where in WHERE.items():
             setattr_(loop, name, self._tagging(where, getattr(loop, name)))
-        from pipeline.preemption import Preemption
+        from pipeline.runtime.preemption import Preemption
         end_vote = Preemption.end_vote
 
         def vote(preemption, *args):
@@ -99,9 +99,9 @@ class HostReads:
 
 def main(out: str, overrides: list[str]) -> None:
     from pipeline.config import load_config
-    from pipeline.dist import init_distributed
-    from pipeline.loop import fit
-    from pipeline.assembly import build
+    from pipeline.runtime.dist import init_distributed
+    from pipeline.train.assembly import build
+    from pipeline.train.loop import fit
     cfg = load_config("demo", overrides)
     dist = init_distributed(cfg.train.dist)
     counter = HostReads()

@@ -6,15 +6,15 @@ import json
 
 import pytest
 import torch
-
 from helpers import hpcforge
-from pipeline.adversarial import adversarial_batch
+
 from pipeline.config import load_config
-from pipeline.dist import init_distributed
-from pipeline.errors import UserError
-from pipeline.loop import batch_groups, train_step
-from pipeline.assembly import build
-from pipeline.run import Run
+from pipeline.core.errors import UserError
+from pipeline.runtime.dist import init_distributed
+from pipeline.train.adversarial import adversarial_batch
+from pipeline.train.assembly import build
+from pipeline.train.loop import batch_groups, train_step
+from pipeline.train.run import Run
 
 TINY = ["model.channels=[4,8]", "train.batch_size=32", "train.logger.mode=disabled",
         "train.epochs=1"]

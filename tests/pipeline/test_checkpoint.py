@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.checkpoint import Checkpoints, DamagedCheckpoint, load, save_atomic
-from pipeline.errors import UserError
+from pipeline.core.checkpoint import Checkpoints, DamagedCheckpoint, load, save_atomic
+from pipeline.core.errors import UserError
 
 
 def test_round_trip_with_safe_loader(tmp_path):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.dist import detect_launcher
-from pipeline.launch import mpirun_command
+from pipeline.runtime.dist import detect_launcher
+from pipeline.runtime.launch import mpirun_command
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -34,8 +34,8 @@ def test_cpu_ranks_yield_in_mpi_waits_and_gpu_ranks_keep_polling_gpu_mocked(monk
     """No GPU here: torch.cuda.is_available is mocked for the GPU case."""
     import torch
 
-    from pipeline.dist import apply_cpu_mpi_defaults
-    from pipeline.launch import mpi_env
+    from pipeline.runtime.dist import apply_cpu_mpi_defaults
+    from pipeline.runtime.launch import mpi_env
     env: dict[str, str] = {}
     apply_cpu_mpi_defaults(env)
     assert env == {"OMPI_MCA_mpi_yield_when_idle": "1"}
@@ -53,7 +53,7 @@ def test_cpu_ranks_yield_in_mpi_waits_and_gpu_ranks_keep_polling_gpu_mocked(monk
 def test_transports_talk_over_loopback_on_one_node_and_over_the_interface_across_nodes():
     """Issue 25: gloo's, NCCL's and Open MPI's TCP traffic (the variables they read at start)."""
     from pipeline.config import DistConfig
-    from pipeline.dist import Placement, pin_transports
+    from pipeline.runtime.dist import Placement, pin_transports
     one, two_nodes = Placement("mpirun", 0, 2, 0, 2), Placement("srun (Slurm)", 0, 4, 0, 2)
     names = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "OMPI_MCA_btl_tcp_if_include")
     for place, cfg, iface in [(one, DistConfig(), "lo"), (one, DistConfig(interface="ib0"), "lo"),
@@ -76,7 +76,8 @@ def _on_two_ranks(worker: str, tmp_path) -> dict:
     import subprocess
 
     from helpers import ROOT
-    from pipeline.launch import mpi_env
+
+    from pipeline.runtime.launch import mpi_env
     out = tmp_path / "out"
     r = subprocess.run(mpirun_command(2, [str(out)], module=worker),
                        cwd=ROOT / "tests" / "pipeline", env=mpi_env(), capture_output=True,
@@ -125,7 +126,7 @@ def _two_rank_dist(cls, device: str, **cfg):
     import torch.distributed as td
 
     from pipeline.config import DistConfig
-    from pipeline.dist import Dist, Placement
+    from pipeline.runtime.dist import Dist, Placement
     dist = cls.__new__(cls)
     Dist.__init__(dist, Placement("test", 0, 2, 0, 2), torch.device(device), DistConfig(**cfg))
     dist.hvd, dist.td = hvd, td
@@ -139,8 +140,8 @@ def _vae():
 
 
 def test_sync_batchnorm_on_cpu_ranks_is_refused_with_the_fix():
-    from pipeline.dist import HorovodDist
-    from pipeline.errors import UserError
+    from pipeline.core.errors import UserError
+    from pipeline.runtime.dist import HorovodDist
     with pytest.raises(UserError, match=r"train.dist.sync_batchnorm=true: SyncBatchNorm .* CUDA "
                                         r"only, and rank 0 is on cpu; set "
                                         r"train.dist.sync_batchnorm=false on CPU"):
@@ -156,7 +157,7 @@ def test_sync_batchnorm_swaps_every_batch_norm_keeping_its_state_gpu_mocked(back
     import horovod.torch as hvd
     import torch
 
-    from pipeline.dist import HorovodDist, TorchDist
+    from pipeline.runtime.dist import HorovodDist, TorchDist
     cls, sync = ((HorovodDist, hvd.SyncBatchNorm) if backend == "horovod"
                  else (TorchDist, torch.nn.SyncBatchNorm))
     model = _vae()
@@ -182,8 +183,8 @@ def test_sync_batchnorm_swaps_every_batch_norm_keeping_its_state_gpu_mocked(back
 def test_ddp_rendezvous_takes_the_address_it_is_given_and_knows_no_scheduler(monkeypatch):
     """dist asks no scheduler (no scontrol): MASTER_ADDR/PORT come from the launcher, or from
     `hpcforge submit`'s jobs (jobs/tasks.py, submitit); without them srun ranks are refused."""
-    from pipeline.dist import _rendezvous
-    from pipeline.errors import UserError
+    from pipeline.core.errors import UserError
+    from pipeline.runtime.dist import _rendezvous
     srun = detect_launcher({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
                             "SLURM_STEP_ID": "0", "SLURM_NTASKS_PER_NODE": "1(x2)"})
     monkeypatch.setenv("MASTER_ADDR", "n1")
@@ -199,7 +200,7 @@ def test_ddp_rendezvous_takes_the_address_it_is_given_and_knows_no_scheduler(mon
 def test_node_is_slurms_name_for_it_else_the_host():
     import socket
 
-    from pipeline.dist import node_name
+    from pipeline.runtime.dist import node_name
     assert node_name({"SLURMD_NODENAME": "n2"}) == "n2"
     assert node_name({}) == socket.gethostname()
 
@@ -210,9 +211,11 @@ def test_ranks_on_several_nodes_meet_on_the_configured_interface_only(monkeypatc
     import os
     import socket
     import threading
+
     from helpers import listening
+
     from pipeline.config import DistConfig
-    from pipeline.dist import Placement, _store
+    from pipeline.runtime.dist import Placement, _store
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

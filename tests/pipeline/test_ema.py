@@ -1,4 +1,4 @@
-"""The generator weight average (train.ema, pipeline/ema.py, issue #15): the closed-form average,
+"""The generator weight average (train.ema, pipeline/train/ema.py, issue #15): the closed-form average,
 exact resume with it, evaluation sampling with it, and the same average on every rank."""
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ import shutil
 
 import pytest
 import torch
-
 from helpers import hpcforge
-from pipeline.checkpoint import load
+
+from pipeline.analysis.evaluate import evaluate
 from pipeline.config import load_config
-from pipeline.dist import init_distributed
-from pipeline.ema import load_weights
-from pipeline.evaluate import evaluate
-from pipeline.loop import batch_groups, fit, train_step
-from pipeline.assembly import build
-from pipeline.run import Run
+from pipeline.core.checkpoint import load
+from pipeline.runtime.dist import init_distributed
+from pipeline.train.assembly import build
+from pipeline.train.ema import load_weights
+from pipeline.train.loop import batch_groups, fit, train_step
+from pipeline.train.run import Run
 
 DCGAN = ("model=dcgan", "model.channels=[16,8]", "model.latent_dim=8")
 
@@ -122,8 +122,8 @@ def test_evaluate_samples_with_the_average_unless_asked_for_raw(ema_runs, tmp_pa
 
 
 def test_load_weights_overlays_only_the_averaged_network(ema_runs):
-    from pipeline.analysis_io import checkpoint_config
-    from pipeline.trainer import build_model
+    from pipeline.analysis.shared import checkpoint_config
+    from pipeline.train.trainer import build_model
     ckpt = load(ema_runs / "whole/train/checkpoints/final.pt")
     model = build_model(checkpoint_config(ckpt, []))
     assert load_weights(model, ckpt, "ema") == "ema"
@@ -151,7 +151,7 @@ def test_two_horovod_ranks_hold_the_same_average(small_store, tmp_path):
 
 
 def _digest(weights: dict[str, torch.Tensor]) -> str:
-    """pipeline.ema.digest of a checkpoint's saved average."""
+    """pipeline.train.ema.digest of a checkpoint's saved average."""
     h = hashlib.sha256()
     for name in sorted(weights):
         h.update(name.encode())

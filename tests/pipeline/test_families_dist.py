@@ -1,7 +1,7 @@
 """Every model family on every backend (issue 24): two training steps on 2 MPI ranks, with batches
 that differ per rank, end with identical weights on both ranks, and the checkpoint holds them.
 FNO's spectral weights are complex: Horovod refuses complex tensors
-(`Tensor type torch.ComplexFloatTensor is not supported`), so pipeline.dist sends them as real
+(`Tensor type torch.ComplexFloatTensor is not supported`), so pipeline.runtime.dist sends them as real
 views. One mpirun launch per backend loops over the families (families_worker.py)."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import json
 import subprocess
 
 import pytest
-
 from helpers import ROOT
+
 from models import MODELS
-from pipeline.launch import mpi_env, mpirun_command
+from pipeline.runtime.launch import mpi_env, mpirun_command
 
 
 @pytest.fixture(scope="module", params=["horovod", "ddp"])

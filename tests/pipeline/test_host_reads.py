@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import ROOT
 from host_reads_worker import HostReads
+
 from pipeline.config import load_config
-from pipeline.dist import init_distributed
-from pipeline.launch import mpirun_command
-from pipeline.loop import fit
-from pipeline.nonfinite import NonFiniteError
-from pipeline.assembly import build
+from pipeline.runtime.dist import init_distributed
+from pipeline.runtime.launch import mpirun_command
+from pipeline.train.assembly import build
+from pipeline.train.loop import fit
+from pipeline.train.nonfinite import NonFiniteError
 
 LOG_EVERY = 4
 RUN = ["train.dist.backend=none", "train.batch_size=32", "train.logger.mode=disabled",
@@ -67,7 +67,7 @@ def test_a_nan_step_is_skipped_on_the_device_and_counted_at_the_next_log_step(sm
     cfg = load_config("demo", _overrides(small_store, tmp_path / "a", "cnn",
                                          "train.inject_nan_at=[3]", "train.max_steps=3"))
     run = build(cfg, init_distributed(cfg.train.dist))
-    from pipeline import loop
+    from pipeline.train import loop
     before: dict = {}
     step = loop.train_step
 

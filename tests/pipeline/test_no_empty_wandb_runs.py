@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from helpers import hpcforge
+
 from pipeline.config import LoggerConfig
-from pipeline.tracking import Tracker
+from pipeline.runtime.tracking import Tracker
 
 ONE_RANK = ("train.dist.backend=none", "train.dist.nproc=1", "train.batch_size=32",
             "train.logger.mode=offline", "train.max_steps=2")

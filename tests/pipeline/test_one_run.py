@@ -10,10 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT, hpcforge
-from pipeline.checkpoint import load
-from pipeline.launch import mpi_env, mpirun_command
+
+from pipeline.core.checkpoint import load
+from pipeline.runtime.launch import mpi_env, mpirun_command
 
 ONE_RANK = ("train.dist.backend=none", "train.dist.nproc=1", "train.batch_size=32",
             "train.logger.log_every=1", "train.checkpoint.every_steps=2",

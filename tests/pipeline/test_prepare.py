@@ -8,13 +8,13 @@ import shutil
 import numpy as np
 import pytest
 import zarr
-
 from helpers import small
+
 from pipeline.config import load_config
+from pipeline.core.errors import UserError
 from pipeline.data.prepare import make_layout, prepare
-from pipeline.data.sources import ising2d
 from pipeline.data.store import SPLITS, open_store
-from pipeline.errors import UserError
+from pipeline.sources import ising2d
 
 
 def _sample_hashes(arrays: dict[str, np.ndarray]) -> list[str]:
@@ -140,7 +140,8 @@ def test_prepare_help_lists_every_source_and_importer_with_an_example_that_compo
     import shlex
 
     from helpers import hpcforge
-    from pipeline.data.sources import IMPORTERS, SOURCES
+
+    from pipeline.sources import IMPORTERS, SOURCES
     run = hpcforge("prepare", "--help", timeout=60)
     assert run.returncode == 0, run.stderr
     examples = [line.split("hpcforge prepare ", 1)[1] for line in run.stdout.splitlines()

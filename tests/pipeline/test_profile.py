@@ -6,15 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import hpcforge
+
+from pipeline.analysis.report import report
 from pipeline.config import load_config
-from pipeline.dist import init_distributed
-from pipeline.errors import ConfigError
-from pipeline.loop import fit
-from pipeline.profile import PARTS
-from pipeline.report import report
-from pipeline.assembly import build
+from pipeline.core.errors import ConfigError
+from pipeline.runtime.dist import init_distributed
+from pipeline.train.assembly import build
+from pipeline.train.loop import fit
+from pipeline.train.profile import PARTS
 
 LOG_EVERY = 4
 

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers import files_holding, hpcforge, small
-from pipeline.checkpoint import load
-from pipeline.redaction import redact
+
+from pipeline.core.checkpoint import load
+from pipeline.core.redaction import redact
 
 # Planted where a user puts secrets: the environment, setup lines, and config keys named like them.
 ENV_SECRET = "env-s3cr3t-0001"

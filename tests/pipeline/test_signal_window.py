@@ -10,10 +10,10 @@ import signal
 import time
 
 import pytest
-
-from pipeline.checkpoint import load
-from pipeline.launch import REQUEUE_EXIT_CODE
 from test_watchdog import cleanup, start_training, wait_for_checkpoint
+
+from pipeline.core.checkpoint import load
+from pipeline.runtime.launch import REQUEUE_EXIT_CODE
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 

@@ -5,10 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import files_holding, hpcforge
-from pipeline.checkpoint import load
 from wandb_records import history, run_config
+
+from pipeline.core.checkpoint import load
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 

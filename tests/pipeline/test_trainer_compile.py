@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from pipeline.checkpoint import load
 from pipeline.config import load_config
-from pipeline.dist import init_distributed
-from pipeline.errors import UserError
-from pipeline.loop import fit, train_step
-from pipeline.assembly import build, build_model
-from pipeline.run import weights_digest
+from pipeline.core.checkpoint import load
+from pipeline.core.errors import UserError
+from pipeline.runtime.dist import init_distributed
+from pipeline.train.assembly import build, build_model
+from pipeline.train.loop import fit, train_step
+from pipeline.train.run import weights_digest
 
 pytestmark = pytest.mark.slow  # inductor compiles the VAE's forward and backward: a minute or more
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import ROOT, hpcforge
-from pipeline.checkpoint import load
-from pipeline.launch import mpirun_command
+
+from pipeline.core.checkpoint import load
+from pipeline.runtime.launch import mpirun_command
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 WORKER = str(Path(__file__).with_name("equivalence_worker.py"))

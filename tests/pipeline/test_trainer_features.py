@@ -8,18 +8,17 @@ import signal
 
 import pytest
 import torch
-
 from helpers import hpcforge
-from pipeline.checkpoint import load
-from pipeline.config import ScheduleConfig, load_config
-from pipeline.dist import init_distributed
-from pipeline.errors import UserError
+
 from models.base import OptimizerSpec
-from pipeline.config import OptimConfig
-from pipeline.optim import build_optimizer, load_optimizer_state, lr_factor
-from pipeline.loop import fit, train_step
-from pipeline.assembly import build
-from pipeline.run import Run
+from pipeline.config import OptimConfig, ScheduleConfig, load_config
+from pipeline.core.checkpoint import load
+from pipeline.core.errors import UserError
+from pipeline.runtime.dist import init_distributed
+from pipeline.train.assembly import build
+from pipeline.train.loop import fit, train_step
+from pipeline.train.optim import build_optimizer, load_optimizer_state, lr_factor
+from pipeline.train.run import Run
 
 
 def _trainer(store, tmp_path, *extra: str) -> Run:
@@ -221,7 +220,7 @@ def test_a_model_whose_optimizers_share_parameters_is_refused(small_store, tmp_p
 
 
 def test_seeds_differ_per_rank_and_repeat_per_run():
-    from pipeline.run import seed_for
+    from pipeline.train.run import seed_for
     assert seed_for(0, 0) == seed_for(0, 0) and seed_for(0, 0) != seed_for(0, 1)
     assert seed_for(0, 0, 1) != seed_for(0, 0, 0) and not math.isnan(seed_for(1, 2))
 
@@ -235,7 +234,7 @@ def test_a_signal_is_agreed_on_at_the_next_check_spaced_by_signal_check_s(
     SIGTERM is real: sent to this process, caught by the trainer's own handler."""
     import types
 
-    import pipeline.preemption as preemption_module
+    import pipeline.runtime.preemption as preemption_module
     t = _trainer(small_store, tmp_path, f"train.dist.signal_check_s={check_s}")
     batch = next(iter(t.loader))
     clock = iter(range(1, 1000))
@@ -260,7 +259,7 @@ def test_real_sigusr1_during_step_5_checkpoints_step_5_and_exits_75(small_store,
     """`hpcforge train` (one process, in this one): a hook sends this process a real SIGUSR1 as
     step 5 starts; the trainer checkpoints step 5 and the command returns 75 (requeue me)."""
     from hpcforge import cli
-    from pipeline import loop
+    from pipeline.train import loop
     step = loop.train_step
 
     def train_step(run, batches):
@@ -285,7 +284,7 @@ def test_image_hooks_add_physics_only_for_a_model_that_samples_on_a_source_with_
     """The loop draws whatever hooks `build` chose; a VAE on Ising data gets the physics plots
     and their W1 distances, a classifier or a source without observables only its figures."""
     from models import MODELS
-    from pipeline.hooks import draw_all, image_hooks, model_figures
+    from pipeline.train.hooks import draw_all, image_hooks, model_figures
     torch.manual_seed(0)
     vae = MODELS["vae"][1](MODELS["vae"][0](image_size=16))
     mlp = MODELS["mlp"][1](MODELS["mlp"][0]())
@@ -309,8 +308,8 @@ def test_each_critic_update_draws_its_own_batch_and_each_schedule_counts_its_upd
     """WGAN-GP, n_critic=2 (Gulrajani et al. 2017, Algorithm 1): a step takes two batches, one per
     critic update, and the critic's cosine schedule spans its 2 updates a step, so after one of
     three steps both networks are a third of the way down their schedules."""
-    from pipeline.loop import batch_groups
-    from pipeline.optim import lr_factor
+    from pipeline.train.loop import batch_groups
+    from pipeline.train.optim import lr_factor
     store = (small_store[0], [o for o in small_store[1] if not o.startswith("model.")])
     t = _trainer(store, tmp_path, "model=wgan_gp", "model.image_size=16", "model.channels=[32,16]",
                  "model.n_critic=2", "train.schedule.name=cosine", "train.schedule.warmup_steps=0",

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import hpcforge
-from pipeline.checkpoint import load
+
 from pipeline.config import load_config
-from pipeline.dist import init_distributed
-from pipeline.errors import UserError
-from pipeline.loop import fit
-from pipeline.assembly import build
-from pipeline.run import Run
+from pipeline.core.checkpoint import load
+from pipeline.core.errors import UserError
+from pipeline.runtime.dist import init_distributed
+from pipeline.train.assembly import build
+from pipeline.train.loop import fit
+from pipeline.train.run import Run
 
 TINY = ["model.channels=[4,8]", "train.batch_size=32", "train.logger.mode=disabled",
         "train.epochs=1"]

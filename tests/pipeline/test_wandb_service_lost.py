@@ -14,7 +14,7 @@ import os, signal, sys
 from pathlib import Path
 import psutil
 from pipeline.config import LoggerConfig
-from pipeline.tracking import Tracker
+from pipeline.runtime.tracking import Tracker
 tracker = Tracker(LoggerConfig(mode="offline"), Path(sys.argv[1]), {}, active=True)
 tracker.log({"loss": 1.0}, step=1)
 [core] = [p for p in psutil.Process().children(recursive=True) if p.name() == "wandb-core"]

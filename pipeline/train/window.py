@@ -1,0 +1,88 @@
+"""The metrics of one log line: losses averaged over the steps since the last one and over
+ranks, with the throughput and the fraction of time spent waiting for data."""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import torch
+from tqdm import tqdm
+
+from pipeline.train.run import Run
+
+
+class Sums:
+    """Per-step metrics summed over steps without reading them on the host (issue 28): a step's
+    0-d tensors are stacked into one vector and added on their device (two small ops a step,
+    float64 sums); plain floats (the lr) are summed here. `means` reads them in one transfer."""
+
+    def __init__(self) -> None:
+        self.vectors: dict[tuple[str, ...], list] = {}  # keys -> [sum vector, steps]
+        self.floats: dict[str, list[float]] = {}        # key -> [sum, steps]
+
+    def add(self, metrics: Mapping[str, torch.Tensor | float]) -> None:
+        keys = tuple(k for k, v in metrics.items() if isinstance(v, torch.Tensor))
+        if keys:
+            vec = torch.stack([metrics[k].float() for k in keys])
+            if keys in self.vectors:
+                self.vectors[keys][0].add_(vec)
+                self.vectors[keys][1] += 1
+            else:
+                self.vectors[keys] = [vec.double(), 1]
+        for k, v in metrics.items():
+            if not isinstance(v, torch.Tensor):
+                total = self.floats.setdefault(k, [0.0, 0])
+                total[0] += float(v)
+                total[1] += 1
+
+    def means(self) -> dict[str, float]:
+        """Each metric's mean over the steps it was added in; clears the sums."""
+        out = {k: total / n for k, (total, n) in self.floats.items()}
+        if self.vectors:
+            means = torch.cat([vec / n for vec, n in self.vectors.values()]).tolist()  # one read
+            out.update(zip((k for keys in self.vectors for k in keys), means))
+        self.vectors, self.floats = {}, {}
+        return out
+
+
+class Window:
+    """The losses since the last log line, and the time, samples and data wait they took."""
+
+    def __init__(self, run: Run):
+        self.losses = Sums()
+        self.samples_per_step = run.cfg.train.batch_size * run.batches_per_step * run.dist.world_size
+        self._restart(run)
+
+    def _restart(self, run: Run) -> None:
+        self.t0, self.steps, self.wait0 = time.perf_counter(), 0, run.loader.wait_s
+
+    def add(self, losses: Mapping[str, torch.Tensor | float]) -> None:
+        self.steps += 1
+        self.losses.add(losses)
+
+    def log(self, run: Run, bar: tqdm) -> None:
+        """Rank-averaged losses and throughput, to the tracker and the progress bar."""
+        means = self.losses.means()  # (read first: on a GPU it waits for the queued steps)
+        elapsed, dist = time.perf_counter() - self.t0, run.dist
+        metrics = dist.mean({f"train/{k}" if "/" in k and not k.startswith("opt/") else k: v
+                             for k, v in means.items()})
+        metrics.update({"perf/samples_per_s": self.steps * self.samples_per_step / elapsed,
+                        "perf/step_time_s": elapsed / run.cfg.train.logger.log_every,
+                        "perf/data_wait_fraction": (run.loader.wait_s - self.wait0) / elapsed,
+                        "train/nonfinite_steps": float(run.progress.nonfinite_total),
+                        "dist/ranks": float(dist.world_size),
+                        "dist/nodes": float(max(1, dist.world_size // dist.local_size)),
+                        "epoch": float(run.progress.epoch)})
+        if run.timer.active:  # train.profile: every rank's shares, and their mean
+            ranks = dist.gather_object(run.timer.shares())
+            for rank, shares in enumerate(ranks):
+                metrics.update({f"profile/rank{rank}/{k}": v for k, v in shares.items()})
+            metrics.update({f"profile/{k}": sum(r.get(k, 0.0) for r in ranks) / len(ranks)
+                            for k in ranks[0]})
+        if dist.device.type == "cuda":
+            metrics["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2 ** 30
+        run.tracker.log(metrics, run.progress.step)
+        key = f"train/{run.phases[0].name}/loss"
+        if key in metrics:
+            bar.set_postfix(loss=f"{metrics[key]:.4g}")
+        self._restart(run)
