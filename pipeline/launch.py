@@ -1,6 +1,10 @@
 """`--nproc N`: start N local ranks of the same command, so a user never writes an mpirun line.
 
-Under a launcher already (mpirun, srun, horovodrun, torchrun) nothing is started: the ranks exist.
+Horovod's ranks start under mpirun (its MPI controller). ddp's ranks are started here, as torchrun
+would start them (`LocalRanks`): they meet through a FileStore in the launcher's private folder, so
+a one-node ddp run listens on no network address at all (issue 25; mpirun's bootstrap listener
+binds 0.0.0.0 and ::, docs/security.md). Under a launcher already (mpirun, srun, horovodrun,
+torchrun) nothing is started: the ranks exist.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from pipeline.dist import apply_cpu_mpi_defaults, detect_launcher
+from pipeline.dist import (OWN_LAUNCHER, RENDEZVOUS_FILE_ENV, apply_cpu_mpi_defaults,
+                           detect_launcher)
 from pipeline.errors import UserError
 from pipeline.preemption import (FORWARDED_SIGNAL, RECEIVED_NOTE, REQUEUE_EXIT_CODE,
                                  PreemptionFlag)
@@ -24,7 +29,8 @@ from pipeline.watchdog import (FINISHED, HOST, PARENT_DEATH_ENV, POLL_S, WATCH_D
                                WATCHDOG_EXIT_CODE, Watchdog, kill_all, latest_checkpoint,
                                session_pids)
 
-__all__ = ["REQUEUE_EXIT_CODE", "mpirun_command", "mpi_env", "needs_launch", "relaunch"]
+__all__ = ["REQUEUE_EXIT_CODE", "LocalRanks", "mpirun_command", "mpi_env", "needs_launch",
+           "relaunch"]
 SIGNAL_POLL_S = 0.1  # how soon a held signal is looked at again
 WAIT_S = 0.25        # how soon mpirun's exit is seen (ranks' exits wake us at once)
 
@@ -81,13 +87,15 @@ def needs_launch(nproc: int) -> bool:
 
 
 def relaunch(nproc: int, argv: list[str], launcher: str = "mpirun", timeout_s: float = 300,
-             checkpoints: Path | None = None, flag: PreemptionFlag | None = None) -> int:
+             checkpoints: Path | None = None, flag: PreemptionFlag | None = None,
+             backend: str = "horovod") -> int:
     """Run this command again on `nproc` ranks, watch them, and return the run's exit status.
 
-    This is the launcher's side of the preemption contract (pipeline.preemption, point 2):
-    mpirun runs in a session of its own, so a signal to our process group reaches only us. Each
-    of `SIGNALS` (caught by `flag`, which the CLI holds from its start) is passed on to mpirun as
-    `FORWARDED_SIGNAL` once every rank catches it (its first heartbeat comes from inside its
+    This is the launcher's side of the preemption contract (pipeline.preemption, point 2): the
+    ranks (ddp: `LocalRanks`, each in a session of its own) or mpirun (Horovod: in a session of
+    its own) do not get a signal sent to our process group, which reaches only us. Each
+    of `SIGNALS` (caught by `flag`, which the CLI holds from its start) is passed on to the ranks
+    as `FORWARDED_SIGNAL` once every rank catches it (its first heartbeat comes from inside its
     own flag) and while none is finishing, so no signal kills a rank that is starting or leaving
     (issue 25); its name goes into the watch folder for the ranks' line. The ranks checkpoint
     and exit 0 with their heartbeat saying "preempted"; we return `REQUEUE_EXIT_CODE`. A second
@@ -95,31 +103,134 @@ def relaunch(nproc: int, argv: list[str], launcher: str = "mpirun", timeout_s: f
     rank's error gives its status, a silent rank the watchdog's 124.
     """
     env = mpi_env()
-    watch = Path(tempfile.mkdtemp(prefix="hpcforge-watch-"))
+    watch = Path(tempfile.mkdtemp(prefix="hpcforge-watch-"))  # 0700: only this user opens it
     env[WATCH_DIR_ENV] = str(watch)
     env[PARENT_DEATH_ENV] = "1"
-    cmd = mpirun_command(nproc, argv, launcher)
+    own = backend == "ddp"
     flag = flag or PreemptionFlag()
     with nullcontext() if flag.catching else flag:
-        print(f"[hpcforge] launching {nproc} ranks: {' '.join(cmd)}", flush=True)
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        if own:
+            print(f"[hpcforge] launching {nproc} ranks: {' '.join(rank_command(argv))}", flush=True)
+            ranks: LocalRanks | _Mpirun = LocalRanks(nproc, argv, env, watch / "store")
+        else:
+            cmd = mpirun_command(nproc, argv, launcher)
+            print(f"[hpcforge] launching {nproc} ranks: {' '.join(cmd)}", flush=True)
+            ranks = _Mpirun(cmd, env)
         exits = _Exits()
         try:
             dog = Watchdog(watch, nproc, timeout_s)
-            code = _watch(proc, dog, checkpoints, _Forward(proc, dog, flag, watch), exits)
+            code = _watch(ranks, dog, checkpoints, _Forward(ranks, dog, flag, watch), exits)
             if code == 0 and dog.preempted():
                 code = REQUEUE_EXIT_CODE
         finally:
             exits.close()
-            kill_all(session_pids(proc.pid))  # nothing of the run outlives the launcher
+            kill_all(ranks.pids())  # nothing of the run outlives the launcher
+            ranks.wait()
             shutil.rmtree(watch, ignore_errors=True)
     if code not in (0, 2, REQUEUE_EXIT_CODE, WATCHDOG_EXIT_CODE):  # 2: a config error, printed
-        print(f"hpcforge: error: {_failure(nproc, code, exits.first, launcher, checkpoints)}",
+        first = exits.first
+        if own and ranks.failed is not None:  # we started the ranks: we know which one failed
+            rank, _ = ranks.failed
+            first = dog.seen.get(rank, ({"rank": rank, "pid": ranks.procs[rank].pid,
+                                         "host": HOST, "step": 0, "state": "setup"}, 0))[0]
+        how = ranks.how() if own else f"{launcher}'s report above says how"
+        print(f"hpcforge: error: {_failure(nproc, code, first, how, checkpoints)}",
               file=sys.stderr, flush=True)
     return code
 
 
-def _failure(nproc: int, code: int, first: dict | None, launcher: str,
+def rank_command(argv: list[str], module: str = "hpcforge") -> list[str]:
+    return [sys.executable, "-m", module, *argv]
+
+
+class _Mpirun:
+    """mpirun, in a session of its own, starting the ranks."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)  # mpirun delivers it to every rank
+
+    def pids(self) -> list[int]:
+        return session_pids(self.proc.pid)
+
+    def wait(self) -> int:
+        return self.proc.wait()
+
+
+class LocalRanks:
+    """N ranks of `python -m hpcforge <argv>` on this node, started as torchrun starts them
+    (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), each in a session of its own (a signal to
+    our process group reaches only us), killed by the kernel if we die (PR_SET_PDEATHSIG, set
+    before exec, so even while the rank imports). They meet through a torch FileStore at
+    `store` (pipeline.dist reads RENDEZVOUS_FILE_ENV), so nothing listens, and gloo/NCCL pair
+    over loopback (pipeline.dist.pin_transports). When a rank fails, the others are killed at
+    once (each rank's whole session: W&B's service and data loader workers too), as mpirun does.
+
+    Hand-written, not torch.distributed.run's elastic agent: its rendezvous store (a TCPStore)
+    listens on every address whatever endpoint it is given (measured with torch 2.13:
+    `torchrun --standalone`, `--rdzv-endpoint 127.0.0.1:<port> --local-addr 127.0.0.1` and
+    `--master-addr 127.0.0.1` all listen on `*`), and it installs its own SIGTERM/SIGINT handlers
+    that pass the signal straight to the workers, which would break the preemption contract
+    above (a signal is held until every rank catches it, then passed on as FORWARDED_SIGNAL).
+    """
+
+    def __init__(self, nproc: int, argv: list[str], env: dict[str, str], store: Path):
+        self.procs: list[subprocess.Popen] = []
+        self.failed: tuple[int, int] | None = None  # (rank, status) of the first to fail
+        base = {**env, RENDEZVOUS_FILE_ENV: str(store), "WORLD_SIZE": str(nproc),
+                "LOCAL_WORLD_SIZE": str(nproc)}
+        for rank in range(nproc):
+            self.procs.append(subprocess.Popen(
+                rank_command(argv), env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=_die_with_parent_kill))
+
+    def poll(self) -> int | None:
+        """None while any rank runs; then the run's status: the first failed rank's (128 + the
+        signal that killed it), else 0. A failed rank ends the others."""
+        for rank, proc in enumerate(self.procs):
+            code = proc.poll()
+            if code and self.failed is None:
+                self.failed = (rank, code)
+                kill_all(self.pids())
+        if any(p.returncode is None for p in self.procs):
+            return None
+        return _status(self.failed[1]) if self.failed else 0
+
+    def how(self) -> str:
+        """How the failed rank ended, in words."""
+        code = self.failed[1] if self.failed else 0
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exit status {code}"
+
+    def send_signal(self, sig: int) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(sig)
+
+    def pids(self) -> list[int]:
+        """Every process of the ranks' sessions (each rank leads one)."""
+        return [pid for p in self.procs for pid in session_pids(p.pid)]
+
+    def wait(self) -> int:
+        for proc in self.procs:
+            proc.wait()
+        return self.poll() or 0
+
+
+def _status(code: int) -> int:
+    """A rank's returncode as a shell reports it: 128 + N for a rank killed by signal N."""
+    return 128 - code if code < 0 else code
+
+
+def _failure(nproc: int, code: int, first: dict | None, how: str,
              checkpoints: Path | None) -> str:
     """Our line on a run that failed: the rank that ended first, while not finishing (issue 25:
     mpirun's block says only "PID 0"), where it was, and the checkpoint to resume from."""
@@ -128,10 +239,10 @@ def _failure(nproc: int, code: int, first: dict | None, launcher: str,
               "no checkpoint had been written yet")
     if first is None:
         return (f"the {nproc} ranks ended with status {code}: a rank failed or was killed "
-                f"({launcher}'s report above says how); {resume}")
+                f"({how}); {resume}")
     return (f"rank {first['rank']} on {first['host']} (pid {first['pid']}) ended first, at step "
-            f"{first['step']} while in {first['state']}: it failed or was killed ({launcher}'s "
-            f"report above says how), and the run ended with status {code}; {resume}")
+            f"{first['step']} while in {first['state']}: it failed or was killed ({how}), and "
+            f"the run ended with status {code}; {resume}")
 
 
 class _Exits:
@@ -174,9 +285,10 @@ class _Exits:
 
 
 class _Forward:
-    """Signals the launcher caught, passed on to mpirun when the ranks can take them."""
+    """Signals the launcher caught, passed on to the ranks (or mpirun) when they can take them."""
 
-    def __init__(self, proc: subprocess.Popen, dog: Watchdog, flag: PreemptionFlag, watch: Path):
+    def __init__(self, proc: LocalRanks | _Mpirun, dog: Watchdog, flag: PreemptionFlag,
+                 watch: Path):
         self.proc, self.dog, self.flag, self.watch = proc, dog, flag, watch
         self.sent = 0  # of flag.received
 
@@ -197,9 +309,9 @@ class _Forward:
             self.proc.send_signal(FORWARDED_SIGNAL)
 
 
-def _watch(proc: subprocess.Popen, dog: Watchdog, checkpoints: Path | None,
+def _watch(proc: LocalRanks | _Mpirun, dog: Watchdog, checkpoints: Path | None,
            forward: _Forward, exits: _Exits) -> int:
-    """Wait for mpirun, passing signals on and noting which rank ends first; end the whole run
+    """Wait for the ranks (or mpirun), passing signals on and noting which rank ends first; end the whole run
     when the watchdog finds a rank silent for timeout_s."""
     polled = time.monotonic()
     while True:
@@ -222,7 +334,7 @@ def _watch(proc: subprocess.Popen, dog: Watchdog, checkpoints: Path | None,
         if stall is not None:
             print(f"hpcforge: error: {stall.describe(dog.timeout_s, latest_checkpoint(checkpoints))}",
                   file=sys.stderr, flush=True)
-            kill_all(session_pids(proc.pid) + dog.pids())
+            kill_all(proc.pids() + dog.pids())
             proc.wait()
             return WATCHDOG_EXIT_CODE
 
@@ -233,3 +345,10 @@ def _die_with_parent() -> None:
     mpirun ends its ranks on SIGTERM)."""
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _die_with_parent_kill() -> None:
+    """In a rank we start, before exec: SIGKILL when the launcher dies, even by SIGKILL (the
+    rank repeats it once it runs, pipeline.watchdog.end_with_parent; this covers its imports)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
