@@ -10,8 +10,8 @@ Backends: `horovod` (hvd.DistributedOptimizer per optimizer over its prefixed pa
 allreduced while backward runs), `ddp` (a torch.distributed process group, gloo on CPU and nccl on
 GPU; gradients all-reduced per optimizer in buckets while backward runs), `none` (one process).
 Rank, world size and local rank come from the launcher's environment (OpenMPI's mpirun, MPICH PMI,
-Slurm's srun, horovodrun, torchrun, our own `--nproc` launcher for ddp); `place.launcher` says
-which one was found.
+Slurm's srun, horovodrun, torchrun, our own `--nproc` launcher); `place.launcher` says which one
+was found.
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ import torch
 from pipeline.config import DistConfig
 from pipeline.errors import UserError
 
-# Set by our `--nproc` launcher for ddp (pipeline.launch.LocalRanks): the FileStore its ranks meet
-# through, in its private folder; with it, torchrun's variables are ours.
+# Set by our `--nproc` launcher (pipeline.launch.LocalRanks): torchrun's or horovodrun's variables
+# are then ours; for ddp, the FileStore its ranks meet through, in its private folder.
+LOCAL_RANKS_ENV = "HPCFORGE_LOCAL_RANKS"
 RENDEZVOUS_FILE_ENV = "HPCFORGE_RENDEZVOUS_FILE"
 OWN_LAUNCHER = "hpcforge --nproc"
 
@@ -42,7 +43,6 @@ _LAUNCHERS = (
      "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
     ("mpirun (PMI)", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
     ("srun (Slurm)", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
-    (OWN_LAUNCHER, "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
     ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
 )
 
@@ -63,8 +63,8 @@ def detect_launcher(env: Mapping[str, str] | None = None) -> Placement:
         if rank in env and size in env:
             if name.startswith("srun") and "SLURM_STEP_ID" not in env:
                 continue  # inside sbatch but not under srun: a batch script, not a rank
-            if name == OWN_LAUNCHER and RENDEZVOUS_FILE_ENV not in env:
-                continue  # torchrun's variables, set by torchrun
+            if name in ("horovodrun", "torchrun") and env.get(LOCAL_RANKS_ENV):
+                name = OWN_LAUNCHER  # their variables, set by us
             n_local = env.get(local_size, "1").split("(")[0].split(",")[0]  # "2(x2)" in Slurm
             return Placement(name, int(env[rank]), int(env[size]), int(env.get(local, 0)),
                              int(n_local or 1))

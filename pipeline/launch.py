@@ -1,10 +1,11 @@
 """`--nproc N`: start N local ranks of the same command, so a user never writes an mpirun line.
 
-Horovod's ranks start under mpirun (its MPI controller). ddp's ranks are started here, as torchrun
-would start them (`LocalRanks`): they meet through a FileStore in the launcher's private folder, so
-a one-node ddp run listens on no network address at all (issue 25; mpirun's bootstrap listener
-binds 0.0.0.0 and ::, docs/security.md). Under a launcher already (mpirun, srun, horovodrun,
-torchrun) nothing is started: the ranks exist.
+By default (train.dist.launcher=hpcforge) the ranks are started here (`LocalRanks`), as torchrun
+and horovodrun would start them, and meet without a listener on a network address (issue 25):
+ddp's through a FileStore in the launcher's private folder, Horovod's (Gloo controller) through
+Horovod's own rendezvous server bound to 127.0.0.1. train.dist.launcher=mpirun starts them with
+mpirun (Horovod on MPI), whose bootstrap listener binds 0.0.0.0 and :: (docs/security.md). Under a
+launcher already (mpirun, srun, horovodrun, torchrun) nothing is started: the ranks exist.
 """
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
-from pipeline.dist import (OWN_LAUNCHER, RENDEZVOUS_FILE_ENV, apply_cpu_mpi_defaults,
-                           detect_launcher)
+from pipeline.dist import (LOCAL_RANKS_ENV, LOOPBACK, RENDEZVOUS_FILE_ENV,
+                           apply_cpu_mpi_defaults, detect_launcher)
 from pipeline.errors import UserError
 from pipeline.preemption import (FORWARDED_SIGNAL, RECEIVED_NOTE, REQUEUE_EXIT_CODE,
                                  PreemptionFlag)
@@ -86,14 +89,15 @@ def needs_launch(nproc: int) -> bool:
     return nproc > 1 and detect_launcher().world_size == 1
 
 
-def relaunch(nproc: int, argv: list[str], launcher: str = "mpirun", timeout_s: float = 300,
+def relaunch(nproc: int, argv: list[str], launcher: str = "hpcforge", timeout_s: float = 300,
              checkpoints: Path | None = None, flag: PreemptionFlag | None = None,
              backend: str = "horovod") -> int:
     """Run this command again on `nproc` ranks, watch them, and return the run's exit status.
 
     This is the launcher's side of the preemption contract (pipeline.preemption, point 2): the
-    ranks (ddp: `LocalRanks`, each in a session of its own) or mpirun (Horovod: in a session of
-    its own) do not get a signal sent to our process group, which reaches only us. Each
+    ranks (`LocalRanks`, each in a session of its own) or mpirun (launcher mpirun or horovodrun:
+    in a session of its own) do not get a signal sent to our process group, which reaches only
+    us. Each
     of `SIGNALS` (caught by `flag`, which the CLI holds from its start) is passed on to the ranks
     as `FORWARDED_SIGNAL` once every rank catches it (its first heartbeat comes from inside its
     own flag) and while none is finishing, so no signal kills a rank that is starting or leaving
@@ -106,12 +110,12 @@ def relaunch(nproc: int, argv: list[str], launcher: str = "mpirun", timeout_s: f
     watch = Path(tempfile.mkdtemp(prefix="hpcforge-watch-"))  # 0700: only this user opens it
     env[WATCH_DIR_ENV] = str(watch)
     env[PARENT_DEATH_ENV] = "1"
-    own = backend == "ddp"
+    own = launcher == "hpcforge"
     flag = flag or PreemptionFlag()
     with nullcontext() if flag.catching else flag:
         if own:
             print(f"[hpcforge] launching {nproc} ranks: {' '.join(rank_command(argv))}", flush=True)
-            ranks: LocalRanks | _Mpirun = LocalRanks(nproc, argv, env, watch / "store")
+            ranks: LocalRanks | _Mpirun = LocalRanks(nproc, argv, env, backend, watch / "store")
         else:
             cmd = mpirun_command(nproc, argv, launcher)
             print(f"[hpcforge] launching {nproc} ranks: {' '.join(cmd)}", flush=True)
@@ -164,13 +168,17 @@ class _Mpirun:
 
 
 class LocalRanks:
-    """N ranks of `python -m hpcforge <argv>` on this node, started as torchrun starts them
-    (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), each in a session of its own (a signal to
-    our process group reaches only us), killed by the kernel if we die (PR_SET_PDEATHSIG, set
-    before exec, so even while the rank imports). They meet through a torch FileStore at
-    `store` (pipeline.dist reads RENDEZVOUS_FILE_ENV), so nothing listens, and gloo/NCCL pair
-    over loopback (pipeline.dist.pin_transports). When a rank fails, the others are killed at
-    once (each rank's whole session: W&B's service and data loader workers too), as mpirun does.
+    """N ranks of `python -m hpcforge <argv>` on this node, each in a session of its own (a
+    signal to our process group reaches only us), killed by the kernel if we die
+    (PR_SET_PDEATHSIG, set before exec, so even while the rank imports). When a rank fails, the
+    others are killed at once (each rank's whole session: W&B's service and data loader workers
+    too), as mpirun does. Where they meet, with nothing on a network address:
+
+    - ddp: started as torchrun starts them (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); they
+      meet through a torch FileStore at `store` (pipeline.dist reads RENDEZVOUS_FILE_ENV), so
+      nothing listens, and gloo/NCCL pair over loopback (pipeline.dist.pin_transports).
+    - horovod: started as `horovodrun --gloo` starts them (Horovod's own slot and Gloo variables,
+      `_horovod_gloo`); Horovod's rendezvous server runs here on 127.0.0.1 and Gloo pairs on lo.
 
     Hand-written, not torch.distributed.run's elastic agent: its rendezvous store (a TCPStore)
     listens on every address whatever endpoint it is given (measured with torch 2.13:
@@ -178,16 +186,24 @@ class LocalRanks:
     `--master-addr 127.0.0.1` all listen on `*`), and it installs its own SIGTERM/SIGINT handlers
     that pass the signal straight to the workers, which would break the preemption contract
     above (a signal is held until every rank catches it, then passed on as FORWARDED_SIGNAL).
+    Nor horovodrun: its rendezvous server binds 0.0.0.0 (horovod.runner.util.network.find_port
+    binds ('', port); measured), and it too ends the ranks on SIGTERM/SIGINT.
     """
 
-    def __init__(self, nproc: int, argv: list[str], env: dict[str, str], store: Path):
+    def __init__(self, nproc: int, argv: list[str], env: dict[str, str], backend: str,
+                 store: Path):
         self.procs: list[subprocess.Popen] = []
         self.failed: tuple[int, int] | None = None  # (rank, status) of the first to fail
-        base = {**env, RENDEZVOUS_FILE_ENV: str(store), "WORLD_SIZE": str(nproc),
-                "LOCAL_WORLD_SIZE": str(nproc)}
-        for rank in range(nproc):
+        self._server: Any = None
+        if backend == "horovod":
+            self._server, envs = _horovod_gloo(nproc)
+        else:
+            envs = [{RENDEZVOUS_FILE_ENV: str(store), "WORLD_SIZE": str(nproc),
+                     "LOCAL_WORLD_SIZE": str(nproc), "RANK": str(r), "LOCAL_RANK": str(r)}
+                    for r in range(nproc)]
+        for rank_env in envs:
             self.procs.append(subprocess.Popen(
-                rank_command(argv), env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                rank_command(argv), env={**env, LOCAL_RANKS_ENV: "1", **rank_env},
                 stdin=subprocess.DEVNULL, start_new_session=True,
                 preexec_fn=_die_with_parent_kill))
 
@@ -222,7 +238,26 @@ class LocalRanks:
     def wait(self) -> int:
         for proc in self.procs:
             proc.wait()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
         return self.poll() or 0
+
+
+def _horovod_gloo(nproc: int) -> tuple[Any, list[dict[str, str]]]:
+    """Horovod's own rendezvous server (the one `horovodrun --gloo` runs), serving on 127.0.0.1,
+    and each rank's environment: its slot (rank, sizes, host) and the Gloo controller over lo."""
+    from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
+    from horovod.runner.gloo_run import create_run_env_vars, create_slot_env_vars
+    from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
+    plan = get_host_assignments(parse_hosts(f"localhost:{nproc}"), nproc)
+    server = RendezvousHTTPServer((LOOPBACK, 0), RendezvousHandler, 0)
+    server.init(plan)
+    threading.Thread(target=server.serve_forever, daemon=True, name="horovod-rendezvous").start()
+    common = create_run_env_vars(LOOPBACK, ["lo"], server.server_address[1])
+    return server, [{k: str(v) for k, v in {**common, **create_slot_env_vars(slot)}.items()}
+                    for slot in plan]
 
 
 def _status(code: int) -> int:

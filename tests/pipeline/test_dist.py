@@ -17,7 +17,9 @@ from pipeline.launch import mpirun_command
     ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"},
      ("torchrun", 1, 2, 1, 2)),
     ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-      "HPCFORGE_RENDEZVOUS_FILE": "/tmp/x/store"}, ("hpcforge --nproc", 1, 2, 1, 2)),  # ddp's ranks
+      "HPCFORGE_LOCAL_RANKS": "1"}, ("hpcforge --nproc", 1, 2, 1, 2)),  # our own ranks (ddp)
+    ({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "1", "HOROVOD_LOCAL_SIZE": "2",
+      "HPCFORGE_LOCAL_RANKS": "1"}, ("hpcforge --nproc", 1, 2, 1, 2)),  # (Horovod on Gloo)
     ({"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "0",
       "HOROVOD_LOCAL_SIZE": "2"}, ("horovodrun", 0, 2, 0, 2)),
 ])
