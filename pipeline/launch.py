@@ -95,16 +95,15 @@ def relaunch(nproc: int, argv: list[str], launcher: str = "hpcforge", timeout_s:
     """Run this command again on `nproc` ranks, watch them, and return the run's exit status.
 
     This is the launcher's side of the preemption contract (pipeline.preemption, point 2): the
-    ranks (`LocalRanks`, each in a session of its own) or mpirun (launcher mpirun or horovodrun:
+    ranks (`LocalRanks`, each in a session of its own) or mpirun (launcher mpirun or horovodrun,
     in a session of its own) do not get a signal sent to our process group, which reaches only
-    us. Each
-    of `SIGNALS` (caught by `flag`, which the CLI holds from its start) is passed on to the ranks
-    as `FORWARDED_SIGNAL` once every rank catches it (its first heartbeat comes from inside its
-    own flag) and while none is finishing, so no signal kills a rank that is starting or leaving
-    (issue 25); its name goes into the watch folder for the ranks' line. The ranks checkpoint
-    and exit 0 with their heartbeat saying "preempted"; we return `REQUEUE_EXIT_CODE`. A second
-    Ctrl-C ends the ranks at once (KeyboardInterrupt: the CLI's 130). A failure is never 75: a
-    rank's error gives its status, a silent rank the watchdog's 124.
+    us. Each of `SIGNALS` (caught by `flag`, which the CLI holds from its start) is passed on to
+    the ranks as `FORWARDED_SIGNAL` once every rank catches it (its first heartbeat comes from
+    inside its own flag) and while none is finishing, so no signal kills a rank that is starting
+    or leaving (issue 25); its name goes into the watch folder for the ranks' line. The ranks
+    checkpoint and exit 0 with their heartbeat saying "preempted"; we return `REQUEUE_EXIT_CODE`.
+    A second Ctrl-C ends the ranks at once (KeyboardInterrupt: the CLI's 130). A failure is never
+    75: a rank's error gives its status, a silent rank the watchdog's 124.
     """
     env = mpi_env()
     watch = Path(tempfile.mkdtemp(prefix="hpcforge-watch-"))  # 0700: only this user opens it
@@ -254,7 +253,7 @@ def _horovod_gloo(nproc: int) -> tuple[Any, list[dict[str, str]]]:
     plan = get_host_assignments(parse_hosts(f"localhost:{nproc}"), nproc)
     server = RendezvousHTTPServer((LOOPBACK, 0), RendezvousHandler, 0)
     server.init(plan)
-    threading.Thread(target=server.serve_forever, daemon=True, name="horovod-rendezvous").start()
+    threading.Thread(target=server.serve_forever, name="horovod-rendezvous", daemon=True).start()
     common = create_run_env_vars(LOOPBACK, ["lo"], server.server_address[1])
     return server, [{k: str(v) for k, v in {**common, **create_slot_env_vars(slot)}.items()}
                     for slot in plan]
@@ -346,8 +345,8 @@ class _Forward:
 
 def _watch(proc: LocalRanks | _Mpirun, dog: Watchdog, checkpoints: Path | None,
            forward: _Forward, exits: _Exits) -> int:
-    """Wait for the ranks (or mpirun), passing signals on and noting which rank ends first; end the whole run
-    when the watchdog finds a rank silent for timeout_s."""
+    """Wait for the ranks (or mpirun), passing signals on and noting which rank ends first; end
+    the whole run when the watchdog finds a rank silent for timeout_s."""
     polled = time.monotonic()
     while True:
         forward()

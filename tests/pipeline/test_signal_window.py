@@ -40,7 +40,8 @@ def test_sigterm_while_the_ranks_start_checkpoints_their_first_step_and_exits_75
 
 def test_sigterm_after_the_final_checkpoint_leaves_a_finished_run_at_exit_0(small_store, tmp_path,
                                                                             backend):
-    proc = start_training(small_store, tmp_path, "train.max_steps=4", f"train.dist.backend={backend}")
+    proc = start_training(small_store, tmp_path, "train.max_steps=4",
+                          f"train.dist.backend={backend}")
     final = tmp_path / "train" / "checkpoints" / "final.pt"
     try:
         deadline = time.monotonic() + 180
