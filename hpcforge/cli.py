@@ -269,7 +269,7 @@ def _train(args: argparse.Namespace, flag) -> int:
         argv = ["train", "-e", args.experiment, *args.overrides, *extra]
         return relaunch(cfg.train.dist.nproc, argv, cfg.train.dist.launcher,
                         cfg.train.dist.timeout_s, Path(cfg.output_dir) / "train" / "checkpoints",
-                        flag)
+                        flag, cfg.train.dist.backend)
     from pipeline.runtime.preemption import REQUEUE_EXIT_CODE, Preempted
     from pipeline.runtime.watchdog import preempted_status
     from pipeline.train.nonfinite import NonFiniteError

@@ -145,7 +145,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __init__(self, cfg: Config, argv: list[str], max_requeues: int, evaluate: bool = False):
         self.cfg = cfg
-        self.argv = argv                # `hpcforge train` arguments, for a local mpirun relaunch
+        self.argv = argv                # `hpcforge train` arguments, for a local relaunch
         self.max_requeues = max_requeues
         self.evaluate = evaluate
 
@@ -154,7 +154,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         cfg = resumable(self.cfg)
         under_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"  # ranks are srun's tasks
         if not under_slurm and detect_launcher().world_size == 1 and cfg.train.dist.nproc > 1:
-            return self._relaunch_locally(cfg)  # local executor: start the ranks with mpirun
+            return self._relaunch_locally(cfg)  # local executor: start the ranks here
         from pipeline.runtime.preemption import Preempted
         from pipeline.train.trainer import train
         if under_slurm and cfg.train.dist.backend == "ddp":
@@ -219,7 +219,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         from pipeline.runtime.launch import relaunch
         from pipeline.runtime.preemption import REQUEUE_EXIT_CODE
         rc = relaunch(cfg.train.dist.nproc, ["train", *self.argv], cfg.train.dist.launcher,
-                      cfg.train.dist.timeout_s, Path(cfg.output_dir) / "train" / "checkpoints")
+                      cfg.train.dist.timeout_s, Path(cfg.output_dir) / "train" / "checkpoints",
+                      backend=cfg.train.dist.backend)
         if rc == REQUEUE_EXIT_CODE:  # the ranks checkpointed after a preemption signal
             self._requeue_or_fail()
         if rc != 0:

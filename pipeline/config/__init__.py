@@ -125,7 +125,10 @@ class ModelSection:
 class DistConfig:
     backend: Literal["horovod", "ddp", "none"] = "horovod"
     nproc: int = 1                 # ranks `hpcforge train` launches on this machine
-    launcher: Literal["mpirun", "horovodrun"] = "mpirun"
+    # who starts the `nproc` ranks: hpcforge itself (nothing listens on a network address; Horovod
+    # on its Gloo controller), mpirun (Horovod on MPI; mpirun listens on 0.0.0.0 and ::), or
+    # horovodrun --gloo (its rendezvous listens on 0.0.0.0); docs/security.md
+    launcher: Literal["hpcforge", "mpirun", "horovodrun"] = "hpcforge"
     fp16_allreduce: bool = False   # Horovod: compress gradients to fp16 on the wire
     bucket_mb: float = 25.0        # ddp: gradients all-reduced during backward in buckets this big
     timeout_s: int = 300           # a silent rank ends the job after this long, not never

@@ -10,7 +10,8 @@ Backends: `horovod` (hvd.DistributedOptimizer per optimizer over its prefixed pa
 allreduced while backward runs), `ddp` (a torch.distributed process group, gloo on CPU and nccl on
 GPU; gradients all-reduced per optimizer in buckets while backward runs), `none` (one process).
 Rank, world size and local rank come from the launcher's environment (OpenMPI's mpirun, MPICH PMI,
-Slurm's srun, horovodrun, torchrun); `place.launcher` says which one was found.
+Slurm's srun, horovodrun, torchrun, our own `--nproc` launcher); `place.launcher` says which one
+was found.
 """
 from __future__ import annotations
 
@@ -28,6 +29,12 @@ import torch
 
 from pipeline.config import DistConfig
 from pipeline.core.errors import UserError
+
+# Set by our `--nproc` launcher (pipeline.runtime.launch.LocalRanks): torchrun's or horovodrun's variables
+# are then ours; for ddp, the FileStore its ranks meet through, in its private folder.
+LOCAL_RANKS_ENV = "HPCFORGE_LOCAL_RANKS"
+RENDEZVOUS_FILE_ENV = "HPCFORGE_RENDEZVOUS_FILE"
+OWN_LAUNCHER = "hpcforge --nproc"
 
 # (launcher name, rank var, size var, local rank var, local size var), first match wins.
 _LAUNCHERS = (
@@ -56,6 +63,8 @@ def detect_launcher(env: Mapping[str, str] | None = None) -> Placement:
         if rank in env and size in env:
             if name.startswith("srun") and "SLURM_STEP_ID" not in env:
                 continue  # inside sbatch but not under srun: a batch script, not a rank
+            if name in ("horovodrun", "torchrun") and env.get(LOCAL_RANKS_ENV):
+                name = OWN_LAUNCHER  # their variables, set by us
             n_local = env.get(local_size, "1").split("(")[0].split(",")[0]  # "2(x2)" in Slurm
             return Placement(name, int(env[rank]), int(env[size]), int(env.get(local, 0)),
                              int(n_local or 1))
@@ -512,12 +521,15 @@ def _store(place: Placement, cfg: DistConfig) -> Any:
     trusted interface; its TCPStore otherwise listens on every interface).
 
     Every rank on one node: a FileStore in a folder only this user can open, so nothing listens
-    at all (under mpirun, rank 0 makes it and tells the others over MPI); given MASTER_ADDR/PORT
+    at all (our `--nproc` launcher names it; under mpirun, rank 0 makes it and tells the others
+    over MPI); given MASTER_ADDR/PORT
     (a one-node Slurm job), a TCPStore on loopback. Several nodes: a TCPStore whose rank 0
     listens on train.dist.interface's address only (every interface when unset, as torch does),
     on MASTER_PORT, else train.dist.port, else a free port shared over MPI."""
     import torch.distributed as td
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    if place.launcher == OWN_LAUNCHER:
+        return td.FileStore(os.environ[RENDEZVOUS_FILE_ENV], place.world_size)
     addr, port = _rendezvous(place)
     under_mpirun = place.launcher.startswith("mpirun")
     if one_node(place) and under_mpirun:

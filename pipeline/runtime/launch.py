@@ -1,6 +1,11 @@
 """`--nproc N`: start N local ranks of the same command, so a user never writes an mpirun line.
 
-Under a launcher already (mpirun, srun, horovodrun, torchrun) nothing is started: the ranks exist.
+By default (train.dist.launcher=hpcforge) the ranks are started here (`LocalRanks`), as torchrun
+and horovodrun would start them, and meet without a listener on a network address (issue 25):
+ddp's through a FileStore in the launcher's private folder, Horovod's (Gloo controller) through
+Horovod's own rendezvous server bound to 127.0.0.1. train.dist.launcher=mpirun starts them with
+mpirun (Horovod on MPI), whose bootstrap listener binds 0.0.0.0 and :: (docs/security.md). Under a
+launcher already (mpirun, srun, horovodrun, torchrun) nothing is started: the ranks exist.
 """
 from __future__ import annotations
 
@@ -12,19 +17,23 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 from pipeline.core.errors import UserError
-from pipeline.runtime.dist import apply_cpu_mpi_defaults, detect_launcher
+from pipeline.runtime.dist import (LOCAL_RANKS_ENV, LOOPBACK, RENDEZVOUS_FILE_ENV,
+                                   apply_cpu_mpi_defaults, detect_launcher)
 from pipeline.runtime.preemption import (FORWARDED_SIGNAL, RECEIVED_NOTE, REQUEUE_EXIT_CODE,
                                          PreemptionFlag)
 from pipeline.runtime.watchdog import (FINISHED, HOST, PARENT_DEATH_ENV, POLL_S, WATCH_DIR_ENV,
                                        WATCHDOG_EXIT_CODE, Watchdog, kill_all, latest_checkpoint,
                                        session_pids)
 
-__all__ = ["REQUEUE_EXIT_CODE", "mpirun_command", "mpi_env", "needs_launch", "relaunch"]
+__all__ = ["REQUEUE_EXIT_CODE", "LocalRanks", "mpirun_command", "mpi_env", "needs_launch",
+           "relaunch"]
 SIGNAL_POLL_S = 0.1  # how soon a held signal is looked at again
 WAIT_S = 0.25        # how soon mpirun's exit is seen (ranks' exits wake us at once)
 
@@ -80,46 +89,182 @@ def needs_launch(nproc: int) -> bool:
     return nproc > 1 and detect_launcher().world_size == 1
 
 
-def relaunch(nproc: int, argv: list[str], launcher: str = "mpirun", timeout_s: float = 300,
-             checkpoints: Path | None = None, flag: PreemptionFlag | None = None) -> int:
+def relaunch(nproc: int, argv: list[str], launcher: str = "hpcforge", timeout_s: float = 300,
+             checkpoints: Path | None = None, flag: PreemptionFlag | None = None,
+             backend: str = "horovod") -> int:
     """Run this command again on `nproc` ranks, watch them, and return the run's exit status.
 
-    This is the launcher's side of the preemption contract (pipeline.runtime.preemption, point 2):
-    mpirun runs in a session of its own, so a signal to our process group reaches only us. Each
-    of `SIGNALS` (caught by `flag`, which the CLI holds from its start) is passed on to mpirun as
-    `FORWARDED_SIGNAL` once every rank catches it (its first heartbeat comes from inside its
-    own flag) and while none is finishing, so no signal kills a rank that is starting or leaving
-    (issue 25); its name goes into the watch folder for the ranks' line. The ranks checkpoint
-    and exit 0 with their heartbeat saying "preempted"; we return `REQUEUE_EXIT_CODE`. A second
-    Ctrl-C ends the ranks at once (KeyboardInterrupt: the CLI's 130). A failure is never 75: a
-    rank's error gives its status, a silent rank the watchdog's 124.
-    """
+    The launcher's side of the preemption contract (pipeline.runtime.preemption, point 2): the
+    ranks (`LocalRanks`) or mpirun each run in a session of their own, so a signal to our process
+    group reaches only us. Each of `SIGNALS` (caught by `flag`, held by the CLI from its start)
+    is passed on as `FORWARDED_SIGNAL` once every rank catches it (its first heartbeat comes from
+    inside its own flag) and while none is finishing (issue 25); its name goes into the watch
+    folder for the ranks' line. The ranks checkpoint and exit 0, their heartbeat saying
+    "preempted": we return `REQUEUE_EXIT_CODE`. A second Ctrl-C ends the ranks at once (the
+    CLI's 130). A failure is never 75: a rank's error gives its status, a silent rank 124."""
     env = mpi_env()
-    watch = Path(tempfile.mkdtemp(prefix="hpcforge-watch-"))
+    watch = Path(tempfile.mkdtemp(prefix="hpcforge-watch-"))  # 0700: only this user opens it
     env[WATCH_DIR_ENV] = str(watch)
     env[PARENT_DEATH_ENV] = "1"
-    cmd = mpirun_command(nproc, argv, launcher)
     flag = flag or PreemptionFlag()
     with nullcontext() if flag.catching else flag:
-        print(f"[hpcforge] launching {nproc} ranks: {' '.join(cmd)}", flush=True)
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        ranks = _start_ranks(nproc, argv, env, launcher, backend, watch)
         exits = _Exits()
         try:
             dog = Watchdog(watch, nproc, timeout_s)
-            code = _watch(proc, dog, checkpoints, _Forward(proc, dog, flag, watch), exits)
+            code = _watch(ranks, dog, checkpoints, _Forward(ranks, dog, flag, watch), exits)
             if code == 0 and dog.preempted():
                 code = REQUEUE_EXIT_CODE
         finally:
             exits.close()
-            kill_all(session_pids(proc.pid))  # nothing of the run outlives the launcher
+            kill_all(ranks.pids())  # nothing of the run outlives the launcher
+            ranks.wait()
             shutil.rmtree(watch, ignore_errors=True)
     if code not in (0, 2, REQUEUE_EXIT_CODE, WATCHDOG_EXIT_CODE):  # 2: a config error, printed
-        print(f"hpcforge: error: {_failure(nproc, code, exits.first, launcher, checkpoints)}",
+        first, how = exits.first, f"{launcher}'s report above says how"
+        if isinstance(ranks, LocalRanks) and ranks.failed is not None:
+            rank, how = ranks.failed[0], ranks.how()  # we started the ranks: we know which failed
+            first = dog.seen.get(rank, ({"rank": rank, "pid": ranks.procs[rank].pid,
+                                         "host": HOST, "step": 0, "state": "setup"}, 0))[0]
+        print(f"hpcforge: error: {_failure(nproc, code, first, how, checkpoints)}",
               file=sys.stderr, flush=True)
     return code
 
 
-def _failure(nproc: int, code: int, first: dict | None, launcher: str,
+def _start_ranks(nproc: int, argv: list[str], env: dict[str, str], launcher: str, backend: str,
+                 watch: Path) -> LocalRanks | _Mpirun:
+    """The ranks, started by us (launcher hpcforge) or by mpirun / horovodrun."""
+    if launcher == "hpcforge":
+        print(f"[hpcforge] launching {nproc} ranks: {' '.join(rank_command(argv))}", flush=True)
+        return LocalRanks(nproc, argv, env, backend, watch / "store")
+    cmd = mpirun_command(nproc, argv, launcher)
+    print(f"[hpcforge] launching {nproc} ranks: {' '.join(cmd)}", flush=True)
+    return _Mpirun(cmd, env)
+
+
+def rank_command(argv: list[str], module: str = "hpcforge") -> list[str]:
+    return [sys.executable, "-m", module, *argv]
+
+
+class _Mpirun:
+    """mpirun, in a session of its own, starting the ranks."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)  # mpirun delivers it to every rank
+
+    def pids(self) -> list[int]:
+        return session_pids(self.proc.pid)
+
+    def wait(self) -> int:
+        return self.proc.wait()
+
+
+class LocalRanks:
+    """N ranks of `python -m hpcforge <argv>` on this node, each in a session of its own (a
+    signal to our process group reaches only us), killed by the kernel if we die
+    (PR_SET_PDEATHSIG, set before exec, so even while the rank imports). When a rank fails, the
+    others are killed at once (each rank's whole session: W&B's service and data loader workers
+    too), as mpirun does. Where they meet, with nothing on a network address:
+
+    - ddp: started as torchrun starts them (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); they
+      meet through a torch FileStore at `store` (pipeline.runtime.dist reads RENDEZVOUS_FILE_ENV), so
+      nothing listens, and gloo/NCCL pair over loopback (pipeline.runtime.dist.pin_transports).
+    - horovod: started as `horovodrun --gloo` starts them (Horovod's own slot and Gloo variables,
+      `_horovod_gloo`); Horovod's rendezvous server runs here on 127.0.0.1 and Gloo pairs on lo.
+
+    Hand-written, not torch.distributed.run's elastic agent: its rendezvous store (a TCPStore)
+    listens on every address whatever endpoint it is given (measured with torch 2.13:
+    `torchrun --standalone`, `--rdzv-endpoint 127.0.0.1:<port> --local-addr 127.0.0.1` and
+    `--master-addr 127.0.0.1` all listen on `*`), and it installs its own SIGTERM/SIGINT handlers
+    that pass the signal straight to the workers, which would break the preemption contract
+    above (a signal is held until every rank catches it, then passed on as FORWARDED_SIGNAL).
+    Nor horovodrun: its rendezvous server binds 0.0.0.0 (horovod.runner.util.network.find_port
+    binds ('', port); measured), and it too ends the ranks on SIGTERM/SIGINT.
+    """
+
+    def __init__(self, nproc: int, argv: list[str], env: dict[str, str], backend: str,
+                 store: Path):
+        self.procs: list[subprocess.Popen] = []
+        self.failed: tuple[int, int] | None = None  # (rank, status) of the first to fail
+        self._server: Any = None
+        if backend == "horovod":
+            self._server, envs = _horovod_gloo(nproc)
+        else:
+            envs = [{RENDEZVOUS_FILE_ENV: str(store), "WORLD_SIZE": str(nproc),
+                     "LOCAL_WORLD_SIZE": str(nproc), "RANK": str(r), "LOCAL_RANK": str(r)}
+                    for r in range(nproc)]
+        for rank_env in envs:
+            self.procs.append(subprocess.Popen(
+                rank_command(argv), env={**env, LOCAL_RANKS_ENV: "1", **rank_env},
+                stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=_die_with_parent_kill))
+
+    def poll(self) -> int | None:
+        """None while any rank runs; then the run's status: the first failed rank's (128 + the
+        signal that killed it), else 0. A failed rank ends the others."""
+        for rank, proc in enumerate(self.procs):
+            code = proc.poll()
+            if code and self.failed is None:
+                self.failed = (rank, code)
+                kill_all(self.pids())
+        if any(p.returncode is None for p in self.procs):
+            return None
+        return _status(self.failed[1]) if self.failed else 0
+
+    def how(self) -> str:
+        """How the failed rank ended, in words."""
+        code = self.failed[1] if self.failed else 0
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exit status {code}"
+
+    def send_signal(self, sig: int) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(sig)
+
+    def pids(self) -> list[int]:
+        """Every process of the ranks' sessions (each rank leads one)."""
+        return [pid for p in self.procs for pid in session_pids(p.pid)]
+
+    def wait(self) -> int:
+        for proc in self.procs:
+            proc.wait()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        return self.poll() or 0
+
+
+def _horovod_gloo(nproc: int) -> tuple[Any, list[dict[str, str]]]:
+    """Horovod's own rendezvous server (the one `horovodrun --gloo` runs), serving on 127.0.0.1,
+    and each rank's environment: its slot (rank, sizes, host) and the Gloo controller over lo."""
+    from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
+    from horovod.runner.gloo_run import create_run_env_vars, create_slot_env_vars
+    from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
+    plan = get_host_assignments(parse_hosts(f"localhost:{nproc}"), nproc)
+    server = RendezvousHTTPServer((LOOPBACK, 0), RendezvousHandler, 0)
+    server.init(plan)
+    threading.Thread(target=server.serve_forever, name="horovod-rendezvous", daemon=True).start()
+    common = create_run_env_vars(LOOPBACK, ["lo"], server.server_address[1])
+    return server, [{k: str(v) for k, v in {**common, **create_slot_env_vars(slot)}.items()}
+                    for slot in plan]
+
+
+def _status(code: int) -> int:
+    """A rank's returncode as a shell reports it: 128 + N for a rank killed by signal N."""
+    return 128 - code if code < 0 else code
+
+
+def _failure(nproc: int, code: int, first: dict | None, how: str,
              checkpoints: Path | None) -> str:
     """Our line on a run that failed: the rank that ended first, while not finishing (issue 25:
     mpirun's block says only "PID 0"), where it was, and the checkpoint to resume from."""
@@ -128,10 +273,10 @@ def _failure(nproc: int, code: int, first: dict | None, launcher: str,
               "no checkpoint had been written yet")
     if first is None:
         return (f"the {nproc} ranks ended with status {code}: a rank failed or was killed "
-                f"({launcher}'s report above says how); {resume}")
+                f"({how}); {resume}")
     return (f"rank {first['rank']} on {first['host']} (pid {first['pid']}) ended first, at step "
-            f"{first['step']} while in {first['state']}: it failed or was killed ({launcher}'s "
-            f"report above says how), and the run ended with status {code}; {resume}")
+            f"{first['step']} while in {first['state']}: it failed or was killed ({how}), and "
+            f"the run ended with status {code}; {resume}")
 
 
 class _Exits:
@@ -174,9 +319,10 @@ class _Exits:
 
 
 class _Forward:
-    """Signals the launcher caught, passed on to mpirun when the ranks can take them."""
+    """Signals the launcher caught, passed on to the ranks (or mpirun) when they can take them."""
 
-    def __init__(self, proc: subprocess.Popen, dog: Watchdog, flag: PreemptionFlag, watch: Path):
+    def __init__(self, proc: LocalRanks | _Mpirun, dog: Watchdog, flag: PreemptionFlag,
+                 watch: Path):
         self.proc, self.dog, self.flag, self.watch = proc, dog, flag, watch
         self.sent = 0  # of flag.received
 
@@ -197,10 +343,10 @@ class _Forward:
             self.proc.send_signal(FORWARDED_SIGNAL)
 
 
-def _watch(proc: subprocess.Popen, dog: Watchdog, checkpoints: Path | None,
+def _watch(proc: LocalRanks | _Mpirun, dog: Watchdog, checkpoints: Path | None,
            forward: _Forward, exits: _Exits) -> int:
-    """Wait for mpirun, passing signals on and noting which rank ends first; end the whole run
-    when the watchdog finds a rank silent for timeout_s."""
+    """Wait for the ranks (or mpirun), passing signals on and noting which rank ends first; end
+    the whole run when the watchdog finds a rank silent for timeout_s."""
     polled = time.monotonic()
     while True:
         forward()
@@ -222,7 +368,7 @@ def _watch(proc: subprocess.Popen, dog: Watchdog, checkpoints: Path | None,
         if stall is not None:
             print(f"hpcforge: error: {stall.describe(dog.timeout_s, latest_checkpoint(checkpoints))}",
                   file=sys.stderr, flush=True)
-            kill_all(session_pids(proc.pid) + dog.pids())
+            kill_all(proc.pids() + dog.pids())
             proc.wait()
             return WATCHDOG_EXIT_CODE
 
@@ -233,3 +379,10 @@ def _die_with_parent() -> None:
     mpirun ends its ranks on SIGTERM)."""
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _die_with_parent_kill() -> None:
+    """In a rank we start, before exec: SIGKILL when the launcher dies, even by SIGKILL (the
+    rank repeats it once it runs, pipeline.runtime.watchdog.end_with_parent; this covers its imports)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

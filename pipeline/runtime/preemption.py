@@ -7,10 +7,11 @@ jobs.tasks); nothing restates the numbers.
    before the time limit (submitit's `--signal`) and SIGTERM on preemption; `timeout` and batch
    wrappers send SIGTERM, a user Ctrl-C (SIGINT). `SIGNALS` are the ones a training process
    catches (`PreemptionFlag`): each only sets a flag; a second SIGINT interrupts at once.
-2. The launcher. `hpcforge train --nproc N` (pipeline.runtime.launch.relaunch) runs mpirun in a session of
-   its own, so a signal to the launcher's process group reaches only the launcher; it passes it on
-   to mpirun as `FORWARDED_SIGNAL` (SIGUSR1), which mpirun delivers to every rank. (A SIGTERM to
-   mpirun would kill the ranks before they checkpoint.)
+2. The launcher. `hpcforge train --nproc N` (pipeline.runtime.launch.relaunch) starts each rank (or, with
+   train.dist.launcher=mpirun, mpirun) in a session of its own, so a signal to the launcher's
+   process group reaches only the launcher; it passes it on as `FORWARDED_SIGNAL` (SIGUSR1) to
+   every rank (or to mpirun, which delivers it to every rank). (A SIGTERM to mpirun would kill the
+   ranks before they checkpoint.)
 3. The vote. Ranks see a signal at different moments, so they act only when all of them agree:
    `Preemption` sums "signal seen" over ranks at a step boundary, every ~train.dist.signal_check_s
    of rank 0's step time (one collective, in flight while the step's last phase computes its
@@ -38,7 +39,7 @@ from typing import Any
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "checkpointed after a preemption signal, run me again"
 SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
-FORWARDED_SIGNAL = signal.SIGUSR1  # what the launcher sends mpirun for any of SIGNALS
+FORWARDED_SIGNAL = signal.SIGUSR1  # what the launcher sends the ranks for any of SIGNALS
 RECEIVED_NOTE = "signal"           # the launcher writes the signal it got here, in its watch folder
 MAX_STEPS_BETWEEN_VOTES = 10_000   # a bound, so a mis-measured step time cannot stop the votes
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PARENT_DEATH_ENV = "HPCFORGE_END_WITH_PARENT"  # set by our --nproc launcher: ranks die with mpirun
+PARENT_DEATH_ENV = "HPCFORGE_END_WITH_PARENT"  # set by our --nproc launcher: ranks die with their parent
 WATCH_DIR_ENV = "HPCFORGE_WATCH_DIR"  # set by whoever watches; ranks beat only when it is set
 RECORD_BYTES = 256                    # one fixed-size record, rewritten in place by one pwrite
 STARTUP_GRACE_S = 60  # added to timeout_s before a rank's first step: imports, W&B's start-up
@@ -118,9 +118,9 @@ class NoHeartbeat(Heartbeat):
 
 
 def end_with_parent() -> None:
-    """Have the kernel SIGKILL this rank when the process that started it (our mpirun) is gone.
-    When the launcher is killed, mpirun gets SIGTERM (its own PDEATHSIG) and exits as soon as one
-    rank has left; a rank still inside a collective with the departed one then spins for
+    """Have the kernel SIGKILL this rank when the process that started it (our launcher, or the
+    mpirun it started) is gone; our launcher also asks for it before exec. When the launcher is
+    killed, mpirun gets SIGTERM (its own PDEATHSIG) and exits as soon as one rank has left; a rank still inside a collective with the departed one then spins for
     `timeout_s` with nobody left to watch it (seen: one of 2 Horovod ranks alive 30 s after a
     SIGKILL to the launcher, reparented to init). A polling thread cannot help: Horovod's wait
     holds the GIL. PDEATHSIG fires when mpirun's forking thread ends, which for mpirun is its main

@@ -16,6 +16,10 @@ from pipeline.runtime.launch import mpirun_command
     ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, ("single process", 0, 1, 0, 1)),  # batch script
     ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"},
      ("torchrun", 1, 2, 1, 2)),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+      "HPCFORGE_LOCAL_RANKS": "1"}, ("hpcforge --nproc", 1, 2, 1, 2)),  # our own ranks (ddp)
+    ({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "1", "HOROVOD_LOCAL_SIZE": "2",
+      "HPCFORGE_LOCAL_RANKS": "1"}, ("hpcforge --nproc", 1, 2, 1, 2)),  # (Horovod on Gloo)
     ({"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "0",
       "HOROVOD_LOCAL_SIZE": "2"}, ("horovodrun", 0, 2, 0, 2)),
 ])

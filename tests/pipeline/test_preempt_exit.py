@@ -16,10 +16,14 @@ from pipeline.runtime.launch import REQUEUE_EXIT_CODE
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_to_the_whole_process_group_checkpoints_and_exits_75(small_store, tmp_path, sig):
-    """What `timeout`, Ctrl-C and many batch wrappers do: signal the launcher's process group."""
-    proc = start_training(small_store, tmp_path, "train.dist.signal_check_s=0")
+@pytest.mark.parametrize("sig, backend", [(signal.SIGTERM, "horovod"), (signal.SIGINT, "horovod"),
+                                          (signal.SIGTERM, "ddp")])
+def test_signal_to_the_whole_process_group_checkpoints_and_exits_75(small_store, tmp_path, sig,
+                                                                    backend):
+    """What `timeout`, Ctrl-C and many batch wrappers do: signal the launcher's process group.
+    (Horovod's ranks start under mpirun, ddp's under our own launcher.)"""
+    proc = start_training(small_store, tmp_path, "train.dist.signal_check_s=0",
+                          f"train.dist.backend={backend}")
     ranks = []
     try:
         ranks = wait_for_checkpoint(proc, tmp_path)
@@ -37,9 +41,11 @@ def test_signal_to_the_whole_process_group_checkpoints_and_exits_75(small_store,
         cleanup(proc, [r["pid"] for r in ranks])
 
 
-def test_ranks_do_not_outlive_a_launcher_killed_by_sigkill(small_store, tmp_path):
-    """mpirun runs in a session of its own now; the kernel still ends it with the launcher."""
-    proc = start_training(small_store, tmp_path)
+@pytest.mark.parametrize("backend", ["horovod", "ddp"])
+def test_ranks_do_not_outlive_a_launcher_killed_by_sigkill(small_store, tmp_path, backend):
+    """mpirun (ddp: each rank) runs in a session of its own; the kernel still ends it with the
+    launcher."""
+    proc = start_training(small_store, tmp_path, f"train.dist.backend={backend}")
     ranks = []
     try:
         ranks = wait_for_checkpoint(proc, tmp_path)

@@ -15,12 +15,15 @@ from test_watchdog import cleanup, start_training, wait_for_checkpoint
 from pipeline.core.checkpoint import load
 from pipeline.runtime.launch import REQUEUE_EXIT_CODE
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+pytestmark = [pytest.mark.mpi, pytest.mark.slow,
+              # Horovod's ranks start under mpirun, ddp's under our own launcher (LocalRanks)
+              pytest.mark.parametrize("backend", ["horovod", "ddp"])]
 
 
 def test_sigterm_while_the_ranks_start_checkpoints_their_first_step_and_exits_75(small_store,
-                                                                                tmp_path):
-    proc = start_training(small_store, tmp_path, "train.dist.signal_check_s=0")
+                                                                                tmp_path, backend):
+    proc = start_training(small_store, tmp_path, "train.dist.signal_check_s=0",
+                          f"train.dist.backend={backend}")
     try:
         time.sleep(2.0)  # the launcher is up, the ranks are still importing
         assert not (tmp_path / "train" / "checkpoints").exists()
@@ -35,8 +38,10 @@ def test_sigterm_while_the_ranks_start_checkpoints_their_first_step_and_exits_75
         cleanup(proc, [])
 
 
-def test_sigterm_after_the_final_checkpoint_leaves_a_finished_run_at_exit_0(small_store, tmp_path):
-    proc = start_training(small_store, tmp_path, "train.max_steps=4")
+def test_sigterm_after_the_final_checkpoint_leaves_a_finished_run_at_exit_0(small_store, tmp_path,
+                                                                            backend):
+    proc = start_training(small_store, tmp_path, "train.max_steps=4",
+                          f"train.dist.backend={backend}")
     final = tmp_path / "train" / "checkpoints" / "final.pt"
     try:
         deadline = time.monotonic() + 180
@@ -53,8 +58,9 @@ def test_sigterm_after_the_final_checkpoint_leaves_a_finished_run_at_exit_0(smal
         cleanup(proc, [])
 
 
-def test_two_ctrl_c_end_at_once_with_130_and_one_line(small_store, tmp_path):
-    proc = start_training(small_store, tmp_path, "train.dist.signal_check_s=10")  # a slow vote
+def test_two_ctrl_c_end_at_once_with_130_and_one_line(small_store, tmp_path, backend):
+    proc = start_training(small_store, tmp_path, "train.dist.signal_check_s=10",  # a slow vote
+                          f"train.dist.backend={backend}")
     ranks = []
     try:
         ranks = wait_for_checkpoint(proc, tmp_path)

@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def run(small_store):
     path, overrides = small_store
-    r = hpcforge("train", "--nproc", "2", *overrides, "train.epochs=3", "train.batch_size=32",
+    r = hpcforge("train", "--nproc", "2", *overrides, "train.dist.launcher=mpirun",  # on MPI
+                 "train.epochs=3", "train.batch_size=32",
                  "train.logger.log_every=4", "train.logger.images_every=8",
                  "train.lr=0.002", "cluster.setup=[export WANDB_API_KEY=s3cr3t-value]", timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -143,7 +143,8 @@ def test_killed_rank_ends_the_run_quickly_and_keeps_the_last_checkpoint(small_st
     ov = small_store
     cmd = [sys.executable, "-m", "hpcforge", "train", "--nproc", "2", *ov[1][1:],
            f"data.path={ov[0]}", f"output_dir={tmp_path}", "train.batch_size=16", "train.epochs=1000",
-           "train.checkpoint.every_steps=2", "train.dist.timeout_s=30"]
+           "train.checkpoint.every_steps=2", "train.dist.timeout_s=30",
+           "train.dist.launcher=mpirun"]  # (mpirun's own abort report is checked below)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = tmp_path / "train" / "checkpoints" / "last.pt"
     deadline = time.time() + 120
