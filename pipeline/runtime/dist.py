@@ -393,16 +393,16 @@ class _GradientBuckets:
                 p.grad = torch.zeros_like(p)
         grads = [as_real(p.grad) for p in bucket]  # (complex ones as real views)
         self.started += 1
-        flat = torch.cat([g.reshape(-1) for g in grads]) / self.world_size
+        flat = torch.cat([g.reshape(-1) for g in grads]).div_(self.world_size)
         self.pending.append((self.all_reduce(flat, async_op=True), flat, grads))
 
     def finish(self) -> None:
         while self.started < len(self.buckets):
             self._start()
         for work, flat, grads in self.pending:
-            work.wait()
-            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(part.view_as(g))
+            work.wait()  # the means back into the gradients in one batched copy per bucket
+            torch._foreach_copy_(grads, [part.view_as(g) for g, part in
+                                         zip(grads, flat.split([g.numel() for g in grads]))])
         self.pending, self.passes, self.started = [], {}, 0
         self.final = [0] * len(self.buckets)
 

@@ -7,7 +7,7 @@ checkpoint, and stop if the ranks voted to (pipeline.runtime.preemption). Rank 0
 checkpoints; every rank computes. The parts come from pipeline.train.assembly.build.
 
 Between log steps nothing is read back to the host (issue 28): losses and norms stay on the device
-(pipeline.train.window.Sums), and so does the non-finite check (pipeline.train.nonfinite).
+(pipeline.train.window), and so does the non-finite check (pipeline.train.nonfinite).
 """
 from __future__ import annotations
 
@@ -32,9 +32,10 @@ from pipeline.train.profile import step_timer
 from pipeline.train.run import Phase, Run, autocast, weights_digest
 from pipeline.train.state import save
 from pipeline.train.validation import after_validation, validate
-from pipeline.train.window import Sums, Window
+from pipeline.train.window import Window
 
 Metrics = dict[str, "torch.Tensor | float"]  # 0-d tensors on the device; the lr a float
+_INF = float("inf")
 
 
 class Gradients(NamedTuple):
@@ -42,7 +43,7 @@ class Gradients(NamedTuple):
     step learned about them: the named losses, norm and lr to log, and whether they are finite
     (decided on averaged gradients, so every rank decides the same), all on the device."""
     metrics: Metrics
-    finite: torch.Tensor  # 0-d bool
+    finite: torch.Tensor  # 0-d bool (`norm < inf`: one kernel; torch.isfinite is four on CPU)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -75,7 +76,6 @@ def _epoch(run: Run, window: Window, last: list[Batch] | None) -> tuple[bool, li
     if run.loader.epoch != epoch:
         run.loader.set_epoch(epoch)
     run.model.reset_state()  # stateful RNNs start each epoch from a zero state
-    epoch_losses = Sums()  # on the device, read once at the epoch's end
     with _progress_bar(run, epoch) as bar:  # closed on an error too: its line ends before ours
         for group in batch_groups(run):
             nonfinite.inject_nan(run, group)
@@ -83,26 +83,27 @@ def _epoch(run: Run, window: Window, last: list[Batch] | None) -> tuple[bool, li
             progress.step += 1
             with run.timer.part("logging"):
                 bar.update(1)
-                window.add(losses)
-                epoch_losses.add({k: v for k, v in losses.items() if not k.startswith("opt/")})
+                window.add(losses)  # (the epoch's losses too: on the device, read at its end)
                 stop = _step_end(run, window, group, bar)
             run.timer.step_done()
             if stop or (train_cfg.max_steps and progress.step >= train_cfg.max_steps):
                 return True, last
-    return _epoch_end(run, epoch, epoch_losses), last
+    return _epoch_end(run, epoch, window), last
 
 
 def batch_groups(run: Run) -> Iterator[list[Batch]]:
     """The loader's batches on the device, one step's worth (`batches_per_step`) at a time."""
     group: list[Batch] = []
-    batches, timer = iter(run.loader), run.timer
+    batches, timer, device = iter(run.loader), run.timer, run.dist.device
+    on_cpu = device.type == "cpu"  # the loader's batches are there already: no .to() per tensor
     while True:
         with timer.part("data"):  # (the loader's wait, and the copy to the device)
             batch = next(batches, None)
             if batch is None:
                 return
             run.heartbeat.beat("training", run.progress.step)
-            group.append({k: v.to(run.dist.device, non_blocking=True) for k, v in batch.items()})
+            group.append(batch if on_cpu else
+                         {k: v.to(device, non_blocking=True) for k, v in batch.items()})
         if len(group) == run.batches_per_step:
             yield group
             group = []
@@ -127,10 +128,10 @@ def _step_end(run: Run, window: Window, group: list[Batch], bar: tqdm) -> bool:
     return stop
 
 
-def _epoch_end(run: Run, epoch: int, epoch_losses: Sums) -> bool:
+def _epoch_end(run: Run, epoch: int, window: Window) -> bool:
     run.progress.epoch = epoch + 1
     nonfinite.settle(run)
-    means = run.dist.mean({f"train/{k}": v for k, v in epoch_losses.means().items()})
+    means = run.dist.mean({f"train/{k}": v for k, v in window.epoch_means().items()})
     val = validate(run) if not run.cfg.train.val_every else {}
     stop = after_validation(run, {"epoch": float(epoch), **means, **val})
     save(run)
@@ -156,7 +157,7 @@ def train_step(run: Run, batches: list[Batch]) -> Metrics:
         run.model.train()
     run.buffer_guard.save()
     metrics: Metrics = {}
-    order, step, any_bad, vote = run.phase_order, run.progress.step, None, None
+    order, step, all_finite, vote = run.phase_order, run.progress.step, None, None
     acc = run.cfg.train.accumulate
     assert len(batches) == run.batches_per_step, (len(batches), run.batches_per_step)
     for i, (phase, rep) in enumerate(order):
@@ -165,17 +166,17 @@ def train_step(run: Run, batches: list[Batch]) -> Metrics:
             vote = run.preemption.begin_vote(step)
         grads = phase_gradients(run, phase, batches[rep * acc:(rep + 1) * acc])
         metrics.update(grads.metrics)
-        bad = grads.finite.logical_not()
-        any_bad = bad if any_bad is None else any_bad | bad
+        finite = grads.finite
+        all_finite = finite if all_finite is None else all_finite & finite
         if vote is not None:
             run.preemption.end_vote(vote, step)
         with run.timer.part("optimizer"):
             if last:
-                run.buffer_guard.restore_where(any_bad)
-            _update(run, phase, grads.finite)
+                run.buffer_guard.restore_unless(all_finite)
+            _update(run, phase, finite)
     if run.scaler is not None:
         run.scaler.update()
-    nonfinite.note(run, any_bad)
+    nonfinite.note(run, all_finite)
     return metrics
 
 
@@ -196,7 +197,7 @@ def phase_gradients(run: Run, phase: Phase, batches: list[Batch]) -> Gradients:
     metrics: Metrics = {f"{phase.name}/{k}": v for k, v in losses.items()}
     metrics[f"opt/{phase.name}/grad_norm"] = norm
     metrics[f"opt/{phase.name}/lr"] = opt.param_groups[0]["lr"]
-    return Gradients(metrics, torch.isfinite(norm))
+    return Gradients(metrics, norm < _INF)  # (a norm is >= 0 or NaN: NaN < inf is false)
 
 
 def _backward(run: Run, phase: str, batches: list[Batch]) -> dict[str, torch.Tensor]:
@@ -226,7 +227,9 @@ def _update(run: Run, phase: Phase, finite: torch.Tensor) -> None:
     weights."""
     opt = phase.optimizer
     if run.scaler is None and fused(opt):
-        opt.found_inf = finite.logical_not().float()  # read by torch's fused Adam/AdamW/SGD step
+        opt.found_inf = torch.where(finite, 0.0, 1.0)  # read by torch's fused Adam/AdamW/SGD
+        if opt.found_inf.dtype != torch.float32:  # (its kernels take float32; a default dtype)
+            opt.found_inf = opt.found_inf.float()
         try:
             run.dist.step(opt)
         finally:

@@ -22,12 +22,17 @@ class NonFiniteError(RuntimeError):
 FOLD_EVERY = 1024  # unread flags are joined into one tensor this often (bounded Python objects)
 
 
-def note(run: Run, bad: torch.Tensor) -> None:
-    """Keep the step's flag on the device until `settle`; many steps between reads (a large
-    train.logger.log_every) are joined into one tensor every FOLD_EVERY steps."""
-    run.unread.append(bad.reshape(1))
+def note(run: Run, finite: torch.Tensor) -> None:
+    """Keep the step's flag (0-d, true for a good step) on the device until `settle`; many steps
+    between reads (a large train.logger.log_every) are joined into one tensor every FOLD_EVERY
+    steps."""
+    run.unread.append(finite)
     if len(run.unread) >= FOLD_EVERY:
-        run.unread[:] = [torch.cat(run.unread)]
+        run.unread[:] = [_joined(run.unread)]
+
+
+def _joined(flags: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([f.reshape(-1) for f in flags])
 
 
 def settle(run: Run) -> None:
@@ -38,11 +43,11 @@ def settle(run: Run) -> None:
     same steps and reads the same flags (decided on averaged gradients)."""
     if not run.unread:
         return
-    flags = torch.cat(run.unread).tolist()
+    flags = _joined(run.unread).tolist()
     run.unread.clear()
     first = run.progress.step - len(flags) + 1  # the steps they belong to end at this one
-    for i, bad in enumerate(flags):
-        _count_nonfinite(run, bad, first + i)
+    for i, finite in enumerate(flags):
+        _count_nonfinite(run, not finite, first + i)
 
 
 def _count_nonfinite(run: Run, bad: bool, step: int) -> None:

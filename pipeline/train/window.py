@@ -14,7 +14,8 @@ from pipeline.train.run import Run
 class Sums:
     """Per-step metrics summed over steps without reading them on the host (issue 28): a step's
     0-d tensors are stacked into one vector and added on their device (two small ops a step,
-    float64 sums); plain floats (the lr) are summed here. `means` reads them in one transfer."""
+    float64 sums; torch.stack promotes mixed dtypes itself); plain floats (the lr) are summed
+    here. `means` reads them in one transfer."""
 
     def __init__(self) -> None:
         self.vectors: dict[tuple[str, ...], list] = {}  # keys -> [sum vector, steps]
@@ -23,7 +24,7 @@ class Sums:
     def add(self, metrics: Mapping[str, torch.Tensor | float]) -> None:
         keys = tuple(k for k, v in metrics.items() if isinstance(v, torch.Tensor))
         if keys:
-            vec = torch.stack([metrics[k].float() for k in keys])
+            vec = torch.stack([metrics[k] for k in keys])
             if keys in self.vectors:
                 self.vectors[keys][0].add_(vec)
                 self.vectors[keys][1] += 1
@@ -34,6 +35,21 @@ class Sums:
                 total = self.floats.setdefault(k, [0.0, 0])
                 total[0] += float(v)
                 total[1] += 1
+
+    def fold_into(self, *others: Sums) -> None:
+        """Add these sums to each of `others` (on the device, nothing read), and clear them."""
+        for other in others:
+            for keys, (vec, n) in self.vectors.items():
+                if keys in other.vectors:
+                    other.vectors[keys][0].add_(vec)
+                    other.vectors[keys][1] += n
+                else:
+                    other.vectors[keys] = [vec.clone(), n]
+            for k, (total, n) in self.floats.items():
+                mine = other.floats.setdefault(k, [0.0, 0])
+                mine[0] += total
+                mine[1] += n
+        self.vectors, self.floats = {}, {}
 
     def means(self) -> dict[str, float]:
         """Each metric's mean over the steps it was added in; clears the sums."""
@@ -46,10 +62,12 @@ class Sums:
 
 
 class Window:
-    """The losses since the last log line, and the time, samples and data wait they took."""
+    """The losses since the last log line, and the time, samples and data wait they took; and the
+    losses of the epoch so far (`epoch`). A step's losses are added once, into `pending`, which
+    is folded into both at log steps and at the epoch's end: one sum a step, not two."""
 
     def __init__(self, run: Run):
-        self.losses = Sums()
+        self.pending, self.losses, self.epoch = Sums(), Sums(), Sums()
         self.samples_per_step = run.cfg.train.batch_size * run.batches_per_step * run.dist.world_size
         self._restart(run)
 
@@ -58,10 +76,17 @@ class Window:
 
     def add(self, losses: Mapping[str, torch.Tensor | float]) -> None:
         self.steps += 1
-        self.losses.add(losses)
+        self.pending.add(losses)
+
+    def epoch_means(self) -> dict[str, float]:
+        """The epoch's mean losses (read on the host; `opt/` entries left out), and a new epoch."""
+        self.pending.fold_into(self.losses, self.epoch)
+        means = self.epoch.means()
+        return {k: v for k, v in means.items() if not k.startswith("opt/")}
 
     def log(self, run: Run, bar: tqdm) -> None:
         """Rank-averaged losses and throughput, to the tracker and the progress bar."""
+        self.pending.fold_into(self.losses, self.epoch)
         means = self.losses.means()  # (read first: on a GPU it waits for the queued steps)
         elapsed, dist = time.perf_counter() - self.t0, run.dist
         metrics = dist.mean({f"train/{k}" if "/" in k and not k.startswith("opt/") else k: v
