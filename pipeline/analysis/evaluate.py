@@ -209,6 +209,7 @@ class Evaluation:
         self.metrics: dict[str, float] = {}
         self.figures: dict[str, Any] = {}
         self.notes: list[str] = []
+        self._chains: list[dict[str, torch.Tensor]] = []   # the MH model's chains (precise)
 
     def run(self) -> None:
         torch.manual_seed(self.cfg.train.seed)
@@ -322,31 +323,85 @@ class Evaluation:
                                  {"params": dataclasses.asdict(params)})
         cond = protocol.conditions()
         torch.manual_seed(self.seed)
-        scores = {}
-        for key, name, run in self._precise_samplers(sample, obs):
+        scores, self._chains = {}, []
+        if hasattr(self.model, "last_chains"):
+            self.model.last_chains = None   # not the chains of the pooled evaluation's sample()
+        for key, name, run in self._precise_samplers(sample, obs, scores):
             x, cpu = precise.timed(run, cond)
-            scores[key] = precise.score(name, x, a, b, protocol, cpu_s=cpu)
-            if key == "model" and (acc := getattr(self.model, "last_acceptance", None)) is not None:
-                scores[key].extra["mh_acceptance"] = acc
+            cpu -= getattr(run, "calibration_s", 0.0)   # a same-cost control's measuring runs
+            scores[key] = precise.score(getattr(run, "name", name), x, a, b, protocol, cpu_s=cpu)
+            if hasattr(run, "sweeps"):
+                scores[key].extra["sweeps"] = run.sweeps
+            if key == "model" and self._chains:
+                self._mh_record(scores[key], protocol)
         self._precise_record(protocol, precise.floor_scores(a, b, protocol), scores)
 
-    def _precise_samplers(self, sample: Callable, obs: physics.Observables
+    def _mh_record(self, sc: Any, protocol: Any) -> None:
+        """The model's Metropolis-Hastings chains (collected from every sample() call of its run):
+        acceptance and ESS / N per temperature into its per-T table, their range into its extras."""
+        from pipeline import precise
+        cat = lambda k: torch.cat([c[k] for c in self._chains], -1).cpu().numpy()
+        per_t = precise.mh_per_temperature(cat("t"), cat("accepted"), cat("log_weight"),
+                                           self.model.cfg.mh_steps, protocol.temperatures)
+        sc.per_t.update({f"mh/{k}": v for k, v in per_t.items()})
+        accepted = cat("accepted")
+        sc.extra.update({"mh_acceptance": float(accepted.sum() / (self.model.cfg.mh_steps * len(accepted))),
+                         "mh_ess_per_n_min": float(np.nanmin(per_t["ess_per_n"])),
+                         "mh_ess_per_n_max": float(np.nanmax(per_t["ess_per_n"])),
+                         "mh_acceptance_min": float(np.nanmin(per_t["acceptance"])),
+                         "mh_acceptance_max": float(np.nanmax(per_t["acceptance"]))})
+
+    def _precise_samplers(self, sample: Callable, obs: physics.Observables, scores: dict[str, Any]
                           ) -> list[tuple[str, str, Callable]]:
-        """(key, name, temperatures -> lattices) of the model and its controls."""
+        """(key, name, temperatures -> lattices) of the model and its controls. `scores` fills
+        as they run: the control of a Metropolis-Hastings model reads the model's CPU time."""
         rng, source, params = np.random.default_rng(self.seed), SOURCES[self.store.meta.source], self.cfg.data.params
 
         def model_sampler(t: np.ndarray) -> np.ndarray:
-            out = [sample(len(c), {"cond": torch.as_tensor(c, dtype=torch.float32)}).cpu().numpy()
-                   for c in np.array_split(t, -(-len(t) // 1024))]
+            out = []
+            for c in np.array_split(t, -(-len(t) // 1024)):
+                out.append(sample(len(c), {"cond": torch.as_tensor(c, dtype=torch.float32)}).cpu().numpy())
+                if (chains := getattr(self.model, "last_chains", None)) is not None:
+                    self._chains.append(chains)   # the MH chains of this call (the model's run only)
+                    self.model.last_chains = None
             return physics.physical(obs, np.concatenate(out), self.affine, rng)
 
-        sweeps = int(getattr(getattr(self.model, "cfg", None), "refine_sweeps", 0) or 0)
+        model_cfg = getattr(self.model, "cfg", None)
+        sweeps = int(getattr(model_cfg, "refine_sweeps", 0) or 0)
+        mh = int(getattr(model_cfg, "mh_steps", 0) or 0)
+        if mh:
+            return [("model", f"model (neural MCMC: {mh} Metropolis-Hastings proposals from the "
+                              f"network per chain)", model_sampler),
+                    ("network_only", "network alone (no correction)",
+                     self._with_model_cfg(model_sampler, mh_steps=0)),
+                    ("control", "no network: source's start + Metropolis sweeps at the model's CPU time",
+                     self._same_cost_control(source.initial_state, params, scores))]
         runs = [("model", f"model ({sweeps} sweeps)" if sweeps else "model", model_sampler)]
         if sweeps:
-            runs.append(("network_only", "network alone (0 sweeps)", self._without_sweeps(model_sampler)))
+            runs.append(("network_only", "network alone (0 sweeps)",
+                         self._with_model_cfg(model_sampler, refine_sweeps=0)))
         runs.append(("control", f"no network: source's start + {sweeps} sweeps",
                      lambda t: no_network(source.initial_state, params, t, sweeps, self.seed)))
         return runs
+
+    def _same_cost_control(self, make_start: Callable, params: Any, scores: dict[str, Any]) -> Callable:
+        """The no-network control of a sampler that has no sweeps to match (issue #23): the
+        source's start plus as many Metropolis sweeps as the model's CPU time buys. The cost of a
+        sweep is measured first, from two short runs (2 and 10 sweeps) on the same lattices; the
+        sampler's `name` says the sweeps it ran."""
+        def run(t: np.ndarray) -> np.ndarray:
+            cost = {}
+            for n in (2, 10):
+                t0 = time.process_time()
+                no_network(make_start, params, t, n, self.seed)
+                cost[n] = time.process_time() - t0
+            per_sweep = max((cost[10] - cost[2]) / 8, 1e-9)
+            fixed = max(cost[2] - 2 * per_sweep, 0.0)
+            run.calibration_s = cost[2] + cost[10]
+            run.sweeps = max(1, round((scores["model"].cpu_s - fixed) / per_sweep))
+            run.name = f"no network: source's start + {run.sweeps} sweeps (the model's CPU time)"
+            return no_network(make_start, params, t, run.sweeps, self.seed)
+        return run
 
     def _precise_record(self, protocol: Any, floor: Any, scores: dict[str, Any]) -> None:
         """Metrics (precise/<sampler>/...), the two note lines, the figure and the table per T."""
@@ -362,7 +417,8 @@ class Evaluation:
                           f"held-out midpoints included; independent reference chains; 95 % "
                           f"intervals): W1 / floor " + " | ".join(s.line() for s in scores.values())
                           + f" | floor AUC {floor.auc[0]:.3f}")
-        self.notes.append(f"verdict: {precise.verdict(scores['model'], controls)}")
+        said = f" [{scores['model'].name}]" if self._chains else ""   # which sampler, for an MH one
+        self.notes.append(f"verdict: {precise.verdict(scores['model'], controls)}{said}")
         self.figures["per_temperature"] = precise.figure(protocol, list(scores.values()))
         self.per_temperature = {"T": protocol.temperatures.tolist(),
                                 "held_out": protocol.is_held_out(protocol.temperatures).tolist(),
@@ -370,15 +426,19 @@ class Evaluation:
                                    for k, v in sc.per_t.items()},
                                 **{f"floor/{k}": v.tolist() for k, v in floor.per_t.items()}}
 
-    def _without_sweeps(self, model_sampler: Callable) -> Callable:
-        """The model's sampler with its refine_sweeps set to 0 for the call: the network alone."""
+    def _with_model_cfg(self, model_sampler: Callable, **changes: Any) -> Callable:
+        """The model's sampler with `changes` to its config for the call (refine_sweeps=0 or
+        mh_steps=0: the network alone)."""
         def run(t: np.ndarray) -> np.ndarray:
             cfg = self.model.cfg
-            kept, cfg.refine_sweeps = cfg.refine_sweeps, 0
+            kept = {k: getattr(cfg, k) for k in changes}
+            for k, v in changes.items():
+                setattr(cfg, k, v)
             try:
                 return model_sampler(t)
             finally:
-                cfg.refine_sweeps = kept
+                for k, v in kept.items():
+                    setattr(cfg, k, v)
         return run
 
     def floor_ratios(self, distances: dict[str, float]) -> None:

@@ -18,8 +18,11 @@ generator from a sampler with no network: six evaluations of one checkpoint gave
     thermodynamic curves' errors (pipeline/physics/thermo.py) against the floor's;
   * controls: every sampler is measured the same way. A model with Metropolis sweeps in its
     sampler is shown beside the network alone (no sweeps) and the same sweeps from the source's
-    own start with no network; a result counts where it beats its control clearly (the upper end
-    of its interval below the lower end of the control's).
+    own start with no network. A model with a Metropolis-Hastings correction (neural MCMC) is
+    shown beside the network alone (no correction) and the source's start plus as many
+    Metropolis sweeps as the model's CPU time buys, and reports its acceptance rate and effective
+    sample size per temperature (`mh_per_temperature`). A result counts where it beats its
+    control clearly (the upper end of its interval below the lower end of the control's).
 
 Nothing here knows a model: samplers are functions temperatures -> +-1 lattices.
 """
@@ -77,6 +80,7 @@ class Scores:
     curves: dict[str, float] = field(default_factory=dict)
     cpu_s: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
+    samples: int = 0            # how many lattices cpu_s made
 
     def metrics(self, prefix: str) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -85,6 +89,8 @@ class Scores:
                         f"{prefix}/w1_ratio/{k}_hi": hi})
         out.update({f"{prefix}/auc": self.auc[0], f"{prefix}/auc_lo": self.auc[1],
                     f"{prefix}/auc_hi": self.auc[2], f"{prefix}/cpu_s": self.cpu_s})
+        if self.samples:
+            out[f"{prefix}/cpu_s_per_sample"] = self.cpu_s / self.samples
         out.update({f"{prefix}/{k}": v for k, v in self.curves.items()})
         out.update({f"{prefix}/{k}": v for k, v in self.extra.items()})
         return out
@@ -94,6 +100,11 @@ class Scores:
                  if k in VERDICT]
         acc = (f", Metropolis-Hastings acceptance {self.extra['mh_acceptance']:.2f}"
                if "mh_acceptance" in self.extra else "")
+        if "mh_ess_per_n_min" in self.extra:
+            acc += (f", ESS/N {self.extra['mh_ess_per_n_min']:.3f}-{self.extra['mh_ess_per_n_max']:.3f}"
+                    f" over T")
+        if self.cpu_s and self.samples:
+            acc += f", {1e3 * self.cpu_s / self.samples:.2f} CPU ms per sample"
         return (f"{self.name}: " + ", ".join(parts)
                 + f", AUC {self.auc[0]:.3f} [{self.auc[1]:.3f}, {self.auc[2]:.3f}]{acc}")
 
@@ -171,7 +182,7 @@ def score(name: str, generated: np.ndarray, a: np.ndarray, b: np.ndarray, protoc
     obs = {k: {o: _by_t(v, protocol) for o, v in physics.ising_scalars(x).items()}
            for k, x in (("g", generated), ("a", a), ("b", b))}
     n, n_t = protocol.per_t, len(protocol.temperatures)
-    out = Scores(name, cpu_s=cpu_s)
+    out = Scores(name, cpu_s=cpu_s, samples=len(generated))
     for k in OBSERVABLES:
         g, ra, rb = obs["g"][k], obs["a"][k], obs["b"][k]
         num = (w1_equal(g, ra) + w1_equal(g, rb)) / 2
@@ -248,6 +259,26 @@ def floor_scores(a: np.ndarray, b: np.ndarray, protocol: Protocol) -> Scores:
         out.ratio[k] = (value, value, value)
     real_c, _ = _auc_and_curves(out, a, b, protocol)
     out.per_t.update({f"curve/{k}": real_c[k] for k in thermo.QUANTITIES})
+    return out
+
+
+def mh_per_temperature(t: np.ndarray, accepted: np.ndarray, log_weight: np.ndarray, steps: int,
+                       temperatures: np.ndarray) -> dict[str, np.ndarray]:
+    """Per temperature of `temperatures`, the numbers of independence Metropolis-Hastings chains
+    (neural MCMC, Nicoli et al. 2020) that a sampler reports: "acceptance", the accepted fraction
+    of its proposals, and "ess_per_n", the effective sample size of the importance weights
+    w = p / q of all its draws over their number, (sum w)^2 / (n sum w^2), 1 when q is p.
+    t, accepted: (N,) per chain; log_weight: (1 + steps, N), log w of each chain's draws."""
+    t, accepted, log_weight = np.asarray(t), np.asarray(accepted), np.asarray(log_weight, np.float64)
+    out = {"acceptance": np.full(len(temperatures), np.nan), "ess_per_n": np.full(len(temperatures), np.nan)}
+    for i, temp in enumerate(temperatures):
+        at = np.isclose(t, temp, rtol=0, atol=1e-5)
+        if not at.any():
+            continue
+        lw = log_weight[:, at].ravel()
+        w = np.exp(lw - lw.max())
+        out["acceptance"][i] = accepted[at].sum() / (steps * at.sum())
+        out["ess_per_n"][i] = w.sum() ** 2 / (len(w) * (w ** 2).sum())
     return out
 
 

@@ -190,3 +190,29 @@ def test_an_unconditional_generator_gets_no_curves_over_the_condition(vae_run):
     assert "w1/energy" in result["metrics"]
     assert not [k for k in result["metrics"] if k.startswith("thermo/")]
     assert "thermo_curves" not in result["figures"]
+
+
+def test_a_neural_mcmc_sampler_is_shown_beside_the_network_alone_and_the_same_cost_metropolis(
+        small_store, tmp_path):
+    """An autoregressive model with a Metropolis-Hastings correction (issue #23): the precise
+    evaluation reports its acceptance rate and ESS / N at each of the 31 temperatures, its CPU
+    time per sample, the network with no correction, and the no-network control run for as many
+    sweeps as the model's CPU time buys (its CPU time within a factor 2 of the model's); the
+    verdict line names the corrected sampler and both controls."""
+    ckpt = train(small_store, tmp_path, "model=autoregressive", "model.image_size=16",
+                 "model.columns=4", "model.hidden=8", "model.embed=4", "model.kernel=3",
+                 "train.max_steps=4", "train.logger.mode=disabled")
+    r, result = evaluate(ckpt, "model.mh_steps=3", "--per-t", "4")
+    m, per_t = result["metrics"], result["per_temperature"]
+    for k in ("acceptance", "ess_per_n"):
+        values = np.array(per_t[f"model/mh/{k}"])
+        assert len(values) == 31 and ((values >= 0) & (values <= 1)).all(), (k, values)
+    assert 0 <= m["precise/model/mh_acceptance"] <= 1
+    assert m["precise/model/mh_ess_per_n_min"] <= m["precise/model/mh_ess_per_n_max"]
+    assert "precise/network_only/mh_acceptance" not in m
+    assert m["precise/control/sweeps"] >= 1
+    assert m["precise/model/cpu_s_per_sample"] == pytest.approx(m["precise/model/cpu_s"] / (4 * 31))
+    assert 0.5 < m["precise/control/cpu_s"] / m["precise/model/cpu_s"] < 2.0, m
+    (verdict,) = [n for n in result["notes"] if n.startswith("verdict: ")]
+    assert "neural MCMC: 3 Metropolis-Hastings proposals" in verdict
+    assert "beats 'network alone (no correction)'" in verdict and "model's CPU time" in verdict

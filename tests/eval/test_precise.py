@@ -80,3 +80,15 @@ def test_reference_is_cached_by_its_key(tmp_path, reference):
     assert len(calls) == 2 and all(np.array_equal(x, y) for x, y in zip(first, again))
     precise.reference(counted, PROTOCOL, store, {"params": 2})      # other data: made anew
     assert len(calls) == 4 and len(list(tmp_path.glob("x.zarr.reference-*.npz"))) == 2
+
+
+def test_acceptance_and_effective_sample_size_per_temperature_by_hand():
+    """Three chains, two proposals each (three draws), two at T = 2 and one at T = 3, and a T
+    with no chain. At T = 2: 3 of 4 proposals accepted; weights 1, 1, 1, 1, 3, 1 give
+    ESS / N = 8^2 / (6 * 14) = 0.762. At T = 3: equal weights, ESS / N = 1, none accepted."""
+    t = np.array([2.0, 3.0, 2.0])
+    accepted = np.array([1, 0, 2])
+    log_w = np.log(np.array([[1.0, 5.0, 1.0], [1.0, 5.0, 3.0], [1.0, 5.0, 1.0]]))
+    out = precise.mh_per_temperature(t, accepted, log_w, 2, np.array([2.0, 2.5, 3.0]))
+    assert np.allclose(out["acceptance"], [0.75, np.nan, 0.0], equal_nan=True)
+    assert np.allclose(out["ess_per_n"], [64 / 84, np.nan, 1.0], equal_nan=True)
