@@ -194,8 +194,8 @@ class AutoregressiveSpins(Trainable):
         w = exp(-H / T) / q, and its final state is flipped with probability 1/2. Returns the
         final states, +-1 (N, L, L). `last_chains` keeps, per chain, its T, its accepted count and
         the log weights of its 1 + steps draws (the start's first), from which
-        `pipeline.precise.mh_per_temperature` gives the acceptance rate and the effective sample
-        size per temperature; `last_acceptance` is the accepted fraction of all proposals.
+        `pipeline.analysis.precise.mh_per_temperature` gives the acceptance rate and the effective
+        sample size per temperature; `last_acceptance` is the accepted fraction of all proposals.
 
         Cost: 1 + steps draws per chain and nothing else, all chains' draws in one batch. The
         draw returns log q of what it drew exactly, and -H / T is a sum over bonds, so no

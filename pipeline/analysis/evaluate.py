@@ -339,7 +339,7 @@ class Evaluation:
     def _mh_record(self, sc: Any, protocol: Any) -> None:
         """The model's Metropolis-Hastings chains (collected from every sample() call of its run):
         acceptance and ESS / N per temperature into its per-T table, their range into its extras."""
-        from pipeline import precise
+        from pipeline.analysis import precise
         cat = lambda k: torch.cat([c[k] for c in self._chains], -1).cpu().numpy()
         per_t = precise.mh_per_temperature(cat("t"), cat("accepted"), cat("log_weight"),
                                            self.model.cfg.mh_steps, protocol.temperatures)
