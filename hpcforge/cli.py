@@ -282,6 +282,13 @@ def _train(args: argparse.Namespace, flag) -> int:
     except NonFiniteError as e:
         print(f"hpcforge: error: {e}", file=sys.stderr, flush=True)
         return 1
+    except Exception as e:
+        from pipeline.runtime.launch import PEER_GONE_EXIT, peer_gone
+        if not peer_gone(e):
+            raise
+        print(f"[hpcforge] rank {detect_launcher().rank}: stopped, another rank ended during a "
+              f"collective ({type(e).__name__}); the launcher names it", file=sys.stderr, flush=True)
+        return PEER_GONE_EXIT
     if "checkpoint" in summary:  # rank 0
         last = summary["history"][-1] if summary["history"] else {}
         print(f"[hpcforge] {summary['steps']} steps on {summary['ranks']} ranks "

@@ -36,6 +36,21 @@ __all__ = ["REQUEUE_EXIT_CODE", "LocalRanks", "mpirun_command", "mpi_env", "need
            "relaunch"]
 SIGNAL_POLL_S = 0.1  # how soon a held signal is looked at again
 WAIT_S = 0.25        # how soon mpirun's exit is seen (ranks' exits wake us at once)
+PEER_GONE_EXIT = 3   # a rank whose collective failed because another rank had ended
+PEER_GONE_GRACE_S = 5.0  # how long the rank whose end caused it may take to finish exiting
+
+
+def peer_gone(e: BaseException) -> bool:
+    """A collective that failed because another of our LocalRanks ended (Horovod shut down, gloo's
+    connection reset by the peer). That other rank's failure is the news, and the launcher names
+    it; this rank says one line and exits PEER_GONE_EXIT instead of printing a traceback (mpirun
+    killed such ranks before their collective noticed; our ranks notice first)."""
+    if not os.environ.get(LOCAL_RANKS_ENV):
+        return False
+    import torch.distributed as td
+    backend_error = getattr(td, "DistBackendError", None)
+    return type(e).__name__ == "HorovodInternalError" or (
+        backend_error is not None and isinstance(e, backend_error))
 
 
 def mpirun_command(nproc: int, argv: list[str], launcher: str = "mpirun",
@@ -193,6 +208,7 @@ class LocalRanks:
                  store: Path):
         self.procs: list[subprocess.Popen] = []
         self.failed: tuple[int, int] | None = None  # (rank, status) of the first to fail
+        self._failed_at, self._ended = 0.0, False
         self._server: Any = None
         if backend == "horovod":
             self._server, envs = _horovod_gloo(nproc)
@@ -208,12 +224,19 @@ class LocalRanks:
 
     def poll(self) -> int | None:
         """None while any rank runs; then the run's status: the first failed rank's (128 + the
-        signal that killed it), else 0. A failed rank ends the others."""
+        signal that killed it), else 0. A failed rank ends the others. A rank that failed only
+        because another had ended (PEER_GONE_EXIT) gives way to that one, which it may see exit
+        first, and ends the others only after PEER_GONE_GRACE_S."""
         for rank, proc in enumerate(self.procs):
             code = proc.poll()
-            if code and self.failed is None:
-                self.failed = (rank, code)
-                kill_all(self.pids())
+            if code and (self.failed is None or self.failed[1] == PEER_GONE_EXIT != code
+                         and not self._ended):  # (not one we killed after the grace)
+                self.failed, self._failed_at = (rank, code), time.monotonic()
+                if code != PEER_GONE_EXIT:
+                    kill_all(self.pids())
+        if self.failed and time.monotonic() - self._failed_at > PEER_GONE_GRACE_S:
+            self._ended = True
+            kill_all(self.pids())
         if any(p.returncode is None for p in self.procs):
             return None
         return _status(self.failed[1]) if self.failed else 0
