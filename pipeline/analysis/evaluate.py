@@ -340,12 +340,12 @@ class Evaluation:
         """The model's Metropolis-Hastings chains (collected from every sample() call of its run):
         acceptance and ESS / N per temperature into its per-T table, their range into its extras."""
         from pipeline.analysis import precise
-        cat = lambda k: torch.cat([c[k] for c in self._chains], -1).cpu().numpy()
-        per_t = precise.mh_per_temperature(cat("t"), cat("accepted"), cat("log_weight"),
-                                           self.model.cfg.mh_steps, protocol.temperatures)
+        t, accepted, log_weight = (torch.cat([c[k] for c in self._chains], -1).cpu().numpy()
+                                   for k in ("t", "accepted", "log_weight"))
+        steps = self.model.cfg.mh_steps
+        per_t = precise.mh_per_temperature(t, accepted, log_weight, steps, protocol.temperatures)
         sc.per_t.update({f"mh/{k}": v for k, v in per_t.items()})
-        accepted = cat("accepted")
-        sc.extra.update({"mh_acceptance": float(accepted.sum() / (self.model.cfg.mh_steps * len(accepted))),
+        sc.extra.update({"mh_acceptance": float(accepted.sum() / (steps * len(accepted))),
                          "mh_ess_per_n_min": float(np.nanmin(per_t["ess_per_n"])),
                          "mh_ess_per_n_max": float(np.nanmax(per_t["ess_per_n"])),
                          "mh_acceptance_min": float(np.nanmin(per_t["acceptance"])),
