@@ -135,7 +135,7 @@ class DistConfig:
     signal_check_s: float = 1.0    # ranks agree on a preemption signal this often (0: each step)
     sync_batchnorm: bool = False   # GPUs: batch norm over the global batch (SyncBatchNorm)
     # Where ranks on several nodes meet and talk (issue 25): the network interface (e.g. ib0,
-    # eth1) and the rendezvous port of rank 0; None/0: the host name's address and a free port.
+    # eth1) and the rendezvous port of rank 0; None/0: MASTER_ADDR's address and a free port.
     # Ranks on one node always use loopback (or a file) and open nothing on the network.
     interface: str | None = None
     port: int = 0

@@ -493,16 +493,21 @@ def one_node(place: Placement) -> bool:
 
 def pin_transports(place: Placement, cfg: DistConfig, env: dict[str, str] | Any = os.environ) -> None:
     """Gloo's, NCCL's and Open MPI's TCP traffic on loopback when every rank is on this node,
-    else on train.dist.interface when set (issue 25); anything the user set wins. Before
-    MPI_Init (mpi4py's import, hvd.init), which reads OMPI_MCA_*. Open MPI 4.1's TCP transport
-    still listens on every address: btl_tcp_if_include picks the interface it talks over
-    (docs/security.md)."""
+    else on train.dist.interface when set (issue 25); anything the user set wins. Several nodes
+    and no interface set: gloo's on the interface this node reaches MASTER_ADDR by (`route_to`),
+    the other libraries' their own choice. Before MPI_Init (mpi4py's import, hvd.init), which
+    reads OMPI_MCA_*. Open MPI 4.1's TCP transport still listens on every address:
+    btl_tcp_if_include picks the interface it talks over (docs/security.md)."""
     iface = "lo" if one_node(place) else cfg.interface
     if iface:
         env.setdefault("GLOO_SOCKET_IFNAME", iface)
         env.setdefault("NCCL_SOCKET_IFNAME", iface)
         if "OMPI_MCA_btl_tcp_if_exclude" not in env:  # (Open MPI refuses both)
             env.setdefault("OMPI_MCA_btl_tcp_if_include", iface)
+    elif env.get("MASTER_ADDR") and "GLOO_SOCKET_IFNAME" not in env:
+        route = route_to(env["MASTER_ADDR"])
+        if route:
+            env["GLOO_SOCKET_IFNAME"] = route[0]
 
 
 def interface_address(name: str) -> str:
@@ -516,16 +521,38 @@ def interface_address(name: str) -> str:
     return found[0]
 
 
+def route_to(host: str) -> tuple[str, str] | None:
+    """The network interface and IPv4 address this node reaches `host` by: the kernel's route, as
+    connecting a UDP socket picks it (nothing is sent). On the node that is `host`, its own
+    address there. None when `host` resolves to loopback (a Debian /etc/hosts maps the node's own
+    name to 127.0.1.1) or to no interface of this node's."""
+    import psutil
+    try:
+        ip = socket.gethostbyname(host)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((ip, 9))
+            local = s.getsockname()[0]
+    except OSError:
+        return None
+    if local.startswith("127."):
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == local for a in addrs):
+            return name, local
+    return None
+
+
 def _store(place: Placement, cfg: DistConfig) -> Any:
     """Where torch.distributed's ranks meet (issue 25: PyTorch's advice is to bind the store to a
     trusted interface; its TCPStore otherwise listens on every interface).
 
     Every rank on one node: a FileStore in a folder only this user can open, so nothing listens
     at all (our `--nproc` launcher names it; under mpirun, rank 0 makes it and tells the others
-    over MPI); given MASTER_ADDR/PORT
-    (a one-node Slurm job), a TCPStore on loopback. Several nodes: a TCPStore whose rank 0
-    listens on train.dist.interface's address only (every interface when unset, as torch does),
-    on MASTER_PORT, else train.dist.port, else a free port shared over MPI."""
+    over MPI); given MASTER_ADDR/PORT (a one-node Slurm job), a TCPStore on loopback. Several
+    nodes: a TCPStore whose rank 0 listens on one address only, on MASTER_PORT, else
+    train.dist.port, else a free port shared over MPI: train.dist.interface's address, else
+    MASTER_ADDR's (the address the other ranks are told), else, when that is loopback on rank 0's
+    node or not given (mpirun across nodes), every address, as torch does, saying so."""
     import torch.distributed as td
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     if place.launcher == OWN_LAUNCHER:
@@ -539,7 +566,7 @@ def _store(place: Placement, cfg: DistConfig) -> Any:
     elif cfg.interface:
         bind = interface_address(cfg.interface)
     else:
-        bind = ""  # every interface, as torch does: train.dist.interface narrows it
+        bind = _master_address(place, addr)
     listener = socket.create_server((bind, int(port or cfg.port or 0)), backlog=4096) \
         if place.rank == 0 else None
     if addr is None:  # under mpirun: rank 0's address and port, to every rank
@@ -548,6 +575,19 @@ def _store(place: Placement, cfg: DistConfig) -> Any:
     return td.TCPStore(LOOPBACK if one_node(place) else addr, int(port), place.world_size,
                        place.rank == 0, timeout,
                        master_listen_fd=listener.detach() if listener else None)  # its now
+
+
+def _master_address(place: Placement, addr: str | None) -> str:
+    """Rank 0's store address across nodes with no train.dist.interface: MASTER_ADDR's own
+    address on this node, else every address ("") with one line that says how to narrow it."""
+    route = route_to(addr) if addr else None
+    if route:
+        return route[1]
+    if place.rank == 0:
+        print(f"[hpcforge] rank 0's rendezvous listens on every address: MASTER_ADDR="
+              f"{addr or '(unset, mpirun)'} is not an address of this node's; set "
+              f"train.dist.interface (e.g. ib0) to listen on one", flush=True)
+    return ""
 
 
 def _rendezvous(place: Placement) -> tuple[str | None, str | None]:

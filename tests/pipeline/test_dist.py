@@ -237,3 +237,68 @@ def test_ranks_on_several_nodes_meet_on_the_configured_interface_only(monkeypatc
     stores[0].set("k", "v")
     assert stores[1].get("k") == b"v"
     assert [(ip, p) for _, ip, p in listening([os.getpid()]) if p == port] == [("127.0.0.1", port)]
+
+
+def _network_address() -> tuple[str, str]:
+    """A non-loopback interface of this machine and its IPv4 address (eth0 here)."""
+    import socket
+
+    import psutil
+    up = {name for name, st in psutil.net_if_stats().items() if st.isup}
+    for name, addrs in sorted(psutil.net_if_addrs().items(), key=lambda kv: kv[0] not in up):
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return name, a.address
+    pytest.skip("this machine has no network interface with an IPv4 address")
+
+
+def test_ranks_on_several_nodes_with_no_interface_set_meet_on_master_addrs_address_only(
+        monkeypatch, capsys):
+    """Issue 25: with no train.dist.interface, rank 0's store listens on MASTER_ADDR's address
+    alone (the one the other ranks are told), not on every address as torch's TCPStore does, and
+    gloo talks over the interface that holds it. Before, it listened on 0.0.0.0."""
+    import os
+    import socket
+    import threading
+
+    from helpers import listening
+
+    from pipeline.config import DistConfig
+    from pipeline.runtime.dist import Placement, _store, pin_transports
+    iface, address = _network_address()
+    with socket.socket() as s:
+        s.bind((address, 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", address)
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    cfg = DistConfig(backend="ddp", timeout_s=20)
+    stores = {}
+
+    def rank(r: int) -> None:
+        stores[r] = _store(Placement("srun (Slurm)", r, 2, 0, 1), cfg)  # one rank per node
+    other = threading.Thread(target=rank, args=(1,))
+    other.start()
+    rank(0)
+    other.join(20)
+    stores[0].set("k", "v")
+    assert stores[1].get("k") == b"v"
+    assert [(ip, p) for _, ip, p in listening([os.getpid()]) if p == port] == [(address, port)]
+    assert "every address" not in capsys.readouterr().out
+    env = {"MASTER_ADDR": address}
+    pin_transports(Placement("srun (Slurm)", 1, 2, 0, 1), cfg, env)
+    assert env == {"MASTER_ADDR": address, "GLOO_SOCKET_IFNAME": iface}
+
+
+def test_a_master_addr_that_is_loopback_on_rank_0s_node_listens_everywhere_and_says_so(capsys):
+    """A node whose /etc/hosts maps its own name to 127.0.1.1 (Debian's default): binding there
+    would shut the other nodes out, so rank 0 keeps torch's every-address store and says how to
+    narrow it; gloo is left to its own choice."""
+    from pipeline.config import DistConfig
+    from pipeline.runtime.dist import Placement, _master_address, pin_transports
+    assert _master_address(Placement("srun (Slurm)", 0, 2, 0, 1), "localhost") == ""
+    assert capsys.readouterr().out == (
+        "[hpcforge] rank 0's rendezvous listens on every address: MASTER_ADDR=localhost is not "
+        "an address of this node's; set train.dist.interface (e.g. ib0) to listen on one\n")
+    env = {"MASTER_ADDR": "127.0.1.1"}
+    pin_transports(Placement("srun (Slurm)", 0, 2, 0, 1), DistConfig(), env)
+    assert env == {"MASTER_ADDR": "127.0.1.1"}
