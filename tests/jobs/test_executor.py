@@ -166,3 +166,32 @@ def test_job_record_and_run_hold_no_planted_secret(small_store, tmp_path):
     assert any("WANDB_API_KEY=***" in a for a in record["command"])
     assert files_holding(tmp_path / "run", secrets) == []
     assert files_holding(tmp_path / "jobs", secrets) == []
+
+
+@pytest.mark.slow
+def test_local_executor_starts_its_ranks_itself_and_they_agree(small_store, tmp_path):
+    """cluster=local with train.dist.nproc=2: the job (submitit's LocalExecutor, a process of its
+    own) starts 2 ranks with hpcforge's own launcher, no mpirun, and the run records both."""
+    import time
+    store, overrides = small_store
+    r = subprocess.run([sys.executable, "-m", "hpcforge", "submit", *overrides[1:],
+                        f"data.path={store}", f"output_dir={tmp_path / 'run'}", "cluster=local",
+                        f"cluster.jobs_dir={tmp_path / 'jobs'}", "train.dist.nproc=2",
+                        "train.max_steps=3", "train.batch_size=16", "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    [job] = json.loads(r.stdout.strip().splitlines()[-1])
+    status = ""
+    for _ in range(240):
+        status = subprocess.run([sys.executable, "-m", "hpcforge", "status", job["job_id"],
+                                 "--jobs-dir", str(tmp_path / "jobs")],
+                                capture_output=True, text=True, cwd=ROOT).stdout
+        if "COMPLETED" in status or "FAILED" in status:
+            break
+        time.sleep(1)
+    assert "COMPLETED" in status and "3 steps on 2 ranks" in status, status
+    summary = json.loads((tmp_path / "run" / "train" / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["launcher"] == "hpcforge --nproc"
+    assert len(set(summary["weights_sha256_per_rank"])) == 1
+    ranks = json.loads((tmp_path / "run" / "train" / "ranks.json").read_text())
+    assert [x["rank"] for x in ranks] == [0, 1] and len({x["pid"] for x in ranks}) == 2
