@@ -56,10 +56,10 @@ def placement() -> dict[str, Any]:
 
 
 def export_rendezvous() -> None:
-    """MASTER_ADDR and MASTER_PORT for a torch.distributed job (train.dist.backend=ddp): the job's
-    first node and a port drawn from the job id, as submitit's TorchDistributedEnvironment
-    computes them (every task gets the same), for pipeline.runtime.dist to use. Values already set (by
-    the user, cluster.setup) are kept. Horovod needs none: it wires up through MPI."""
+    """MASTER_ADDR and MASTER_PORT for a job's ranks (ddp's store, Horovod's Gloo rendezvous
+    across nodes): the job's first node and a port drawn from the job id, as submitit's
+    TorchDistributedEnvironment computes them (every task gets the same), for
+    pipeline.runtime.dist to use. Values already set (by the user, cluster.setup) are kept."""
     env = submitit.helpers.TorchDistributedEnvironment()
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
@@ -157,7 +157,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             return self._relaunch_locally(cfg)  # local executor: start the ranks here
         from pipeline.runtime.preemption import Preempted
         from pipeline.train.trainer import train
-        if under_slurm and cfg.train.dist.backend == "ddp":
+        if under_slurm and cfg.train.dist.backend != "none":
             export_rendezvous()
         me = announce_ranks(job_folder())
         stop = watch_ranks(job_folder(), cfg)

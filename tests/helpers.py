@@ -64,6 +64,20 @@ def listening(pids) -> list[tuple[int, str, int]]:
                   if c.status == psutil.CONN_LISTEN and c.pid in pids)
 
 
+def network_address() -> tuple[str, str]:
+    """A non-loopback interface of this machine and its IPv4 address (eth0 here)."""
+    import socket
+
+    import psutil
+    import pytest
+    up = {name for name, st in psutil.net_if_stats().items() if st.isup}
+    for name, addrs in sorted(psutil.net_if_addrs().items(), key=lambda kv: kv[0] not in up):
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return name, a.address
+    pytest.skip("this machine has no network interface with an IPv4 address")
+
+
 def process_tree(pid: int) -> list[int]:
     """`pid` and every process under it."""
     import psutil

@@ -127,7 +127,8 @@ class DistConfig:
     nproc: int = 1                 # ranks `hpcforge train` launches on this machine
     # who starts the `nproc` ranks: hpcforge itself (nothing listens on a network address; Horovod
     # on its Gloo controller), mpirun (Horovod on MPI; mpirun listens on 0.0.0.0 and ::), or
-    # horovodrun --gloo (its rendezvous listens on 0.0.0.0); docs/security.md
+    # horovodrun --gloo (its rendezvous listens on 0.0.0.0); docs/security.md. Under srun on
+    # several nodes, mpirun keeps Horovod on MPI, whose TCP transport listens on every address.
     launcher: Literal["hpcforge", "mpirun", "horovodrun"] = "hpcforge"
     fp16_allreduce: bool = False   # Horovod: compress gradients to fp16 on the wire
     bucket_mb: float = 25.0        # ddp: gradients all-reduced during backward in buckets this big

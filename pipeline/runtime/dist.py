@@ -19,6 +19,7 @@ import atexit
 import datetime
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
@@ -681,9 +682,95 @@ def init_distributed(cfg: DistConfig) -> Dist:
     os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(cfg.timeout_s))
     apply_cpu_mpi_defaults()  # read by MPI_Init, which hvd.init() calls: srun launches get it too
     pin_transports(place, cfg)
-    hvd.init()
+    with horovod_gloo_across_nodes(place, cfg):
+        hvd.init()
     place = Placement(place.launcher, hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
     return HorovodDist(place, device, cfg)
+
+
+@contextmanager
+def horovod_gloo_across_nodes(place: Placement, cfg: DistConfig, env: Any = os.environ):
+    """Around hvd.init() for srun's ranks on several nodes: Horovod's Gloo controller, meeting at
+    a rendezvous server in rank 0 on MASTER_ADDR's address and MASTER_PORT (issue 25). On MPI,
+    every rank would open Open MPI's TCP transport, which listens on every address
+    (docs/security.md); Gloo's pairs listen on one interface: train.dist.interface, else the one
+    each node reaches MASTER_ADDR by. Needs a MASTER_ADDR that resolves and the same number of
+    ranks on every node; else, and with train.dist.launcher=mpirun, Horovod runs on MPI as
+    before, and rank 0 says why in one line. The variables set for Horovod are
+    removed after hvd.init(), which has read them."""
+    plan = _gloo_plan(place, cfg, env)
+    if plan is None:
+        yield
+        return
+    from horovod.runner.common.util.hosts import SlotInfo
+    from horovod.runner.gloo_run import create_run_env_vars, create_slot_env_vars
+    from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
+    (addr, bind, port, iface), nodes = plan
+    tpn = place.local_size
+    slots = [SlotInfo(f"node{r // tpn}", r, r % tpn, r // tpn, place.world_size, tpn, nodes)
+             for r in range(place.world_size)]
+    server = None
+    if place.rank == 0:
+        server = RendezvousHTTPServer((bind, port), RendezvousHandler, 0)
+        server.init(slots)
+        threading.Thread(target=server.serve_forever, name="horovod-rendezvous",
+                         daemon=True).start()
+        print(f"[hpcforge] Horovod across {nodes} nodes on its Gloo controller: rendezvous on "
+              f"{bind or '*'}:{port}, pairs on {iface}", flush=True)
+    added = {k: str(v) for k, v in {**create_run_env_vars(addr, [iface], port),
+                                    **create_slot_env_vars(slots[place.rank])}.items()
+             if k not in env}
+    env.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            env.pop(k, None)
+        if server is not None:
+            atexit.register(server.shutdown)
+
+
+def _gloo_plan(place: Placement, cfg: DistConfig, env: Any
+               ) -> tuple[tuple[str, str, int, str], int] | None:
+    """((rendezvous address, address rank 0 listens on, port, interface), nodes) for
+    `horovod_gloo_across_nodes`, or None (Horovod on MPI), with rank 0's one line saying why.
+    The choice rests on what every rank sees alike (the job's variables, MASTER_ADDR's name), so
+    no two ranks pick different controllers."""
+    if not place.launcher.startswith("srun") or one_node(place) or cfg.launcher == "mpirun":
+        return None
+    addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
+    nodes = place.world_size // place.local_size
+    why, ip = None, None
+    if not (addr and port):
+        why = "MASTER_ADDR and MASTER_PORT are not set (hpcforge submit sets them)"
+    elif nodes * place.local_size != place.world_size or "," in env.get(
+            "SLURM_TASKS_PER_NODE", ""):
+        why = "the nodes run different numbers of ranks"
+    else:
+        try:
+            ip = socket.gethostbyname(addr)
+        except OSError:
+            why = f"MASTER_ADDR={addr} does not resolve"
+    if why:
+        if place.rank == 0:
+            print(f"[hpcforge] Horovod across nodes on MPI, whose TCP transport listens on every "
+                  f"address: {why}", flush=True)
+        return None
+    route = route_to(addr)
+    iface = cfg.interface or (route[0] if route else _any_interface())
+    bind = interface_address(cfg.interface) if cfg.interface else _master_address(place, addr)
+    return (ip, bind, int(port), iface), nodes
+
+
+def _any_interface() -> str:
+    """The first network interface that is up and not loopback (for Gloo on rank 0's node when
+    MASTER_ADDR names that node by a loopback address); a user error when there is none."""
+    import psutil
+    up = [n for n, st in sorted(psutil.net_if_stats().items()) if st.isup and n != "lo"]
+    if not up:
+        raise UserError("Horovod across nodes: this node has no network interface up but lo; "
+                        "set train.dist.interface (e.g. ib0)")
+    return up[0]
 
 
 @contextmanager

@@ -95,6 +95,65 @@ def test_ddp_job_on_two_nodes_meets_where_submitit_says(slurm, small_store, tmp_
     assert len(digests) == 2 and len(set(digests)) == 1, "ranks ended with different weights"
 
 
+def _job_listeners(jobs_dir: Path, job_id: str, slurm_tools) -> tuple[str, dict[str, str]]:
+    """Wait for the job to end; its final state and every address its ranks (submitit's tasks,
+    found by their folder in the command line, and their children) listened on meanwhile,
+    sampled 5x a second, each with the port and process that held it. Slurm's own sockets are
+    not the job's: srun's step ports, and slurmstepd's PMIx port, which its tasks inherit."""
+    import psutil
+
+    from helpers import process_tree
+    seen: dict[str, str] = {}
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 300:
+        state = slurm_tools.state(job_id)
+        if state in ENDED:
+            return state, seen
+        ranks = {q for p in psutil.process_iter(["cmdline"])
+                 if "submitit.core._submit" in (p.info["cmdline"] or [])[1:4]
+                 and str(jobs_dir) in " ".join(p.info["cmdline"]) for q in process_tree(p.pid)}
+        stepds = [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "slurmstepd"]
+        slurms = {(ip, port) for pid in stepds for ip, port in _listening(pid)}
+        for pid in ranks:
+            for ip, port in set(_listening(pid)) - slurms:
+                seen.setdefault(ip, f"port {port}, pid {pid}")
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {state} after 300 s")
+
+
+def _listening(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of the listening TCP sockets process `pid` holds, inherited ones too."""
+    import psutil
+    try:
+        return [(c.laddr.ip, c.laddr.port) for c in psutil.Process(pid).net_connections("tcp")
+                if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        return []
+
+
+def test_horovod_on_two_nodes_meets_on_master_addrs_address_over_gloo(
+        slurm, small_store, tmp_path, jobs_dir, submit, slurm_tools):
+    """Issue 25: Horovod's ranks on several nodes run its Gloo controller, meeting at rank 0's
+    rendezvous server on MASTER_ADDR's address: nothing listens on every address, where Open MPI's
+    TCP transport would. Here MASTER_ADDR is this host's network address (the fake nodes' names
+    resolve to none); the ranks of both nodes agree on the weights."""
+    from helpers import network_address
+    iface, address = network_address()
+    setup = f"cluster.setup=['export MASTER_ADDR={address}']"
+    [job] = submit(*job_args(small_store, tmp_path / "run", jobs_dir, "cluster.nodes=2",
+                             "cluster.tasks_per_node=2", "train.epochs=2", setup))
+    state, addresses = _job_listeners(jobs_dir, job["job_id"], slurm_tools)
+    assert state == "COMPLETED", log_of(job)
+    out = results(json.loads(Path(job["record"]).read_text()), 4)
+    digests = out[0]["summary"]["weights_sha256_per_rank"]
+    assert len(digests) == 4 and len(set(digests)) == 1, "ranks ended with different weights"
+    log = log_of(job)
+    assert f"Horovod across 2 nodes on its Gloo controller: rendezvous on {address}:" in log
+    assert f", pairs on {iface}" in log
+    assert address in addresses, "the rendezvous server was never seen listening"
+    assert set(addresses) <= {address, "127.0.0.1", "::1"}, addresses
+
+
 def _wait_steps(metrics: Path, steps: int, timeout: float = 240) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:

@@ -239,19 +239,6 @@ def test_ranks_on_several_nodes_meet_on_the_configured_interface_only(monkeypatc
     assert [(ip, p) for _, ip, p in listening([os.getpid()]) if p == port] == [("127.0.0.1", port)]
 
 
-def _network_address() -> tuple[str, str]:
-    """A non-loopback interface of this machine and its IPv4 address (eth0 here)."""
-    import socket
-
-    import psutil
-    up = {name for name, st in psutil.net_if_stats().items() if st.isup}
-    for name, addrs in sorted(psutil.net_if_addrs().items(), key=lambda kv: kv[0] not in up):
-        for a in addrs:
-            if a.family == socket.AF_INET and not a.address.startswith("127."):
-                return name, a.address
-    pytest.skip("this machine has no network interface with an IPv4 address")
-
-
 def test_ranks_on_several_nodes_with_no_interface_set_meet_on_master_addrs_address_only(
         monkeypatch, capsys):
     """Issue 25: with no train.dist.interface, rank 0's store listens on MASTER_ADDR's address
@@ -265,7 +252,8 @@ def test_ranks_on_several_nodes_with_no_interface_set_meet_on_master_addrs_addre
 
     from pipeline.config import DistConfig
     from pipeline.runtime.dist import Placement, _store, pin_transports
-    iface, address = _network_address()
+    from helpers import network_address
+    iface, address = network_address()
     with socket.socket() as s:
         s.bind((address, 0))
         port = s.getsockname()[1]
