@@ -328,7 +328,6 @@ class Evaluation:
             self.model.last_chains = None   # not the chains of the pooled evaluation's sample()
         for key, name, run in self._precise_samplers(sample, obs, scores):
             x, cpu = precise.timed(run, cond)
-            cpu -= getattr(run, "calibration_s", 0.0)   # a same-cost control's measuring runs
             scores[key] = precise.score(getattr(run, "name", name), x, a, b, protocol, cpu_s=cpu)
             if hasattr(run, "sweeps"):
                 scores[key].extra["sweeps"] = run.sweeps
@@ -386,21 +385,13 @@ class Evaluation:
 
     def _same_cost_control(self, make_start: Callable, params: Any, scores: dict[str, Any]) -> Callable:
         """The no-network control of a sampler that has no sweeps to match (issue #23): the
-        source's start plus as many Metropolis sweeps as the model's CPU time buys. The cost of a
-        sweep is measured first, from two short runs (2 and 10 sweeps) on the same lattices; the
-        sampler's `name` says the sweeps it ran."""
+        source's start plus as many Metropolis sweeps as the model's CPU time buys
+        (`no_network_within`); the sampler's `name` says the sweeps it ran."""
         def run(t: np.ndarray) -> np.ndarray:
-            cost = {}
-            for n in (2, 10):
-                t0 = time.process_time()
-                no_network(make_start, params, t, n, self.seed)
-                cost[n] = time.process_time() - t0
-            per_sweep = max((cost[10] - cost[2]) / 8, 1e-9)
-            fixed = max(cost[2] - 2 * per_sweep, 0.0)
-            run.calibration_s = cost[2] + cost[10]
-            run.sweeps = max(1, round((scores["model"].cpu_s - fixed) / per_sweep))
+            x, run.sweeps = no_network_within(make_start, params, t, scores["model"].cpu_s,
+                                              self.seed)
             run.name = f"no network: source's start + {run.sweeps} sweeps (the model's CPU time)"
-            return no_network(make_start, params, t, run.sweeps, self.seed)
+            return x
         return run
 
     def _precise_record(self, protocol: Any, floor: Any, scores: dict[str, Any]) -> None:
@@ -597,6 +588,31 @@ def no_network(make_start: Callable, params: Any, t: np.ndarray, sweeps: int, se
     start = torch.as_tensor(make_start(params, t, seed), dtype=torch.float32)
     torch.manual_seed(seed)
     return (2 * refine_spins((start + 1) / 2, torch.as_tensor(t, dtype=torch.float32), sweeps) - 1).numpy()
+
+
+def no_network_within(make_start: Callable, params: Any, t: np.ndarray, cpu_s: float,
+                      seed: int) -> tuple[np.ndarray, int]:
+    """`no_network`'s control run for `cpu_s` CPU seconds: the source's start, then Metropolis
+    sweeps in growing blocks on the same chains until the next block would overrun the budget,
+    then the whole-lattice flip. (±1 spins, sweeps run). Its CPU time is the model's within
+    about one sweep, however loaded the machine: an earlier version priced a sweep from two
+    short calibration runs first, whose noise let the control's time stray past 2x the model's."""
+    from models.layers import metropolis_sweeps
+    t0 = time.process_time()
+    spins = torch.as_tensor(make_start(params, t, seed), dtype=torch.float32)
+    temps = torch.as_tensor(t, dtype=torch.float32)
+    torch.manual_seed(seed)
+    done, block = 0, 1
+    while True:
+        spins = metropolis_sweeps(spins, temps, block)
+        done += block
+        spent = time.process_time() - t0
+        per_sweep = spent / done
+        if cpu_s - spent < per_sweep / 2:
+            break
+        block = max(1, min(round((cpu_s - spent) / per_sweep), 2 * block))
+    flip = torch.where(torch.rand(len(spins), 1, 1, 1) < 0.5, -1.0, 1.0)
+    return (spins * flip).numpy(), done
 
 
 # --------------------------------------------------------------------------- entry point
