@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from models.base import Batch, OptimizerSpec, Trainable, check_shape
-from models.layers import (adversarial_loss, as_images, decoded, fc_autoencoder, fixed_noise,
-                           frozen, mlp, reconstruction_loss)
+from models.blocks import fc_autoencoder, frozen, mlp
+from models.figures import as_images, fixed_noise
+from models.objectives import adversarial_loss, decoded, reconstruction_loss
 
 
 @dataclass

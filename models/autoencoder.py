@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from models.base import Batch, Trainable, check_shape
-from models.layers import (as_images, conv_decoder, conv_encoder, decoded, fc_autoencoder,
-                           reconstruction_loss)
+from models.blocks import conv_decoder, conv_encoder, fc_autoencoder
+from models.figures import as_images
+from models.objectives import decoded, reconstruction_loss
 
 
 @dataclass

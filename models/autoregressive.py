@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import Batch, Trainable, check_shape
-from models.layers import TemperatureCondition, as_images
+from models.figures import as_images
+from models.ising import TemperatureCondition
 
 
 @dataclass

@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from models.base import Batch, InputShapeError, check_shape
+from models.blocks import mlp
+from models.figures import as_images
 from models.gan import GAN
-from models.layers import as_images, mlp
 from models.wgan_gp import gradient_penalty
 
 

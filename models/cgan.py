@@ -13,7 +13,7 @@ from torch import nn
 
 from models.base import Batch, InputShapeError, check_shape
 from models.gan import GAN, MLPDiscriminator, MLPGenerator
-from models.layers import check_labels
+from models.objectives import check_labels
 
 
 @dataclass

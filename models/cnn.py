@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from models.base import check_shape, with_channel_axis
-from models.layers import Supervised, check_loss, conv_block
+from models.blocks import conv_block
+from models.objectives import Supervised, check_loss
 
 # A preset replaces the architecture fields below; loss, in_channels, n_outputs, dropout stay.
 PRESETS = {

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from models.base import Batch, check_shape
-from models.layers import Supervised, activation, check_loss, forecast_figure
+from models.blocks import activation
+from models.figures import forecast_figure
+from models.objectives import Supervised, check_loss
 
 
 @dataclass

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import Batch, OptimizerSpec, Trainable, check_shape
-from models.layers import (BasicBlock, adversarial_loss, as_images, conv_block, conv_down, conv_up,
-                           frozen, output_activation, to_unit)
+from models.blocks import BasicBlock, conv_block, conv_down, conv_up, frozen, output_activation
+from models.figures import as_images, to_unit
+from models.objectives import adversarial_loss
 
 
 @dataclass

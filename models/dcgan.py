@@ -8,7 +8,7 @@ G and D, as the Hamiltonian wraps around), `cond_temperature` (G and D see the t
 conditional GAN after Mirza & Osindero 2014, arXiv:1411.1784, as in the SpinGAN thesis and Zhang
 2021; T is drawn from the training mix when a sample has none) and `refine_sweeps` (that many
 Metropolis sweeps at the sample's temperature on the spins drawn from G, part of the model's
-sampler: `models.layers.refine_spins`)."""
+sampler: `models.ising.refine_spins`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 from models.base import Batch
+from models.blocks import (conv_decoder, conv_encoder, init_dcgan_weights, output_activation,
+                           periodic_decoder)
+from models.figures import to_unit
 from models.gan import GAN
-from models.layers import (TemperatureCondition, conv_decoder, conv_encoder, init_dcgan_weights,
-                           output_activation, periodic_decoder, refine_spins, to_unit)
+from models.ising import TemperatureCondition, refine_spins
 
 
 @dataclass

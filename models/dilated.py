@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from models.base import Batch, check_shape
-from models.layers import Supervised, check_loss, conv_block, field_figures
+from models.blocks import conv_block
+from models.figures import field_figures
+from models.objectives import Supervised, check_loss
 
 
 @dataclass

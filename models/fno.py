@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from models.base import Batch, check_shape
-from models.layers import Supervised, check_loss, field_figures, relative_l2, supervised_losses
+from models.figures import field_figures
+from models.objectives import Supervised, check_loss, relative_l2, supervised_losses
 
 
 @dataclass

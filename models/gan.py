@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from models.base import Batch, OptimizerSpec, Trainable, check_shape
-from models.layers import (adversarial_loss, as_images, fixed_noise, frozen, mlp, output_activation,
-                           to_unit)
+from models.blocks import frozen, mlp, output_activation
+from models.figures import as_images, fixed_noise, to_unit
+from models.objectives import adversarial_loss
 
 
 @dataclass

@@ -8,7 +8,8 @@ from typing import Literal
 import torch
 
 from models.base import InputShapeError
-from models.layers import Supervised, check_loss, mlp
+from models.blocks import mlp
+from models.objectives import Supervised, check_loss
 
 
 @dataclass

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from models.base import check_shape, with_channel_axis
-from models.layers import BasicBlock, Supervised, check_loss, conv_block
+from models.blocks import BasicBlock, conv_block
+from models.objectives import Supervised, check_loss
 
 
 @dataclass

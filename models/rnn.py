@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from models.base import Batch, check_shape
-from models.layers import Supervised, check_loss, forecast_figure, supervised_losses
+from models.figures import forecast_figure
+from models.objectives import Supervised, check_loss, supervised_losses
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None  # (h) or (h, c) for the LSTM
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from models.base import InputShapeError
-from models.layers import Supervised, check_loss, conv_block, mlp
+from models.blocks import conv_block, mlp
+from models.objectives import Supervised, check_loss
 
 
 @dataclass

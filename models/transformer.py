@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import Batch, check_shape
-from models.layers import SinusoidalEncoding, Supervised, check_loss, forecast_figure
+from models.blocks import SinusoidalEncoding
+from models.figures import forecast_figure
+from models.objectives import Supervised, check_loss
 
 
 @dataclass

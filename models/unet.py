@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from models.base import Batch, check_shape, field_target, with_channel_axis
-from models.layers import (Supervised, check_loss, conv_block, field_figures, relative_l2,
-                           supervised_losses)
+from models.blocks import conv_block
+from models.figures import field_figures
+from models.objectives import Supervised, check_loss, relative_l2, supervised_losses
 
 
 def double_conv(c_in: int, c_out: int) -> nn.Sequential:

@@ -6,7 +6,7 @@ and a Bernoulli (binary fields such as Ising spins in [0, 1]) or Gaussian decode
 For Ising lattices (issue #15), off by default: `cond_temperature` makes it a conditional VAE
 (Sohn et al. 2015): q(z|x, T) and p(x|z, T), T drawn from the training mix when a sample has none;
 `refine_sweeps` makes the sampler draw spins from the Bernoulli decoder and then run that many
-Metropolis sweeps at the sample's T (`models.layers.refine_spins`). A factorised Bernoulli decoder
+Metropolis sweeps at the sample's T (`models.ising.refine_spins`). A factorised Bernoulli decoder
 draws every spin independently and so cannot make nearest-neighbour correlations; the sweeps are
 the part of the model that does. The ELBO is that of the Bernoulli decoder alone.
 """
@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import Batch, Trainable, check_shape
-from models.layers import TemperatureCondition, as_images, conv_down, conv_up, refine_spins
+from models.blocks import conv_down, conv_up
+from models.figures import as_images
+from models.ising import TemperatureCondition, refine_spins
 
 
 @dataclass

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from models.base import Batch
+from models.blocks import init_dcgan_weights
 from models.dcgan import Discriminator, Generator, TemperatureConditioned, check_size
-from models.layers import init_dcgan_weights
 
 
 @dataclass

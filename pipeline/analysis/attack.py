@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.layers import relative_l2
+from models.objectives import relative_l2
 from pipeline.analysis.probe import Probed, Results, as_2d, open_probed, write_results
 from pipeline.core import figures
 from pipeline.core.errors import UserError

@@ -582,9 +582,9 @@ class Evaluation:
 
 def no_network(make_start: Callable, params: Any, t: np.ndarray, sweeps: int, seed: int) -> np.ndarray:
     """The control with no network (issue #23): the source's own initial lattices at `t` through
-    the generators' own refinement (`models.layers.refine_spins`: `sweeps` Metropolis sweeps at
+    the generators' own refinement (`models.ising.refine_spins`: `sweeps` Metropolis sweeps at
     each lattice's T, then a whole-lattice flip with probability 1/2), as +-1 spins."""
-    from models.layers import refine_spins
+    from models.ising import refine_spins
     start = torch.as_tensor(make_start(params, t, seed), dtype=torch.float32)
     torch.manual_seed(seed)
     return (2 * refine_spins((start + 1) / 2, torch.as_tensor(t, dtype=torch.float32), sweeps) - 1).numpy()
@@ -597,7 +597,7 @@ def no_network_within(make_start: Callable, params: Any, t: np.ndarray, cpu_s: f
     then the whole-lattice flip. (±1 spins, sweeps run). Its CPU time is the model's within
     about one sweep, however loaded the machine: an earlier version priced a sweep from two
     short calibration runs first, whose noise let the control's time stray past 2x the model's."""
-    from models.layers import metropolis_sweeps
+    from models.ising import metropolis_sweeps
     t0 = time.process_time()
     spins = torch.as_tensor(make_start(params, t, seed), dtype=torch.float32)
     temps = torch.as_tensor(t, dtype=torch.float32)

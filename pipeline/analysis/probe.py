@@ -2,7 +2,7 @@
 share. Loading is `hpcforge evaluate`'s (pipeline/analysis/evaluate.py), so a checkpoint that evaluates
 also probes, with the same `key=value` overrides (e.g. data.path=... for a moved store).
 
-Only supervised models (models.layers.Supervised: one network, x -> prediction) have an output to
+Only supervised models (models.objectives.Supervised: one network, x -> prediction) have an output to
 attribute or to attack; generative models are refused with the list of families that are supervised.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 
 from models import MODELS
 from models import build as build_model
-from models.layers import Supervised
+from models.objectives import Supervised
 from pipeline.analysis.shared import checkpoint_config, eval_split, load_checkpoint, log_to_wandb
 from pipeline.config import Config
 from pipeline.core import figures

@@ -17,7 +17,7 @@ import torch
 
 from models import build as build_family
 from models.base import Batch, Trainable
-from models.layers import Supervised
+from models.objectives import Supervised
 from pipeline.config import Config, TrainConfig
 from pipeline.core.checkpoint import Checkpoints
 from pipeline.core.errors import UserError

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.layers import reconstruction_loss
+from models.objectives import reconstruction_loss
 from models_testkit import ends, make, one_thread, train  # one_thread: autouse
-
 
 def stripe_images(n: int = 16, size: int = 16) -> torch.Tensor:
     """Binary horizontal or vertical stripes with a random phase, (n, 1, size, size)."""

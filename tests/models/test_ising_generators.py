@@ -9,7 +9,7 @@ import torch
 from models_testkit import ends, make, one_thread, train  # one_thread: autouse
 from torch import nn
 
-from models.layers import TemperatureCondition, metropolis_sweeps, refine_spins
+from models.ising import TemperatureCondition, metropolis_sweeps, refine_spins
 from pipeline import physics
 from pipeline.sources import ising2d
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import cnn
-from models.layers import BasicBlock, relative_l2
+from models.blocks import BasicBlock
+from models.objectives import relative_l2
 from models_testkit import (ends, frequencies, make, one_thread,  # one_thread: autouse
                             sines, train)
 
@@ -227,7 +228,7 @@ def test_mse_takes_one_scalar_per_sample_for_one_output():
     """A regression of a per-sample quantity the store keeps as (N,) (a shower's incident energy)
     against one output (B, 1): the same loss as the (B, 1) target; other shapes still refused."""
     from models.base import InputShapeError
-    from models.layers import supervised_losses
+    from models.objectives import supervised_losses
     out, y = torch.randn(8, 1), torch.randn(8)
     assert supervised_losses(out, y, "mse")["loss"] == F.mse_loss(out, y[:, None])
     with pytest.raises(InputShapeError, match=r"target y: expected shape \(8, 2\)"):
