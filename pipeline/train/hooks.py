@@ -8,12 +8,16 @@ first batch, and returns images to log and scalar metrics to log beside them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 
 from models.base import Batch, Trainable, sampler
+from pipeline.runtime.tracking import Tracker
+from pipeline.runtime.watchdog import Heartbeat
+from pipeline.train.ema import EMA
 
 ImageHook = Callable[[Trainable, Batch], tuple[dict[str, Any], dict[str, float]]]
 
@@ -65,3 +69,25 @@ def draw_all(hooks: list[ImageHook], model: Trainable,
             images.update(more_images)
             metrics.update(more_metrics)
     return images, metrics
+
+
+class Drawing:
+    """The run's image hooks and what they draw with and into: the model (sampled through the
+    weight average `ema` when there is one, as evaluate does) and the tracker, which records
+    images on rank 0 alone; the heartbeat hears of it (drawing takes a while)."""
+
+    def __init__(self, hooks: list[ImageHook], model: Trainable, ema: EMA | None,
+                 tracker: Tracker, heartbeat: Heartbeat):
+        self.hooks, self.model, self.ema = hooks, model, ema
+        self.tracker, self.heartbeat = tracker, heartbeat
+
+    def log(self, batch: Batch, step: int) -> None:
+        """What the hooks draw from `batch` (a step's first), to the tracker at `step`."""
+        if not self.tracker.records_images:
+            return
+        self.heartbeat.beat("images")
+        with self.ema.applied() if self.ema is not None else nullcontext():
+            images, metrics = draw_all(self.hooks, self.model, batch)
+        self.tracker.images(images, step)
+        if metrics:
+            self.tracker.log(metrics, step)

@@ -27,7 +27,9 @@ from pipeline.runtime.watchdog import Heartbeat
 from pipeline.train.adversarial import adversarial_batch
 from pipeline.train.ema import EMA
 from pipeline.train.hooks import ImageHook
+from pipeline.train.nonfinite import NonFinite
 from pipeline.train.profile import StepTimer
+from pipeline.train.progress import Progress
 from pipeline.train.transfer import Matched
 
 
@@ -112,18 +114,6 @@ class Phase:
 
 
 @dataclass
-class Progress:
-    """Where the run is; a checkpoint holds all of it, so a resumed run goes on exactly."""
-    step: int = 0
-    epoch: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    nonfinite_total: int = 0        # skipped steps in the whole run
-    nonfinite_run: int = 0          # skipped steps in a row, ending now
-    stop_best: float | None = None  # early stopping: the best value so far
-    stop_bad: int = 0               # early stopping: validations since it
-
-
-@dataclass
 class Run:
     """The parts of one training run on this rank; pipeline.train.loop.fit trains it."""
     cfg: Config
@@ -148,8 +138,14 @@ class Run:
     transfer: Matched | None = None   # what train.init_from loaded (pipeline.train.transfer)
     ema: EMA | None = None         # the generating network's weight average (train.ema.decay)
     timer: StepTimer = field(default_factory=StepTimer)  # train.profile (pipeline.train.profile)
-    unread: list[torch.Tensor] = field(default_factory=list)  # steps' non-finite flags still on
-    # the device, read on the host at log steps and before checkpoints (pipeline.train.loop.settle)
+    # the steps' non-finite flags still on the device and what a bad one means (train.nonfinite,
+    # train.max_nonfinite); read at log steps and before checkpoints (pipeline.train.nonfinite)
+    nonfinite: NonFinite = field(init=False)
+
+    def __post_init__(self) -> None:
+        train_cfg = self.cfg.train
+        self.nonfinite = NonFinite(train_cfg.nonfinite, train_cfg.max_nonfinite,
+                                   self.checkpoints.folder)
 
     @property
     def train_cfg(self) -> TrainConfig:
@@ -193,10 +189,9 @@ class Run:
             print(msg, flush=True)
 
 
-def autocast(run: Run):
-    """The forward's precision (train.precision); fp32 runs without autocast."""
-    precision = run.cfg.train.precision
+def autocast(precision: str, device: torch.device):
+    """The forward's precision (train.precision) on `device`; fp32 runs without autocast."""
     if precision == "fp32":
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(run.dist.device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype)
