@@ -1,10 +1,10 @@
 """`build(cfg, dist) -> Run`: everything a training run is made of, assembled once.
 
-The loop (pipeline.train.loop) only reads and steps these parts; all set-up lives here, in the order it
-must happen: seeds and threads, the store and its loaders, the model and one optimizer phase per
-network, checkpoints (and resume from one, pipeline.train.state), the tracker, the preemption vote, the
-image hooks. What a run is (`Run`, `Phase`, `Progress`) lives in pipeline.train.run, below this module
-and pipeline.train.state.
+The loop (pipeline.train.loop) only reads and steps these parts; all set-up lives here, in the order
+it must happen: seeds and threads, the store and its loaders, the model and one optimizer phase per
+network, checkpoints (and resume from one, pipeline.train.state), the tracker, the preemption vote,
+the image hooks. What a run is (`Run`, `Phase`, `Progress`) lives in pipeline.train.run, below this
+module and pipeline.train.state.
 """
 from __future__ import annotations
 
@@ -42,14 +42,15 @@ def build_model(cfg: Config) -> Trainable:
 
 def build(cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None,
           flag: PreemptionFlag | None = None) -> Run:
-    """Assemble a run on this rank, resumed as train.resume asks. `flag` catches preemption
-    signals from before the build (pipeline.train.trainer.train); without one, fit() installs its own."""
+    """Assemble a run on this rank, resumed as train.resume asks. `flag` catches preemption signals
+    from before the build (pipeline.train.trainer.train); without one, fit() installs its own."""
     heartbeat = heartbeat or NoHeartbeat()  # for the watchdog (pipeline.runtime.watchdog)
     heartbeat.beat("setup")
     _check_train_config(cfg.train, dist)
     _seed_and_threads(cfg.train, dist)
     store = open_store(cfg.data.path)
-    fill_from_store(cfg, store)  # shape keys left unset (pipeline.train.trainer said which, on rank 0)
+    # shape keys left unset (pipeline.train.trainer said which, on rank 0)
+    fill_from_store(cfg, store)
     loader, val_loader = _loader(cfg, dist, store, "train"), _val_loader(cfg, dist, store)
     model = dist.sync_batchnorm(build_model(cfg).to(dist.device))
     _check_adversarial(cfg, model)

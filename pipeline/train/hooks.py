@@ -1,9 +1,9 @@
 """What rank 0 draws every train.logger.images_every steps, as hooks the loop calls in turn.
 
 The loop never asks which model or data set it trains (STYLE.md, "the loop never branches on the
-model's kind"): `build` (pipeline.train.assembly) picks the hooks once, from what the model can do and what
-the source declares. A hook takes the model (in eval mode, training's RNG forked) and the step's
-first batch, and returns images to log and scalar metrics to log beside them.
+model's kind"): `build` (pipeline.train.assembly) picks the hooks once, from what the model can do
+and what the source declares. A hook takes the model (in eval mode, training's RNG forked) and the
+step's first batch, and returns images to log and scalar metrics to log beside them.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""What a training run is: its parts (`Run`), one optimizer phase (`Phase`), its progress, and the
-few functions of a run's state every part uses (seeds, weight digests, buffers, autocast).
+"""What a training run is: its parts (`Run`), one optimizer phase (`Phase`), its progress
+(`Progress`, from pipeline.train.progress), and the few functions of a run's state every part uses
+(seeds, weight digests, buffers, autocast).
 
-`pipeline.train.assembly.build(cfg, dist)` makes a Run; the loop (pipeline.train.loop) reads and steps it;
-pipeline.train.state checkpoints and resumes it. This module imports none of them (issue #27: the
-assembly and the state module both need Run, and resuming happens in the assembly).
+`pipeline.train.assembly.build(cfg, dist)` makes a Run; the loop (pipeline.train.loop) reads and
+steps it; pipeline.train.state checkpoints and resumes it. This module imports none of them (issue
+#27: the assembly and the state module both need Run, and resuming happens in the assembly).
 """
 from __future__ import annotations
 
@@ -134,7 +135,7 @@ class Run:
     tracker: Tracker | None = None
     draws: int = 1                 # batch groups per step: the most repeats of any phase
     progress: Progress = field(default_factory=Progress)
-    resumed_from: Path | None = None  # the checkpoint train.resume found (pipeline.train.state.resume)
+    resumed_from: Path | None = None  # what train.resume found (pipeline.train.state.resume)
     transfer: Matched | None = None   # what train.init_from loaded (pipeline.train.transfer)
     ema: EMA | None = None         # the generating network's weight average (train.ema.decay)
     timer: StepTimer = field(default_factory=StepTimer)  # train.profile (pipeline.train.profile)
@@ -176,7 +177,8 @@ class Run:
 
     def train_losses(self, batch: Batch, phase: str) -> dict[str, torch.Tensor]:
         """The losses a training step backpropagates: with train.adversarial.eps > 0, on the batch
-        with part of it replaced by adversarial examples made on this rank (pipeline.train.adversarial)."""
+        with part of it replaced by adversarial examples made on this rank
+        (pipeline.train.adversarial)."""
         adv = self.cfg.train.adversarial
         if adv.eps > 0:
             batch = adversarial_batch(self.model, batch, adv.eps, adv.method, adv.steps,

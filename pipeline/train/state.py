@@ -101,7 +101,8 @@ def resume(run: Run) -> str | None:
     run.checkpoints.best_value = ckpt.get("best_value")
     _restore_ema(run.ema, ckpt, run.print)
     run.progress = Progress(step=ckpt["step"], history=ckpt["history"],
-                            nonfinite_total=ckpt["nonfinite"][0], nonfinite_run=ckpt["nonfinite"][1],
+                            nonfinite_total=ckpt["nonfinite"][0],
+                            nonfinite_run=ckpt["nonfinite"][1],
                             stop_best=ckpt["early_stop"][0], stop_bad=ckpt["early_stop"][1])
     _restore_position(ckpt, run.loader, run.model, run.dist, run.print)
     run.progress.epoch = run.loader.epoch
