@@ -103,7 +103,8 @@ def _epoch(run: Run, window: Window, drawing: Drawing,
 def batch_groups(run: Run) -> Iterator[list[Batch]]:
     """The loader's batches on the device, one step's worth (`batches_per_step`) at a time."""
     group: list[Batch] = []
-    batches, timer, device = iter(run.loader), run.timer, run.dist.device
+    batches, timer, device, per_step = iter(run.loader), run.timer, run.dist.device, \
+        run.batches_per_step  # (read once: a property of the Run, not a field)
     on_cpu = device.type == "cpu"  # the loader's batches are there already: no .to() per tensor
     while True:
         with timer.part("data"):  # (the loader's wait, and the copy to the device)
@@ -113,7 +114,7 @@ def batch_groups(run: Run) -> Iterator[list[Batch]]:
             run.heartbeat.beat("training", run.progress.step)
             group.append(batch if on_cpu else
                          {k: v.to(device, non_blocking=True) for k, v in batch.items()})
-        if len(group) == run.batches_per_step:
+        if len(group) == per_step:
             yield group
             group = []
 
@@ -279,7 +280,8 @@ def finish(run: Run) -> dict[str, Any]:
     dist.average_buffers(run.model)  # training is over: every rank ends with the mean
     digests = dist.gather_object(weights_digest(run.model))
     summary: dict[str, Any] = {"steps": p.step, "ranks": dist.world_size,
-                               "launcher": dist.place.launcher, "nonfinite_steps": p.nonfinite_total,
+                               "launcher": dist.place.launcher,
+                               "nonfinite_steps": p.nonfinite_total,
                                "weights_sha256_per_rank": digests, "history": p.history}
     if run.ema is not None:
         summary["ema_sha256_per_rank"] = dist.gather_object(ema_digest(run.ema))
