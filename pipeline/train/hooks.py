@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -71,15 +72,16 @@ def draw_all(hooks: list[ImageHook], model: Trainable,
     return images, metrics
 
 
+@dataclass
 class Drawing:
     """The run's image hooks and what they draw with and into: the model (sampled through the
     weight average `ema` when there is one, as evaluate does) and the tracker, which records
     images on rank 0 alone; the heartbeat hears of it (drawing takes a while)."""
-
-    def __init__(self, hooks: list[ImageHook], model: Trainable, ema: EMA | None,
-                 tracker: Tracker, heartbeat: Heartbeat):
-        self.hooks, self.model, self.ema = hooks, model, ema
-        self.tracker, self.heartbeat = tracker, heartbeat
+    hooks: list[ImageHook]
+    model: Trainable
+    ema: EMA | None
+    tracker: Tracker
+    heartbeat: Heartbeat
 
     def log(self, batch: Batch, step: int) -> None:
         """What the hooks draw from `batch` (a step's first), to the tracker at `step`."""

@@ -9,6 +9,7 @@ optimizers, and fp16 with a GradScaler, read it at each step (pipeline.train.loo
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,14 +25,15 @@ class NonFiniteError(RuntimeError):
 FOLD_EVERY = 1024  # unread flags are joined into one tensor this often (bounded Python objects)
 
 
+@dataclass
 class NonFinite:
     """The steps' flags (0-d, true for a good step) not yet read on the host, and what a bad step
     means: `mode` (train.nonfinite: skip or fail) and `limit` (train.max_nonfinite) bad steps in a
     row; `folder` holds the last good checkpoint, which the error names."""
-
-    def __init__(self, mode: str, limit: int, folder: Path):
-        self.mode, self.limit, self.folder = mode, limit, folder
-        self.unread: list[torch.Tensor] = []
+    mode: str
+    limit: int
+    folder: Path
+    unread: list[torch.Tensor] = field(default_factory=list)
 
     def note(self, finite: torch.Tensor) -> None:
         """Keep the step's flag on the device until `settle`; many steps between reads (a large
