@@ -10,9 +10,9 @@ eps is in the model's input units: the store's normalised inputs (data.normalize
 Ising spins, 1 is the gap between a down and an up spin). No clipping to a data range: physics
 fields have no natural box such as an image's [0, 1].
 
-The attacks themselves live in pipeline/train/adversarial.py, below this command: adversarial training
-(`train.adversarial`, issue #16) makes its examples with the same two functions, and training does
-not import the analysis commands (issue #27).
+The attacks themselves live in pipeline/train/adversarial.py, below this command: adversarial
+training (`train.adversarial`, issue #16) makes its examples with the same two functions, and
+training does not import the analysis commands (issue #27).
 """
 from __future__ import annotations
 

@@ -146,7 +146,8 @@ def floor(real: np.ndarray, reference: np.ndarray, rng: np.random.Generator,
 
 @dataclass
 class BinScores:
-    """One sampler's per-bin numbers: ratio[name] is (n_bins, 3), the value and its 95 % interval."""
+    """One sampler's per-bin numbers: ratio[name] is (n_bins, 3), the value and its 95 %
+    interval."""
     name: str
     ratio: dict[str, np.ndarray]
     auc: tuple[float, float, float] = (np.nan, np.nan, np.nan)
@@ -171,8 +172,8 @@ def bin_ratios(real: dict[str, np.ndarray], generated: dict[str, np.ndarray],
                n_bins: int, seed: int = 0, boot: int = BOOT) -> dict[str, np.ndarray]:
     """Per bin and observable: W1(real, generated) / floor(real, reference) with a 95 % interval.
     `generated` is aligned with `real` (drawn at its conditions). The interval is the bootstrap's
-    spread of the log ratio (real, generated and reference resampled within the bin, the floor
-    from 4 re-splits each time) around the estimate, as pipeline/analysis/precise.py does: a resample's
+    spread of the log ratio (real, generated and reference resampled within the bin, the floor from
+    4 re-splits each time) around the estimate, as pipeline/analysis/precise.py does: a resample's
     duplicates shrink the floor more than the distance, so only the spread is used."""
     rng = np.random.default_rng(seed)
     out = {name: np.full((n_bins, 3), np.nan) for name in real}

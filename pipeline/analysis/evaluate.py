@@ -46,7 +46,8 @@ from pipeline.sources import SOURCES, declared, observables
 from pipeline.train.ema import load_weights
 
 MAX_SAMPLES = 2048        # cap on real and generated samples per distance (W1, Fréchet)
-PER_T = 256               # generated and reference samples per temperature (pipeline/analysis/precise.py)
+# generated and reference samples per temperature (pipeline/analysis/precise.py)
+PER_T = 256
 OOD_SAMPLES = 256         # out-of-distribution samples for the anomaly ROC AUC
 
 
@@ -313,8 +314,9 @@ class Evaluation:
 
     def precise(self, sample: Callable, make: Callable, obs: physics.Observables) -> None:
         """The per-temperature evaluation against independent reference chains, with controls
-        (pipeline/analysis/precise.py, issue #23): the model's sampler as configured; for a sampler with
-        Metropolis sweeps, the network alone and the same sweeps from the source's own start."""
+        (pipeline/analysis/precise.py, issue #23): the model's sampler as configured; for a sampler
+        with Metropolis sweeps, the network alone and the same sweeps from the source's own
+        start."""
         from pipeline.analysis import precise
         params = self.cfg.data.params
         protocol = precise.Protocol(SOURCES[self.store.meta.source].temperatures(params), self.per_t,
@@ -361,7 +363,8 @@ class Evaluation:
             for c in np.array_split(t, -(-len(t) // 1024)):
                 out.append(sample(len(c), {"cond": torch.as_tensor(c, dtype=torch.float32)}).cpu().numpy())
                 if (chains := getattr(self.model, "last_chains", None)) is not None:
-                    self._chains.append(chains)   # the MH chains of this call (the model's run only)
+                    # the MH chains of this call (the model's run only)
+                    self._chains.append(chains)
                     self.model.last_chains = None
             return physics.physical(obs, np.concatenate(out), self.affine, rng)
 
@@ -445,7 +448,8 @@ class Evaluation:
     def conditional(self, curves: Callable, real: np.ndarray, generated: np.ndarray,
                     cond: np.ndarray) -> None:
         """The source's curves over its conditioning value (Ising: <|m|>, <E>, C and chi against T,
-        pipeline/physics/thermo.py), real against generated at the same conditions: errors and a figure."""
+        pipeline/physics/thermo.py), real against generated at the same conditions: errors and a
+        figure."""
         from pipeline.physics import thermo
         real_curves, gen_curves = curves(real, cond), curves(generated, cond)
         self.metrics.update(thermo.curve_errors(real_curves, gen_curves))
@@ -453,9 +457,9 @@ class Evaluation:
 
     def condition_bins(self, spec: Any, obs: physics.Observables, real_norm: np.ndarray,
                        generated: np.ndarray, train: np.ndarray, cond: np.ndarray) -> None:
-        """W1 / floor per bin of a continuous condition and the response (pipeline/analysis/binned.py,
-        issue #15), for a source that declares CONDITION_BINS; the floor's second real sample
-        is the train split with its own conditions."""
+        """W1 / floor per bin of a continuous condition and the response
+        (pipeline/analysis/binned.py, issue #15), for a source that declares CONDITION_BINS; the
+        floor's second real sample is the train split with its own conditions."""
         from pipeline.analysis import binned
         real = physics.physical(obs, real_norm, self.affine, self.rng)      # cond's order
         result = binned.evaluate_bins(spec, obs.scalars(real), cond, obs.scalars(generated),
@@ -514,8 +518,8 @@ class Evaluation:
 
     def classifier(self, obs: physics.Observables, real_norm: np.ndarray, generated: np.ndarray,
                    train: np.ndarray, cond: np.ndarray | None) -> None:
-        """The CaloChallenge classifier test (pipeline/analysis/two_sample_classifier.py, issue 15): ROC AUC of
-        telling the generated samples from the real ones they were generated beside (a
+        """The CaloChallenge classifier test (pipeline/analysis/two_sample_classifier.py, issue 15):
+        ROC AUC of telling the generated samples from the real ones they were generated beside (a
         conditional model's condition is a feature), 0.5 = indistinguishable; beside it the same
         test of the training split against them ("classifier/auc_reference"), what a perfect
         generator scores with as many samples. Its own rng: the metrics above stay as they were."""

@@ -11,7 +11,8 @@ Methods (Captum, the maintained PyTorch library for them):
 The score is the predicted class's logit for a classifier (its mean over positions for a dense
 output; the one logit of a bce model) and the mean output for a regressor (a field's spatial mean).
 Baselines: integrated gradients starts from zeros in the model's input space (for minmax-normalised
-Ising spins: the all-down lattice); gradient SHAP draws from GRADIENT_SHAP_BASELINES training samples.
+Ising spins: the all-down lattice); gradient SHAP draws from GRADIENT_SHAP_BASELINES training
+samples.
 
 Per method the JSON holds the mean |attribution| per input channel and, for Ising spins, the share
 of the attribution mass on domain-wall sites (a site with a neighbour of the other sign, periodic

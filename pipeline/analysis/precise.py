@@ -1,9 +1,9 @@
 """A generator's physics, measured precisely enough to tell, beside its controls (issue #23).
 
-The pooled evaluation (pipeline/analysis/evaluate.py: a few hundred test samples over all temperatures,
-against a floor from the same Markov chains as the training data) could not tell a trained
-generator from a sampler with no network: six evaluations of one checkpoint gave W1(|m|) from
-1.09x to 2.53x the floor. This protocol fixes each part of that:
+The pooled evaluation (pipeline/analysis/evaluate.py: a few hundred test samples over all
+temperatures, against a floor from the same Markov chains as the training data) could not tell a
+trained generator from a sampler with no network: six evaluations of one checkpoint gave W1(|m|)
+from 1.09x to 2.53x the floor. This protocol fixes each part of that:
 
   * per temperature: `per_t` generated lattices at every temperature of the training grid and at
     the midpoints between them (held out of training), so no temperature hides behind another;
@@ -13,8 +13,8 @@ generator from a sampler with no network: six evaluations of one checkpoint gave
   * the verdict metric is pooled over temperatures: R = sum_T W1_T(gen, A) / sum_T W1_T(B, A) per
     observable (1 is perfect; issue #15's goal is 2), with a 95 % bootstrap interval (samples
     resampled within each temperature, A, B and the generated set independently);
-  * the classifier test (pipeline/analysis/two_sample_classifier.py) on gen against A and B against A at the
-    same temperatures, its AUC with a bootstrap interval over the held-out scores; the
+  * the classifier test (pipeline/analysis/two_sample_classifier.py) on gen against A and B against
+    A at the same temperatures, its AUC with a bootstrap interval over the held-out scores; the
     thermodynamic curves' errors (pipeline/physics/thermo.py) against the floor's;
   * controls: every sampler is measured the same way. A model with Metropolis sweeps in its
     sampler is shown beside the network alone (no sweeps) and the same sweeps from the source's
@@ -136,10 +136,10 @@ def reference(make: Callable[[np.ndarray, int], np.ndarray], protocol: Protocol,
 
 # --------------------------------------------------------------------------- scoring
 def w1_equal(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """W1 between samples of equal size along the last axis, batched over the leading ones:
-    mean |sort(x) - sort(y)|, exact for two empirical distributions of n points each (the
-    optimal coupling pairs order statistics). It equals `physics.wasserstein1` (scipy) and runs
-    vectorised over temperatures and bootstrap replicates, which a loop over scipy calls does not."""
+    """W1 between samples of equal size along the last axis, batched over the leading ones: mean
+    |sort(x) - sort(y)|, exact for two empirical distributions of n points each (the optimal
+    coupling pairs order statistics). It equals `physics.wasserstein1` (scipy) and runs vectorised
+    over temperatures and bootstrap replicates, which a loop over scipy calls does not."""
     return np.abs(np.sort(x, axis=-1) - np.sort(y, axis=-1)).mean(axis=-1)
 
 

@@ -1,6 +1,6 @@
 """A trained supervised checkpoint opened for probing: what `hpcforge explain` and `hpcforge attack`
-share. Loading is `hpcforge evaluate`'s (pipeline/analysis/evaluate.py), so a checkpoint that evaluates
-also probes, with the same `key=value` overrides (e.g. data.path=... for a moved store).
+share. Loading is `hpcforge evaluate`'s (pipeline/analysis/evaluate.py), so a checkpoint that
+evaluates also probes, with the same `key=value` overrides (e.g. data.path=... for a moved store).
 
 Only supervised models (models.objectives.Supervised: one network, x -> prediction) have an output to
 attribute or to attack; generative models are refused with the list of families that are supervised.

@@ -159,9 +159,10 @@ def _fmt(v: Any) -> str:
 
 # --------------------------------------------------------------------------- scorecard
 # A generator is judged by W1 / the real-vs-real floor (1 is perfect, issue #15's goal 2x) and by a
-# classifier told to separate its samples from real ones (0.5: it cannot). AUC_GOAL: the CaloChallenge
-# 2022 entries' best low-level AUCs lay at 0.53-0.68, its GANs' at 0.89-0.94 (arXiv 2410.21611).
-# Both goals are the precise Ising protocol's (pipeline/analysis/precise.py), so the two never disagree.
+# classifier told to separate its samples from real ones (0.5: it cannot). AUC_GOAL: the
+# CaloChallenge 2022 entries' best low-level AUCs lay at 0.53-0.68, its GANs' at 0.89-0.94 (arXiv
+# 2410.21611). Both goals are the precise Ising protocol's (pipeline/analysis/precise.py), so the
+# two never disagree.
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """What the analysis commands share: a checkpoint opened with its config, the split they score,
 the store's samples in the model's space, and the results written to the checkpoint's W&B run.
 
-`hpcforge evaluate`, `probe`-based `explain` and `attack`, and the latent-space walk all start from a
-checkpoint and end in its W&B run; this module is below all of them, so none imports another to get
-these (issue #27: evaluate <-> latent and probe -> evaluate were import circles).
+`hpcforge evaluate`, `probe`-based `explain` and `attack`, and the latent-space walk all start from
+a checkpoint and end in its W&B run; this module is below all of them, so none imports another to
+get these (issue #27: evaluate <-> latent and probe -> evaluate were import circles).
 """
 from __future__ import annotations
 

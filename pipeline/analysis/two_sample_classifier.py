@@ -8,16 +8,16 @@ observables, it sees the whole joint distribution, so a generator cannot pass it
 marginals (issue 15).
 
 The classifier is scikit-learn's HistGradientBoostingClassifier on each sample's high-level
-features: its source's scalar observables and profiles (pipeline/physics/__init__.py: energy, m and |m|
-and the power spectrum of a lattice; total energy, depth, width and the longitudinal and radial
-profiles of a shower) and, for a conditional model, the condition it was generated at; a source
-that declares no observables is compared on its flattened values. The CaloChallenge reports a DNN
-on the voxels and one on such high-level features; boosted trees on the high-level ones are
-chosen here because they need no normalisation of heavy-tailed deposits (splits are invariant to
-monotone transforms), no tuning or GPU, are deterministic given `random_state`, and fit in about
-a second on a few thousand samples, where the same trees on 1024 raw spins took minutes and
-learn little from single spins of a symmetric lattice. What the features leave out (an error
-that keeps every observable right) is the W1/Fréchet metrics' and the figures' to show.
+features: its source's scalar observables and profiles (pipeline/physics/__init__.py: energy, m and
+|m| and the power spectrum of a lattice; total energy, depth, width and the longitudinal and radial
+profiles of a shower) and, for a conditional model, the condition it was generated at; a source that
+declares no observables is compared on its flattened values. The CaloChallenge reports a DNN on the
+voxels and one on such high-level features; boosted trees on the high-level ones are chosen here
+because they need no normalisation of heavy-tailed deposits (splits are invariant to monotone
+transforms), no tuning or GPU, are deterministic given `random_state`, and fit in about a second on
+a few thousand samples, where the same trees on 1024 raw spins took minutes and learn little from
+single spins of a symmetric lattice. What the features leave out (an error that keeps every
+observable right) is the W1/Fréchet metrics' and the figures' to show.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from threadpoolctl import threadpool_limits
 
 from pipeline.physics import Observables
 
-HELD_OUT = 0.5   # half of each class scores the classifier, half trains it (CaloChallenge: 60/20/20)
+# half of each class scores the classifier, half trains it (CaloChallenge: 60/20/20)
+HELD_OUT = 0.5
 
 
 def features(obs: Observables | None, x: np.ndarray, cond: np.ndarray | None = None) -> np.ndarray:
@@ -58,8 +59,8 @@ def classifier_auc(real: np.ndarray, generated: np.ndarray, obs: Observables | N
 def classifier_scores(real: np.ndarray, generated: np.ndarray, obs: Observables | None = None,
                       cond: np.ndarray | None = None, seed: int = 0,
                       generated_cond: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The held-out half's labels (1: generated) and the classifier's scores: what
-    `classifier_auc` scores, and what a bootstrap interval of it resamples (pipeline/analysis/precise.py)."""
+    """The held-out half's labels (1: generated) and the classifier's scores: what `classifier_auc`
+    scores, and what a bootstrap interval of it resamples (pipeline/analysis/precise.py)."""
     n = min(len(real), len(generated))
     c = None if cond is None else np.asarray(cond)[:n]
     c_gen = c if generated_cond is None else np.asarray(generated_cond)[:n]

@@ -97,8 +97,8 @@ def physics_figures(obs: physics.Observables | None, real_batch: dict[str, np.nd
     (the source's declared observables) is None.
 
     real_batch["x"] and `generated` are (N, ...) in the loader's normalised space when `affine`
-    (pipeline.data.store.normalization of the store's train statistics) is given, else in physical units.
-    Two-level variables (Ising spins) are drawn from their probabilities, as evaluate does
+    (pipeline.data.store.normalization of the store's train statistics) is given, else in physical
+    units. Two-level variables (Ising spins) are drawn from their probabilities, as evaluate does
     (physics.physical: the one spin-conversion rule).
     """
     if obs is None:

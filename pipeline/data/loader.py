@@ -1,10 +1,11 @@
 """Per-rank reader of a prepared store: contiguous block reads, a shuffle buffer, prefetch.
 
-Every epoch the store's blocks (its inner chunks: the efficient read unit, one decode each) are put in an
-order that is a pure function of (seed, epoch); the resulting sample sequence is cut into `world_size`
-equal parts and rank r reads part r, so each sample is seen once per epoch across ranks (the tail
-that does not divide evenly is dropped, like DistributedSampler with drop_last). Within its part a
-rank shuffles a buffer of `buffer_blocks` blocks at a time with a stream from (seed, epoch, rank).
+Every epoch the store's blocks (its inner chunks: the efficient read unit, one decode each) are put
+in an order that is a pure function of (seed, epoch); the resulting sample sequence is cut into
+`world_size` equal parts and rank r reads part r, so each sample is seen once per epoch across ranks
+(the tail that does not divide evenly is dropped, like DistributedSampler with drop_last). Within
+its part a rank shuffles a buffer of `buffer_blocks` blocks at a time with a stream from (seed,
+epoch, rank).
 
 Each buffer is converted to torch, normalised and, when CUDA is present, pinned once as a whole by
 the prefetch thread; its batches are slices of it. Pinned, the trainer copies a batch with
@@ -72,7 +73,8 @@ class ShardedLoader:
         # evaluation keeps it: the last rank also reads the samples that do not divide evenly,
         # and the last batch may be partial (issue 24: every test sample scored).
         self.drop_last = drop_last
-        self._pool: Executor | None = None  # made on first use, kept: its threads idle between reads
+        # made on first use, kept: its threads idle between reads
+        self._pool: Executor | None = None
         # The next epoch's first group, read while this epoch's last batches train:
         # (epoch, its group stream, the group), and the thread reading it.
         self._ahead: tuple[int, Iterator[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
@@ -228,8 +230,8 @@ class ShardedLoader:
 
     def _produce(self, stream: Iterator[dict[str, torch.Tensor]], epoch: int, skip: int,
                  q: queue.Queue, stop: threading.Event) -> None:
-        """The prefetch thread: queue (index of its first batch, group) for each group that holds
-        a batch at or after `skip`, then _DONE (or the exception), then read the next epoch ahead."""
+        """The prefetch thread: queue (index of its first batch, group) for each group that holds a
+        batch at or after `skip`, then _DONE (or the exception), then read the next epoch ahead."""
         try:
             first = 0
             for group in stream:

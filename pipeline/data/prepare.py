@@ -68,7 +68,8 @@ _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser (Steele, Lea & Flood 2014): every output bit depends on every input bit."""
+    """splitmix64's finaliser (Steele, Lea & Flood 2014): every output bit depends on every input
+    bit."""
     x = (x ^ (x >> np.uint64(30))) * _MIX1
     x = (x ^ (x >> np.uint64(27))) * _MIX2
     return x ^ (x >> np.uint64(31))
@@ -169,7 +170,8 @@ def task_memory(cfg: DataConfig, workers: int, slots: int) -> int:
 
 
 def _inner_chunk(var: Variable, shard: int) -> int:
-    """Samples per ~1 MiB inner chunk of `var`, a divisor of the shard (shards hold whole chunks)."""
+    """Samples per ~1 MiB inner chunk of `var`, a divisor of the shard (shards hold whole
+    chunks)."""
     each = np.dtype(var.dtype).itemsize * max(1, math.prod(var.shape))
     chunk = max(1, min(shard, INNER_CHUNK_BYTES // each))
     while shard % chunk:
@@ -817,7 +819,8 @@ def _disk_error(e: BaseException, paths: Paths, need: int = 0) -> BaseException:
 
 
 def prepare(cfg: DataConfig, resolved: dict[str, Any], log=print) -> Path:
-    """Write the dataset described by `cfg` to `cfg.path` (resuming an interrupted run); return it."""
+    """Write the dataset described by `cfg` to `cfg.path` (resuming an interrupted run); return
+    it."""
     paths = Paths.of(cfg.path)
     if _check_target(paths, cfg):
         return _done(paths, log)
@@ -888,7 +891,8 @@ def _run(cfg: DataConfig, resolved: dict, paths: Paths, n: int, variables: dict,
 
 
 def class_attrs(cfg: DataConfig) -> dict[str, Any]:
-    """{"classes": table} for an import labelled from its paths (data.params.label_from), else {}."""
+    """{"classes": table} for an import labelled from its paths (data.params.label_from), else
+    {}."""
     classes = declared(cfg.source, "classes")
     table = classes(cfg.params) if classes is not None else None
     return {"classes": table} if table else {}

@@ -26,7 +26,8 @@ SPLITS = ("train", "val", "test")
 
 
 PROVENANCE = ("source", "splits", "checksums", "shuffle")   # what a checkpoint records of its data
-LATER = ("invalid", "n_read", "content", "memory_budget", "arrays", "classes")  # absent in the first v1 stores
+# absent in the first v1 stores
+LATER = ("invalid", "n_read", "content", "memory_budget", "arrays", "classes")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ def ising_magnetization(spins: np.ndarray) -> np.ndarray:
 
 
 def ising_energy(spins: np.ndarray) -> np.ndarray:
-    """Energy per spin H / L^2 with H = -sum_<ij> s_i s_j (J = 1), periodic, each bond once: (N,)."""
+    """Energy per spin H / L^2 with H = -sum_<ij> s_i s_j (J = 1), periodic, each bond once:
+    (N,)."""
     s = _lattice(spins).astype(np.float64)
     bonds = s * np.roll(s, 1, axis=-1) + s * np.roll(s, 1, axis=-2)
     return -bonds.sum(axis=(-1, -2)) / (s.shape[-1] * s.shape[-2])
@@ -142,7 +143,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
                          f"got {a.shape} and {b.shape}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     # eps on the diagonal: features that are constant in both sets (dead ReLUs) make the
-    # covariances singular, and sqrtm of a singular product is ill-defined (pytorch-fid does the same)
+    # covariances singular, and sqrtm of a singular product is ill-defined (pytorch-fid does the
+    # same)
     offset = np.eye(a.shape[1]) * eps
     s_a = np.atleast_2d(np.cov(a, rowvar=False)) + offset
     s_b = np.atleast_2d(np.cov(b, rowvar=False)) + offset
@@ -224,8 +226,8 @@ class Comparison:
 
 def physical(obs: Observables, x: np.ndarray, affine: tuple[np.ndarray, np.ndarray] | None = None,
              rng: np.random.Generator | None = None) -> np.ndarray:
-    """Samples in physical units: denormalised when `affine` (the loader's normalisation) is
-    given. A two-level variable (spins) follows the one spin-conversion rule of pipeline/physics/thermo.py
+    """Samples in physical units: denormalised when `affine` (the loader's normalisation) is given.
+    A two-level variable (spins) follows the one spin-conversion rule of pipeline/physics/thermo.py
     whoever asks (training figures, evaluate): drawn with P(+1) = (x + 1) / 2, from `rng` or a
     fixed-seed generator, never thresholded (exact +-1 values stay what they are)."""
     x = denormalize(x, affine) if affine is not None else np.asarray(x)

@@ -18,7 +18,8 @@ class ConditionBins:
 
 
 def edges(cond: np.ndarray, n_bins: int) -> np.ndarray:
-    """n_bins + 1 edges at the quantiles of `cond`, the first its minimum and the last its maximum."""
+    """n_bins + 1 edges at the quantiles of `cond`, the first its minimum and the last its
+    maximum."""
     return np.quantile(np.asarray(cond, np.float64), np.linspace(0, 1, n_bins + 1))
 
 

@@ -31,8 +31,8 @@ import torch
 from pipeline.config import DistConfig
 from pipeline.core.errors import UserError
 
-# Set by our `--nproc` launcher (pipeline.runtime.launch.LocalRanks): torchrun's or horovodrun's variables
-# are then ours; for ddp, the FileStore its ranks meet through, in its private folder.
+# Set by our `--nproc` launcher (pipeline.runtime.launch.LocalRanks): torchrun's or horovodrun's
+# variables are then ours; for ddp, the FileStore its ranks meet through, in its private folder.
 LOCAL_RANKS_ENV = "HPCFORGE_LOCAL_RANKS"
 RENDEZVOUS_FILE_ENV = "HPCFORGE_RENDEZVOUS_FILE"
 OWN_LAUNCHER = "hpcforge --nproc"
@@ -775,8 +775,8 @@ def _any_interface() -> str:
 
 @contextmanager
 def only_grads_of(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]):
-    """Let autograd make gradients for `params` only: the other networks of a multi-network
-    model are frozen, so one optimizer's phase never fires another's Horovod hooks (horovod#2559)."""
+    """Let autograd make gradients for `params` only: the other networks of a multi-network model
+    are frozen, so one optimizer's phase never fires another's Horovod hooks (horovod#2559)."""
     keep = {id(p) for p in params}
     before = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in before:

@@ -91,7 +91,8 @@ ONE_NODE_MPI = {"OMPI_MCA_btl": "self,vader", "OMPI_MCA_btl_tcp_if_include": "lo
 def mpi_env() -> dict[str, str]:
     """The environment for an mpirun we start: ours, plus OpenMPI defaults that fit here."""
     env = dict(os.environ)
-    # Single-copy shared memory needs ptrace rights containers often lack; plain copies work anywhere.
+    # Single-copy shared memory needs ptrace rights containers often lack; plain copies work
+    # anywhere.
     env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
     for key, value in ONE_NODE_MPI.items():  # (if_include and if_exclude exclude each other)
         if key not in env and key.replace("include", "exclude") not in env:
@@ -189,8 +190,8 @@ class LocalRanks:
     too), as mpirun does. Where they meet, with nothing on a network address:
 
     - ddp: started as torchrun starts them (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); they
-      meet through a torch FileStore at `store` (pipeline.runtime.dist reads RENDEZVOUS_FILE_ENV), so
-      nothing listens, and gloo/NCCL pair over loopback (pipeline.runtime.dist.pin_transports).
+      meet through a torch FileStore at `store` (pipeline.runtime.dist reads RENDEZVOUS_FILE_ENV),
+      so nothing listens, and gloo/NCCL pair over loopback (pipeline.runtime.dist.pin_transports).
     - horovod: started as `horovodrun --gloo` starts them (Horovod's own slot and Gloo variables,
       `_horovod_gloo`); Horovod's rendezvous server runs here on 127.0.0.1 and Gloo pairs on lo.
 
@@ -405,7 +406,7 @@ def _die_with_parent() -> None:
 
 
 def _die_with_parent_kill() -> None:
-    """In a rank we start, before exec: SIGKILL when the launcher dies, even by SIGKILL (the
-    rank repeats it once it runs, pipeline.runtime.watchdog.end_with_parent; this covers its imports)."""
+    """In a rank we start, before exec: SIGKILL when the launcher dies, even by SIGKILL (the rank
+    repeats it once it runs, pipeline.runtime.watchdog.end_with_parent; this covers its imports)."""
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -1,17 +1,17 @@
 """The preemption contract: how a signalled run stops with its work on disk and asks to be rerun.
 
-Everything that must agree on it imports it from here (pipeline.runtime.launch, hpcforge.cli, the loop,
-jobs.tasks); nothing restates the numbers.
+Everything that must agree on it imports it from here (pipeline.runtime.launch, hpcforge.cli, the
+loop, jobs.tasks); nothing restates the numbers.
 
 1. Signals. A batch system warns a job before it ends it: Slurm sends SIGUSR2 `signal_delay_s`
    before the time limit (submitit's `--signal`) and SIGTERM on preemption; `timeout` and batch
    wrappers send SIGTERM, a user Ctrl-C (SIGINT). `SIGNALS` are the ones a training process
    catches (`PreemptionFlag`): each only sets a flag; a second SIGINT interrupts at once.
-2. The launcher. `hpcforge train --nproc N` (pipeline.runtime.launch.relaunch) starts each rank (or, with
-   train.dist.launcher=mpirun, mpirun) in a session of its own, so a signal to the launcher's
-   process group reaches only the launcher; it passes it on as `FORWARDED_SIGNAL` (SIGUSR1) to
-   every rank (or to mpirun, which delivers it to every rank). (A SIGTERM to mpirun would kill the
-   ranks before they checkpoint.)
+2. The launcher. `hpcforge train --nproc N` (pipeline.runtime.launch.relaunch) starts each rank (or,
+   with train.dist.launcher=mpirun, mpirun) in a session of its own, so a signal to the launcher's
+   process group reaches only the launcher; it passes it on as `FORWARDED_SIGNAL` (SIGUSR1) to every
+   rank (or to mpirun, which delivers it to every rank). (A SIGTERM to mpirun would kill the ranks
+   before they checkpoint.)
 3. The vote. Ranks see a signal at different moments, so they act only when all of them agree:
    `Preemption` sums "signal seen" over ranks at a step boundary, every ~train.dist.signal_check_s
    of rank 0's step time (one collective, in flight while the step's last phase computes its
@@ -19,10 +19,10 @@ jobs.tasks); nothing restates the numbers.
 4. The checkpoint. Once the vote says stop, rank 0 writes the checkpoint and waits until it is on
    disk; then every rank raises `Preempted`. Nothing says "requeue me" before the file is there.
 5. The exit. `REQUEUE_EXIT_CODE` (75, EX_TEMPFAIL from sysexits.h: "try again later") means
-   "checkpointed, rerun me with train.resume=auto"; a failure is never 75. Under our launcher
-   the ranks exit 0 with their heartbeat saying "preempted" (so mpirun prints no error block,
-   pipeline.runtime.watchdog.preempted_status) and the launcher returns 75; under srun or a site's mpirun
-   each rank exits 75 itself.
+   "checkpointed, rerun me with train.resume=auto"; a failure is never 75. Under our launcher the
+   ranks exit 0 with their heartbeat saying "preempted" (so mpirun prints no error block,
+   pipeline.runtime.watchdog.preempted_status) and the launcher returns 75; under srun or a site's
+   mpirun each rank exits 75 itself.
 6. Who requeues. Not the trainer. Under Slurm `jobs.tasks.TrainJob` catches `Preempted`, runs
    `scontrol requeue` on rank 0 (up to cluster.max_requeues) and exits 75 on every rank; a signal
    outside `train()` (start-up, the final write) goes to submitit's handler, which calls
@@ -133,7 +133,8 @@ class Preemption:
 
 
 def received_signal(caught: int) -> int:
-    """What our `--nproc` launcher received, which it passed on as `caught` (pipeline.runtime.launch)."""
+    """What our `--nproc` launcher received, which it passed on as `caught`
+    (pipeline.runtime.launch)."""
     from pipeline.runtime.watchdog import WATCH_DIR_ENV
     folder = os.environ.get(WATCH_DIR_ENV)
     try:

@@ -1,11 +1,11 @@
 """Heartbeats from the ranks, and the watchdog outside them that ends a run when one goes silent.
 
-Why outside: a rank stopped by SIGSTOP, stuck in a filesystem read or deadlocked cannot time
-itself out, and the backends' own checks do not save the run here: Horovod's stall check runs in
-its background thread, which then spins inside an MPI allreduce and never checks; gloo does time
-out, after which MPI_Finalize waits for ever for the stopped peer. Whoever watches must be another
-process: the `--nproc` launcher (pipeline.runtime.launch.relaunch) or, under Slurm, the task wrapper of
-the other ranks (jobs.tasks).
+Why outside: a rank stopped by SIGSTOP, stuck in a filesystem read or deadlocked cannot time itself
+out, and the backends' own checks do not save the run here: Horovod's stall check runs in its
+background thread, which then spins inside an MPI allreduce and never checks; gloo does time out,
+after which MPI_Finalize waits for ever for the stopped peer. Whoever watches must be another
+process: the `--nproc` launcher (pipeline.runtime.launch.relaunch) or, under Slurm, the task wrapper
+of the other ranks (jobs.tasks).
 
 Each rank rewrites one small record in `<watch dir>/rank-NNNNN.beat` from its main thread (a
 background thread would keep beating while the main thread is stuck): at every step, each
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PARENT_DEATH_ENV = "HPCFORGE_END_WITH_PARENT"  # set by our --nproc launcher: ranks die with their parent
+# set by our --nproc launcher: ranks die with their parent
+PARENT_DEATH_ENV = "HPCFORGE_END_WITH_PARENT"
 WATCH_DIR_ENV = "HPCFORGE_WATCH_DIR"  # set by whoever watches; ranks beat only when it is set
 RECORD_BYTES = 256                    # one fixed-size record, rewritten in place by one pwrite
 STARTUP_GRACE_S = 60  # added to timeout_s before a rank's first step: imports, W&B's start-up
@@ -120,12 +121,13 @@ class NoHeartbeat(Heartbeat):
 def end_with_parent() -> None:
     """Have the kernel SIGKILL this rank when the process that started it (our launcher, or the
     mpirun it started) is gone; our launcher also asks for it before exec. When the launcher is
-    killed, mpirun gets SIGTERM (its own PDEATHSIG) and exits as soon as one rank has left; a rank still inside a collective with the departed one then spins for
-    `timeout_s` with nobody left to watch it (seen: one of 2 Horovod ranks alive 30 s after a
-    SIGKILL to the launcher, reparented to init). A polling thread cannot help: Horovod's wait
-    holds the GIL. PDEATHSIG fires when mpirun's forking thread ends, which for mpirun is its main
-    thread (its event loop forks the ranks), i.e. when mpirun exits; only our launcher asks for it
-    (PARENT_DEATH_ENV), never a site's launcher or slurmstepd."""
+    killed, mpirun gets SIGTERM (its own PDEATHSIG) and exits as soon as one rank has left; a rank
+    still inside a collective with the departed one then spins for `timeout_s` with nobody left to
+    watch it (seen: one of 2 Horovod ranks alive 30 s after a SIGKILL to the launcher, reparented to
+    init). A polling thread cannot help: Horovod's wait holds the GIL. PDEATHSIG fires when mpirun's
+    forking thread ends, which for mpirun is its main thread (its event loop forks the ranks), i.e.
+    when mpirun exits; only our launcher asks for it (PARENT_DEATH_ENV), never a site's launcher or
+    slurmstepd."""
     parent = os.getppid()
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

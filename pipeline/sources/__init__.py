@@ -18,10 +18,12 @@ none of what they enable; nothing outside the module names the source):
   out_of_distribution(p) -> Params   a labelled outlier set for the anomaly ROC AUC;
   conditional_curves(x, cond) -> {name: array}   curves over the conditioning value (Ising: the
                     thermodynamic curves against T) compared for a conditional generator;
-  CONDITION_BINS    pipeline.physics.bins.ConditionBins: W1 / floor per bin of a continuous condition
-                    and a response (mean observable / condition), for a conditional generator;
+  CONDITION_BINS    pipeline.physics.bins.ConditionBins: W1 / floor per bin of a continuous
+                    condition and a response (mean observable / condition), for a conditional
+                    generator;
   LATENT_ENDPOINTS  the scalar observable whose lowest and highest samples end a latent
-                    interpolation (pipeline/analysis/latent.py; default: the first OBSERVABLES scalar);
+                    interpolation (pipeline/analysis/latent.py; default: the first OBSERVABLES
+                    scalar);
   classes(p)        (importers) the class table of data.params.label_from, for the store's attrs.
 Adding a source is its module plus one line in SOURCES.
 """
@@ -47,8 +49,8 @@ SOURCES = {
 
 
 def params_class(name: str) -> type:
-    """The dataclass that types `data.params` for source `name`. The registry owns its names, so
-    an unknown one is refused here, listing the sources (pipeline/config/__init__.py adds the key)."""
+    """The dataclass that types `data.params` for source `name`. The registry owns its names, so an
+    unknown one is refused here, listing the sources (pipeline/config/__init__.py adds the key)."""
     if name not in SOURCES:
         raise LookupError(f"unknown source {name!r}; valid: {', '.join(sorted(SOURCES))}")
     return SOURCES[name].Params
@@ -63,7 +65,8 @@ def declared(name: str, what: str) -> Any:
 def observables(name: str) -> Any:
     """The `physics.Observables` source `name` declared (its OBSERVABLES), or None if it declared
     none; an unknown name is refused. Looked up here, in the registry: physics defines what an
-    observable is and the sources declare theirs, so physics never imports the sources (issue 27)."""
+    observable is and the sources declare theirs, so physics never imports the sources
+    (issue 27)."""
     if name not in SOURCES:
         raise ValueError(f"unknown data source {name!r}; known: {', '.join(sorted(SOURCES))}")
     return declared(name, "OBSERVABLES")

@@ -55,7 +55,8 @@ class Params:
     tail_fraction: float = 0.15         # w, energy share of the tail
 
 
-# What pipeline.analysis.evaluate and the training figures read from a source (pipeline/sources/__init__.py)
+# What pipeline.analysis.evaluate and the training figures read from a source
+# (pipeline/sources/__init__.py)
 OBSERVABLES = physics.Observables(physics.shower_scalars, physics.shower_profiles)
 FEATURE_LABEL = "incident_energy"   # the variable the Fréchet feature CNN learns to predict
 # evaluate's W1 / floor per incident-energy bin and the response E_visible / E (issue #15)

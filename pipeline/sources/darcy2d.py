@@ -43,7 +43,8 @@ class Params:
     forcing: float = 1.0    # f, constant source term (FNO: 1)
 
 
-# What pipeline.analysis.evaluate and the training figures read from a source (pipeline/sources/__init__.py)
+# What pipeline.analysis.evaluate and the training figures read from a source
+# (pipeline/sources/__init__.py)
 OBSERVABLES = physics.Observables(physics.field_scalars, physics.field_profiles)
 
 

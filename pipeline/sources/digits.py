@@ -33,7 +33,8 @@ class Params:
     interpolation: Literal["nearest", "bilinear"] = "nearest"   # when size != 8
 
 
-# What pipeline.analysis.evaluate and the training figures read from a source (pipeline/sources/__init__.py)
+# What pipeline.analysis.evaluate and the training figures read from a source
+# (pipeline/sources/__init__.py)
 OBSERVABLES = physics.Observables(physics.field_scalars, physics.field_profiles)
 FEATURE_LABEL = "label"   # the variable the Fréchet feature CNN learns to predict
 

@@ -27,7 +27,8 @@ through xarray's scipy engine; the first bytes of each file decide. CDF-5 files 
 the conversion that fixes them.
 
 Layouts of .npy files: `x.npy` holds variable `x`; `x_000.npy, x_001.npy, y_000.npy, ...` hold parts
-of `x` and `y` (the numeric suffix is the part; parts are concatenated). An .npz file holds its keys.
+of `x` and `y` (the numeric suffix is the part; parts are concatenated). An .npz file holds its
+keys.
 
 Everything is checked before any work starts, from the files' headers only: files and variables
 exist (the message lists what does), dtypes are numeric and agree across files, every file gives the

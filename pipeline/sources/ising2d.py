@@ -2,11 +2,11 @@
 Swendsen-Wang cluster sweeps (pipeline/sources/ising_mc.py).
 
 H = -J sum_<ij> s_i s_j with J = 1, k_B = 1; the critical temperature is
-T_c = 2 / ln(1 + sqrt 2) ~= 2.269 (Onsager 1944). Each chunk runs `chains` independent chains, at one
-temperature each (chain c of chunk k at temperature index (k * chains + c) % n_temperatures, so every
-chunk spans the temperature range), vectorised over chains with NumPy; a chain is burned in, then sampled every
-`decorrelation` sweeps. Below T_c chains start ordered (random global sign) so that a short burn-in
-does not freeze domain walls; above, from random spins.
+T_c = 2 / ln(1 + sqrt 2) ~= 2.269 (Onsager 1944). Each chunk runs `chains` independent chains, at
+one temperature each (chain c of chunk k at temperature index (k * chains + c) % n_temperatures, so
+every chunk spans the temperature range), vectorised over chains with NumPy; a chain is burned in,
+then sampled every `decorrelation` sweeps. Below T_c chains start ordered (random global sign) so
+that a short burn-in does not freeze domain walls; above, from random spins.
 
 With `chains` >= `chunk_size` every sample is the end of its own chain (configs/data/ising2d.yaml):
 no two samples share a chain, so the train, val and test splits are independent (issue #23; samples
@@ -28,11 +28,12 @@ from pipeline.sources.base import Variable, chunk_rng
 
 T_CRITICAL = 2.0 / math.log(1.0 + math.sqrt(2.0))
 
-# What pipeline.analysis.evaluate and the training figures read from a source (pipeline/sources/__init__.py)
+# What pipeline.analysis.evaluate and the training figures read from a source
+# (pipeline/sources/__init__.py)
 OBSERVABLES = physics.Observables(physics.ising_scalars, physics.field_profiles, binary=True)
 FEATURE_LABEL = "temperature"   # the variable the Fréchet feature CNN learns to predict
-# the observable whose extremes end a latent interpolation (pipeline/analysis/latent.py): an ordered and a
-# disordered lattice, so the path crosses the transition
+# the observable whose extremes end a latent interpolation (pipeline/analysis/latent.py): an
+# ordered and a disordered lattice, so the path crosses the transition
 LATENT_ENDPOINTS = "abs_magnetization"
 # Swendsen-Wang sweeps per reference lattice from the source's start: tau_int of |m| and E is a
 # few SW sweeps at every T of the grid up to L = 64 (benchmarks/ising_speed.py measures it), so
@@ -73,8 +74,8 @@ def out_of_distribution(p: Params) -> Params:
 
 
 def conditional_curves(spins: np.ndarray, temperatures: np.ndarray) -> dict[str, np.ndarray]:
-    """<|m|>, <E>, C and chi per temperature (pipeline.physics.thermo): what `hpcforge evaluate` compares
-    for a temperature-conditional generator (its batch["cond"] is the temperature)."""
+    """<|m|>, <E>, C and chi per temperature (pipeline.physics.thermo): what `hpcforge evaluate`
+    compares for a temperature-conditional generator (its batch["cond"] is the temperature)."""
     from pipeline.physics import thermo  # (matplotlib: only when evaluating, not when preparing)
     return thermo.curves(spins, temperatures)
 
@@ -82,8 +83,8 @@ def conditional_curves(spins: np.ndarray, temperatures: np.ndarray) -> dict[str,
 def reference(p: Params, temps: np.ndarray, seed: int) -> np.ndarray:
     """Independent equilibrium lattices (N, 1, L, L) int8, one per temperature in `temps`, each
     from its own Swendsen-Wang chain `REFERENCE_BURN_IN` sweeps long: the reference and the
-    real-vs-real floor of a temperature-conditional generator (pipeline/analysis/precise.py). The seed's
-    stream is disjoint from every chunk's (chunk_rng(seed, k) uses two words, this three)."""
+    real-vs-real floor of a temperature-conditional generator (pipeline/analysis/precise.py). The
+    seed's stream is disjoint from every chunk's (chunk_rng(seed, k) uses two words, this three)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x2EF, 23]))
     return ising_mc.equilibrium(np.asarray(temps, np.float64), p.lattice, rng,
                                 "swendsen_wang", REFERENCE_BURN_IN)[:, None]

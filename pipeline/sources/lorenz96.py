@@ -46,7 +46,8 @@ def _frames(p: Params) -> tuple[int, int]:
     return p.trajectory_length, p.trajectory_length
 
 
-# What pipeline.analysis.evaluate and the training figures read from a source (pipeline/sources/__init__.py)
+# What pipeline.analysis.evaluate and the training figures read from a source
+# (pipeline/sources/__init__.py)
 OBSERVABLES = physics.Observables(physics.sequence_scalars)
 
 

@@ -3,8 +3,9 @@
 FGSM (Goodfellow et al. 2014, arXiv:1412.6572) and PGD (Madry et al. 2018, arXiv:1706.06083: L-inf
 ball, uniform random start, `steps` signed-gradient steps of 2.5 eps / steps, projected back onto
 the ball) against `model.losses` (cross-entropy for a classifier, MSE for a regressor). Used by
-training (`train.adversarial`: `adversarial_batch`) and by `hpcforge attack` (pipeline/analysis/attack.py),
-which sits above training and imports this module, never the other way (issue #27).
+training (`train.adversarial`: `adversarial_batch`) and by `hpcforge attack`
+(pipeline/analysis/attack.py), which sits above training and imports this module, never the other
+way (issue #27).
 
 Both attacks are written here with plain autograd: they are the textbook definitions in a dozen
 lines, while torchattacks and ART are not pinned in this project, and captum.robust's FGSM/PGD

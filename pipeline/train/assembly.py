@@ -1,10 +1,10 @@
 """`build(cfg, dist) -> Run`: everything a training run is made of, assembled once.
 
-The loop (pipeline.train.loop) only reads and steps these parts; all set-up lives here, in the order it
-must happen: seeds and threads, the store and its loaders, the model and one optimizer phase per
-network, checkpoints (and resume from one, pipeline.train.state), the tracker, the preemption vote, the
-image hooks. What a run is (`Run`, `Phase`, `Progress`) lives in pipeline.train.run, below this module
-and pipeline.train.state.
+The loop (pipeline.train.loop) only reads and steps these parts; all set-up lives here, in the order
+it must happen: seeds and threads, the store and its loaders, the model and one optimizer phase per
+network, checkpoints (and resume from one, pipeline.train.state), the tracker, the preemption vote,
+the image hooks. What a run is (`Run`, `Phase`, `Progress`) lives in pipeline.train.run, below this
+module and pipeline.train.state.
 """
 from __future__ import annotations
 
@@ -42,14 +42,15 @@ def build_model(cfg: Config) -> Trainable:
 
 def build(cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None,
           flag: PreemptionFlag | None = None) -> Run:
-    """Assemble a run on this rank, resumed as train.resume asks. `flag` catches preemption
-    signals from before the build (pipeline.train.trainer.train); without one, fit() installs its own."""
+    """Assemble a run on this rank, resumed as train.resume asks. `flag` catches preemption signals
+    from before the build (pipeline.train.trainer.train); without one, fit() installs its own."""
     heartbeat = heartbeat or NoHeartbeat()  # for the watchdog (pipeline.runtime.watchdog)
     heartbeat.beat("setup")
     _check_train_config(cfg.train, dist)
     _seed_and_threads(cfg.train, dist)
     store = open_store(cfg.data.path)
-    fill_from_store(cfg, store)  # shape keys left unset (pipeline.train.trainer said which, on rank 0)
+    # shape keys left unset (pipeline.train.trainer said which, on rank 0)
+    fill_from_store(cfg, store)
     loader, val_loader = _loader(cfg, dist, store, "train"), _val_loader(cfg, dist, store)
     model = dist.sync_batchnorm(build_model(cfg).to(dist.device))
     _check_adversarial(cfg, model)
@@ -64,8 +65,8 @@ def build(cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None,
               buffer_guard=BufferGuard(model),
               scaler=torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None)
     run.draws = max(model.schedule.values())
-    _check_draws_fit_the_split(run)
-    run.phases = build_phases(run)
+    _check_draws_fit_the_split(cfg, run.draws, len(loader))
+    run.phases = build_phases(model, cfg, dist, run.steps_per_epoch)
     run.ema = build_ema(model, cfg.train.ema.decay, cfg.train.ema.start)
     resumed_run_id = _start(run)
     run.tracker = Tracker(cfg.train.logger, run.run_dir,
@@ -76,7 +77,7 @@ def build(cfg: Config, dist: Dist, heartbeat: Heartbeat | None = None,
     run.tracker.drop_after(run.progress.step)
     if run.transfer is not None:
         run.tracker.log(run.transfer.counts(), 0)
-    announce_ranks(run)
+    announce_ranks(dist, run.run_dir)
     return run
 
 
@@ -190,16 +191,17 @@ def compiled_losses(model: Trainable, compile: bool) -> Any:
     return losses
 
 
-def build_phases(run: Run) -> list[Phase]:
-    """One phase per optimizer the model declares, in its order; each network in exactly one."""
-    train_cfg, dist, model = run.cfg.train, run.dist, run.model
+def build_phases(model: Trainable, cfg: Config, dist: Dist, steps_per_epoch: int) -> list[Phase]:
+    """One phase per optimizer `model` declares, in its order; each network in exactly one. The
+    lr schedules span train.max_steps, or train.epochs of `steps_per_epoch`."""
+    train_cfg = cfg.train
     specs = model.optimizers()
-    _check_disjoint(run.cfg.model.name, specs)
+    _check_disjoint(cfg.model.name, specs)
     scale = rank_scale(train_cfg.lr_scaling, dist.world_size)
-    total = train_cfg.max_steps or train_cfg.epochs * run.steps_per_epoch
+    total = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
     phases = []
     for spec in specs:
-        params = _trainable(run, spec)
+        params = _trainable(spec, train_cfg.freeze, cfg.model.name)
         opt = dist.optimizer(build_optimizer(spec, train_cfg.optim, train_cfg.lr * scale,
                                              lr_groups(model, params, train_cfg.optim.groups)),
                              spec.module, prefix=spec.name, accumulate=train_cfg.accumulate)
@@ -212,25 +214,26 @@ def build_phases(run: Run) -> list[Phase]:
     return phases
 
 
-def _trainable(run: Run, spec: Any) -> list[torch.nn.Parameter]:
-    """`spec`'s parameters that train.freeze left trainable; refused if none are."""
+def _trainable(spec: Any, freeze: list[str], model_name: str) -> list[torch.nn.Parameter]:
+    """`spec`'s parameters that train.freeze (`freeze`) left trainable; refused if none are."""
     params = [p for p in spec.module.parameters() if p.requires_grad]
     if not params:
-        raise UserError(f"train.freeze={run.cfg.train.freeze} freezes every parameter of "
-                        f"{run.cfg.model.name}'s {spec.name!r} network, which would train nothing; "
+        raise UserError(f"train.freeze={freeze} freezes every parameter of "
+                        f"{model_name}'s {spec.name!r} network, which would train nothing; "
                         f"freeze fewer prefixes")
     return params
 
 
-def _check_draws_fit_the_split(run: Run) -> None:
+def _check_draws_fit_the_split(cfg: Config, draws: int, batches: int) -> None:
     """The CLI refuses a store too small for `accumulate` batches; a model whose phase repeats
-    (WGAN-GP's n_critic) draws a batch group per repetition, which only the model knows."""
-    if run.steps_per_epoch == 0:
-        train_cfg = run.cfg.train
-        raise UserError(f"model {run.cfg.model.name} draws {run.batches_per_step} batches of "
-                        f"{train_cfg.batch_size} per step ({run.draws} updates x train.accumulate="
+    (WGAN-GP's n_critic) draws a batch group per repetition (`draws` a step), which only the
+    model knows. `batches`: each rank's batches in the train split."""
+    train_cfg = cfg.train
+    if batches < train_cfg.accumulate * draws:  # (Run.steps_per_epoch would be 0)
+        raise UserError(f"model {cfg.model.name} draws {train_cfg.accumulate * draws} batches of "
+                        f"{train_cfg.batch_size} per step ({draws} updates x train.accumulate="
                         f"{train_cfg.accumulate}), but each rank's train split gives "
-                        f"{len(run.loader)}; lower train.batch_size, or prepare more samples "
+                        f"{batches}; lower train.batch_size, or prepare more samples "
                         f"(data.n_samples)")
 
 
@@ -245,16 +248,15 @@ def _check_disjoint(model_name: str, specs: list) -> None:
             seen[id(p)] = spec.name
 
 
-def announce_ranks(run: Run) -> None:
-    """Rank/host/device map, printed once by rank 0 and kept in ranks.json."""
-    dist = run.dist
+def announce_ranks(dist: Dist, run_dir: Path) -> None:
+    """Rank/host/device map, printed once by rank 0 and kept in `run_dir`/ranks.json."""
     me = {"rank": dist.rank, "local_rank": dist.local_rank, "pid": os.getpid(),
           "host": node_name(),  # Slurm's name tells fake nodes on one host apart (as squeue)
           "device": str(dist.device)}
     ranks = dist.gather_object(me)
-    if dist.is_main:
-        run.print(f"[hpcforge] {dist.describe()}")
+    if dist.is_main:  # (rank 0 owns the terminal)
+        print(f"[hpcforge] {dist.describe()}", flush=True)
         for r in ranks:
-            run.print(f"[hpcforge]   rank {r['rank']} on {r['host']} (local {r['local_rank']}, "
-                      f"pid {r['pid']}, {r['device']})")
-        (run.run_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))
+            print(f"[hpcforge]   rank {r['rank']} on {r['host']} (local {r['local_rank']}, "
+                  f"pid {r['pid']}, {r['device']})", flush=True)
+        (run_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))

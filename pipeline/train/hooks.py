@@ -1,19 +1,24 @@
 """What rank 0 draws every train.logger.images_every steps, as hooks the loop calls in turn.
 
 The loop never asks which model or data set it trains (STYLE.md, "the loop never branches on the
-model's kind"): `build` (pipeline.train.assembly) picks the hooks once, from what the model can do and what
-the source declares. A hook takes the model (in eval mode, training's RNG forked) and the step's
-first batch, and returns images to log and scalar metrics to log beside them.
+model's kind"): `build` (pipeline.train.assembly) picks the hooks once, from what the model can do
+and what the source declares. A hook takes the model (in eval mode, training's RNG forked) and the
+step's first batch, and returns images to log and scalar metrics to log beside them.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from models.base import Batch, Trainable, sampler
+from pipeline.runtime.tracking import Tracker
+from pipeline.runtime.watchdog import Heartbeat
+from pipeline.train.ema import EMA
 
 ImageHook = Callable[[Trainable, Batch], tuple[dict[str, Any], dict[str, float]]]
 
@@ -65,3 +70,26 @@ def draw_all(hooks: list[ImageHook], model: Trainable,
             images.update(more_images)
             metrics.update(more_metrics)
     return images, metrics
+
+
+@dataclass
+class Drawing:
+    """The run's image hooks and what they draw with and into: the model (sampled through the
+    weight average `ema` when there is one, as evaluate does) and the tracker, which records
+    images on rank 0 alone; the heartbeat hears of it (drawing takes a while)."""
+    hooks: list[ImageHook]
+    model: Trainable
+    ema: EMA | None
+    tracker: Tracker
+    heartbeat: Heartbeat
+
+    def log(self, batch: Batch, step: int) -> None:
+        """What the hooks draw from `batch` (a step's first), to the tracker at `step`."""
+        if not self.tracker.records_images:
+            return
+        self.heartbeat.beat("images")
+        with self.ema.applied() if self.ema is not None else nullcontext():
+            images, metrics = draw_all(self.hooks, self.model, batch)
+        self.tracker.images(images, step)
+        if metrics:
+            self.tracker.log(metrics, step)

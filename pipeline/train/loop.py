@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterator
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,17 +23,18 @@ from tqdm import tqdm
 
 from models.base import Batch
 from pipeline.core.checkpoint import link_atomic
-from pipeline.runtime.dist import only_grads_of
+from pipeline.runtime.dist import Dist, only_grads_of
 from pipeline.runtime.preemption import REQUEUE_EXIT_CODE, Preempted
 from pipeline.train import nonfinite
+from pipeline.train.ema import EMA
 from pipeline.train.ema import digest as ema_digest
-from pipeline.train.hooks import draw_all
+from pipeline.train.hooks import Drawing
 from pipeline.train.optim import clip_gradients, fused
 from pipeline.train.profile import step_timer
 from pipeline.train.run import Phase, Run, autocast, weights_digest
 from pipeline.train.state import save
 from pipeline.train.validation import after_validation, validate
-from pipeline.train.window import Window
+from pipeline.train.window import Window, progress_bar
 
 Metrics = dict[str, "torch.Tensor | float"]  # 0-d tensors on the device; the lr a float
 _INF = float("inf")
@@ -61,30 +63,37 @@ def fit(run: Run) -> dict[str, Any]:
 
 
 def _train(run: Run) -> dict[str, Any]:
-    window, last, stop = Window(run), None, False
-    while run.progress.epoch < run.cfg.train.epochs and not stop:
-        stop, last = _epoch(run, window, last)
-    every = run.cfg.train.logger.images_every
+    train_cfg, dist, last, stop = run.cfg.train, run.dist, None, False
+    window = Window(run.loader, dist, run.timer,
+                    train_cfg.batch_size * run.batches_per_step * dist.world_size,
+                    train_cfg.logger.log_every)
+    drawing = Drawing(run.hooks, run.model, run.ema, run.tracker, run.heartbeat)
+    while run.progress.epoch < train_cfg.epochs and not stop:
+        stop, last = _epoch(run, window, drawing, last)
+    every = train_cfg.logger.images_every
     if last is not None and not (every and run.progress.step % every == 0):
-        log_images(run, last)  # the final state, unless just logged
+        drawing.log(last[0], run.progress.step)  # the final state, unless just logged
     return finish(run)
 
 
-def _epoch(run: Run, window: Window, last: list[Batch] | None) -> tuple[bool, list[Batch] | None]:
+def _epoch(run: Run, window: Window, drawing: Drawing,
+           last: list[Batch] | None) -> tuple[bool, list[Batch] | None]:
     train_cfg, progress = run.cfg.train, run.progress
     epoch = progress.epoch
     if run.loader.epoch != epoch:
         run.loader.set_epoch(epoch)
     run.model.reset_state()  # stateful RNNs start each epoch from a zero state
-    with _progress_bar(run, epoch) as bar:  # closed on an error too: its line ends before ours
+    with progress_bar(run.loader, run.batches_per_step, epoch, train_cfg.epochs,
+                       run.dist.is_main) as bar:  # closed on an error too: its line ends first
         for group in batch_groups(run):
-            nonfinite.inject_nan(run, group)
+            nonfinite.inject_nan(group, progress.step + 1, train_cfg.inject_nan_at,
+                                 run.dist.is_main)
             losses, last = train_step(run, group), group
             progress.step += 1
             with run.timer.part("logging"):
                 bar.update(1)
                 window.add(losses)  # (the epoch's losses too: on the device, read at its end)
-                stop = _step_end(run, window, group, bar)
+                stop = _step_end(run, window, drawing, group, bar)
             run.timer.step_done()
             if stop or (train_cfg.max_steps and progress.step >= train_cfg.max_steps):
                 return True, last
@@ -94,7 +103,8 @@ def _epoch(run: Run, window: Window, last: list[Batch] | None) -> tuple[bool, li
 def batch_groups(run: Run) -> Iterator[list[Batch]]:
     """The loader's batches on the device, one step's worth (`batches_per_step`) at a time."""
     group: list[Batch] = []
-    batches, timer, device = iter(run.loader), run.timer, run.dist.device
+    batches, timer, device, per_step = iter(run.loader), run.timer, run.dist.device, \
+        run.batches_per_step  # (read once: a property of the Run, not a field)
     on_cpu = device.type == "cpu"  # the loader's batches are there already: no .to() per tensor
     while True:
         with timer.part("data"):  # (the loader's wait, and the copy to the device)
@@ -104,24 +114,25 @@ def batch_groups(run: Run) -> Iterator[list[Batch]]:
             run.heartbeat.beat("training", run.progress.step)
             group.append(batch if on_cpu else
                          {k: v.to(device, non_blocking=True) for k, v in batch.items()})
-        if len(group) == run.batches_per_step:
+        if len(group) == per_step:
             yield group
             group = []
 
 
-def _step_end(run: Run, window: Window, group: list[Batch], bar: tqdm) -> bool:
+def _step_end(run: Run, window: Window, drawing: Drawing, group: list[Batch], bar: tqdm) -> bool:
     """Log, draw, validate and checkpoint as configured; act on an agreed preemption. Returns
     whether early stopping says stop."""
-    train_cfg, step, stop = run.cfg.train, run.progress.step, False
+    train_cfg, progress, stop = run.cfg.train, run.progress, False
+    step = progress.step
     if step % train_cfg.logger.log_every == 0:
-        nonfinite.settle(run)
-        window.log(run, bar)
+        run.nonfinite.settle(progress)
+        window.log(progress, run.tracker, bar, f"train/{run.phases[0].name}/loss")
     if train_cfg.logger.images_every and step % train_cfg.logger.images_every == 0:
-        log_images(run, group)
+        drawing.log(group[0], step)
     if train_cfg.val_every and step % train_cfg.val_every == 0:
-        stop = after_validation(run, validate(run))
+        stop = after_validation(_validate(run), progress, run.tracker, train_cfg.early_stopping)
     if train_cfg.checkpoint.every_steps and step % train_cfg.checkpoint.every_steps == 0:
-        nonfinite.settle(run)
+        run.nonfinite.settle(progress)
         save(run)
     if run.preemption.agreed:  # by every rank, at the end of train_step
         preempted(run)
@@ -129,20 +140,21 @@ def _step_end(run: Run, window: Window, group: list[Batch], bar: tqdm) -> bool:
 
 
 def _epoch_end(run: Run, epoch: int, window: Window) -> bool:
-    run.progress.epoch = epoch + 1
-    nonfinite.settle(run)
+    train_cfg, progress = run.cfg.train, run.progress
+    progress.epoch = epoch + 1
+    run.nonfinite.settle(progress)
     means = run.dist.mean({f"train/{k}": v for k, v in window.epoch_means().items()})
-    val = validate(run) if not run.cfg.train.val_every else {}
-    stop = after_validation(run, {"epoch": float(epoch), **means, **val})
+    val = _validate(run) if not train_cfg.val_every else {}
+    stop = after_validation({"epoch": float(epoch), **means, **val}, progress, run.tracker,
+                            train_cfg.early_stopping)
     save(run)
     return stop
 
 
-def _progress_bar(run: Run, epoch: int) -> tqdm:
-    train_cfg = run.cfg.train
-    return tqdm(total=run.steps_per_epoch, initial=run.loader.start_batch // run.batches_per_step,
-                desc=f"epoch {epoch + 1}/{train_cfg.epochs}", disable=not run.dist.is_main,
-                dynamic_ncols=True, mininterval=1.0)  # redrawn once a second at most
+def _validate(run: Run) -> dict[str, float]:
+    """The first phase's losses on the validation split (pipeline.train.validation)."""
+    return validate(run.val_loader, run.model, partial(run.losses, phase=run.phases[0].name),
+                    run.dist, run.cfg.train.precision, run.heartbeat)
 
 
 # ---------------------------------------------------------------------------- one step
@@ -150,7 +162,7 @@ def train_step(run: Run, batches: list[Batch]) -> Metrics:
     """One step of every phase, in the model's order; repetition r of a phase trains on the r-th
     `accumulate` batches of `batches`. A phase whose gradients are not finite is skipped, and the
     step's batch-norm updates are undone with it, on the device; the step's flag joins
-    `run.unread` for `nonfinite.settle`. When a vote is due, the ranks vote on preemption while the
+    `run.nonfinite` until it settles. When a vote is due, the ranks vote on preemption while the
     last phase computes its gradients (a collective of its own after the step cost 2 ranks ~10 %
     of their steps/s); `run.preemption.agreed` has the result."""
     if not run.model.training:  # walking the module tree costs ~0.2 ms: only after eval
@@ -173,10 +185,10 @@ def train_step(run: Run, batches: list[Batch]) -> Metrics:
         with run.timer.part("optimizer"):
             if last:
                 run.buffer_guard.restore_unless(all_finite)
-            _update(run, phase, finite)
+            _update(phase, finite, run.dist, run.scaler, run.ema)
     if run.scaler is not None:
         run.scaler.update()
-    nonfinite.note(run, all_finite)
+    run.nonfinite.note(all_finite)
     return metrics
 
 
@@ -206,7 +218,7 @@ def _backward(run: Run, phase: str, batches: list[Batch]) -> dict[str, torch.Ten
     means: dict[str, torch.Tensor] = {}
     n = len(batches)
     for batch in batches:
-        with run.timer.part("forward"), autocast(run):
+        with run.timer.part("forward"), autocast(run.cfg.train.precision, run.dist.device):
             losses = run.train_losses(batch, phase)  # (adversarial examples mixed in, if set)
         loss = losses["loss"].float()
         if n > 1:
@@ -219,47 +231,37 @@ def _backward(run: Run, phase: str, batches: list[Batch]) -> dict[str, torch.Ten
     return means
 
 
-def _update(run: Run, phase: Phase, finite: torch.Tensor) -> None:
-    """Step the phase's optimizer unless its gradients are not finite. Fused kernels skip on the
+def _update(phase: Phase, finite: torch.Tensor, dist: Dist, scaler: torch.amp.GradScaler | None,
+            ema: EMA | None) -> None:
+    """Step the phase's optimizer (through `dist`, and `scaler` under fp16) unless its gradients
+    are not finite, then its lr schedule and the weight average `ema`. Fused kernels skip on the
     device (`found_inf`: no update, Adam's step count kept); others read `finite` here. The lr
     schedule and the EMA count every step, skipped or not (as under torch's GradScaler, whose
     skipped steps the schedule counts too); a skipped step's EMA update folds in the unchanged
     weights."""
     opt = phase.optimizer
-    if run.scaler is None and fused(opt):
+    if scaler is None and fused(opt):
         opt.found_inf = torch.where(finite, 0.0, 1.0)  # read by torch's fused Adam/AdamW/SGD
         if opt.found_inf.dtype != torch.float32:  # (its kernels take float32; a default dtype)
             opt.found_inf = opt.found_inf.float()
         try:
-            run.dist.step(opt)
+            dist.step(opt)
         finally:
             del opt.found_inf
     elif finite.item():  # unfused, or fp16 with a GradScaler: read on the host, every step
-        run.dist.step(opt, run.scaler)
+        dist.step(opt, scaler)
     else:
         opt.zero_grad()
     phase.scheduler.step()
-    if run.ema is not None and run.ema.follows(phase.params):
-        run.ema.update()
-
-
-# ---------------------------------------------------------------------------- step end
-def log_images(run: Run, batches: list[Batch]) -> None:
-    """Rank 0: what the run's image hooks draw from the group's first batch (pipeline.train.hooks)."""
-    if not (run.dist.is_main and run.tracker.records_images):
-        return
-    run.heartbeat.beat("images")
-    with run.ema.applied() if run.ema is not None else nullcontext():  # sample as evaluate does
-        images, metrics = draw_all(run.hooks, run.model, batches[0])
-    run.tracker.images(images, run.progress.step)
-    if metrics:
-        run.tracker.log(metrics, run.progress.step)
+    if ema is not None and ema.follows(phase.params):
+        ema.update()
 
 
 # ---------------------------------------------------------------------------- the end
 def preempted(run: Run) -> None:
-    """The contract's steps 4-5 (pipeline.runtime.preemption): checkpoint on disk, then `Preempted`."""
-    nonfinite.settle(run)
+    """The contract's steps 4-5 (pipeline.runtime.preemption): checkpoint on disk, then
+    `Preempted`."""
+    run.nonfinite.settle(run.progress)
     path = save(run)
     run.checkpoints.wait()  # on disk before anyone hears "requeue me"
     signum = run.preemption.signum
@@ -273,12 +275,13 @@ def preempted(run: Run) -> None:
 
 def finish(run: Run) -> dict[str, Any]:
     """The final checkpoint (also final.pt), every rank's weight digest, the summary."""
-    nonfinite.settle(run)
+    run.nonfinite.settle(run.progress)
     final, p, dist = save(run), run.progress, run.dist
     dist.average_buffers(run.model)  # training is over: every rank ends with the mean
     digests = dist.gather_object(weights_digest(run.model))
     summary: dict[str, Any] = {"steps": p.step, "ranks": dist.world_size,
-                               "launcher": dist.place.launcher, "nonfinite_steps": p.nonfinite_total,
+                               "launcher": dist.place.launcher,
+                               "nonfinite_steps": p.nonfinite_total,
                                "weights_sha256_per_rank": digests, "history": p.history}
     if run.ema is not None:
         summary["ema_sha256_per_rank"] = dist.gather_object(ema_digest(run.ema))

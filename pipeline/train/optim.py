@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules from config.
 
-The peak learning rate is `lr` times the rank scaling (linear: x ranks, sqrt: x sqrt(ranks)), reached
-by a linear warm-up from the unscaled `lr` (Goyal et al. 2017, arXiv:1706.02677), then held
+The peak learning rate is `lr` times the rank scaling (linear: x ranks, sqrt: x sqrt(ranks)),
+reached by a linear warm-up from the unscaled `lr` (Goyal et al. 2017, arXiv:1706.02677), then held
 (constant), annealed (cosine) or decayed in steps (step).
 """
 from __future__ import annotations
@@ -36,7 +36,8 @@ def build_optimizer(spec: OptimizerSpec, cfg: OptimConfig, lr: float,
     if groups is None:
         groups = [(1.0, [p for p in spec.module.parameters() if p.requires_grad])]
     if cfg.name == "sgd":
-        cls, args = torch.optim.SGD, dict(lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        cls, args = torch.optim.SGD, dict(lr=lr, momentum=cfg.momentum,
+                                          weight_decay=cfg.weight_decay)
     else:
         cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
         args = dict(lr=lr, betas=spec.betas, weight_decay=cfg.weight_decay)
@@ -47,8 +48,8 @@ def build_optimizer(spec: OptimizerSpec, cfg: OptimConfig, lr: float,
     if impl == "auto":
         impl = None if unfused else "fused"  # None: torch's own default
     if impl == "fused" and unfused:
-        raise UserError(f"train.optim.impl=fused: torch has no fused {cfg.name} for {spec.name!r}'s "
-                        f"parameters ({unfused[0]}); use train.optim.impl=auto")
+        raise UserError(f"train.optim.impl=fused: torch has no fused {cfg.name} for "
+                        f"{spec.name!r}'s parameters ({unfused[0]}); use train.optim.impl=auto")
     param_groups = [{"params": ps, "lr": lr * scale} for scale, ps in groups]
     return cls(param_groups, **args, **_IMPLS.get(impl, {}))
 

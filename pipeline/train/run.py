@@ -1,9 +1,10 @@
-"""What a training run is: its parts (`Run`), one optimizer phase (`Phase`), its progress, and the
-few functions of a run's state every part uses (seeds, weight digests, buffers, autocast).
+"""What a training run is: its parts (`Run`), one optimizer phase (`Phase`), its progress
+(`Progress`, from pipeline.train.progress), and the few functions of a run's state every part uses
+(seeds, weight digests, buffers, autocast).
 
-`pipeline.train.assembly.build(cfg, dist)` makes a Run; the loop (pipeline.train.loop) reads and steps it;
-pipeline.train.state checkpoints and resumes it. This module imports none of them (issue #27: the
-assembly and the state module both need Run, and resuming happens in the assembly).
+`pipeline.train.assembly.build(cfg, dist)` makes a Run; the loop (pipeline.train.loop) reads and
+steps it; pipeline.train.state checkpoints and resumes it. This module imports none of them (issue
+#27: the assembly and the state module both need Run, and resuming happens in the assembly).
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ from pipeline.runtime.watchdog import Heartbeat
 from pipeline.train.adversarial import adversarial_batch
 from pipeline.train.ema import EMA
 from pipeline.train.hooks import ImageHook
+from pipeline.train.nonfinite import NonFinite
 from pipeline.train.profile import StepTimer
+from pipeline.train.progress import Progress
 from pipeline.train.transfer import Matched
 
 
@@ -112,18 +115,6 @@ class Phase:
 
 
 @dataclass
-class Progress:
-    """Where the run is; a checkpoint holds all of it, so a resumed run goes on exactly."""
-    step: int = 0
-    epoch: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    nonfinite_total: int = 0        # skipped steps in the whole run
-    nonfinite_run: int = 0          # skipped steps in a row, ending now
-    stop_best: float | None = None  # early stopping: the best value so far
-    stop_bad: int = 0               # early stopping: validations since it
-
-
-@dataclass
 class Run:
     """The parts of one training run on this rank; pipeline.train.loop.fit trains it."""
     cfg: Config
@@ -144,12 +135,18 @@ class Run:
     tracker: Tracker | None = None
     draws: int = 1                 # batch groups per step: the most repeats of any phase
     progress: Progress = field(default_factory=Progress)
-    resumed_from: Path | None = None  # the checkpoint train.resume found (pipeline.train.state.resume)
+    resumed_from: Path | None = None  # what train.resume found (pipeline.train.state.resume)
     transfer: Matched | None = None   # what train.init_from loaded (pipeline.train.transfer)
     ema: EMA | None = None         # the generating network's weight average (train.ema.decay)
     timer: StepTimer = field(default_factory=StepTimer)  # train.profile (pipeline.train.profile)
-    unread: list[torch.Tensor] = field(default_factory=list)  # steps' non-finite flags still on
-    # the device, read on the host at log steps and before checkpoints (pipeline.train.loop.settle)
+    # the steps' non-finite flags still on the device and what a bad one means (train.nonfinite,
+    # train.max_nonfinite); read at log steps and before checkpoints (pipeline.train.nonfinite)
+    nonfinite: NonFinite = field(init=False)
+
+    def __post_init__(self) -> None:
+        train_cfg = self.cfg.train
+        self.nonfinite = NonFinite(train_cfg.nonfinite, train_cfg.max_nonfinite,
+                                   self.checkpoints.folder)
 
     @property
     def train_cfg(self) -> TrainConfig:
@@ -180,7 +177,8 @@ class Run:
 
     def train_losses(self, batch: Batch, phase: str) -> dict[str, torch.Tensor]:
         """The losses a training step backpropagates: with train.adversarial.eps > 0, on the batch
-        with part of it replaced by adversarial examples made on this rank (pipeline.train.adversarial)."""
+        with part of it replaced by adversarial examples made on this rank
+        (pipeline.train.adversarial)."""
         adv = self.cfg.train.adversarial
         if adv.eps > 0:
             batch = adversarial_batch(self.model, batch, adv.eps, adv.method, adv.steps,
@@ -193,10 +191,9 @@ class Run:
             print(msg, flush=True)
 
 
-def autocast(run: Run):
-    """The forward's precision (train.precision); fp32 runs without autocast."""
-    precision = run.cfg.train.precision
+def autocast(precision: str, device: torch.device):
+    """The forward's precision (train.precision) on `device`; fp32 runs without autocast."""
     if precision == "fp32":
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(run.dist.device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype)

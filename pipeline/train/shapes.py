@@ -2,10 +2,11 @@
 
 A user's data fixes the sizes a network is built for: the values per sample of data.inputs.x, its
 channels, the shape of each variable of a joined input, the classes of the store's label table or
-the size of a regression target. Writing them again in the config is a chance to get them wrong
-(a store of 3 classes trained with out_features=10), so a key the config does not set (pipeline
-.config.ModelSection.given) is read from the store before any rank starts. A key the config sets is
-kept as set; pipeline.train.assembly.check_class_count still refuses one that disagrees with the class table.
+the size of a regression target. Writing them again in the config is a chance to get them wrong (a
+store of 3 classes trained with out_features=10), so a key the config does not set
+(pipeline.config.ModelSection.given) is read from the store before any rank starts. A key the config
+sets is kept as set; pipeline.train.assembly.check_class_count still refuses one that disagrees with
+the class table.
 """
 from __future__ import annotations
 

@@ -6,18 +6,23 @@ world size goes on as if never stopped), the redacted config and the dataset's i
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.core.checkpoint import DAMAGED_SUFFIX, check_compatible, load
+from pipeline.core.checkpoint import DAMAGED_SUFFIX, Checkpoints, check_compatible, load
 from pipeline.core.errors import UserError
 from pipeline.core.redaction import redact
+from pipeline.data.loader import ShardedLoader
+from pipeline.runtime.dist import Dist
+from pipeline.train.ema import EMA
 from pipeline.train.optim import load_optimizer_state
 from pipeline.train.run import Progress, Run, float_buffers
+
+Say = Callable[[str], None]  # a line for the terminal: Run.print, rank 0's alone
 
 
 def finite(tensors) -> bool:
@@ -47,7 +52,7 @@ def save(run: Run) -> str | None:
     batch-norm statistics; each rank's own, and its RNG state, are kept for an exact resume.
     Returns the path on every rank (None when skipped)."""
     run.heartbeat.beat("checkpoint", run.progress.step)
-    with averaged_buffers(run) as own:
+    with averaged_buffers(run.model, run.dist) as own:
         rng, buffers = zip(*run.dist.gather_object((torch.get_rng_state(), own)))
         path = None
         if run.dist.is_main:
@@ -63,15 +68,15 @@ def save(run: Run) -> str | None:
 
 
 @contextmanager
-def averaged_buffers(run: Run) -> Iterator[list[torch.Tensor]]:
-    """The ranks' mean batch-norm statistics in the model for the block (validation, a
+def averaged_buffers(model: torch.nn.Module, dist: Dist) -> Iterator[list[torch.Tensor]]:
+    """The ranks' mean batch-norm statistics in `model` for the block (validation, a
     checkpoint); yields this rank's own (on the CPU), which it gets back afterwards. Training
     goes on from each rank's own, whether or not a checkpoint was written: that is what keeps
     resume exact. (Their updates are linear, so the mean at any step equals what averaging
     after every step would give, without a collective per step.)"""
-    mine = float_buffers(run.model)
+    mine = float_buffers(model)
     own = [b.detach().to("cpu", copy=True) for b in mine]
-    run.dist.average_buffers(run.model)
+    dist.average_buffers(model)
     try:
         yield own
     finally:
@@ -81,7 +86,7 @@ def averaged_buffers(run: Run) -> Iterator[list[torch.Tensor]]:
 
 def resume(run: Run) -> str | None:
     """Load the checkpoint train.resume asks for on every rank; return its W&B run id."""
-    found = _find(run)
+    found = _find(run.cfg.train.resume, run.checkpoints, run.dist, run.print)
     if found is None:
         return None
     path, ckpt = found
@@ -94,41 +99,42 @@ def resume(run: Run) -> str | None:
     if run.scaler is not None and ckpt.get("scaler"):
         run.scaler.load_state_dict(ckpt["scaler"])
     run.checkpoints.best_value = ckpt.get("best_value")
-    _restore_ema(run, ckpt)
+    _restore_ema(run.ema, ckpt, run.print)
     run.progress = Progress(step=ckpt["step"], history=ckpt["history"],
-                            nonfinite_total=ckpt["nonfinite"][0], nonfinite_run=ckpt["nonfinite"][1],
+                            nonfinite_total=ckpt["nonfinite"][0],
+                            nonfinite_run=ckpt["nonfinite"][1],
                             stop_best=ckpt["early_stop"][0], stop_bad=ckpt["early_stop"][1])
-    _restore_position(run, ckpt)
+    _restore_position(ckpt, run.loader, run.model, run.dist, run.print)
     run.progress.epoch = run.loader.epoch
     run.resumed_from = path
     run.print(f"[hpcforge] resumed from {path} at step {run.progress.step}")
     return ckpt.get("wandb_run_id")
 
 
-def _restore_ema(run: Run, ckpt: dict[str, Any]) -> None:
+def _restore_ema(ema: EMA | None, ckpt: dict[str, Any], say: Say) -> None:
     """The checkpoint's weight average; one written without (train.ema.decay was 0, or an older
     checkpoint) starts the average from the resumed weights, and says so."""
-    if run.ema is None:
+    if ema is None:
         return
     if ckpt.get("ema"):
-        run.ema.load_state_dict(ckpt["ema"])
+        ema.load_state_dict(ckpt["ema"])
     else:
-        run.ema.reset()
-        run.print("[hpcforge] the checkpoint holds no weight average (train.ema); it starts "
+        ema.reset()
+        say("[hpcforge] the checkpoint holds no weight average (train.ema); it starts "
                   "from the resumed weights")
 
 
-def _find(run: Run) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint of train.resume: none (never), the newest valid one (auto), or a path."""
-    how = run.cfg.train.resume
+def _find(how: str, checkpoints: Checkpoints, dist: Dist,
+          say: Say) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint of train.resume (`how`): none (never), the newest valid one in
+    `checkpoints` (auto), or a path."""
     if how == "never":
         return None
     if how == "auto":
-        found = run.checkpoints.latest_valid(log=run.print)
-        _set_aside_damaged(run, found is None)
+        found = checkpoints.latest_valid(log=say)
+        _set_aside_damaged(checkpoints, dist, found is None, say)
         if found is None:
-            run.print(f"[hpcforge] resume=auto: no checkpoint in {run.checkpoints.folder}, "
-                      f"starting fresh")
+            say(f"[hpcforge] resume=auto: no checkpoint in {checkpoints.folder}, starting fresh")
         return found
     path = Path(how)
     if not path.is_file():
@@ -141,35 +147,36 @@ class AllCheckpointsDamaged(UserError):
     """train.resume=auto found checkpoints, and none of them loads: every rank meets it alike."""
 
 
-def _set_aside_damaged(run: Run, none_valid: bool) -> None:
+def _set_aside_damaged(checkpoints: Checkpoints, dist: Dist, none_valid: bool, say: Say) -> None:
     """Damaged checkpoints move aside (issue 25: never destroy evidence), by rank 0 once every
     rank has looked; when none was valid, resume=auto refuses rather than train over them."""
-    damaged = run.checkpoints.damaged
-    if run.dist.world_size > 1:
-        run.dist.barrier()  # every rank has chosen before any file moves
+    damaged = checkpoints.damaged
+    if dist.world_size > 1:
+        dist.barrier()  # every rank has chosen before any file moves
     if not damaged:
         return
-    moved = run.checkpoints.set_aside(damaged) if run.dist.is_main else \
+    moved = checkpoints.set_aside(damaged) if dist.is_main else \
         [p.with_name(p.name + DAMAGED_SUFFIX) for p in damaged]
     if none_valid:
         raise AllCheckpointsDamaged(
-            f"train.resume=auto: every checkpoint in {run.checkpoints.folder} is damaged; moved "
+            f"train.resume=auto: every checkpoint in {checkpoints.folder} is damaged; moved "
             f"aside as {', '.join(p.name for p in moved)}; to start over set train.resume=never "
             f"(they stay as they are), or resume from a good copy with train.resume=PATH")
-    run.print(f"[hpcforge] moved damaged checkpoint(s) aside: {', '.join(map(str, moved))}")
+    say(f"[hpcforge] moved damaged checkpoint(s) aside: {', '.join(map(str, moved))}")
 
 
-def _restore_position(run: Run, ckpt: dict[str, Any]) -> None:
+def _restore_position(ckpt: dict[str, Any], loader: ShardedLoader, model: torch.nn.Module,
+                      dist: Dist, say: Say) -> None:
     """The same world size goes on from the very batch, RNG and statistics of each rank; another
     splits the epoch differently across ranks, so it restarts that epoch."""
-    rank, size = run.dist.rank, run.dist.world_size
+    rank, size = dist.rank, dist.world_size
     if ckpt["ranks"] == size:
-        run.loader.load_state_dict(ckpt["loader"])
+        loader.load_state_dict(ckpt["loader"])
         torch.set_rng_state(ckpt["rng"][rank])
         own = ckpt.get("rank_buffers") or [[]] * size  # (older ones: the mean)
-        for b, mine in zip(float_buffers(run.model), own[rank]):
+        for b, mine in zip(float_buffers(model), own[rank]):
             b.copy_(mine)
     else:
-        run.loader.load_state_dict({"epoch": ckpt["loader"]["epoch"], "batch": 0})
-        run.print(f"[hpcforge] checkpoint has {ckpt['ranks']} ranks, this run {size}: "
+        loader.load_state_dict({"epoch": ckpt["loader"]["epoch"], "batch": 0})
+        say(f"[hpcforge] checkpoint has {ckpt['ranks']} ranks, this run {size}: "
                   f"restarting epoch {ckpt['loader']['epoch']}")

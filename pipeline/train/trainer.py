@@ -1,9 +1,9 @@
 """`hpcforge train` on this rank: start the backend, build the run, fit it.
 
 The parts: pipeline.train.assembly (`build(cfg, dist) -> Run`, the parts of pipeline.train.run),
-pipeline.train.loop (`fit`, `train_step`),
-pipeline.train.state (checkpoint save and resume), pipeline.train.hooks (what rank 0 draws),
-pipeline.runtime.preemption (the signal, vote and exit-75 contract). The CLI and jobs.tasks call `train`.
+pipeline.train.loop (`fit`, `train_step`), pipeline.train.state (checkpoint save and resume),
+pipeline.train.hooks (what rank 0 draws), pipeline.runtime.preemption (the signal, vote and exit-75
+contract). The CLI and jobs.tasks call `train`.
 """
 from __future__ import annotations
 
@@ -97,9 +97,10 @@ def _fit(cfg: Config, dist, heartbeat: Heartbeat, flag: PreemptionFlag) -> dict[
     try:
         return _fit_or_discard(build(cfg, dist, heartbeat, flag))
     except InputShapeError as e:
-        raise DataMisfit(f"{e}: the data at data.path={cfg.data.path} does not fit model={cfg.model.name} "
-                        f"as configured; set the model's shape keys ({_shape_keys(cfg)}) to the "
-                        f"data's, or choose data.inputs/data.path that fit the model") from None
+        raise DataMisfit(f"{e}: the data at data.path={cfg.data.path} does not fit "
+                         f"model={cfg.model.name} as configured; set the model's shape keys "
+                         f"({_shape_keys(cfg)}) to the data's, or choose data.inputs/data.path "
+                         f"that fit the model") from None
 
 
 def _fit_or_discard(run) -> dict[str, Any]:

@@ -8,7 +8,11 @@ from collections.abc import Mapping
 import torch
 from tqdm import tqdm
 
-from pipeline.train.run import Run
+from pipeline.data.loader import ShardedLoader
+from pipeline.runtime.dist import Dist
+from pipeline.runtime.tracking import Tracker
+from pipeline.train.profile import StepTimer
+from pipeline.train.progress import Progress
 
 
 class Sums:
@@ -64,15 +68,18 @@ class Sums:
 class Window:
     """The losses since the last log line, and the time, samples and data wait they took; and the
     losses of the epoch so far (`epoch`). A step's losses are added once, into `pending`, which
-    is folded into both at log steps and at the epoch's end: one sum a step, not two."""
+    is folded into both at log steps and at the epoch's end: one sum a step, not two. It reads
+    the loader's data wait, averages over `dist`'s ranks and gathers the step timer's shares."""
 
-    def __init__(self, run: Run):
+    def __init__(self, loader: ShardedLoader, dist: Dist, timer: StepTimer,
+                 samples_per_step: int, log_every: int):
         self.pending, self.losses, self.epoch = Sums(), Sums(), Sums()
-        self.samples_per_step = run.cfg.train.batch_size * run.batches_per_step * run.dist.world_size
-        self._restart(run)
+        self.loader, self.dist, self.timer = loader, dist, timer
+        self.samples_per_step, self.log_every = samples_per_step, log_every
+        self._restart()
 
-    def _restart(self, run: Run) -> None:
-        self.t0, self.steps, self.wait0 = time.perf_counter(), 0, run.loader.wait_s
+    def _restart(self) -> None:
+        self.t0, self.steps, self.wait0 = time.perf_counter(), 0, self.loader.wait_s
 
     def add(self, losses: Mapping[str, torch.Tensor | float]) -> None:
         self.steps += 1
@@ -84,30 +91,44 @@ class Window:
         means = self.epoch.means()
         return {k: v for k, v in means.items() if not k.startswith("opt/")}
 
-    def log(self, run: Run, bar: tqdm) -> None:
-        """Rank-averaged losses and throughput, to the tracker and the progress bar."""
+    def log(self, progress: Progress, tracker: Tracker, bar: tqdm, loss_key: str) -> None:
+        """Rank-averaged losses and throughput at `progress`, to the tracker and the progress bar
+        (its postfix: the metric `loss_key`); then a new window."""
         self.pending.fold_into(self.losses, self.epoch)
         means = self.losses.means()  # (read first: on a GPU it waits for the queued steps)
-        elapsed, dist = time.perf_counter() - self.t0, run.dist
+        elapsed, dist = time.perf_counter() - self.t0, self.dist
         metrics = dist.mean({f"train/{k}" if "/" in k and not k.startswith("opt/") else k: v
                              for k, v in means.items()})
         metrics.update({"perf/samples_per_s": self.steps * self.samples_per_step / elapsed,
-                        "perf/step_time_s": elapsed / run.cfg.train.logger.log_every,
-                        "perf/data_wait_fraction": (run.loader.wait_s - self.wait0) / elapsed,
-                        "train/nonfinite_steps": float(run.progress.nonfinite_total),
+                        "perf/step_time_s": elapsed / self.log_every,
+                        "perf/data_wait_fraction": (self.loader.wait_s - self.wait0) / elapsed,
+                        "train/nonfinite_steps": float(progress.nonfinite_total),
                         "dist/ranks": float(dist.world_size),
                         "dist/nodes": float(max(1, dist.world_size // dist.local_size)),
-                        "epoch": float(run.progress.epoch)})
-        if run.timer.active:  # train.profile: every rank's shares, and their mean
-            ranks = dist.gather_object(run.timer.shares())
-            for rank, shares in enumerate(ranks):
-                metrics.update({f"profile/rank{rank}/{k}": v for k, v in shares.items()})
-            metrics.update({f"profile/{k}": sum(r.get(k, 0.0) for r in ranks) / len(ranks)
-                            for k in ranks[0]})
+                        "epoch": float(progress.epoch)})
+        metrics.update(self._profile())
         if dist.device.type == "cuda":
             metrics["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2 ** 30
-        run.tracker.log(metrics, run.progress.step)
-        key = f"train/{run.phases[0].name}/loss"
-        if key in metrics:
-            bar.set_postfix(loss=f"{metrics[key]:.4g}")
-        self._restart(run)
+        tracker.log(metrics, progress.step)
+        if loss_key in metrics:
+            bar.set_postfix(loss=f"{metrics[loss_key]:.4g}")
+        self._restart()
+
+    def _profile(self) -> dict[str, float]:
+        """train.profile: every rank's shares of the step time, and their mean (none if off)."""
+        if not self.timer.active:
+            return {}
+        ranks, metrics = self.dist.gather_object(self.timer.shares()), {}
+        for rank, shares in enumerate(ranks):
+            metrics.update({f"profile/rank{rank}/{k}": v for k, v in shares.items()})
+        metrics.update({f"profile/{k}": sum(r.get(k, 0.0) for r in ranks) / len(ranks)
+                        for k in ranks[0]})
+        return metrics
+
+
+def progress_bar(loader: ShardedLoader, per_step: int, epoch: int, epochs: int,
+                 is_main: bool) -> tqdm:
+    """Epoch `epoch`'s bar on rank 0: `loader`'s steps of `per_step` batches, from its place."""
+    return tqdm(total=len(loader) // per_step, initial=loader.start_batch // per_step,
+                desc=f"epoch {epoch + 1}/{epochs}", disable=not is_main,
+                dynamic_ncols=True, mininterval=1.0)  # redrawn once a second at most

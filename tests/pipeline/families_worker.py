@@ -54,7 +54,7 @@ def assemble(model, cfg, dist, folder: Path) -> Run:
               hooks=[], store_meta={}, provenance={}, buffer_guard=BufferGuard(model),
               tracker=Tracker(cfg.train.logger, folder, {}, active=False))
     run.draws = max(model.schedule.values())
-    run.phases = build_phases(run)
+    run.phases = build_phases(model, cfg, dist, run.steps_per_epoch)
     dist.broadcast(model, *(p.optimizer for p in run.phases))
     return run
 
