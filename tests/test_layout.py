@@ -31,7 +31,7 @@ def test_the_training_loop_file_stays_short():
 
 
 def test_the_loop_never_branches_on_the_data_set_or_model_kind():
-    """Figures and physics come as hooks (pipeline.train.hooks), chosen once in pipeline.train.assembly.build."""
+    """Figures and physics come as hooks (pipeline.train.image_hooks), chosen once in pipeline.train.assembly.build."""
     source = (PIPELINE / "train" / "loop.py").read_text()
     for word in ("data.source", "model.name", "OBSERVABLES", "physics", "isinstance"):
         assert word not in source, word

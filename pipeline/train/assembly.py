@@ -29,7 +29,7 @@ from pipeline.runtime.preemption import Preemption, PreemptionFlag
 from pipeline.runtime.tracking import Tracker
 from pipeline.runtime.watchdog import Heartbeat, NoHeartbeat
 from pipeline.train.ema import build as build_ema
-from pipeline.train.hooks import ImageHook, image_hooks
+from pipeline.train.image_hooks import ImageHook, image_hooks
 from pipeline.train.optim import build_optimizer, build_scheduler, rank_scale
 from pipeline.train.run import BufferGuard, Phase, Run, seed_for
 from pipeline.train.shapes import fill_from_store

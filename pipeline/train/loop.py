@@ -7,7 +7,7 @@ checkpoint, and stop if the ranks voted to (pipeline.runtime.preemption). Rank 0
 checkpoints; every rank computes. The parts come from pipeline.train.assembly.build.
 
 Between log steps nothing is read back to the host (issue 28): losses and norms stay on the device
-(pipeline.train.window), and so does the non-finite check (pipeline.train.nonfinite).
+(pipeline.train.log_window), and so does the non-finite check (pipeline.train.nonfinite).
 """
 from __future__ import annotations
 
@@ -28,13 +28,13 @@ from pipeline.runtime.preemption import REQUEUE_EXIT_CODE, Preempted
 from pipeline.train import nonfinite
 from pipeline.train.ema import EMA
 from pipeline.train.ema import digest as ema_digest
-from pipeline.train.hooks import Drawing
+from pipeline.train.image_hooks import Drawing
+from pipeline.train.log_window import Window, progress_bar
 from pipeline.train.optim import clip_gradients, fused
 from pipeline.train.profile import step_timer
 from pipeline.train.run import Phase, Run, autocast, weights_digest
 from pipeline.train.state import save
 from pipeline.train.validation import after_validation, validate
-from pipeline.train.window import Window, progress_bar
 
 Metrics = dict[str, "torch.Tensor | float"]  # 0-d tensors on the device; the lr a float
 _INF = float("inf")

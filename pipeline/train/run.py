@@ -27,7 +27,7 @@ from pipeline.runtime.tracking import Tracker
 from pipeline.runtime.watchdog import Heartbeat
 from pipeline.train.adversarial import adversarial_batch
 from pipeline.train.ema import EMA
-from pipeline.train.hooks import ImageHook
+from pipeline.train.image_hooks import ImageHook
 from pipeline.train.nonfinite import NonFinite
 from pipeline.train.profile import StepTimer
 from pipeline.train.progress import Progress

@@ -2,7 +2,7 @@
 
 The parts: pipeline.train.assembly (`build(cfg, dist) -> Run`, the parts of pipeline.train.run),
 pipeline.train.loop (`fit`, `train_step`), pipeline.train.state (checkpoint save and resume),
-pipeline.train.hooks (what rank 0 draws), pipeline.runtime.preemption (the signal, vote and exit-75
+pipeline.train.image_hooks (what rank 0 draws), pipeline.runtime.preemption (the signal, vote and exit-75
 contract). The CLI and jobs.tasks call `train`.
 """
 from __future__ import annotations

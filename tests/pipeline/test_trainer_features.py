@@ -284,7 +284,7 @@ def test_image_hooks_add_physics_only_for_a_model_that_samples_on_a_source_with_
     """The loop draws whatever hooks `build` chose; a VAE on Ising data gets the physics plots
     and their W1 distances, a classifier or a source without observables only its figures."""
     from models import MODELS
-    from pipeline.train.hooks import draw_all, image_hooks, model_figures
+    from pipeline.train.image_hooks import draw_all, image_hooks, model_figures
     torch.manual_seed(0)
     vae = MODELS["vae"][1](MODELS["vae"][0](image_size=16))
     mlp = MODELS["mlp"][1](MODELS["mlp"][0]())
