@@ -128,16 +128,23 @@ def test_chaining_needs_slurm(tmp_path):
     assert r.returncode == 2 and "chaining needs Slurm" in r.stderr
 
 
-@pytest.mark.slow
-def test_debug_executor_trains_in_process(small_store, tmp_path):
+def _submit(small_store, tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`hpcforge submit --json` of the small dataset's training into tmp_path/run, its submitit
+    folder tmp_path/jobs; the finished command and its one job, failing on a non-zero exit."""
     store, overrides = small_store
     r = subprocess.run([sys.executable, "-m", "hpcforge", "submit", *overrides[1:],
-                        f"data.path={store}", f"output_dir={tmp_path / 'run'}", "cluster=debug",
-                        f"cluster.jobs_dir={tmp_path / 'jobs'}", "train.dist.nproc=1",
-                        "train.max_steps=3", "train.batch_size=16", "--json"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+                        f"data.path={store}", f"output_dir={tmp_path / 'run'}",
+                        f"cluster.jobs_dir={tmp_path / 'jobs'}", "train.batch_size=16", *extra,
+                        "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     [job] = json.loads(r.stdout.strip().splitlines()[-1])
+    return r, job
+
+
+@pytest.mark.slow
+def test_debug_executor_trains_in_process(small_store, tmp_path):
+    r, job = _submit(small_store, tmp_path, "cluster=debug", "train.dist.nproc=1",
+                     "train.max_steps=3")
     assert job["backend"] == "debug" and "3 steps on 1 ranks" in r.stderr
     assert (tmp_path / "run" / "train" / "summary.json").is_file()
     record = json.loads(open(job["record"]).read())
@@ -149,18 +156,12 @@ def test_job_record_and_run_hold_no_planted_secret(small_store, tmp_path):
     """Secrets in setup lines and secret-named keys reach the job (it needs them) but not its
     record (job.json, which `hpcforge status` reads) nor any file the run writes."""
     from helpers import files_holding
-    store, overrides = small_store
     secrets = ["setup-s3cr3t-01", "key-s3cr3t-02", "token-s3cr3t-03"]
-    r = subprocess.run([sys.executable, "-m", "hpcforge", "submit", *overrides[1:],
-                        f"data.path={store}", f"output_dir={tmp_path / 'run'}", "cluster=debug",
-                        f"cluster.jobs_dir={tmp_path / 'jobs'}", "train.dist.nproc=1",
-                        "train.max_steps=2", "train.batch_size=16", "train.logger.mode=offline",
-                        f"cluster.setup=[export WANDB_API_KEY={secrets[0]}]",
-                        f"cluster.sbatch_extra.api_key={secrets[1]}",
-                        f"cluster.sbatch_extra.token={secrets[2]}", "--json"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr
-    [job] = json.loads(r.stdout.strip().splitlines()[-1])
+    _, job = _submit(small_store, tmp_path, "cluster=debug", "train.dist.nproc=1",
+                     "train.max_steps=2", "train.logger.mode=offline",
+                     f"cluster.setup=[export WANDB_API_KEY={secrets[0]}]",
+                     f"cluster.sbatch_extra.api_key={secrets[1]}",
+                     f"cluster.sbatch_extra.token={secrets[2]}")
     record = json.loads(open(job["record"]).read())
     assert record["cluster"]["sbatch_extra"] == {"api_key": "***", "token": "***"}
     assert any("WANDB_API_KEY=***" in a for a in record["command"])
@@ -173,14 +174,8 @@ def test_local_executor_starts_its_ranks_itself_and_they_agree(small_store, tmp_
     """cluster=local with train.dist.nproc=2: the job (submitit's LocalExecutor, a process of its
     own) starts 2 ranks with hpcforge's own launcher, no mpirun, and the run records both."""
     import time
-    store, overrides = small_store
-    r = subprocess.run([sys.executable, "-m", "hpcforge", "submit", *overrides[1:],
-                        f"data.path={store}", f"output_dir={tmp_path / 'run'}", "cluster=local",
-                        f"cluster.jobs_dir={tmp_path / 'jobs'}", "train.dist.nproc=2",
-                        "train.max_steps=3", "train.batch_size=16", "--json"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr
-    [job] = json.loads(r.stdout.strip().splitlines()[-1])
+    _, job = _submit(small_store, tmp_path, "cluster=local", "train.dist.nproc=2",
+                     "train.max_steps=3")
     status = ""
     for _ in range(240):
         status = subprocess.run([sys.executable, "-m", "hpcforge", "status", job["job_id"],

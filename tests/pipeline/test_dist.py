@@ -209,23 +209,22 @@ def test_node_is_slurms_name_for_it_else_the_host():
     assert node_name({}) == socket.gethostname()
 
 
-def test_ranks_on_several_nodes_meet_on_the_configured_interface_only(monkeypatch):
-    """train.dist.interface: rank 0's store listens on that interface's address alone (here lo
-    stands for ib0), on MASTER_PORT; the other ranks connect to MASTER_ADDR."""
+def _two_node_store(monkeypatch, address: str, cfg) -> list[tuple[str, int]]:
+    """Ranks 0 and 1 of a 2-node run (one rank per node, srun's variables), MASTER_ADDR=`address`
+    and a free MASTER_PORT, meet through `_store` in two threads; the (address, port) rank 0's
+    store listens on, after a key set by rank 0 was read by rank 1."""
     import os
     import socket
     import threading
 
     from helpers import listening
 
-    from pipeline.config import DistConfig
     from pipeline.runtime.dist import Placement, _store
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((address, 0))
         port = s.getsockname()[1]
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_ADDR", address)
     monkeypatch.setenv("MASTER_PORT", str(port))
-    cfg = DistConfig(backend="ddp", interface="lo", timeout_s=20)
     stores = {}
 
     def rank(r: int) -> None:
@@ -236,7 +235,16 @@ def test_ranks_on_several_nodes_meet_on_the_configured_interface_only(monkeypatc
     other.join(20)
     stores[0].set("k", "v")
     assert stores[1].get("k") == b"v"
-    assert [(ip, p) for _, ip, p in listening([os.getpid()]) if p == port] == [("127.0.0.1", port)]
+    return [(ip, p) for _, ip, p in listening([os.getpid()]) if p == port]
+
+
+def test_ranks_on_several_nodes_meet_on_the_configured_interface_only(monkeypatch):
+    """train.dist.interface: rank 0's store listens on that interface's address alone (here lo
+    stands for ib0), on MASTER_PORT; the other ranks connect to MASTER_ADDR."""
+    from pipeline.config import DistConfig
+    got = _two_node_store(monkeypatch, "127.0.0.1", DistConfig(backend="ddp", interface="lo",
+                                                                timeout_s=20))
+    assert [ip for ip, _ in got] == ["127.0.0.1"]
 
 
 def test_ranks_on_several_nodes_with_no_interface_set_meet_on_master_addrs_address_only(
@@ -244,33 +252,13 @@ def test_ranks_on_several_nodes_with_no_interface_set_meet_on_master_addrs_addre
     """Issue 25: with no train.dist.interface, rank 0's store listens on MASTER_ADDR's address
     alone (the one the other ranks are told), not on every address as torch's TCPStore does, and
     gloo talks over the interface that holds it. Before, it listened on 0.0.0.0."""
-    import os
-    import socket
-    import threading
-
-    from helpers import listening
+    from helpers import network_address
 
     from pipeline.config import DistConfig
-    from pipeline.runtime.dist import Placement, _store, pin_transports
-    from helpers import network_address
+    from pipeline.runtime.dist import Placement, pin_transports
     iface, address = network_address()
-    with socket.socket() as s:
-        s.bind((address, 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("MASTER_ADDR", address)
-    monkeypatch.setenv("MASTER_PORT", str(port))
     cfg = DistConfig(backend="ddp", timeout_s=20)
-    stores = {}
-
-    def rank(r: int) -> None:
-        stores[r] = _store(Placement("srun (Slurm)", r, 2, 0, 1), cfg)  # one rank per node
-    other = threading.Thread(target=rank, args=(1,))
-    other.start()
-    rank(0)
-    other.join(20)
-    stores[0].set("k", "v")
-    assert stores[1].get("k") == b"v"
-    assert [(ip, p) for _, ip, p in listening([os.getpid()]) if p == port] == [(address, port)]
+    assert [ip for ip, _ in _two_node_store(monkeypatch, address, cfg)] == [address]
     assert "every address" not in capsys.readouterr().out
     env = {"MASTER_ADDR": address}
     pin_transports(Placement("srun (Slurm)", 1, 2, 0, 1), cfg, env)
