@@ -21,6 +21,7 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -194,6 +195,8 @@ def _dask_client(d: DaskConfig, log) -> Iterator:
         raise
     finally:
         with _quiet_dask_logs() if interrupted else contextlib.nullcontext():
+            if interrupted:
+                _quiet_workers(client)
             client.close()
             if cluster is not None:
                 cluster.close()
@@ -214,6 +217,22 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def _silence_distributed() -> None:
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+
+
+def _quiet_workers(client: Any) -> None:
+    """After a Ctrl-C, before the cluster closes: worker and nanny processes log nothing below
+    CRITICAL. A worker whose heartbeat found the scheduler already closed logged "Failed to
+    communicate with scheduler" with a traceback into the terminal after the CLI's one line (seen
+    under load in the Ctrl-C test). A worker that cannot answer is skipped."""
+    for nanny in (False, True):
+        try:
+            client.run(_silence_distributed, nanny=nanny, on_error="ignore")
+        except Exception:  # noqa: BLE001 - best effort on the way out; closing matters more
+            pass
 
 
 @contextlib.contextmanager
