@@ -227,12 +227,17 @@ def _quiet_workers(client: Any) -> None:
     """After a Ctrl-C, before the cluster closes: worker and nanny processes log nothing below
     CRITICAL. A worker whose heartbeat found the scheduler already closed logged "Failed to
     communicate with scheduler" with a traceback into the terminal after the CLI's one line (seen
-    under load in the Ctrl-C test). A worker that cannot answer is skipped."""
-    for nanny in (False, True):
-        try:
-            client.run(_silence_distributed, nanny=nanny, on_error="ignore")
-        except Exception:  # noqa: BLE001 - best effort on the way out; closing matters more
-            pass
+    under load in the Ctrl-C test). Best effort and bounded: a worker that cannot answer is
+    skipped, and after 2 s the cluster closes whatever the answers."""
+    def run() -> None:
+        for nanny in (False, True):
+            try:
+                client.run(_silence_distributed, nanny=nanny, on_error="ignore")
+            except Exception:  # noqa: BLE001 - on the way out; closing matters more
+                pass
+    asking = threading.Thread(target=run, name="quiet-dask-workers", daemon=True)
+    asking.start()
+    asking.join(2.0)
 
 
 @contextlib.contextmanager
