@@ -704,17 +704,13 @@ def horovod_gloo_across_nodes(place: Placement, cfg: DistConfig, env: Any = os.e
         return
     from horovod.runner.common.util.hosts import SlotInfo
     from horovod.runner.gloo_run import create_run_env_vars, create_slot_env_vars
-    from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
     (addr, bind, port, iface), nodes = plan
     tpn = place.local_size
     slots = [SlotInfo(f"node{r // tpn}", r, r % tpn, r // tpn, place.world_size, tpn, nodes)
              for r in range(place.world_size)]
     server = None
     if place.rank == 0:
-        server = RendezvousHTTPServer((bind, port), RendezvousHandler, 0)
-        server.init(slots)
-        threading.Thread(target=server.serve_forever, name="horovod-rendezvous",
-                         daemon=True).start()
+        server = serve_horovod_rendezvous(bind, port, slots)
         print(f"[hpcforge] Horovod across {nodes} nodes on its Gloo controller: rendezvous on "
               f"{bind or '*'}:{port}, pairs on {iface}", flush=True)
     added = {k: str(v) for k, v in {**create_run_env_vars(addr, [iface], port),
@@ -728,6 +724,17 @@ def horovod_gloo_across_nodes(place: Placement, cfg: DistConfig, env: Any = os.e
             env.pop(k, None)
         if server is not None:
             atexit.register(server.shutdown)
+
+
+def serve_horovod_rendezvous(address: str, port: int, slots: list[Any]) -> Any:
+    """Horovod's own rendezvous server (the one `horovodrun --gloo` runs) on (address, port),
+    knowing the ranks' `slots`, serving from a daemon thread; shared by our `--nproc` launcher
+    (127.0.0.1) and rank 0 of a job across nodes (MASTER_ADDR's address)."""
+    from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
+    server = RendezvousHTTPServer((address, port), RendezvousHandler, 0)
+    server.init(slots)
+    threading.Thread(target=server.serve_forever, name="horovod-rendezvous", daemon=True).start()
+    return server
 
 
 def _gloo_plan(place: Placement, cfg: DistConfig, env: Any

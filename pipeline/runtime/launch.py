@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,7 +24,8 @@ from typing import Any
 
 from pipeline.core.errors import UserError
 from pipeline.runtime.dist import (LOCAL_RANKS_ENV, LOOPBACK, RENDEZVOUS_FILE_ENV,
-                                   apply_cpu_mpi_defaults, detect_launcher)
+                                   apply_cpu_mpi_defaults, detect_launcher,
+                                   serve_horovod_rendezvous)
 from pipeline.runtime.preemption import (FORWARDED_SIGNAL, RECEIVED_NOTE, REQUEUE_EXIT_CODE,
                                          PreemptionFlag)
 from pipeline.runtime.watchdog import (FINISHED, HOST, PARENT_DEATH_ENV, POLL_S, WATCH_DIR_ENV,
@@ -273,11 +273,8 @@ def _horovod_gloo(nproc: int) -> tuple[Any, list[dict[str, str]]]:
     and each rank's environment: its slot (rank, sizes, host) and the Gloo controller over lo."""
     from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
     from horovod.runner.gloo_run import create_run_env_vars, create_slot_env_vars
-    from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
     plan = get_host_assignments(parse_hosts(f"localhost:{nproc}"), nproc)
-    server = RendezvousHTTPServer((LOOPBACK, 0), RendezvousHandler, 0)
-    server.init(plan)
-    threading.Thread(target=server.serve_forever, name="horovod-rendezvous", daemon=True).start()
+    server = serve_horovod_rendezvous(LOOPBACK, 0, plan)
     common = create_run_env_vars(LOOPBACK, ["lo"], server.server_address[1])
     return server, [{k: str(v) for k, v in {**common, **create_slot_env_vars(slot)}.items()}
                     for slot in plan]
