@@ -14,7 +14,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterator
 from contextlib import nullcontext
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,10 +42,11 @@ _INF = float("inf")
 
 class Gradients(NamedTuple):
     """One phase's averaged, clipped gradients are in its parameters' .grad; this is what the
-    step learned about them: the named losses, norm and lr to log, and whether they are finite
-    (decided on averaged gradients, so every rank decides the same), all on the device."""
+    step learned about them: the named losses (and, at log steps, the norm and lr) to log, and
+    whether they are finite (decided on averaged gradients, so every rank decides the same), all
+    on the device."""
     metrics: Metrics
-    finite: torch.Tensor  # 0-d bool (`norm < inf`: one kernel; torch.isfinite is four on CPU)
+    bad: torch.Tensor  # 0-d float32: 0.0 if finite, 1.0 if not (fused optimizers' `found_inf`)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -169,31 +170,34 @@ def train_step(run: Run, batches: list[Batch]) -> Metrics:
         run.model.train()
     run.buffer_guard.save()
     metrics: Metrics = {}
-    order, step, all_finite, vote = run.phase_order, run.progress.step, None, None
+    order, step, all_bad, vote = run.phase_order, run.progress.step, None, None
     acc = run.cfg.train.accumulate
+    logging = (step + 1) % run.cfg.train.logger.log_every == 0  # the norm and lr are logged
     assert len(batches) == run.batches_per_step, (len(batches), run.batches_per_step)
     for i, (phase, rep) in enumerate(order):
         last = i == len(order) - 1
         if last and run.preemption.vote_due(step + 1):
             vote = run.preemption.begin_vote(step)
-        grads = phase_gradients(run, phase, batches[rep * acc:(rep + 1) * acc])
+        grads = phase_gradients(run, phase, batches[rep * acc:(rep + 1) * acc], logging)
         metrics.update(grads.metrics)
-        finite = grads.finite
-        all_finite = finite if all_finite is None else all_finite & finite
+        all_bad = grads.bad if all_bad is None else all_bad + grads.bad
         if vote is not None:
             run.preemption.end_vote(vote, step)
         with run.timer.part("optimizer"):
             if last:
-                run.buffer_guard.restore_unless(all_finite)
-            _update(phase, finite, run.dist, run.scaler, run.ema)
+                run.buffer_guard.restore_if_bad(all_bad)
+            _update(phase, grads.bad, run.dist, run.scaler, run.ema)
     if run.scaler is not None:
         run.scaler.update()
-    run.nonfinite.note(all_finite)
+    run.nonfinite.note(all_bad)
     return metrics
 
 
-def phase_gradients(run: Run, phase: Phase, batches: list[Batch]) -> Gradients:
-    """`phase`'s gradients over the group's batches, averaged over ranks and clipped."""
+def phase_gradients(run: Run, phase: Phase, batches: list[Batch], logging: bool = True
+                    ) -> Gradients:
+    """`phase`'s gradients over the group's batches, averaged over ranks and clipped. The norm
+    is taken where it is needed (train.grad_clip, or a log step: `logging`), else the gradients
+    are only checked for inf and NaN, in one kernel (the norm took four, ~2x its time)."""
     opt = phase.optimizer
     opt.zero_grad()
     # one network among several: freeze the others (a lone network needs no toggling)
@@ -205,11 +209,25 @@ def phase_gradients(run: Run, phase: Phase, batches: list[Batch]) -> Gradients:
     with run.timer.part("optimizer"):
         if run.scaler is not None:
             run.scaler.unscale_(opt)
-        norm = clip_gradients(phase.params, run.cfg.train.grad_clip)
-    metrics: Metrics = {f"{phase.name}/{k}": v for k, v in losses.items()}
-    metrics[f"opt/{phase.name}/grad_norm"] = norm
-    metrics[f"opt/{phase.name}/lr"] = opt.param_groups[0]["lr"]
-    return Gradients(metrics, norm < _INF)  # (a norm is >= 0 or NaN: NaN < inf is false)
+        clip = run.cfg.train.grad_clip
+        metrics: Metrics = {_key(phase.name, k): v for k, v in losses.items()}
+        if clip or logging:
+            norm = clip_gradients(phase.params, clip)
+            bad = torch.where(norm < _INF, 0.0, 1.0)  # (a norm is >= 0 or NaN: NaN < inf is false)
+            if bad.dtype != torch.float32:  # (a default dtype other than float32)
+                bad = bad.float()
+            metrics[_key("opt", phase.name, "grad_norm")] = norm
+        else:
+            bad = nonfinite.check(phase.params, phase.one_kind)
+        if logging:
+            metrics[_key("opt", phase.name, "lr")] = opt.param_groups[0]["lr"]
+    return Gradients(metrics, bad)
+
+
+@cache
+def _key(*parts: str) -> str:
+    """A metric's name, made once (f-strings for each metric of each step cost ~3 us a step)."""
+    return "/".join(parts)
 
 
 def _backward(run: Run, phase: str, batches: list[Batch]) -> dict[str, torch.Tensor]:
@@ -231,28 +249,26 @@ def _backward(run: Run, phase: str, batches: list[Batch]) -> dict[str, torch.Ten
     return means
 
 
-def _update(phase: Phase, finite: torch.Tensor, dist: Dist, scaler: torch.amp.GradScaler | None,
+def _update(phase: Phase, bad: torch.Tensor, dist: Dist, scaler: torch.amp.GradScaler | None,
             ema: EMA | None) -> None:
     """Step the phase's optimizer (through `dist`, and `scaler` under fp16) unless its gradients
-    are not finite, then its lr schedule and the weight average `ema`. Fused kernels skip on the
-    device (`found_inf`: no update, Adam's step count kept); others read `finite` here. The lr
+    are not finite (`bad`), then its lr schedule and the weight average `ema`. Fused kernels skip
+    on the device (`found_inf`: no update, Adam's step count kept); others read `bad` here. The lr
     schedule and the EMA count every step, skipped or not (as under torch's GradScaler, whose
     skipped steps the schedule counts too); a skipped step's EMA update folds in the unchanged
     weights."""
     opt = phase.optimizer
     if scaler is None and fused(opt):
-        opt.found_inf = torch.where(finite, 0.0, 1.0)  # read by torch's fused Adam/AdamW/SGD
-        if opt.found_inf.dtype != torch.float32:  # (its kernels take float32; a default dtype)
-            opt.found_inf = opt.found_inf.float()
+        opt.found_inf = bad  # read by torch's fused Adam/AdamW/SGD (float32)
         try:
             dist.step(opt)
         finally:
             del opt.found_inf
-    elif finite.item():  # unfused, or fp16 with a GradScaler: read on the host, every step
+    elif not bad.item():  # unfused, or fp16 with a GradScaler: read on the host, every step
         dist.step(opt, scaler)
     else:
         opt.zero_grad()
-    phase.scheduler.step()
+    phase.scheduler.step()  # (constant: only counted, pipeline.train.optim.Schedule)
     if ema is not None and ema.follows(phase.params):
         ema.update()
 

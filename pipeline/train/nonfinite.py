@@ -25,9 +25,46 @@ class NonFiniteError(RuntimeError):
 FOLD_EVERY = 1024  # unread flags are joined into one tensor this often (bounded Python objects)
 
 
+def check(params: list[torch.nn.Parameter], one_kind: bool = False) -> torch.Tensor:
+    """1.0 if any of `params`' gradients holds an inf or a NaN, else 0.0: a 0-d float32 on their
+    device, computed there in one kernel per device and dtype (torch's AMP check, which
+    GradScaler uses, at scale 1: the gradients are multiplied by 1.0, which changes no value, NaN
+    included). Complex gradients (FNO) are checked as their real views. `one_kind`: the caller
+    knows that every parameter is real and of one device and dtype (`Phase.one_kind`), so no
+    grouping is needed. Measured against the global norm's `norm < inf` it replaced where no
+    norm is needed: 19 against 46 us a step for the VAE's 16 gradients, 5 against 20 us for the
+    MLP's 6 (CPU, 1 thread)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device if params else None, dtype=torch.float32)
+    if one_kind:
+        groups = {grads[0].device: grads}
+    else:
+        groups = {}
+        for g in grads:
+            g = torch.view_as_real(g) if g.is_complex() else g
+            groups.setdefault((g.device, g.dtype), []).append(g)
+    found = None
+    for same in groups.values():
+        device = same[0].device
+        flag = torch.zeros((), device=device, dtype=torch.float32)
+        torch._amp_foreach_non_finite_check_and_unscale_(same, flag, _one(device))
+        found = flag if found is None else found + flag.to(found.device)
+    return found
+
+
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def _one(device: torch.device) -> torch.Tensor:
+    if device not in _ONES:
+        _ONES[device] = torch.ones((), device=device, dtype=torch.float32)
+    return _ONES[device]
+
+
 @dataclass
 class NonFinite:
-    """The steps' flags (0-d, true for a good step) not yet read on the host, and what a bad step
+    """The steps' flags (0-d float, 0 for a good step) not yet read on the host, and what a bad step
     means: `mode` (train.nonfinite: skip or fail) and `limit` (train.max_nonfinite) bad steps in a
     row; `folder` holds the last good checkpoint, which the error names."""
     mode: str
@@ -35,10 +72,11 @@ class NonFinite:
     folder: Path
     unread: list[torch.Tensor] = field(default_factory=list)
 
-    def note(self, finite: torch.Tensor) -> None:
-        """Keep the step's flag on the device until `settle`; many steps between reads (a large
-        train.logger.log_every) are joined into one tensor every FOLD_EVERY steps."""
-        self.unread.append(finite)
+    def note(self, bad: torch.Tensor) -> None:
+        """Keep the step's flag (0-d, nonzero where a phase's gradients were not finite) on the
+        device until `settle`; many steps between reads (a large train.logger.log_every) are
+        joined into one tensor every FOLD_EVERY steps."""
+        self.unread.append(bad)
         if len(self.unread) >= FOLD_EVERY:
             self.unread[:] = [_joined(self.unread)]
 
@@ -53,8 +91,8 @@ class NonFinite:
         flags = _joined(self.unread).tolist()
         self.unread.clear()
         first = progress.step - len(flags) + 1  # the steps they belong to end at this one
-        for i, finite in enumerate(flags):
-            self._count(progress, not finite, first + i)
+        for i, bad in enumerate(flags):
+            self._count(progress, bool(bad), first + i)
 
     def _count(self, progress: Progress, bad: bool, step: int) -> None:
         progress.nonfinite_total += bad
@@ -68,7 +106,11 @@ class NonFinite:
 
 
 def _joined(flags: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([f.reshape(-1) for f in flags])
+    """The flags as one vector: a stack of the steps' 0-d flags (a reshape of each before a cat
+    cost ~4 us a flag), after the vector of those joined earlier, if any."""
+    if flags[0].dim() == 0:
+        return torch.stack(flags)
+    return torch.cat([flags[0], torch.stack(flags[1:])]) if len(flags) > 1 else flags[0]
 
 
 def inject_nan(batches: list[Batch], step: int, at: list[int], is_main: bool) -> None:

@@ -7,6 +7,7 @@ reached by a linear warm-up from the unscaled `lr` (Goyal et al. 2017, arXiv:170
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -87,9 +88,33 @@ def lr_factor(cfg: ScheduleConfig, step: int, total: int, scale: float) -> float
     return 1.0
 
 
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """torch's LambdaLR, whose `step` only counts once the lr can no longer change (a constant
+    schedule after its warm-up, the default): LambdaLR.step recomputes every group's lr in Python,
+    ~15 us a step measured on CPU, which a ~0.5 ms step of a small model shows (issue 28). The
+    count (`last_epoch`) and the checkpointed state are what LambdaLR's step would leave."""
+
+    def __init__(self, opt: torch.optim.Optimizer, factor: Any, constant_from: float):
+        self._constant_from = constant_from
+        super().__init__(opt, factor)
+
+    def step(self, epoch: int | None = None) -> None:
+        if epoch is None and self.last_epoch >= self._constant_from:
+            self.last_epoch += 1
+            self._step_count += 1
+            return
+        super().step(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.pop("_constant_from", None)
+        return state
+
+
 def build_scheduler(opt: torch.optim.Optimizer, cfg: ScheduleConfig, total: int,
-                    scale: float) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step, total, scale))
+                    scale: float) -> Schedule:
+    constant_from = cfg.warmup_steps if cfg.name == "constant" else math.inf
+    return Schedule(opt, lambda step: lr_factor(cfg, step, total, scale), constant_from)
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

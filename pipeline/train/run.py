@@ -62,7 +62,7 @@ class BufferGuard:
     def __init__(self, model: torch.nn.Module):
         self.buffers = float_buffers(model)
         # where the buffers share a dtype and device and are contiguous, the saved copy and the
-        # step's values are each one flat tensor with views made once, so that `restore_unless`
+        # step's values are each one flat tensor with views made once, so that `restore_if_bad`
         # is three kernels and no Python loop however many buffers there are (a GPU pays ~5 us
         # a kernel; on CPU the views cost ~1 us each, made every step before)
         kinds = {(b.dtype, b.device) for b in self.buffers}
@@ -86,12 +86,13 @@ class BufferGuard:
         for b, old in zip(self.buffers, self.saved):
             b.copy_(old)
 
-    def restore_unless(self, finite: torch.Tensor) -> None:
-        """`restore` unless the 0-d bool tensor `finite` is true, decided on its device without
-        reading it on the host (issue 28). torch.where, not a lerp: a poisoned buffer is NaN,
-        and NaN * 0 is NaN."""
+    def restore_if_bad(self, bad: torch.Tensor) -> None:
+        """`restore` if the 0-d tensor `bad` is nonzero (a phase's gradients were not finite),
+        decided on its device without reading it on the host (issue 28). torch.where, not a lerp:
+        a poisoned buffer is NaN, and NaN * 0 is NaN."""
         if not self.buffers:
             return
+        finite = bad == 0
         if self.flat is None:
             for b, old in zip(self.buffers, self.saved):
                 torch.where(finite, b, old, out=b)
@@ -112,6 +113,11 @@ class Phase:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     repeats: int = 1
+
+    def __post_init__(self) -> None:
+        kinds = {(p.device, p.dtype) for p in self.params}
+        # every parameter real and of one device and dtype: one non-finite check kernel, no grouping
+        self.one_kind = len(kinds) == 1 and not any(p.is_complex() for p in self.params)
 
 
 @dataclass
