@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +26,22 @@ SMALL = ["data.params.lattice=16", "data.params.burn_in=40", "data.params.decorr
 
 def small(tmp: Path, *extra: str) -> list[str]:
     return [f"output_dir={tmp}", *SMALL, *extra]
+
+
+@contextlib.contextmanager
+def ctrl_c_reaches_children() -> Iterator[None]:
+    """Processes started inside take SIGINT as a terminal's foreground job does, however this
+    pytest was started. A background job of a shell script (`make test > log &`, nohup) starts
+    with SIGINT ignored; an ignored signal stays ignored across fork and exec, and Python then
+    installs no KeyboardInterrupt: the Ctrl-C tests' SIGINT did nothing, the prepare ran to its
+    end and exited 0 with nothing on stderr (measured). Here this process catches SIGINT while
+    it starts them, and a caught signal is reset to the default in a child, where Python makes
+    it KeyboardInterrupt."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def hpcforge(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -21,7 +21,6 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -46,6 +45,50 @@ class ZarrInWorkers(WorkerPlugin):
         zarr.config.set({"threading.max_workers": self.threads,
                          "async.concurrency": ZARR_IO_PER_THREAD * self.threads})
         numcodecs.blosc.use_threads = False
+
+
+HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat"
+
+
+class _HeartbeatOfAClosingWorker(logging.Filter):
+    """Drops the worker's "Failed to communicate with scheduler during heartbeat" (an ERROR with a
+    ~25-line traceback) while one of this process's workers is closing, and only then.
+
+    Dask's Worker.close stops the heartbeat's periodic callback but does not wait for a heartbeat
+    already sent: it then closes its own connection pool, the comm under that heartbeat with it,
+    and the heartbeat logs the closed stream (dask/distributed#7105). The scheduler is still up
+    at that moment (a LocalCluster closes it only after the worker processes have exited,
+    measured). The wider the window, the likelier: under load the scheduler, in the prepare's own
+    process, answers heartbeats slowly, and the traceback landed before the CLI's one line after
+    a Ctrl-C or a full disk. A heartbeat failing while the worker runs is still logged."""
+
+    def __init__(self):
+        super().__init__()
+        self.workers: weakref.WeakSet = weakref.WeakSet()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from distributed.core import Status
+        if not str(record.msg).startswith(HEARTBEAT_FAILED):
+            return True
+        return not any(w.status in (Status.closing, Status.closed) for w in list(self.workers))
+
+
+class QuietWorkerClose(WorkerPlugin):
+    """Worker plugin: the heartbeat's closed stream while the worker closes itself is not news
+    (`_HeartbeatOfAClosingWorker`). Installed when the worker joins, so nothing has to reach the
+    workers on the way out (a busy or interrupted worker answers late, if at all)."""
+    name = "hpcforge-quiet-worker-close"
+
+    def setup(self, worker=None) -> None:
+        if worker is None:
+            return
+        logger = logging.getLogger("distributed.worker")
+        quiet = next((f for f in logger.filters if isinstance(f, _HeartbeatOfAClosingWorker)),
+                     None)
+        if quiet is None:
+            quiet = _HeartbeatOfAClosingWorker()
+            logger.addFilter(quiet)
+        quiet.workers.add(worker)
 
 
 def run_security(folder: Path):
@@ -187,6 +230,7 @@ def _dask_client(d: DaskConfig, log) -> Iterator:
     try:
         workers, slots = shape(d, client)
         client.register_plugin(ZarrInWorkers(slots // workers))
+        client.register_plugin(QuietWorkerClose())
         n = len(client.scheduler_info(n_workers=-1)["workers"])
         log(f"dask: {mode} cluster, {n} workers, dashboard {_dashboard(client, cluster)}")
         yield client
@@ -195,8 +239,6 @@ def _dask_client(d: DaskConfig, log) -> Iterator:
         raise
     finally:
         with _quiet_dask_logs() if interrupted else contextlib.nullcontext():
-            if interrupted:
-                _quiet_workers(client)
             client.close()
             if cluster is not None:
                 cluster.close()
@@ -217,27 +259,6 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, before)
-
-
-def _silence_distributed() -> None:
-    logging.getLogger("distributed").setLevel(logging.CRITICAL)
-
-
-def _quiet_workers(client: Any) -> None:
-    """After a Ctrl-C, before the cluster closes: worker and nanny processes log nothing below
-    CRITICAL. A worker whose heartbeat found the scheduler already closed logged "Failed to
-    communicate with scheduler" with a traceback into the terminal after the CLI's one line (seen
-    under load in the Ctrl-C test). Best effort and bounded: a worker that cannot answer is
-    skipped, and after 2 s the cluster closes whatever the answers."""
-    def run() -> None:
-        for nanny in (False, True):
-            try:
-                client.run(_silence_distributed, nanny=nanny, on_error="ignore")
-            except Exception:  # noqa: BLE001 - on the way out; closing matters more
-                pass
-    asking = threading.Thread(target=run, name="quiet-dask-workers", daemon=True)
-    asking.start()
-    asking.join(2.0)
 
 
 @contextlib.contextmanager

@@ -1,12 +1,18 @@
 """Dask clusters for prepare: joining a running one by address, and Slurm through dask-jobqueue."""
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
+
 import pytest
 import zarr
+from helpers import ROOT
 
 from pipeline.config import load_config
 from pipeline.core.errors import UserError
-from pipeline.data.cluster import dask_client, shape, slurm_cluster
+from pipeline.data.cluster import (HEARTBEAT_FAILED, QuietWorkerClose, dask_client, shape,
+                                   slurm_cluster)
 from pipeline.data.prepare import prepare
 from pipeline.data.store import open_store
 
@@ -81,3 +87,59 @@ def test_local_cluster_leaves_this_process_environment_as_it_found_it(monkeypatc
                                      os.environ.get("OMP_NUM_THREADS")))
         assert list(inside.values()) == [("65536", "1")]
     assert dict(os.environ) == before  # ... and this process is back as it was
+
+
+# A prepare that stops (here a full disk) while its scheduler answers heartbeats slowly, as a
+# loaded one does: each worker's heartbeat is in flight ~0.45 s of every 0.5 s when it closes.
+_CLOSE_UNDER_LOAD = r"""
+import asyncio, sys, time
+from pipeline.config import load_config
+from pipeline.data.cluster import dask_client
+cfg = load_config("demo", ["data.dask.n_workers=2", "data.dask.progress=false"])
+try:
+    with dask_client(cfg.data.dask, log=lambda *a: None) as client:
+        scheduler = client.cluster.scheduler
+        answer = scheduler.handlers["heartbeat_worker"]
+        async def slow(*args, **kwargs):
+            await asyncio.sleep(0.45)
+            return answer(*args, **kwargs)
+        scheduler.handlers["heartbeat_worker"] = slow
+        time.sleep(1.5)
+        raise OSError(28, "No space left on device")
+except OSError:
+    print("hpcforge: error: the one line", file=sys.stderr)
+"""
+
+
+def test_workers_closing_with_a_heartbeat_in_flight_print_nothing_after_the_one_line():
+    """Dask's worker closes its connections under a heartbeat still waiting for its answer, and
+    logged "Failed to communicate with scheduler during heartbeat" with a traceback (before this
+    fix: in every run of this test)."""
+    run = subprocess.run([sys.executable, "-c", _CLOSE_UNDER_LOAD], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and HEARTBEAT_FAILED not in run.stderr, run.stderr[-3000:]
+    # Dask's own timestamped log lines aside (the scheduler's, in this process), only ours
+    assert [line for line in run.stderr.splitlines() if not line[:4].isdigit()] == [
+        "hpcforge: error: the one line"], run.stderr[-3000:]
+
+
+def test_a_heartbeat_failing_while_the_worker_runs_is_still_logged(caplog):
+    from distributed.core import Status
+
+    class Worker:  # what the filter reads of a distributed Worker
+        status = Status.running
+    worker, logger = Worker(), logging.getLogger("distributed.worker")
+    before = list(logger.filters)
+    try:
+        QuietWorkerClose().setup(worker)
+        QuietWorkerClose().setup(worker)                   # registered again: still one filter
+        assert len(logger.filters) == len(before) + 1
+        with caplog.at_level(logging.INFO, logger="distributed.worker"):
+            logger.error(HEARTBEAT_FAILED + ".")
+            worker.status = Status.closing
+            logger.error(HEARTBEAT_FAILED + ".")
+            logger.info("Stopping worker")
+        assert [r.getMessage() for r in caplog.records] == [HEARTBEAT_FAILED + ".", "Stopping worker"]
+    finally:
+        for f in logger.filters[len(before):]:
+            logger.removeFilter(f)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, hpcforge
+from helpers import ROOT, ctrl_c_reaches_children, hpcforge
 
 from pipeline.config import load_config
 from pipeline.core.errors import UserError
@@ -98,8 +98,9 @@ def test_a_lock_from_another_host_is_reported_with_how_to_clear_it(tmp_path):
 def test_ctrl_c_releases_the_lock_and_the_same_command_then_resumes(tmp_path):
     out = tmp_path / "out"
     paths = Paths.of(str(out / "data" / "ising2d.zarr"))
-    proc = subprocess.Popen(_cli(out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    with ctrl_c_reaches_children():
+        proc = subprocess.Popen(_cli(out), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list((paths.scratch / "chunks").glob("*.pkl")):
         time.sleep(0.05)

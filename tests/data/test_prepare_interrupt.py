@@ -14,7 +14,7 @@ import time
 import pytest
 
 from benchmarks.own_data import write_calo_tree
-from helpers import ROOT
+from helpers import ROOT, ctrl_c_reaches_children
 
 LINE = ("hpcforge: interrupted; the same command resumes a prepare (a training run with "
         "train.resume=auto)\n")
@@ -51,12 +51,13 @@ def _group_gone(pgid: int, timeout: float = 10) -> bool:
 def test_ctrl_c_in_prepare_is_one_line_exit_130_and_leaves_no_complete_looking_store(tmp_path):
     write_calo_tree(tmp_path / "calo", files=2, per_file=2000)          # 12000 showers
     store = tmp_path / "calo.zarr"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hpcforge", "prepare", "-e", "calo_tree_pid",
-         f"output_dir={tmp_path}", f"data.path={store}", "data.chunk_size=64",
-         f"data.params.path={tmp_path / 'calo' / '*' / '*.h5'}", "data.dask.progress=false"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)  # its own process group, as a terminal's foreground job
+    with ctrl_c_reaches_children():
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hpcforge", "prepare", "-e", "calo_tree_pid",
+             f"output_dir={tmp_path}", f"data.path={store}", "data.chunk_size=64",
+             f"data.params.path={tmp_path / 'calo' / '*' / '*.h5'}", "data.dask.progress=false"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)  # its own process group, as a terminal's foreground job
     _wait_for_work(tmp_path / "calo.zarr.scratch", proc)
     os.killpg(proc.pid, signal.SIGINT)                                 # what Ctrl-C sends
     out, err = proc.communicate(timeout=120)
