@@ -1,6 +1,6 @@
 """Trainer benchmarks (trainer issue), run on N ranks by benchmarks/run.py:
 
-    python -m benchmarks.trainer OUT trainer STORE BACKEND STEPS   # hpcforge's Trainer.fit
+    python -m benchmarks.trainer OUT trainer STORE BACKEND STEPS [MODEL]   # hpcforge's Trainer.fit
     python -m benchmarks.trainer OUT loop    MODEL BACKEND STEPS   # a minimal hand-written loop
     python -m benchmarks.trainer OUT paired  STORE REPEATS STEPS [MODEL]   # both, alternating
 
@@ -34,7 +34,9 @@ def _config(store: str, backend: str, steps: int, model: str):
     from pipeline.config import load_config
     extra = {"vae": ["model=vae", "model.image_size=16"],
              "mlp": ["model=mlp", "model.in_features=256", "model.out_features=2",
-                     "data.inputs={x: spins, y: phase}"]}.get(model, [])
+                     "data.inputs={x: spins, y: phase}"],
+             "resnet": ["model=resnet", "model.in_channels=1", "model.n_outputs=2",
+                        "data.inputs={x: spins, y: phase}"]}.get(model, [])
     return load_config("demo", [f"data.path={store}", f"output_dir={store}.bench",
                                 f"train.dist.backend={backend}", f"train.max_steps={steps}",
                                 "train.epochs=1000", f"train.batch_size={BATCH}", "train.threads=1",
@@ -53,9 +55,9 @@ def _fit(cfg, dist) -> float:
     return cfg.train.max_steps / (time.perf_counter() - t0)
 
 
-def run_trainer(store: str, backend: str, steps: int) -> dict:
+def run_trainer(store: str, backend: str, steps: int, model: str = "vae") -> dict:
     from pipeline.runtime.dist import init_distributed
-    cfg = _config(store, backend, steps, "vae")
+    cfg = _config(store, backend, steps, model)
     dist = init_distributed(cfg.train.dist)
     rate = _fit(cfg, dist)
     return {"steps_per_s": rate, "samples_per_s": rate * BATCH * dist.world_size, "rank": dist.rank}
@@ -149,7 +151,7 @@ if __name__ == "__main__":
     if mode == "paired":
         result = run_paired(what, int(arg), int(steps), *sys.argv[6:7])
     elif mode == "trainer":
-        result = run_trainer(what, arg, int(steps))
+        result = run_trainer(what, arg, int(steps), *sys.argv[6:7])
     else:
         result = run_loop(what, arg, int(steps))
     if result["rank"] == 0:

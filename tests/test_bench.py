@@ -54,3 +54,19 @@ def test_bench_rows_of_profile_off_and_the_scaling_model(monkeypatch):
     row = run._scaling_model_row(True, one_rank_samples_s=600.0, measured=1.59)
     assert row["benchmark"] == "scaling-model" and row["baseline"] == 1.59
     assert 1.9 < row["value"] <= 2.0  # 0.7 MB of ResNet gradients against a 53 ms step
+
+
+def test_ddp_vs_horovod_is_the_median_of_pairs_run_back_to_back_in_alternating_order(monkeypatch):
+    """The row pairs one ddp and one Horovod job at a time, alternating which runs first, and
+    takes the median of the pairs' ratios (the 2-rank jobs stand in for benchmarks/trainer.py)."""
+    from benchmarks import run
+    calls, speeds = [], iter([90.0, 100.0, 110.0, 100.0, 100.0, 80.0, 95.0, 100.0])
+    monkeypatch.setattr(run, "_mpi_json", lambda n, module, args: calls.append((n, args)) or
+                        {"steps_per_s": next(speeds)})
+    got = run._ddp_vs_horovod("STORE", "resnet", "ResNet 16x16", "300", pairs=4)
+    assert [args[2] for _, args in calls] == ["ddp", "horovod", "horovod", "ddp"] * 2
+    assert all(n == 2 and args == ["trainer", "STORE", args[2], "300", "resnet"]
+               for n, args in calls)
+    # pairs: ddp/hvd = 90/100, 100/110, 100/80, 100/95 -> ratios 0.9, 0.909, 1.25, 1.053
+    assert got["ratio"] == pytest.approx((0.90909 + 1.05263) / 2, rel=1e-3)
+    assert got["case"] == "ResNet 16x16, 2 ranks" and got["target"] == ">= 1.0"
