@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from functools import cache
 
 import torch
 from tqdm import tqdm
@@ -13,6 +14,12 @@ from pipeline.runtime.dist import Dist
 from pipeline.runtime.tracking import Tracker
 from pipeline.train.profile import StepTimer
 from pipeline.train.progress import Progress
+
+
+@cache
+def metric_name(*parts: str) -> str:
+    """A metric's name, made once (f-strings for each metric of each step cost ~3 us a step)."""
+    return "/".join(parts)
 
 
 class Sums:

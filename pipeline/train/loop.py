@@ -14,7 +14,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterator
 from contextlib import nullcontext
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,22 +29,20 @@ from pipeline.train import nonfinite
 from pipeline.train.ema import EMA
 from pipeline.train.ema import digest as ema_digest
 from pipeline.train.image_hooks import Drawing
-from pipeline.train.log_window import Window, progress_bar
-from pipeline.train.optim import clip_gradients, fused
+from pipeline.train.log_window import Window, metric_name, progress_bar
+from pipeline.train.optim import fused
 from pipeline.train.profile import step_timer
 from pipeline.train.run import Phase, Run, autocast, weights_digest
 from pipeline.train.state import save
 from pipeline.train.validation import after_validation, validate
 
 Metrics = dict[str, "torch.Tensor | float"]  # 0-d tensors on the device; the lr a float
-_INF = float("inf")
 
 
 class Gradients(NamedTuple):
     """One phase's averaged, clipped gradients are in its parameters' .grad; this is what the
-    step learned about them: the named losses (and, at log steps, the norm and lr) to log, and
-    whether they are finite (decided on averaged gradients, so every rank decides the same), all
-    on the device."""
+    step learned about them: the named losses (at log steps the norm and lr too) to log, and
+    whether they are finite (decided on averaged gradients: every rank decides the same)."""
     metrics: Metrics
     bad: torch.Tensor  # 0-d float32: 0.0 if finite, 1.0 if not (fused optimizers' `found_inf`)
 
@@ -170,8 +168,8 @@ def train_step(run: Run, batches: list[Batch]) -> Metrics:
         run.model.train()
     run.buffer_guard.save()
     metrics: Metrics = {}
-    order, step, all_bad, vote = run.phase_order, run.progress.step, None, None
-    acc = run.cfg.train.accumulate
+    order, step, all_bad, vote, acc = run.phase_order, run.progress.step, None, None, \
+        run.cfg.train.accumulate
     logging = (step + 1) % run.cfg.train.logger.log_every == 0  # the norm and lr are logged
     assert len(batches) == run.batches_per_step, (len(batches), run.batches_per_step)
     for i, (phase, rep) in enumerate(order):
@@ -193,11 +191,10 @@ def train_step(run: Run, batches: list[Batch]) -> Metrics:
     return metrics
 
 
-def phase_gradients(run: Run, phase: Phase, batches: list[Batch], logging: bool = True
-                    ) -> Gradients:
-    """`phase`'s gradients over the group's batches, averaged over ranks and clipped. The norm
-    is taken where it is needed (train.grad_clip, or a log step: `logging`), else the gradients
-    are only checked for inf and NaN, in one kernel (the norm took four, ~2x its time)."""
+def phase_gradients(run: Run, phase: Phase, batches: list[Batch],
+                    logging: bool = True) -> Gradients:
+    """`phase`'s gradients over the group's batches, averaged over ranks and clipped; the norm
+    only where needed (train.grad_clip, or a log step: `logging`; nonfinite.judge)."""
     opt = phase.optimizer
     opt.zero_grad()
     # one network among several: freeze the others (a lone network needs no toggling)
@@ -209,25 +206,13 @@ def phase_gradients(run: Run, phase: Phase, batches: list[Batch], logging: bool 
     with run.timer.part("optimizer"):
         if run.scaler is not None:
             run.scaler.unscale_(opt)
-        clip = run.cfg.train.grad_clip
-        metrics: Metrics = {_key(phase.name, k): v for k, v in losses.items()}
-        if clip or logging:
-            norm = clip_gradients(phase.params, clip)
-            bad = torch.where(norm < _INF, 0.0, 1.0)  # (a norm is >= 0 or NaN: NaN < inf is false)
-            if bad.dtype != torch.float32:  # (a default dtype other than float32)
-                bad = bad.float()
-            metrics[_key("opt", phase.name, "grad_norm")] = norm
-        else:
-            bad = nonfinite.check(phase.params, phase.one_kind)
+        metrics: Metrics = {metric_name(phase.name, k): v for k, v in losses.items()}
+        bad, norm = nonfinite.judge(phase.params, phase.one_kind, run.cfg.train.grad_clip, logging)
+        if norm is not None:  # (a log step's, or every step's with clipping)
+            metrics[metric_name("opt", phase.name, "grad_norm")] = norm
         if logging:
-            metrics[_key("opt", phase.name, "lr")] = opt.param_groups[0]["lr"]
+            metrics[metric_name("opt", phase.name, "lr")] = opt.param_groups[0]["lr"]
     return Gradients(metrics, bad)
-
-
-@cache
-def _key(*parts: str) -> str:
-    """A metric's name, made once (f-strings for each metric of each step cost ~3 us a step)."""
-    return "/".join(parts)
 
 
 def _backward(run: Run, phase: str, batches: list[Batch]) -> dict[str, torch.Tensor]:

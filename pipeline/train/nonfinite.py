@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from models.base import Batch
+from pipeline.train.optim import clip_gradients
 from pipeline.train.progress import Progress
 
 
@@ -23,6 +24,21 @@ class NonFiniteError(RuntimeError):
 
 
 FOLD_EVERY = 1024  # unread flags are joined into one tensor this often (bounded Python objects)
+
+
+def judge(params: list[torch.nn.Parameter], one_kind: bool, clip: float, want_norm: bool
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(bad, norm) of a phase's averaged gradients: `bad` as `check` gives it, and their global
+    norm (before clipping them to `clip`, if set) where it is needed, with clipping or when
+    `want_norm` (a log step), else None: the norm takes four kernels, the check one."""
+    if not (clip or want_norm):
+        return check(params, one_kind), None
+    norm = clip_gradients(params, clip)
+    bad = torch.where(norm < _INF, 0.0, 1.0)  # (a norm is >= 0 or NaN: NaN < inf is false)
+    return (bad if bad.dtype == torch.float32 else bad.float()), norm
+
+
+_INF = float("inf")
 
 
 def check(params: list[torch.nn.Parameter], one_kind: bool = False) -> torch.Tensor:
