@@ -5,7 +5,9 @@ conftest.py files of their own and only one module can be imported as `conftest`
 """
 from __future__ import annotations
 
-import subprocess
+import contextlib
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,24 @@ def small_store(tmp_path_factory) -> tuple[Path, list[str]]:
     overrides = small(out)
     cfg = load_config("demo", overrides)
     return prepare(cfg.data, cfg.to_dict(), log=lambda *a: None), overrides
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb_service_outlives_its_test():
+    """A test that starts W&B in this process (a `Tracker`) starts wandb's service, and wandb
+    leaves its address in os.environ["WANDB_SERVICE"]. Every `hpcforge` a later test runs would
+    inherit it and log through this process's service instead of starting its own: the run is
+    then not over when its process exits (CI saw a finished run's debug-core.log grow a second
+    later, in the middle of a "touches nothing" check). Stop that service after the test."""
+    before = os.environ.get("WANDB_SERVICE")
+    yield
+    if os.environ.get("WANDB_SERVICE") != before and "wandb" in sys.modules:
+        with contextlib.suppress(Exception, SystemExit):
+            sys.modules["wandb"].teardown()
+        if before is None:
+            os.environ.pop("WANDB_SERVICE", None)
+        else:
+            os.environ["WANDB_SERVICE"] = before
 
 
 @pytest.fixture

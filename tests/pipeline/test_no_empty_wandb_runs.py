@@ -3,8 +3,10 @@ behind (offline runs are synced later, and each such folder became an empty run 
 Real offline W&B files; the failure is real too (data the model cannot take, met at the first batch)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers import hpcforge
 
@@ -42,3 +44,12 @@ def test_discard_removes_the_open_run_and_keeps_an_earlier_one(tmp_path):
     assert [p.name.rsplit("-", 1)[1] for p in runs] == [kept.run_id]
     assert all(p.exists() for p in (tmp_path / "wandb").iterdir())   # no link left dangling
     assert {p.name for p in (tmp_path / "wandb").iterdir()} <= set(before)
+    assert "WANDB_SERVICE" in os.environ  # wandb's service for this process, which later tests'
+    # `hpcforge` runs would inherit and share (the next test)
+
+
+def test_the_service_the_test_above_started_is_stopped_before_the_next_test():
+    """conftest's guard: the W&B service the Trackers above started in this process is gone, so a
+    later test's `hpcforge` starts its own, and its run is over when it exits."""
+    assert "WANDB_SERVICE" not in os.environ
+    assert not [p for p in psutil.Process().children(recursive=True) if p.name() == "wandb-core"]
