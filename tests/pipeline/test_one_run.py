@@ -26,10 +26,15 @@ def _train(out: Path, store: tuple, *extra: str):
                     *ONE_RANK, *extra, timeout=300)
 
 
-def _files(run: Path) -> dict[str, tuple[int, int]]:
-    """Every file under the run with its size and mtime: what a refused run must leave as is."""
-    return {str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(run.rglob("*")) if p.is_file()}
+def _files(run: Path) -> dict[str, tuple]:
+    """Every file under the run with its size and mtime, every link with its target: what a
+    refused run must leave as is. A link is not followed: W&B's `debug-core.log` links to
+    ~/.cache/wandb/logs/core-debug-<second>.log, the log of a W&B service, which is not the run's:
+    every service this user starts in that second writes to it, and a shared service (one whose
+    address a parent process left in WANDB_SERVICE) goes on writing after the run has ended."""
+    return {str(p.relative_to(run)): (("->", str(p.readlink())) if p.is_symlink()
+                                      else (p.stat().st_size, p.stat().st_mtime_ns))
+            for p in sorted(run.rglob("*")) if p.is_symlink() or p.is_file()}
 
 
 def _steps(run: Path) -> list[int]:
