@@ -341,11 +341,12 @@ class SweepSummary:
         return {"rows": rows, "summary": str(out / "summary.json"), "wandb_run": run_path}
 
     def _log_wandb(self, columns: list[str], rows: list[dict[str, Any]], out: Path) -> str | None:
-        from pipeline.runtime.tracking import resolve_mode
+        from pipeline.runtime.tracking import own_service, resolve_mode
         mode = resolve_mode(self.logger.mode)  # auto: online with an API key, else offline
         if mode == "disabled":
             return None
         import wandb
+        own_service()
         run = wandb.init(mode=mode, dir=str(out), project=self.logger.project,
                          entity=self.logger.entity, group=self.record["name"],
                          job_type="sweep-summary", name=f"{self.record['name']}-summary",

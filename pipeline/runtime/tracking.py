@@ -93,13 +93,25 @@ def resolve_mode(mode: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+def own_service() -> None:
+    """Have the next wandb.init log through a W&B service of this process: WANDB_SERVICE, the
+    address of a service that wandb leaves for child processes to share, is dropped when it came
+    from a parent (once this process has started its own, wandb uses that whatever the variable
+    says). A job inherits the variable when submitted from a process running W&B (sbatch passes
+    the environment on), where the socket is on another node or gone: wandb.init failed with a
+    traceback. And a run that shares its parent's service is still being written after its own
+    process has exited."""
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 def open_run(cfg: LoggerConfig, mode: str, run_dir: Path, run_id: str | None,
              config: dict[str, Any] | None = None):
     """wandb.init as hpcforge opens every run: resumed by id when it exists, config redacted, no
     console capture, and no W&B metadata (it includes the command line, where a secret may sit;
-    what matters is in the redacted config)."""
+    what matters is in the redacted config). Through a W&B service of this process's own."""
     import wandb
     os.environ.setdefault("WANDB_SILENT", "true")
+    own_service()
     return wandb.init(mode=mode, dir=str(run_dir), project=cfg.project, entity=cfg.entity,
                       group=cfg.group, tags=cfg.tags, job_type=cfg.job_type,
                       config=None if config is None else redact(config), id=run_id,

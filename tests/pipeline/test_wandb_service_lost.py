@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 
-from helpers import ROOT
+import pytest
+from helpers import ROOT, hpcforge
 
 SCRIPT = """
 import os, signal, sys
@@ -35,3 +36,19 @@ def test_wandb_service_killed_by_the_jobs_signal_leaves_one_line_and_no_tracebac
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
         '{"step": 1, "loss": 1.0}', '{"step": 2, "loss": 0.5}']
+
+
+@pytest.mark.slow
+def test_a_wandb_service_address_inherited_from_elsewhere_is_not_used(small_store, tmp_path):
+    """A job submitted from a process running W&B inherits its WANDB_SERVICE (sbatch passes the
+    environment on): on the compute node that socket does not exist. The run starts a service of
+    its own and its W&B files are complete when it exits."""
+    path, overrides = small_store
+    gone = "3-1-unix-/tmp/wandb-1-1-1/socket"  # wandb's format: version-pid-unix-socket
+    r = hpcforge("train", *overrides[1:], f"output_dir={tmp_path}", f"data.path={path}",
+                 "train.dist.backend=none", "train.dist.nproc=1", "train.batch_size=32",
+                 "train.max_steps=2", "train.logger.mode=offline", env={"WANDB_SERVICE": gone})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    [run] = (tmp_path / "train" / "wandb").glob("offline-run-*")
+    assert (run / f"run-{run.name.rsplit('-', 1)[1]}.wandb").stat().st_size > 0
+    assert "W&B stopped answering" not in r.stdout
