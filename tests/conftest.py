@@ -29,20 +29,26 @@ def small_store(tmp_path_factory) -> tuple[Path, list[str]]:
 
 @pytest.fixture(autouse=True)
 def _no_wandb_service_outlives_its_test():
-    """A test that starts W&B in this process (a `Tracker`) starts wandb's service, and wandb
-    leaves its address in os.environ["WANDB_SERVICE"]. Every `hpcforge` a later test runs would
-    inherit it and log through this process's service instead of starting its own: the run is
-    then not over when its process exits (CI saw a finished run's debug-core.log grow a second
-    later, in the middle of a "touches nothing" check). Stop that service after the test."""
+    """A test that starts W&B in this process (a `Tracker`) starts wandb's service, a `wandb-core`
+    child, and wandb leaves its address in os.environ["WANDB_SERVICE"] for child processes to
+    share. A later test's `hpcforge` would inherit it and, before hpcforge dropped an inherited
+    address, logged through this process's service: its run was not over when its process exited
+    (CI saw a finished run's debug-core.log grow a second later, in the middle of a "touches
+    nothing" check). Stop that service after the test, and restore the variable."""
     before = os.environ.get("WANDB_SERVICE")
     yield
-    if os.environ.get("WANDB_SERVICE") != before and "wandb" in sys.modules:
+    if "wandb" in sys.modules and _wandb_cores():
         with contextlib.suppress(Exception, SystemExit):
             sys.modules["wandb"].teardown()
-        if before is None:
-            os.environ.pop("WANDB_SERVICE", None)
-        else:
-            os.environ["WANDB_SERVICE"] = before
+    if before is None:
+        os.environ.pop("WANDB_SERVICE", None)
+    else:
+        os.environ["WANDB_SERVICE"] = before
+
+
+def _wandb_cores() -> list:
+    import psutil
+    return [p for p in psutil.Process().children() if p.name() == "wandb-core"]
 
 
 @pytest.fixture

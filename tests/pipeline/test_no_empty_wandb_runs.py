@@ -44,12 +44,14 @@ def test_discard_removes_the_open_run_and_keeps_an_earlier_one(tmp_path):
     assert [p.name.rsplit("-", 1)[1] for p in runs] == [kept.run_id]
     assert all(p.exists() for p in (tmp_path / "wandb").iterdir())   # no link left dangling
     assert {p.name for p in (tmp_path / "wandb").iterdir()} <= set(before)
-    assert "WANDB_SERVICE" in os.environ  # wandb's service for this process, which later tests'
-    # `hpcforge` runs would inherit and share (the next test)
+    assert _cores()  # wandb's service, started by this process (the next test)
 
 
 def test_the_service_the_test_above_started_is_stopped_before_the_next_test():
     """conftest's guard: the W&B service the Trackers above started in this process is gone, so a
     later test's `hpcforge` starts its own, and its run is over when it exits."""
-    assert "WANDB_SERVICE" not in os.environ
-    assert not [p for p in psutil.Process().children(recursive=True) if p.name() == "wandb-core"]
+    assert "WANDB_SERVICE" not in os.environ and not _cores()
+
+
+def _cores() -> list:
+    return [p for p in psutil.Process().children() if p.name() == "wandb-core"]
