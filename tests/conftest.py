@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import small, tmpfs
+from helpers import small, tmpfs, wandb_cores
 
 
 @pytest.fixture(scope="session")
@@ -37,18 +37,13 @@ def _no_wandb_service_outlives_its_test():
     nothing" check). Stop that service after the test, and restore the variable."""
     before = os.environ.get("WANDB_SERVICE")
     yield
-    if "wandb" in sys.modules and _wandb_cores():
+    if "wandb" in sys.modules and wandb_cores():
         with contextlib.suppress(Exception, SystemExit):
             sys.modules["wandb"].teardown()
     if before is None:
         os.environ.pop("WANDB_SERVICE", None)
     else:
         os.environ["WANDB_SERVICE"] = before
-
-
-def _wandb_cores() -> list:
-    import psutil
-    return [p for p in psutil.Process().children() if p.name() == "wandb-core"]
 
 
 @pytest.fixture

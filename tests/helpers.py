@@ -105,6 +105,12 @@ def process_tree(pid: int) -> list[int]:
         return []
 
 
+def wandb_cores() -> list:
+    """The W&B services (wandb-core) this process started: wandb's service is its direct child."""
+    import psutil
+    return [p for p in psutil.Process().children() if p.name() == "wandb-core"]
+
+
 @contextlib.contextmanager
 def tmpfs(path: Path, options: str) -> Iterator[Path]:
     """A real tmpfs mounted at `path` with mount `options` (the tests run as root); unmounted

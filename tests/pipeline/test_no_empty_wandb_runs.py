@@ -6,9 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import psutil
 import pytest
-from helpers import hpcforge
+from helpers import hpcforge, wandb_cores
 
 from pipeline.config import LoggerConfig
 from pipeline.runtime.tracking import Tracker
@@ -44,14 +43,10 @@ def test_discard_removes_the_open_run_and_keeps_an_earlier_one(tmp_path):
     assert [p.name.rsplit("-", 1)[1] for p in runs] == [kept.run_id]
     assert all(p.exists() for p in (tmp_path / "wandb").iterdir())   # no link left dangling
     assert {p.name for p in (tmp_path / "wandb").iterdir()} <= set(before)
-    assert _cores()  # wandb's service, started by this process (the next test)
+    assert wandb_cores()  # wandb's service, started by this process (the next test)
 
 
 def test_the_service_the_test_above_started_is_stopped_before_the_next_test():
     """conftest's guard: the W&B service the Trackers above started in this process is gone, so a
     later test's `hpcforge` starts its own, and its run is over when it exits."""
-    assert "WANDB_SERVICE" not in os.environ and not _cores()
-
-
-def _cores() -> list:
-    return [p for p in psutil.Process().children() if p.name() == "wandb-core"]
+    assert "WANDB_SERVICE" not in os.environ and not wandb_cores()
